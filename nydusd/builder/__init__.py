@@ -1,0 +1,1 @@
+"""nydusd.builder package."""

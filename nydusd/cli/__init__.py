@@ -1,0 +1,1 @@
+"""nydusd.cli package."""

@@ -1,0 +1,123 @@
+"""Chunk compression: the algorithms of RAFS and their three on-disk encodings.
+
+Owns: ``Compressor`` (none, lz4_block, gzip, zstd) with its superblock flag bit, its v6 blob-table /
+blob-meta enum value and its ToC flag; ``compress`` (store-raw rule) and ``decompress`` (exact size
+check). The only importer of ``lz4`` and ``zstandard``. Must not import the project beyond ``errors``.
+Thread-safe: codecs are created per call (zstd contexts are not shareable across threads) and all
+release the GIL while working.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import zlib
+
+import lz4.block
+import zstandard
+
+from nydusd.errors import IntegrityError, InvalidArgument
+
+ZSTD_LEVEL = 3  # upstream's level
+
+
+class Compressor(enum.Enum):
+    """A chunk compressor. ``value`` is the upstream name (CLI/JSON spelling)."""
+
+    NONE = "none"
+    LZ4_BLOCK = "lz4_block"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+    @property
+    def sb_flag(self) -> int:
+        return _SB_FLAG[self]
+
+    @property
+    def algo(self) -> int:
+        """The enum value of the v6 blob table ``compression_algo`` and blob-meta ``ci_compressor``."""
+        return _ALGO[self]
+
+    @property
+    def toc_flag(self) -> int:
+        return _TOC_FLAG[self]
+
+    @classmethod
+    def parse(cls, name: str) -> Compressor:
+        """From a CLI/config spelling. Raises InvalidArgument for an unknown name."""
+        try:
+            return cls(name.lower())
+        except ValueError:
+            raise InvalidArgument(f"unknown compressor {name!r}, expected one of "
+                                  + ", ".join(c.value for c in cls)) from None
+
+    @classmethod
+    def from_algo(cls, value: int) -> Compressor:
+        """From the v6 enum value; raises ValueError for an unknown one (callers add context)."""
+        for c, v in _ALGO.items():
+            if v == value:
+                return c
+        raise ValueError(f"unknown compression algorithm {value}")
+
+    @classmethod
+    def from_sb_flags(cls, flags: int) -> Compressor:
+        """Superblock flags -> compressor: the first of NONE, LZ4, GZIP, ZSTD set wins; default lz4."""
+        for c in (cls.NONE, cls.LZ4_BLOCK, cls.GZIP, cls.ZSTD):
+            if flags & c.sb_flag:
+                return c
+        return cls.LZ4_BLOCK
+
+
+_SB_FLAG = {Compressor.NONE: 0x01, Compressor.LZ4_BLOCK: 0x02, Compressor.GZIP: 0x40,
+            Compressor.ZSTD: 0x80}
+_ALGO = {Compressor.NONE: 0, Compressor.LZ4_BLOCK: 1, Compressor.GZIP: 2, Compressor.ZSTD: 3}
+_TOC_FLAG = {Compressor.NONE: 0x1, Compressor.ZSTD: 0x2, Compressor.LZ4_BLOCK: 0x4, Compressor.GZIP: 0}
+
+
+def compress(data: bytes | memoryview, algo: Compressor) -> tuple[bytes, bool]:
+    """Compress one chunk. Returns ``(payload, compressed)``.
+
+    Store-raw rule: when compression does not make the data strictly smaller (or the input is
+    empty, or ``algo`` is NONE) the raw bytes come back with ``compressed=False``.
+    """
+    raw = bytes(data)
+    if algo is Compressor.NONE or not raw:
+        return raw, False
+    if algo is Compressor.LZ4_BLOCK:
+        out = lz4.block.compress(raw, store_size=False)
+    elif algo is Compressor.ZSTD:
+        out = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
+    else:
+        out = gzip.compress(raw, mtime=0)
+    if len(out) >= len(raw):
+        return raw, False
+    return out, True
+
+
+def decompress(data: bytes | memoryview, algo: Compressor, size: int) -> bytes:
+    """Decompress one chunk payload to exactly ``size`` bytes.
+
+    Raises IntegrityError when the payload is not valid for ``algo`` or yields another size.
+    """
+    try:
+        if algo is Compressor.LZ4_BLOCK:
+            out = lz4.block.decompress(bytes(data), uncompressed_size=size)
+        elif algo is Compressor.ZSTD:
+            out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=size)
+        elif algo is Compressor.GZIP:
+            out = zlib.decompress(bytes(data), wbits=31)
+        else:
+            out = bytes(data)
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError, zlib.error, ValueError) as e:
+        raise IntegrityError(f"chunk does not decompress with {algo.value}: {e}") from None
+    if len(out) != size:
+        raise IntegrityError(f"chunk decompressed to {len(out)} bytes, expected {size}",
+                             compressor=algo.value)
+    return out
+
+
+def stream_decompressor(name: str):  # type: ignore[no-untyped-def]
+    """A zstandard stream reader factory for whole tar layers (``zstd``); gzip callers use gzip."""
+    if name != "zstd":
+        raise InvalidArgument(f"no stream decompressor for {name!r}")
+    return zstandard.ZstdDecompressor()

@@ -1,0 +1,1 @@
+"""nydusd.storage.cache package."""

@@ -1,0 +1,69 @@
+"""Blob and chunk descriptors shared by the format library (rafs), the builder and storage.
+
+Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record) and ``BlobInfo``
+(one entry of a bootstrap's blob table, v5 or v6). Later also ``BlobDevice`` (read file ranges across
+chunks through the cache). Must not import rafs, fs or daemon. Value objects are frozen and
+thread-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nydusd.compress import Compressor
+from nydusd.digest import DigestAlgorithm
+
+CHUNK_FLAG_COMPRESSED = 0x01
+CHUNK_FLAG_HOLE = 0x02
+CHUNK_FLAG_ENCRYPTED = 0x04
+CHUNK_FLAG_BATCH = 0x08
+CHUNK_FLAG_HAS_CRC32 = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """One chunk (spec §1.6). ``digest`` is H(uncompressed bytes)."""
+
+    digest: bytes
+    blob_index: int
+    flags: int
+    compressed_size: int
+    uncompressed_size: int
+    compressed_offset: int
+    uncompressed_offset: int
+    file_offset: int
+    index: int
+    crc32: int = 0
+
+    @property
+    def is_compressed(self) -> bool:
+        return bool(self.flags & CHUNK_FLAG_COMPRESSED)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One blob of an image (spec §2.5–2.6 for v5, §3.5 for v6).
+
+    v5 blobs inherit compressor/digester from the superblock; the ``ci_*`` fields locate the v6
+    blob-meta chunk-info array inside the blob (zero for v5).
+    """
+
+    blob_id: str
+    blob_index: int
+    compressor: Compressor
+    digester: DigestAlgorithm
+    chunk_size: int
+    chunk_count: int
+    compressed_size: int
+    uncompressed_size: int
+    features: int = 0
+    readahead_offset: int = 0
+    readahead_size: int = 0
+    ci_compressor: Compressor = Compressor.NONE
+    ci_offset: int = 0
+    ci_compressed_size: int = 0
+    ci_uncompressed_size: int = 0
+    blob_toc_size: int = 0
+    blob_toc_digest: bytes = b"\0" * 32
+    blob_meta_digest: bytes = b"\0" * 32
+    blob_meta_size: int = 0

@@ -1,0 +1,94 @@
+"""The import rules of ../shared/design.md §1: layers import downward, each third-party library has
+one home. Parsed from the source with ``ast``; a violation names the module and the import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LEAF = {"errors", "config", "compress", "digest", "metrics", "log"}
+# layer -> layers it may import (besides leaf modules and itself)
+ALLOWED: dict[str, set[str]] = {
+    "leaf": set(),
+    "oci": set(),
+    "storage": {"oci"},
+    "rafs": {"storage"},
+    "fs": {"rafs", "storage"},
+    "daemon": {"fs", "rafs", "storage"},
+    "builder": {"rafs", "storage"},
+    "converter": {"builder", "oci", "storage", "rafs"},
+    "cli": {"*"},
+    "api": {"daemon"},
+    "demo": {"*"},
+}
+# third-party module -> the only places (path prefixes) allowed to import it
+CONFINED = {
+    "llfuse": ("nydusd/fs/fuse.py", "nydusd/fs/session.py"),
+    "oss2": ("nydusd/storage/backend/oss.py",),
+    "requests": ("nydusd/oci/client.py",),
+    "fastapi": ("api/",),
+    "uvicorn": ("api/",),
+    "lz4": ("nydusd/compress.py",),
+    "zstandard": ("nydusd/compress.py",),
+    "blake3": ("nydusd/digest.py",),
+}
+
+
+def _layer(rel: Path) -> str:
+    parts = rel.with_suffix("").parts
+    if parts[0] == "api":
+        return "api"
+    name = parts[1] if len(parts) > 1 else ""
+    if name in LEAF or name in ("__init__", "__main__"):
+        return "leaf" if name in LEAF else "cli"
+    return name
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _sources() -> list[Path]:
+    return sorted(p for d in ("nydusd", "api") for p in (ROOT / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_layers_import_downward(path: Path) -> None:
+    rel = path.relative_to(ROOT)
+    layer = _layer(rel)
+    allowed = ALLOWED.get(layer, set())
+    for name in _imports(path):
+        top = name.split(".")
+        if top[0] == "api" and layer not in ("api", "cli"):
+            pytest.fail(f"{rel}: layer {layer!r} must not import the API ({name})")
+        if top[0] != "nydusd" or len(top) < 2:
+            continue
+        target = "leaf" if top[1] in LEAF else top[1]
+        if target in ("leaf", layer) or "*" in allowed or target in allowed:
+            continue
+        pytest.fail(f"{rel}: layer {layer!r} imports {name} (allowed: leaf, {sorted(allowed)})")
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_third_party_libraries_have_one_home(path: Path) -> None:
+    rel = str(path.relative_to(ROOT))
+    for name in _imports(path):
+        homes = CONFINED.get(name.split(".")[0])
+        if homes and not rel.startswith(homes):
+            pytest.fail(f"{rel} imports {name}; only {homes} may")
+
+
+def test_the_rules_see_the_package() -> None:
+    # Guards against the checks passing vacuously because nothing was found.
+    assert len(_sources()) > 10
