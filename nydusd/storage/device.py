@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nydusd.compress import Compressor
+from nydusd.compress import Compressor, decompress
 from nydusd.digest import DigestAlgorithm
+from nydusd.errors import IntegrityError
 
 CHUNK_FLAG_COMPRESSED = 0x01
 CHUNK_FLAG_HOLE = 0x02
@@ -67,3 +68,26 @@ class BlobInfo:
     blob_toc_digest: bytes = b"\0" * 32
     blob_meta_digest: bytes = b"\0" * 32
     blob_meta_size: int = 0
+
+
+def decode_chunk(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo,
+                 verify: bool = True) -> bytes:
+    """Turn a chunk's stored payload (``compressed_size`` bytes) into its verified plain bytes.
+
+    Raises IntegrityError when the payload has the wrong length, does not decompress to
+    ``uncompressed_size`` bytes, or (with ``verify``) its digest differs from ``chunk.digest``.
+    """
+    if len(payload) != chunk.compressed_size:
+        raise IntegrityError(f"short chunk payload: {len(payload)} of {chunk.compressed_size} bytes",
+                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
+    if chunk.is_compressed:
+        data = decompress(payload, blob.compressor, chunk.uncompressed_size)
+    else:
+        data = bytes(payload)
+        if len(data) != chunk.uncompressed_size:
+            raise IntegrityError("raw chunk size differs from its uncompressed size",
+                                 blob_id=blob.blob_id, offset=chunk.compressed_offset)
+    if verify and blob.digester.hash(data) != chunk.digest:
+        raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
+                             offset=chunk.compressed_offset, chunk_index=chunk.index)
+    return data
