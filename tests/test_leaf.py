@@ -1,0 +1,114 @@
+"""Leaf modules: the error tree, codecs, digesters and logging setup."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nydusd import compress, errors
+from nydusd.compress import Compressor
+from nydusd.digest import DigestAlgorithm
+
+
+@pytest.mark.parametrize(("cls", "eno", "status"), [
+    (errors.NydusError, errno.EIO, 500),
+    (errors.NotFound, errno.ENOENT, 404),
+    (errors.AlreadyExists, errno.EEXIST, 409),
+    (errors.ConfigError, errno.EINVAL, 400),
+    (errors.CorruptMetadata, errno.EIO, 500),
+    (errors.IntegrityError, errno.EIO, 500),
+    (errors.BlobNotFound, errno.EIO, 500),  # the file exists, its data doesn't
+    (errors.ReadOnly, errno.EROFS, 405),
+    (errors.Unsupported, errno.ENOTSUP, 501),
+])
+def test_error_classes_carry_errno_and_status(cls: type[errors.NydusError], eno: int, status: int) -> None:
+    assert cls.errno == eno
+    assert cls.http_status == status
+    assert issubclass(cls, errors.NydusError)
+
+
+def test_error_message_renders_context() -> None:
+    e = errors.BackendError("read failed", transient=True, blob_id="ab", offset=4096)
+    assert str(e) == "read failed (blob_id=ab, offset=4096)"
+    assert e.transient and e.blob_id == "ab" and e.offset == 4096
+    assert str(errors.NotFound("no such mountpoint")) == "no such mountpoint"
+
+
+@pytest.mark.parametrize("algo", list(Compressor))
+@pytest.mark.parametrize("data", [b"", b"x", os.urandom(4096), b"abc" * 100_000])
+def test_codec_round_trip_and_store_raw_rule(algo: Compressor, data: bytes) -> None:
+    payload, compressed = compress.compress(data, algo)
+    if compressed:
+        assert len(payload) < len(data)
+        assert compress.decompress(payload, algo, len(data)) == data
+    else:  # incompressible, empty or NONE: stored raw
+        assert payload == data
+
+
+def test_lz4_block_is_a_raw_block_without_size_prefix() -> None:
+    payload, compressed = compress.compress(b"a" * 1000, Compressor.LZ4_BLOCK)
+    assert compressed
+    # a size-prefixed block would start with the little-endian length 1000 = e8 03 00 00
+    assert payload[:4] != (1000).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("algo", [Compressor.LZ4_BLOCK, Compressor.ZSTD, Compressor.GZIP])
+def test_decompress_rejects_garbage_and_wrong_size(algo: Compressor) -> None:
+    payload, _ = compress.compress(b"hello world " * 100, algo)
+    with pytest.raises(errors.IntegrityError):
+        compress.decompress(b"\x00garbage" * 10, algo, 1200)
+    with pytest.raises(errors.IntegrityError):
+        compress.decompress(payload, algo, 1199 if algo is not Compressor.ZSTD else 1300)
+
+
+def test_compressor_encodings_match_the_spec() -> None:
+    assert [c.algo for c in (Compressor.NONE, Compressor.LZ4_BLOCK, Compressor.GZIP, Compressor.ZSTD)] \
+        == [0, 1, 2, 3]
+    assert Compressor.from_sb_flags(0x80 | 0x04) is Compressor.ZSTD
+    assert Compressor.from_sb_flags(0x01 | 0x80) is Compressor.NONE  # first of NONE, LZ4, GZIP, ZSTD
+    assert Compressor.from_sb_flags(0) is Compressor.LZ4_BLOCK
+    with pytest.raises(errors.InvalidArgument, match="unknown compressor 'lzma'"):
+        Compressor.parse("lzma")
+
+
+def test_digesters() -> None:
+    import hashlib
+    assert DigestAlgorithm.SHA256.hash(b"abc") == hashlib.sha256(b"abc").digest()
+    # BLAKE3 test vector for the empty input
+    assert DigestAlgorithm.BLAKE3.hash(b"").hex().startswith("af1349b9f5f9a1a6")
+    assert DigestAlgorithm.from_sb_flags(0x08) is DigestAlgorithm.SHA256
+    assert DigestAlgorithm.from_sb_flags(0x0C) is DigestAlgorithm.BLAKE3
+    assert DigestAlgorithm.from_sb_flags(0) is DigestAlgorithm.BLAKE3
+
+
+def _run_logging(code: str, tty: bool = False) -> str:
+    script = ("from nydusd.log import configure_logging, get_logger\n" + code)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return res.stderr
+
+
+def test_logging_is_json_when_not_a_tty() -> None:
+    out = _run_logging("configure_logging('info')\nget_logger('t').info('thing_done', n=3)\n"
+                       "get_logger('t').debug('hidden')")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["event"] == "thing_done" and lines[0]["n"] == 3 and lines[0]["level"] == "info"
+
+
+def test_log_file_and_level(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "d.log"
+    _run_logging(f"configure_logging('debug', log_file={str(f)!r})\nget_logger('t').debug('dbg_seen')")
+    assert json.loads(f.read_text())["event"] == "dbg_seen"
+
+
+def test_bad_log_level_and_file_are_config_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nydusd.log import configure_logging
+    with pytest.raises(errors.ConfigError, match="invalid log level 'loud'"):
+        configure_logging("loud")
+    with pytest.raises(errors.ConfigError, match="cannot open log file"):
+        configure_logging("info", log_file=str(tmp_path / "missing" / "x.log"))
