@@ -11,7 +11,7 @@ demo: setup
 	@$(PY) -m nydusd.demo
 
 lint: setup
-	$(VENV)/bin/ruff check nydusd api tests bench
+	$(VENV)/bin/ruff check .
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
