@@ -1,0 +1,228 @@
+"""The blob backend interface and the policy every backend shares (design R6).
+
+Owns: ``BlobBackend`` (ABC), ``RetryPolicy``. A subclass implements one attempt of each operation --
+``try_blob_size(blob_id)`` and ``try_read(blob_id, offset, size)`` (may return short) -- and
+``is_transient(exc)``; the concrete ``blob_size``/``read`` here own retry with exponential backoff
+and jitter, the exact-length check (a read may come back short only where the blob ends), the
+on-demand vs prefetch retry budget, error context (blob id, range, cause, attempts) and metrics.
+
+Must not import rafs, fs, daemon, cache or any HTTP library: transports live in the subclasses.
+
+Threading: a backend instance is shared by every FUSE worker and prefetch thread; ``read`` and
+``blob_size`` may be called concurrently. The base class keeps its state (size cache, metrics)
+under small locks; subclasses must be thread-safe in ``try_*``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from nydusd.errors import BackendError, NydusError
+from nydusd.log import get_logger
+from nydusd.metrics import BackendMetrics
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a backend retries a transient failure.
+
+    ``retry_limit`` extra attempts for on-demand reads (the config's ``retry_limit``); prefetch
+    reads get at most ``prefetch_retry_limit`` (a failed prefetch is harmless: the on-demand path
+    fetches again). Delays grow as ``base_delay * 2**n`` up to ``max_delay`` with "equal jitter"
+    (half fixed, half random) so that many workers do not retry in lock-step. ``max_elapsed``
+    bounds the whole call: no new attempt starts after it.
+    """
+
+    retry_limit: int = 0
+    prefetch_retry_limit: int = 1
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+    max_elapsed: float = 60.0
+
+    def attempts(self, prefetch: bool) -> int:
+        limit = max(0, self.retry_limit)
+        if prefetch:
+            limit = min(limit, max(0, self.prefetch_retry_limit))
+        return 1 + limit
+
+    def delay(self, attempt: int) -> float:
+        """Sleep before retry number ``attempt`` (0-based)."""
+        full = min(self.max_delay, self.base_delay * (2 ** attempt))
+        return full / 2 + random.uniform(0, full / 2)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RetryPolicy:
+        """Derive the policy from a remote backend config (``retry_limit``, ``timeout``,
+        ``connect_timeout``): the whole call may take one timeout per attempt plus the backoff."""
+        limit = int(getattr(cfg, "retry_limit", 0) or 0)
+        per_try = float(getattr(cfg, "timeout", 5) or 5) + float(getattr(cfg, "connect_timeout", 5) or 5)
+        return cls(retry_limit=limit, max_elapsed=per_try * (1 + limit) + 2.0 * limit)
+
+
+def _as_backend_error(exc: BaseException) -> BackendError:
+    """Wrap an unexpected OSError (socket, file) as a BackendError, keeping its transience."""
+    if isinstance(exc, BackendError):
+        return exc
+    transient = isinstance(exc, (ConnectionError, TimeoutError, InterruptedError))
+    return BackendError(f"{type(exc).__name__}: {exc}", transient=transient)
+
+
+class BlobBackend(ABC):
+    """A read-only store of blobs addressed by blob id (hex digest, no ``sha256:`` prefix)."""
+
+    #: the config's ``backend.type`` this class serves
+    type: ClassVar[str] = ""
+
+    def __init__(self, retry: RetryPolicy | None = None) -> None:
+        self.retry = retry or RetryPolicy()
+        self._metrics = BackendMetrics(self.type)
+        self._sizes: dict[str, int] = {}
+        self._sizes_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- subclass hooks
+    @abstractmethod
+    def try_blob_size(self, blob_id: str) -> int:
+        """One attempt to learn the size of a blob. Raises BlobNotFound, BackendError."""
+
+    @abstractmethod
+    def try_read(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> bytes:
+        """One attempt to read ``size`` bytes at ``offset``; may return fewer bytes.
+
+        Raises BlobNotFound, AuthError or BackendError (``transient`` set when a retry may help).
+        """
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether retrying after ``exc`` may succeed (connection errors, 5xx, 429, short bodies)."""
+        if isinstance(exc, BackendError):
+            return exc.transient
+        return isinstance(exc, (ConnectionError, TimeoutError, InterruptedError))
+
+    def close(self) -> None:
+        """Release connections and threads. Idempotent. Subclasses extend it (and call super)."""
+        with self._sizes_lock:
+            self._sizes.clear()
+
+    # ----------------------------------------------------------------- public API
+    def blob_size(self, blob_id: str) -> int:
+        """Size of a blob in bytes (cached: blobs are immutable).
+
+        Raises BlobNotFound if the blob is missing, AuthError, BackendError after the retries.
+        """
+        with self._sizes_lock:
+            known = self._sizes.get(blob_id)
+        if known is not None:
+            return known
+        size = self._with_retry(lambda: self.try_blob_size(blob_id), blob_id=blob_id,
+                                op="blob_size", prefetch=False)
+        with self._sizes_lock:
+            self._sizes[blob_id] = size
+        return size
+
+    def read(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> bytes:
+        """Read exactly ``size`` bytes at ``offset`` of a blob, retrying transient failures.
+
+        Returns fewer bytes only when the range runs past the end of the blob (and ``b""`` for a
+        read starting exactly at the end). Raises BlobNotFound if the blob is missing, AuthError
+        when credentials are refused, BackendError otherwise (a read starting past the end of the
+        blob, or retries exhausted); every error carries blob_id, offset, size and the cause.
+        """
+        if offset < 0 or size < 0:
+            raise BackendError("negative read range", blob_id=blob_id, offset=offset, size=size)
+        if size == 0:
+            return b""
+        start = time.monotonic()
+        try:
+            data = self._with_retry(lambda: self._read_checked(blob_id, offset, size, prefetch),
+                                    blob_id=blob_id, op="read", prefetch=prefetch,
+                                    offset=offset, size=size)
+        except BackendError:
+            self._metrics.record_read(size, time.monotonic() - start, error=True)
+            raise
+        self._metrics.record_read(len(data), time.monotonic() - start)
+        return data
+
+    def metrics(self) -> dict[str, Any]:
+        """Backend metrics, field names exactly as ``/api/v1/metrics/backend`` (spec §8.3)."""
+        return self._metrics.snapshot()
+
+    def __enter__(self) -> BlobBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- policy
+    def _read_checked(self, blob_id: str, offset: int, size: int, prefetch: bool) -> bytes:
+        data = self.try_read(blob_id, offset, size, prefetch=prefetch)
+        got = len(data)
+        if got == size:
+            return data
+        if got > size:
+            raise BackendError("backend returned more bytes than requested", transient=True, got=got)
+        # A short answer is fine only where the blob ends; anything else is a truncated body.
+        total = self.blob_size(blob_id)
+        if offset > total:
+            raise BackendError("read starts beyond the end of the blob", transient=False,
+                               blob_size=total)
+        if offset + got == total:
+            return data
+        raise BackendError("short read", transient=True, got=got, blob_size=total)
+
+    def _with_retry(self, call: Any, *, blob_id: str, op: str, prefetch: bool,
+                    offset: int | None = None, size: int | None = None) -> Any:
+        policy = self.retry
+        attempts = policy.attempts(prefetch)
+        deadline = time.monotonic() + policy.max_elapsed
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except (NydusError, OSError) as raw:
+                exc = _as_backend_error(raw) if not isinstance(raw, NydusError) else raw
+                transient = self.is_transient(raw)
+                attempt += 1
+                delay = policy.delay(attempt - 1)
+                if not transient or attempt >= attempts or time.monotonic() + delay > deadline:
+                    raise self._final_error(exc, raw, op=op, blob_id=blob_id, offset=offset,
+                                            size=size, attempts=attempt, transient=transient) from raw
+                self._log_retry(attempt, op=op, blob_id=blob_id, offset=offset, size=size,
+                                cause=str(exc), delay=round(delay, 3))
+                time.sleep(delay)
+
+    def _log_retry(self, attempt: int, **ctx: Any) -> None:
+        # The level rises with the attempt number: one blip is routine, a storm is worth a warning.
+        if attempt <= 1:
+            log.debug("backend_read_retried", backend=self.type, attempt=attempt, **ctx)
+        elif attempt == 2:
+            log.info("backend_read_retried", backend=self.type, attempt=attempt, **ctx)
+        else:
+            log.warning("backend_read_retried", backend=self.type, attempt=attempt, **ctx)
+
+    def _final_error(self, exc: NydusError, raw: BaseException, *, op: str, blob_id: str,
+                     offset: int | None, size: int | None, attempts: int,
+                     transient: bool) -> BackendError:
+        cls = type(exc) if isinstance(exc, BackendError) else BackendError
+        base_msg = exc.message if isinstance(exc, NydusError) and exc.message else str(exc)
+        ctx = {k: v for k, v in exc.context.items()
+               if k not in ("blob_id", "offset", "size", "attempts", "backend", "cause")}
+        err = cls(f"{self.type} backend {op} failed: {base_msg}", transient=transient,
+                  backend=self.type, blob_id=blob_id, offset=offset, size=size,
+                  attempts=attempts, **ctx)
+        if transient:
+            # Retries exhausted on a failure that should have gone away: worth an operator's eye.
+            log.error("backend_retries_exhausted", backend=self.type, op=op, blob_id=blob_id,
+                      offset=offset, size=size, attempts=attempts, cause=base_msg)
+        return err
+
+
+def clamp_range(offset: int, size: int, total: int) -> int:
+    """How many bytes of ``[offset, offset+size)`` lie inside a blob of ``total`` bytes."""
+    return max(0, min(size, total - offset))
+
