@@ -1,0 +1,205 @@
+"""The llfuse protocol adapter: kernel requests in, ``Vfs`` calls, ``EntryAttributes``/errnos out.
+
+Owns: ``FuseOperations`` (an ``llfuse.Operations``) and the ``fuse_op`` error boundary every handler
+passes through (design R3): FUSEError passes, NydusError -> its errno, OSError -> its errno (or EIO),
+anything else is logged with its traceback and answered with EIO. Nothing escapes a handler, because
+llfuse stops its main loop -- and with it every mounted image -- on the first stray exception.
+Generator handlers (``readdir``) are wrapped too, since their errors surface while llfuse iterates.
+
+Must not import: the daemon, the API, storage or rafs internals. Only this module and
+``fs/session.py`` import llfuse. Handlers are thin (design R2): meaning lives in ``fs/vfs.py``.
+
+Threading: llfuse runs handlers in its worker threads with its global lock held. ``read`` RELEASES
+the lock around ``Vfs.read`` (storage I/O) so several workers fetch data in parallel; nothing else
+releases it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import llfuse
+
+from nydusd.errors import NydusError
+from nydusd.fs.attrs import Attr, DirEntry, StatFs
+from nydusd.fs.vfs import Vfs
+from nydusd.log import get_logger
+
+log = get_logger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translate(exc: BaseException, op: str) -> llfuse.FUSEError:
+    if isinstance(exc, llfuse.FUSEError):
+        return exc
+    if isinstance(exc, NydusError):
+        return llfuse.FUSEError(exc.errno)
+    if isinstance(exc, OSError):
+        return llfuse.FUSEError(exc.errno or errno.EIO)
+    log.exception("fuse_handler_crashed", op=op, error=repr(exc))
+    return llfuse.FUSEError(errno.EIO)
+
+
+def fuse_op(fn: F) -> F:
+    """Wrap one llfuse handler in the error boundary described in the module docstring."""
+    op = fn.__name__
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except GeneratorExit:
+                raise
+            except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
+                raise _translate(e, op) from None
+        return cast(F, gen_wrapper)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
+            raise _translate(e, op) from None
+    return cast(F, wrapper)
+
+
+def entry_attributes(attr: Attr) -> llfuse.EntryAttributes:
+    """Convert a neutral ``Attr`` into llfuse's ``EntryAttributes``."""
+    out = llfuse.EntryAttributes()
+    out.st_ino = attr.ino
+    out.generation = 0
+    out.entry_timeout = attr.entry_timeout
+    out.attr_timeout = attr.attr_timeout
+    out.st_mode = attr.mode
+    out.st_nlink = attr.nlink
+    out.st_uid = attr.uid
+    out.st_gid = attr.gid
+    out.st_rdev = attr.rdev
+    out.st_size = attr.size
+    out.st_blksize = attr.blksize
+    out.st_blocks = attr.blocks
+    out.st_atime_ns = attr.atime_ns
+    out.st_mtime_ns = attr.mtime_ns
+    out.st_ctime_ns = attr.ctime_ns
+    return out
+
+
+def statvfs_data(st: StatFs) -> llfuse.StatvfsData:
+    out = llfuse.StatvfsData()
+    out.f_bsize = st.bsize
+    out.f_frsize = st.frsize
+    out.f_blocks = st.blocks
+    out.f_bfree = st.bfree
+    out.f_bavail = st.bavail
+    out.f_files = st.files
+    out.f_ffree = st.ffree
+    out.f_favail = st.favail
+    out.f_namemax = st.namemax
+    return out
+
+
+def _erofs(*_args: Any, **_kwargs: Any) -> Any:
+    raise llfuse.FUSEError(errno.EROFS)
+
+
+class FuseOperations(llfuse.Operations):
+    """Read-only llfuse operations over a ``Vfs``. Write operations answer EROFS."""
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    @fuse_op
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        return entry_attributes(self.vfs.lookup(parent_inode, name))
+
+    @fuse_op
+    def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        return entry_attributes(self.vfs.getattr(inode))
+
+    @fuse_op
+    def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.vfs.readlink(inode)
+
+    @fuse_op
+    def opendir(self, inode: int, ctx: Any = None) -> int:
+        return self.vfs.opendir(inode)
+
+    @fuse_op
+    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+        entry: DirEntry
+        for entry in self.vfs.readdir(fh, off):
+            yield entry.name, entry_attributes(entry.attr), entry.next_offset
+
+    @fuse_op
+    def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_op
+    def open(self, inode: int, flags: int, ctx: Any = None) -> int:
+        return self.vfs.open(inode, flags)
+
+    @fuse_op
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        # Storage I/O may block on the network: let other workers run meanwhile (design R13).
+        with llfuse.lock_released:
+            return self.vfs.read(fh, off, size)
+
+    @fuse_op
+    def release(self, fh: int) -> None:
+        self.vfs.release(fh)
+
+    @fuse_op
+    def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_op
+    def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        return self.vfs.getxattr(inode, name)
+
+    @fuse_op
+    def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return self.vfs.listxattr(inode)
+
+    @fuse_op
+    def statfs(self, ctx: Any = None) -> llfuse.StatvfsData:
+        return statvfs_data(self.vfs.statfs())
+
+    @fuse_op
+    def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        return self.vfs.access(inode, mode)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # llfuse forbids any exception here (not even FUSEError): swallow and log.
+        try:
+            self.vfs.forget(inode_list)
+        except Exception as e:  # noqa: BLE001
+            log.exception("fuse_forget_failed", error=repr(e))
+
+    # Every modifying request is refused: the images are immutable.
+    setattr = staticmethod(_erofs)
+    mknod = staticmethod(_erofs)
+    mkdir = staticmethod(_erofs)
+    unlink = staticmethod(_erofs)
+    rmdir = staticmethod(_erofs)
+    symlink = staticmethod(_erofs)
+    rename = staticmethod(_erofs)
+    link = staticmethod(_erofs)
+    create = staticmethod(_erofs)
+    write = staticmethod(_erofs)
+    setxattr = staticmethod(_erofs)
+    removexattr = staticmethod(_erofs)
+
+    @fuse_op
+    def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @fuse_op
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+

@@ -1,0 +1,167 @@
+"""One mounted RAFS image as a read-only filesystem, in terms of image inode numbers and ``Attr``.
+
+Owns: ``RafsFs`` -- lookup/getattr/readdir/readlink/xattrs/statfs over a loaded bootstrap
+(``RafsSuper`` from ``nydusd.rafs``) and file reads through a ``BlobDevice`` (``nydusd.storage``).
+Inode numbers here are the image's own; ``fs/vfs.py`` re-encodes them per mount.
+
+Must not import: llfuse, the daemon, the API. Raises only NydusError subclasses (NotFound for a
+missing name, InvalidArgument for an operation on the wrong inode type, BackendError/IntegrityError
+from the storage layer for data that cannot be read: EIO).
+
+Threading: every method is safe to call from several threads at once. Metadata methods run with
+llfuse's global lock held; ``read`` runs with it RELEASED (the adapter drops it around storage I/O),
+so it touches only immutable state and the thread-safe device.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from nydusd.errors import InvalidArgument, NydusError
+from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, DirEntry, StatFs
+from nydusd.log import get_logger
+
+log = get_logger(__name__)
+
+_DOTS = (b".", b"..")
+
+
+class NoXattr(NydusError):
+    """The inode has no such extended attribute (``ENODATA``)."""
+
+    errno = errno.ENODATA
+    http_status = 404
+    code = "NO_XATTR"
+
+
+class NotADirectory(InvalidArgument):
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(InvalidArgument):
+    errno = errno.EISDIR
+
+
+class BlobReader(Protocol):
+    """What RafsFs needs of ``nydusd.storage.device.BlobDevice``."""
+
+    def read(self, chunks: Sequence[Any], offset: int, size: int) -> bytes: ...
+
+
+class RafsFs:
+    """A read-only view of one image. See the module docstring for the threading contract."""
+
+    def __init__(self, sb: Any, device: BlobReader | None, *, enable_xattr: bool = False,
+                 timeout: float = IMAGE_TIMEOUT) -> None:
+        self.sb = sb
+        self.device = device
+        self.enable_xattr = enable_xattr
+        self.timeout = timeout
+        self.root_ino: int = int(sb.root_ino)
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    def _attr(self, inode: Any) -> Attr:
+        mode = int(inode.mode)
+        size = int(inode.size)
+        if stat.S_ISLNK(mode) and size == 0:
+            size = len(self.sb.readlink(inode.ino))
+        mtime_ns = int(inode.mtime) * 1_000_000_000 + int(getattr(inode, "mtime_nsec", 0))
+        blocks = getattr(inode, "blocks", None)
+        if blocks is None:
+            blocks = (size + 511) // 512 if stat.S_ISREG(mode) else 0
+        return Attr(ino=int(inode.ino), mode=mode, nlink=int(inode.nlink), uid=int(inode.uid),
+                    gid=int(inode.gid), rdev=int(getattr(inode, "rdev", 0)), size=size,
+                    blocks=int(blocks), atime_ns=mtime_ns, mtime_ns=mtime_ns, ctime_ns=mtime_ns,
+                    entry_timeout=self.timeout, attr_timeout=self.timeout)
+
+    def getattr(self, ino: int) -> Attr:
+        """Attributes of image inode ``ino``. Raises NotFound for an unknown inode."""
+        return self._attr(self.sb.get_inode(ino))
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Attributes of ``name`` in directory ``parent``. Raises NotFound, NotADirectory."""
+        self._require_dir(parent)
+        return self._attr(self.sb.lookup(parent, name))
+
+    def _require_dir(self, ino: int) -> Any:
+        inode = self.sb.get_inode(ino)
+        if not stat.S_ISDIR(inode.mode):
+            raise NotADirectory("not a directory", inode=ino)
+        return inode
+
+    def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
+        """Entries of directory ``ino`` from ``offset`` on (``.``/``..`` left to the kernel)."""
+        self._require_dir(ino)
+        for name, child, next_offset in self.sb.iter_dir(ino, offset):
+            if name in _DOTS:
+                continue
+            yield DirEntry(bytes(name), self.getattr(child), int(next_offset))
+
+    def readlink(self, ino: int) -> bytes:
+        """Target of symlink ``ino``. Raises InvalidArgument if it is not a symlink."""
+        inode = self.sb.get_inode(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise InvalidArgument("not a symlink", inode=ino)
+        return bytes(self.sb.readlink(ino))
+
+    # -- extended attributes ------------------------------------------------------------------
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Names of the xattrs of ``ino`` (empty unless ``enable_xattr``)."""
+        if not self.enable_xattr:
+            self.sb.get_inode(ino)
+            return []
+        return sorted(self.sb.xattrs(ino))
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        """Value of xattr ``name``. Raises NoXattr (ENODATA) when absent or xattrs are disabled."""
+        if not self.enable_xattr:
+            self.sb.get_inode(ino)
+            raise NoXattr("xattrs are disabled", inode=ino)
+        value = self.sb.xattrs(ino).get(name)
+        if value is None:
+            raise NoXattr("no such xattr", inode=ino, name=name)
+        return bytes(value)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def open(self, ino: int) -> tuple[Attr, list[Any]]:
+        """Check ``ino`` is a regular file; return its attributes and chunk list (for reads).
+
+        Raises NotFound, IsADirectory, InvalidArgument (other non-regular types).
+        """
+        inode = self.sb.get_inode(ino)
+        if stat.S_ISDIR(inode.mode):
+            raise IsADirectory("is a directory", inode=ino)
+        if not stat.S_ISREG(inode.mode):
+            raise InvalidArgument("not a regular file", inode=ino)
+        attr = self._attr(inode)
+        chunks = list(self.sb.chunks(ino)) if attr.size else []
+        return attr, chunks
+
+    def read(self, chunks: Sequence[Any], file_size: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a file at ``offset`` (short at EOF).
+
+        Runs with llfuse's lock RELEASED: touches only its arguments and the thread-safe device.
+        Raises BackendError/IntegrityError (EIO) when the data cannot be fetched or verified.
+        """
+        if offset >= file_size or size <= 0:
+            return b""
+        size = min(size, file_size - offset)
+        if self.device is None:
+            raise NydusError("image has no blob device", offset=offset)
+        return self.device.read(chunks, offset, size)
+
+    def statfs(self) -> StatFs:
+        files = int(getattr(self.sb, "inode_count", 0))
+        return StatFs(files=files)
+
+    def close(self) -> None:
+        """Release the device (backend connections, cache files)."""
+        close = getattr(self.device, "close", None)
+        if close is not None:
+            close()

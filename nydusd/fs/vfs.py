@@ -1,0 +1,431 @@
+"""The virtual filesystem a FUSE session serves: a pseudo root with images attached at subpaths.
+
+Owns: ``Vfs`` -- the mount table (image filesystems attached at ``/`` or at ``/a/b/c``, each with its
+own inode space: kernel inode = ``(mount index << 56) | image inode``), the pseudo directories that
+lead to the mountpoints, the open-file table, and per-mount filesystem statistics (``FsIoStats``).
+Every operation takes and returns kernel-visible inode numbers; ``RafsFs`` works in image inodes.
+
+Must not import: llfuse (the adapter in ``fs/fuse.py`` does), the daemon, the API. Raises NydusError
+subclasses only; the adapter maps them to errnos.
+
+Threading: the mount table and the pseudo directory table are copy-on-write. ``attach``/``detach``/
+``replace`` build new dicts under ``_lock`` (a small writer lock) and publish them with one
+assignment; FUSE handlers read whatever table is current without locking, so they never wait on a
+mount that is parsing a bootstrap. ``read`` is called with llfuse's lock released and touches only
+the open-file entry (immutable) and the thread-safe device and stats.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from nydusd.errors import AlreadyExists, InvalidArgument, NotFound, NydusError, ReadOnly
+from nydusd.fs.attrs import (
+    MAX_MOUNTS,
+    PSEUDO_TIMEOUT,
+    ROOT_INO,
+    Attr,
+    DirEntry,
+    FileHandle,
+    Ino,
+    StatFs,
+    decode_ino,
+    encode_ino,
+)
+from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFs
+from nydusd.log import get_logger
+from nydusd.metrics import FsIoStats, StatsFop
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+class StaleInode(NydusError):
+    """An inode of a filesystem that has been unmounted (``ESTALE``)."""
+
+    errno = errno.ESTALE
+    http_status = 404
+    code = "STALE"
+
+
+@dataclass(eq=False)
+class Mount:
+    """One attached image. ``fs`` and ``stats`` are shared with the daemon's instance record."""
+
+    index: int
+    path: str
+    fs: RafsFs
+    stats: FsIoStats
+
+    def kernel_ino(self, ino: int, is_root_mount: bool) -> Ino:
+        if is_root_mount and ino == self.fs.root_ino:
+            return ROOT_INO
+        return encode_ino(self.index, ino)
+
+
+@dataclass(frozen=True)
+class _PseudoDir:
+    """A directory of the pseudo filesystem; ``entries`` maps a name to ("dir", ino) or ("mount", index)."""
+
+    ino: int
+    parent: int
+    entries: dict[bytes, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenFile:
+    mount: Mount
+    ino: int
+    size: int
+    chunks: list[Any]
+
+
+def split_path(path: str) -> list[bytes]:
+    """Components of an absolute mountpoint path. Raises InvalidArgument for a bad path."""
+    if not path.startswith("/"):
+        raise InvalidArgument("mountpoint must be an absolute path", mountpoint=path)
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise InvalidArgument("mountpoint must not contain '.' or '..'", mountpoint=path)
+    return [os.fsencode(p) for p in parts]
+
+
+def normalize_path(path: str) -> str:
+    return "/" + "/".join(os.fsdecode(p) for p in split_path(path))
+
+
+class Vfs:
+    """Pseudo root plus attached image filesystems. See the module docstring for threading."""
+
+    def __init__(self, *, uid: int = 0, gid: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._created_ns = time.time_ns()
+        self._uid, self._gid = uid, gid
+        self._mounts: dict[int, Mount] = {}
+        self._by_path: dict[str, int] = {}
+        self._pseudo: dict[int, _PseudoDir] = {ROOT_INO: _PseudoDir(ROOT_INO, ROOT_INO)}
+        self._pseudo_ino = itertools.count(2)
+        self._next_index = 1
+        self._root_mount: Mount | None = None
+        self._handles: dict[int, _OpenFile] = {}
+        self._fh = itertools.count(1)
+
+    # -- mount table (writers, under _lock) ---------------------------------------------------
+
+    def mounts(self) -> dict[str, Mount]:
+        table = self._mounts
+        return {m.path: m for m in table.values()}
+
+    def get_mount(self, path: str) -> Mount:
+        """The mount attached at ``path``. Raises NotFound."""
+        index = self._by_path.get(normalize_path(path))
+        if index is None:
+            raise NotFound("no filesystem mounted here", mountpoint=path)
+        return self._mounts[index]
+
+    def _alloc_index(self) -> int:
+        # Next-fit over 1..MAX_MOUNTS: a freed index is reused as late as possible, so inode numbers
+        # the kernel may still hold for a detached image rarely alias a new one.
+        for _ in range(MAX_MOUNTS):
+            index = self._next_index
+            self._next_index = index % MAX_MOUNTS + 1
+            if index not in self._mounts:
+                return index
+        raise NydusError("too many mounted filesystems", limit=MAX_MOUNTS)
+
+    def attach(self, path: str, fs: RafsFs, stats: FsIoStats) -> Mount:
+        """Attach ``fs`` at ``path`` (``/`` = the root). Raises AlreadyExists, InvalidArgument."""
+        path = normalize_path(path)
+        parts = split_path(path)
+        with self._lock:
+            if path in self._by_path:
+                raise AlreadyExists("object or filesystem already exists", mountpoint=path)
+            mount = Mount(self._alloc_index(), path, fs, stats)
+            if not parts:
+                if self._pseudo[ROOT_INO].entries:
+                    raise AlreadyExists("pseudo root is not empty", mountpoint=path)
+                self._root_mount = mount
+            else:
+                if self._root_mount is not None:
+                    raise InvalidArgument("an image is mounted at /", mountpoint=path)
+                self._link_pseudo(parts, ("mount", mount.index), path)
+            self._publish_mount(mount)
+        log.info("vfs_attached", mountpoint=path, index=mount.index)
+        return mount
+
+    def _publish_mount(self, mount: Mount) -> None:
+        mounts = dict(self._mounts)
+        mounts[mount.index] = mount
+        by_path = dict(self._by_path)
+        by_path[mount.path] = mount.index
+        self._mounts, self._by_path = mounts, by_path
+
+    def _link_pseudo(self, parts: list[bytes], target: tuple[str, int], path: str) -> None:
+        pseudo = dict(self._pseudo)
+        dir_ino = int(ROOT_INO)
+        for name in parts[:-1]:
+            kind, ref = pseudo[dir_ino].entries.get(name, ("", 0))
+            if kind == "mount":
+                raise InvalidArgument("a filesystem is mounted on a parent path", mountpoint=path)
+            if not kind:
+                ref = next(self._pseudo_ino)
+                pseudo[ref] = _PseudoDir(ref, dir_ino)
+                parent = pseudo[dir_ino]
+                entries = {**parent.entries, name: ("dir", ref)}
+                pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
+            dir_ino = ref
+        parent = pseudo[dir_ino]
+        if parts[-1] in parent.entries:
+            raise AlreadyExists("object or filesystem already exists", mountpoint=path)
+        pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, {**parent.entries, parts[-1]: target})
+        self._pseudo = pseudo
+
+    def detach(self, path: str) -> tuple[Mount, Ino, bytes]:
+        """Remove the mount at ``path``.
+
+        Returns the mount plus ``(parent inode, name)`` of the entry the kernel must forget
+        (``(ROOT_INO, b"")`` for a root mount). Raises NotFound.
+        """
+        path = normalize_path(path)
+        parts = split_path(path)
+        with self._lock:
+            index = self._by_path.get(path)
+            if index is None:
+                raise NotFound("no filesystem mounted here", mountpoint=path)
+            mount = self._mounts[index]
+            parent_ino, name = ROOT_INO, b""
+            if parts:
+                parent_ino, name = self._unlink_pseudo(parts)
+            else:
+                self._root_mount = None
+            mounts = dict(self._mounts)
+            del mounts[index]
+            by_path = dict(self._by_path)
+            del by_path[path]
+            self._mounts, self._by_path = mounts, by_path
+        log.info("vfs_detached", mountpoint=path, index=index)
+        return mount, parent_ino, name
+
+    def _unlink_pseudo(self, parts: list[bytes]) -> tuple[Ino, bytes]:
+        pseudo = dict(self._pseudo)
+        dir_ino = int(ROOT_INO)
+        for name in parts[:-1]:
+            dir_ino = pseudo[dir_ino].entries[name][1]
+        parent = pseudo[dir_ino]
+        entries = dict(parent.entries)
+        del entries[parts[-1]]
+        pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
+        self._pseudo = pseudo
+        return Ino(dir_ino), parts[-1]
+
+    def replace(self, path: str, fs: RafsFs, stats: FsIoStats) -> tuple[Mount, Mount]:
+        """Swap the image at ``path`` atomically; returns ``(old, new)``. Raises NotFound.
+
+        The new image gets a fresh mount index, so no kernel inode of the old one aliases it.
+        """
+        path = normalize_path(path)
+        parts = split_path(path)
+        with self._lock:
+            index = self._by_path.get(path)
+            if index is None:
+                raise NotFound("no filesystem mounted here", mountpoint=path)
+            old = self._mounts[index]
+            new = Mount(self._alloc_index(), path, fs, stats)
+            if parts:
+                self._unlink_pseudo(parts)
+                self._link_pseudo(parts, ("mount", new.index), path)
+            else:
+                self._root_mount = new
+            mounts = dict(self._mounts)
+            del mounts[index]
+            self._mounts = mounts
+            self._publish_mount(new)
+        log.info("vfs_replaced", mountpoint=path, old_index=old.index, index=new.index)
+        return old, new
+
+    # -- inode resolution ---------------------------------------------------------------------
+
+    def _resolve(self, ino: int) -> tuple[Mount | None, int]:
+        """``(mount, image inode)`` or ``(None, pseudo inode)``. Raises StaleInode."""
+        if ino == ROOT_INO:
+            root = self._root_mount
+            return (root, root.fs.root_ino) if root is not None else (None, ino)
+        index, local = decode_ino(ino)
+        if index == 0:
+            if local not in self._pseudo:
+                raise StaleInode("pseudo directory no longer exists", inode=ino)
+            return None, local
+        mount = self._mounts.get(index)
+        if mount is None:
+            raise StaleInode("filesystem no longer mounted", inode=ino)
+        return mount, local
+
+    def _expose(self, mount: Mount, attr: Attr) -> Attr:
+        return attr.with_ino(mount.kernel_ino(attr.ino, mount is self._root_mount))
+
+    def _pseudo_attr(self, ino: int) -> Attr:
+        return Attr(ino=ino, mode=stat.S_IFDIR | 0o755, nlink=2, uid=self._uid, gid=self._gid,
+                    atime_ns=self._created_ns, mtime_ns=self._created_ns, ctime_ns=self._created_ns,
+                    entry_timeout=PSEUDO_TIMEOUT, attr_timeout=PSEUDO_TIMEOUT)
+
+    def _entry_attr(self, entry: tuple[str, int]) -> Attr:
+        kind, ref = entry
+        if kind == "dir":
+            return self._pseudo_attr(ref)
+        mount = self._mounts.get(ref)
+        if mount is None:
+            raise StaleInode("filesystem no longer mounted", index=ref)
+        return self._call(mount, StatsFop.GETATTR, None, lambda: self._expose(
+            mount, mount.fs.getattr(mount.fs.root_ino)))
+
+    @staticmethod
+    def _call(mount: Mount, fop: StatsFop, ino: int | None, fn: Callable[[], T]) -> T:
+        start = time.perf_counter_ns()
+        try:
+            result = fn()
+        except NydusError:
+            mount.stats.fop_done(fop, ino=ino, success=False,
+                                 latency_us=(time.perf_counter_ns() - start) / 1000)
+            raise
+        mount.stats.fop_done(fop, ino=ino, latency_us=(time.perf_counter_ns() - start) / 1000)
+        return result
+
+    # -- metadata operations (llfuse lock held) -------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Attributes of ``name`` in ``parent``. Raises NotFound, NotADirectory, StaleInode."""
+        mount, local = self._resolve(parent)
+        if mount is None:
+            entry = self._pseudo[local].entries.get(name)
+            if entry is None:
+                raise NotFound("no such entry", inode=parent, name=name)
+            return self._entry_attr(entry)
+        attr = self._call(mount, StatsFop.LOOKUP, local, lambda: mount.fs.lookup(local, name))
+        mount.stats.file_opened(attr.ino)
+        return self._expose(mount, attr)
+
+    def getattr(self, ino: int) -> Attr:
+        mount, local = self._resolve(ino)
+        if mount is None:
+            return self._pseudo_attr(local)
+        return self._expose(mount, self._call(mount, StatsFop.GETATTR, local,
+                                              lambda: mount.fs.getattr(local)))
+
+    def readlink(self, ino: int) -> bytes:
+        mount, local = self._resolve(ino)
+        if mount is None:
+            raise InvalidArgument("not a symlink", inode=ino)
+        return self._call(mount, StatsFop.READLINK, local, lambda: mount.fs.readlink(local))
+
+    def opendir(self, ino: int) -> FileHandle:
+        """Check ``ino`` is a directory; the handle is the inode itself (directories are stateless)."""
+        mount, local = self._resolve(ino)
+        if mount is not None:
+            attr = self._call(mount, StatsFop.OPENDIR, local, lambda: mount.fs.getattr(local))
+            if not attr.is_dir:
+                raise NotADirectory("not a directory", inode=ino)
+        return FileHandle(ino)
+
+    def readdir(self, ino: int, offset: int) -> Iterator[DirEntry]:
+        """Entries of directory ``ino`` after ``offset``, with kernel inode numbers."""
+        mount, local = self._resolve(ino)
+        if mount is None:
+            entries = sorted(self._pseudo[local].entries.items())
+            for i, (name, entry) in enumerate(entries[offset:], start=offset + 1):
+                try:
+                    attr = self._entry_attr(entry)
+                except StaleInode:
+                    continue
+                yield DirEntry(name, attr, i)
+            return
+        start = time.perf_counter_ns()
+        for entry in mount.fs.readdir(local, offset):
+            yield DirEntry(entry.name, self._expose(mount, entry.attr), entry.next_offset)
+        mount.stats.fop_done(StatsFop.READDIR, ino=local,
+                             latency_us=(time.perf_counter_ns() - start) / 1000)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        mount, local = self._resolve(ino)
+        if mount is None:
+            return []
+        return self._call(mount, StatsFop.LISTXATTR, local, lambda: mount.fs.listxattr(local))
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        mount, local = self._resolve(ino)
+        if mount is None:
+            raise NoXattr("pseudo directories carry no xattrs", inode=ino, name=name)
+        return self._call(mount, StatsFop.GETXATTR, local, lambda: mount.fs.getxattr(local, name))
+
+    def statfs(self) -> StatFs:
+        root = self._root_mount
+        if root is not None:
+            return root.fs.statfs()
+        return StatFs(files=sum(m.fs.statfs().files for m in self._mounts.values()))
+
+    def access(self, ino: int, mode: int) -> bool:
+        """Read-only filesystem: any write access is refused (EROFS), everything else allowed."""
+        self._resolve(ino)
+        if mode & os.W_OK:
+            raise ReadOnly("read-only file system", inode=ino)
+        return True
+
+    def forget(self, inodes: list[tuple[int, int]]) -> None:
+        """The kernel dropped these inodes; drop their per-file counters. Never raises."""
+        for ino, _count in inodes:
+            index, local = decode_ino(ino)
+            mount = self._mounts.get(index) if index else None
+            if mount is not None:
+                mount.stats.file_forgotten(local)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> FileHandle:
+        """Open a regular file read-only. Raises ReadOnly for write flags, IsADirectory, NotFound."""
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only file system", inode=ino)
+        mount, local = self._resolve(ino)
+        if mount is None:
+            raise IsADirectory("is a directory", inode=ino)
+        attr, chunks = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
+        mount.stats.file_opened(local)
+        fh = next(self._fh)
+        self._handles[fh] = _OpenFile(mount, local, attr.size, chunks)
+        return FileHandle(fh)
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        """File data; runs with llfuse's lock RELEASED. Raises BackendError/IntegrityError (EIO)."""
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise InvalidArgument("bad file handle", fh=fh)
+        start = time.perf_counter_ns()
+        mount = handle.mount
+        try:
+            data = mount.fs.read(handle.chunks, handle.size, offset, size)
+        except NydusError as e:
+            mount.stats.fop_done(StatsFop.READ, ino=handle.ino, success=False,
+                                 latency_us=(time.perf_counter_ns() - start) / 1000)
+            log.warning("read_failed", mountpoint=mount.path, inode=handle.ino, offset=offset,
+                        size=size, error=str(e))
+            raise
+        mount.stats.fop_done(StatsFop.READ, ino=handle.ino, size=len(data),
+                             latency_us=(time.perf_counter_ns() - start) / 1000)
+        return data
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.mount.stats.fop_done(StatsFop.RELEASE, ino=handle.ino)
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+

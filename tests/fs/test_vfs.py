@@ -1,0 +1,186 @@
+"""Pure tier: RafsFs and Vfs over the in-process fake image (no llfuse, no kernel)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from nydusd.errors import AlreadyExists, BackendError, InvalidArgument, NotFound, ReadOnly
+from nydusd.fs.attrs import INO_BITS, ROOT_INO, decode_ino, encode_ino
+from nydusd.fs.rafs_fs import NoXattr, RafsFs
+from nydusd.fs.vfs import StaleInode, Vfs
+from nydusd.metrics import FsIoStats, StatsFop
+from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+
+
+def make_fs(tree=SAMPLE, xattr=False, root_ino=1):
+    sb = FakeSuper(tree, root_ino=root_ino)
+    return RafsFs(sb, FakeDevice(sb), enable_xattr=xattr)
+
+
+def attach(vfs, path, tree=SAMPLE, **kw):
+    fs = make_fs(tree, **kw)
+    return vfs.attach(path, fs, FsIoStats(path, files_account=True, access_pattern=True))
+
+
+def walk(vfs, ino, path):
+    for name in path.strip("/").split("/"):
+        ino = vfs.lookup(ino, name.encode()).ino
+    return ino
+
+
+def read_all(vfs, ino):
+    fh = vfs.open(ino, os.O_RDONLY)
+    try:
+        return vfs.read(fh, 0, 1 << 30)
+    finally:
+        vfs.release(fh)
+
+
+def test_inode_encoding_roundtrip():
+    ino = encode_ino(7, 12345)
+    assert decode_ino(ino) == (7, 12345)
+    with pytest.raises(OverflowError):
+        encode_ino(1, 1 << INO_BITS)
+
+
+def test_rafs_fs_attributes_and_reads():
+    fs = make_fs(xattr=True)
+    hosts = fs.lookup(fs.lookup(1, b"etc").ino, b"hosts")
+    assert stat.S_ISREG(hosts.mode) and hosts.size == 20 and hosts.nlink == 2
+    assert hosts.mtime_ns == 1_700_000_000 * 10**9 + 5 and hosts.uid == 1000
+    attr, chunks = fs.open(hosts.ino)
+    assert fs.read(chunks, attr.size, 3, 100) == b".0.0.1 localhost\n"
+    assert fs.read(chunks, attr.size, 20, 100) == b""
+    assert fs.getxattr(hosts.ino, b"user.name") == b"hosts"
+    assert fs.listxattr(hosts.ino) == [b"user.name"]
+    with pytest.raises(NoXattr):
+        fs.getxattr(hosts.ino, b"user.other")
+    assert [e.name for e in fs.readdir(1)] == [b"bin", b"etc", b"hard", b"readme"]
+    assert [e.name for e in fs.readdir(1, 2)] == [b"hard", b"readme"]
+    with pytest.raises(NotFound):
+        fs.lookup(1, b"nope")
+
+
+def test_xattrs_disabled_answer_enodata():
+    fs = make_fs(xattr=False)
+    readme = fs.lookup(1, b"readme")
+    assert fs.listxattr(readme.ino) == []
+    with pytest.raises(NoXattr) as exc:
+        fs.getxattr(readme.ino, b"user.name")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_root_mount_serves_image_at_root():
+    vfs = Vfs()
+    attach(vfs, "/")
+    assert vfs.getattr(ROOT_INO).is_dir
+    readme = vfs.lookup(ROOT_INO, b"readme")
+    assert decode_ino(readme.ino)[0] == 1
+    assert read_all(vfs, readme.ino) == b"hello nydus\n"
+    hosts = walk(vfs, ROOT_INO, "etc/hosts")
+    assert vfs.lookup(ROOT_INO, b"hard").ino == hosts  # hard links share st_ino
+    assert vfs.readlink(walk(vfs, ROOT_INO, "bin/link")) == b"sh"
+    assert [e.name for e in vfs.readdir(ROOT_INO, 0)] == [b"bin", b"etc", b"hard", b"readme"]
+
+
+def test_pseudo_root_nested_mounts_have_separate_inode_spaces():
+    vfs = Vfs()
+    assert list(vfs.readdir(ROOT_INO, 0)) == []
+    a = attach(vfs, "/pseudo_1")
+    b = attach(vfs, "/x/y/z", tree={"only": b"b"})
+    assert a.index != b.index
+    names = [e.name for e in vfs.readdir(ROOT_INO, 0)]
+    assert names == [b"pseudo_1", b"x"]
+    z = walk(vfs, ROOT_INO, "x/y/z")
+    assert vfs.getattr(z).is_dir and decode_ino(z)[0] == b.index
+    assert read_all(vfs, walk(vfs, z, "only")) == b"b"
+    readme = walk(vfs, ROOT_INO, "pseudo_1/readme")
+    assert read_all(vfs, readme) == b"hello nydus\n"
+    assert walk(vfs, ROOT_INO, "pseudo_1") != z
+    with pytest.raises(AlreadyExists):
+        attach(vfs, "/pseudo_1")
+    with pytest.raises(InvalidArgument):
+        attach(vfs, "/pseudo_1/inner")
+    with pytest.raises(InvalidArgument):
+        attach(vfs, "relative")
+
+
+def test_detach_invalidates_and_stales_old_inodes():
+    vfs = Vfs()
+    attach(vfs, "/a/m")
+    readme = walk(vfs, ROOT_INO, "a/m/readme")
+    mount, parent, name = vfs.detach("/a/m")
+    assert name == b"m" and parent == walk(vfs, ROOT_INO, "a")
+    with pytest.raises(NotFound):
+        vfs.lookup(parent, b"m")
+    with pytest.raises(StaleInode) as exc:
+        vfs.getattr(readme)
+    assert exc.value.errno == errno.ESTALE
+    with pytest.raises(NotFound):
+        vfs.detach("/a/m")
+
+
+def test_replace_swaps_image_with_fresh_index():
+    vfs = Vfs()
+    old = attach(vfs, "/m")
+    new_fs = make_fs({"new": b"new data"})
+    old2, new = vfs.replace("/m", new_fs, FsIoStats("/m"))
+    assert old2 is old and new.index != old.index
+    assert read_all(vfs, walk(vfs, ROOT_INO, "m/new")) == b"new data"
+    with pytest.raises(NotFound):
+        walk(vfs, ROOT_INO, "m/readme")
+
+
+def test_slot_reuse_over_many_cycles():
+    vfs = Vfs()
+    for i in range(600):
+        attach(vfs, f"/c{i % 3}")
+        assert read_all(vfs, walk(vfs, ROOT_INO, f"c{i % 3}/readme")) == b"hello nydus\n"
+        vfs.detach(f"/c{i % 3}")
+    assert vfs.mounts() == {} and vfs.open_handles() == 0
+
+
+def test_backend_failure_is_eio_on_data_only(logs):
+    vfs = Vfs()
+    mount = attach(vfs, "/m")
+    other = attach(vfs, "/n")
+    readme = walk(vfs, ROOT_INO, "m/readme")
+    mount.fs.device.broken.add(decode_ino(readme)[1])
+    fh = vfs.open(readme, os.O_RDONLY)
+    with logs.expect("read_failed", count=1), pytest.raises(BackendError) as exc:
+        vfs.read(fh, 0, 100)
+    assert exc.value.errno == errno.EIO
+    vfs.release(fh)
+    assert vfs.getattr(readme).size == 12  # metadata still fine
+    assert read_all(vfs, walk(vfs, ROOT_INO, "n/readme")) == b"hello nydus\n"  # other mount fine
+    snap = mount.stats.snapshot()
+    assert snap["fop_errors"][StatsFop.READ] == 1
+    assert other.stats.snapshot()["fop_hits"][StatsFop.READ] == 1
+
+
+def test_write_access_is_refused():
+    vfs = Vfs()
+    attach(vfs, "/")
+    readme = vfs.lookup(ROOT_INO, b"readme").ino
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(ReadOnly):
+            vfs.open(readme, flags)
+    with pytest.raises(ReadOnly):
+        vfs.access(readme, os.W_OK)
+    assert vfs.access(readme, os.R_OK)
+
+
+def test_stats_account_per_mount_and_per_file():
+    vfs = Vfs()
+    mount = attach(vfs, "/m")
+    readme = walk(vfs, ROOT_INO, "m/readme")
+    assert read_all(vfs, readme) == b"hello nydus\n"
+    snap = mount.stats.snapshot()
+    assert snap["data_read"] == 12 and snap["fop_hits"][StatsFop.OPEN] == 1
+    assert snap["fop_hits"][StatsFop.LOOKUP] == 1 and snap["nr_opens"] == 0
+    files = mount.stats.files_snapshot()
+    assert files[str(decode_ino(readme)[1])]["data_read"] == 12
