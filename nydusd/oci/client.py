@@ -1,0 +1,612 @@
+"""HTTP transport and the OCI distribution client: the only module that imports ``requests``.
+
+Owns:
+- ``HttpClient``: one pooled ``requests.Session`` with TLS settings and (connect, read) timeouts;
+  ``request()`` sends one request, optionally through a ``ProxyRoute`` (Dragonfly peer) with
+  fallback to the origin, reads the whole body with a single buffered read and turns every
+  transport failure into a ``BackendError`` (``transient=True``) carrying the cause. Other modules
+  (the s3 backend, the proxy health checker) use it as their HTTP layer.
+- ``RegistryClient``: the registry API v2 -- blob HEAD and ranged GET, following redirects to blob
+  storage without leaking the registry's ``Authorization`` to other hosts (and caching the
+  redirect), anonymous / Basic / Bearer-token auth (tokens cached, refreshed before expiry and on a
+  401), manifests, blob upload (monolithic and chunked) and cross-repository mount.
+
+Must not import storage, rafs, fs or anything above ``oci`` (the proxy is an injected object that
+satisfies ``ProxyRoute``).
+
+Threading: both classes are used concurrently by many threads. ``requests.Session``'s connection
+pool is thread-safe; the session never stores cookies we rely on. Auth state (challenge, token
+cache, redirect cache) is guarded by ``RegistryClient._lock`` / ``TokenCache``'s own lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import InsecureRequestWarning
+
+from nydusd.errors import AuthError, BackendError, BlobNotFound, NotFound
+from nydusd.log import get_logger
+from nydusd.oci.auth import (
+    CLIENT_ID,
+    BasicCredentials,
+    Challenge,
+    TokenCache,
+    parse_challenge,
+    token_from_response,
+)
+
+log = get_logger(__name__)
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+POOL_SIZE = 32
+UPLOAD_CHUNK = 16 << 20
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_MEDIA_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST)
+
+
+class ProxyRoute(Protocol):
+    """What ``HttpClient`` needs from a Dragonfly proxy (implemented in storage/backend/proxy.py)."""
+
+    fallback: bool
+
+    def current(self) -> str | None:
+        """The proxy URL to use now; None to go straight to the origin (proxy down + fallback).
+        Raises BackendError when the proxy is down and fallback is disabled."""
+
+    def rewrite(self, url: str) -> str:
+        """The URL to ask the proxy for (``use_http`` turns https into http)."""
+
+    def headers(self, prefetch: bool) -> dict[str, str]:
+        """Extra ``X-Dragonfly-*`` headers for a proxied request."""
+
+    def report_failure(self, cause: str) -> None:
+        """A proxied request failed at the transport level: mark the proxy down."""
+
+
+@dataclass
+class Response:
+    """A finished HTTP exchange: status, headers and the whole body (already read)."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+    url: str
+    proxied: bool = False
+
+    def json(self) -> Any:
+        import json
+
+        try:
+            return json.loads(self.content)
+        except ValueError as exc:
+            raise BackendError(f"invalid JSON from {self.url}: {exc}") from None
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _transport_error(method: str, url: str, exc: BaseException) -> BackendError:
+    """Describe a transport failure; every one of them may heal on retry."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        kind = "tls"
+    elif isinstance(exc, requests.exceptions.ProxyError):
+        kind = "proxy"
+    elif isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+        kind = "timeout"
+    elif isinstance(exc, (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError,
+                          urllib3.exceptions.IncompleteRead)):
+        kind = "short_body"
+    else:
+        kind = "connection"
+    return BackendError(f"{method} {url} failed: {kind}: {exc}", transient=True, kind=kind)
+
+
+class HttpClient:
+    """A pooled HTTP session with the TLS, timeout and proxy policy of one backend config."""
+
+    def __init__(self, *, skip_verify: bool = False, ca_cert_files: Iterable[str] = (),
+                 timeout: float = 5, connect_timeout: float = 5, pool_size: int = POOL_SIZE,
+                 proxy: ProxyRoute | None = None) -> None:
+        self.timeout = (float(connect_timeout or 5), float(timeout or 5))
+        self.proxy = proxy
+        self._session = requests.Session()
+        # Library code reads no environment: proxies come from the config only.
+        self._session.trust_env = False
+        # Blobs must arrive byte-exact (and ranges must index the stored bytes): no transfer coding.
+        self._session.headers["Accept-Encoding"] = "identity"
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._bundle: str | None = None
+        self.skip_verify = skip_verify
+        if skip_verify:
+            urllib3.disable_warnings(InsecureRequestWarning)
+            self._session.verify = False
+        else:
+            cas = [c for c in ca_cert_files if c]
+            if len(cas) == 1:
+                self._session.verify = cas[0]
+            elif cas:
+                self._session.verify = self._bundle = self._merge_bundle(cas)
+
+    @staticmethod
+    def _merge_bundle(files: list[str]) -> str:
+        fd, path = tempfile.mkstemp(prefix="nydus-ca-", suffix=".pem")
+        with os.fdopen(fd, "wb") as out:
+            for f in files:
+                with open(f, "rb") as src:
+                    out.write(src.read() + b"\n")
+        return path
+
+    def close(self) -> None:
+        self._session.close()
+        if self._bundle:
+            os.unlink(self._bundle)
+            self._bundle = None
+
+    def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                data: bytes | BinaryIO | None = None, params: Any = None, use_proxy: bool = True,
+                prefetch: bool = False) -> Response:
+        """Send one request (no redirects followed) and read its whole body.
+
+        Through the proxy when one is configured and healthy; on a proxy transport failure, or a
+        proxy-side error answer, the request goes straight to the origin if fallback is on.
+        Raises BackendError (transient, with ``kind``) on transport failures.
+        """
+        route = self.proxy if use_proxy else None
+        purl = route.current() if route is not None else None
+        if route is not None and purl:
+            hdrs = dict(headers or {})
+            hdrs.update(route.headers(prefetch))
+            try:
+                resp = self._send(method, route.rewrite(url), hdrs, data, params, purl)
+            except BackendError as exc:
+                route.report_failure(str(exc))
+                if not route.fallback:
+                    raise BackendError(f"request through proxy {purl} failed and proxy fallback is "
+                                       f"disabled: {exc.message}", transient=True, proxy=purl) from exc
+                log.info("proxy_request_fell_back", proxy=purl, url=url, cause=exc.message)
+            else:
+                if resp.headers.get("X-Dragonfly-Error-Type", "").lower() != "proxy":
+                    resp.proxied = True
+                    return resp
+                if resp.status == 403 or not route.fallback:
+                    raise BackendError(f"proxy {purl} refused {method} {url}: HTTP {resp.status}",
+                                       transient=resp.status != 403, proxy=purl, status=resp.status)
+                if resp.status != 429:
+                    route.report_failure(f"proxy error HTTP {resp.status}")
+                log.info("proxy_request_fell_back", proxy=purl, url=url, status=resp.status)
+        return self._send(method, url, dict(headers or {}), data, params, None)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any, params: Any,
+              proxy: str | None) -> Response:
+        proxies = {"http": proxy, "https": proxy} if proxy else None
+        try:
+            resp = self._session.request(method, url, headers=headers, data=data, params=params,
+                                         proxies=proxies, timeout=self.timeout, stream=True,
+                                         allow_redirects=False)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _transport_error(method, url, exc) from exc
+        try:
+            # One buffered read of the exact Content-Length: no Python loop over chunks, and urllib3
+            # raises IncompleteRead when the body is cut short.
+            body = b"" if method == "HEAD" else resp.raw.read(decode_content=False)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            resp.close()
+            raise _transport_error(method, url, exc) from exc
+        resp.close()
+        return Response(resp.status_code, resp.headers, body, url)
+
+
+# ============================================================================ registry client
+def status_error(resp: Response, what: str, **ctx: Any) -> BackendError:
+    """Map a non-success HTTP status to the error class callers act on."""
+    snippet = resp.text[:200].strip()
+    msg = f"{what}: HTTP {resp.status}" + (f": {snippet}" if snippet else "")
+    if resp.status in (401, 403):
+        return AuthError(msg, status=resp.status, **ctx)
+    if resp.status == 404:
+        return BlobNotFound(msg, status=resp.status, **ctx)
+    transient = resp.status == 429 or resp.status >= 500 or resp.status == 408
+    return BackendError(msg, transient=transient, status=resp.status, **ctx)
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes a-b/total`` -> (a, b, total or None)."""
+    if not value or not value.startswith("bytes "):
+        return None
+    span, _, total = value[6:].partition("/")
+    a, _, b = span.partition("-")
+    try:
+        return int(a), int(b), (None if total in ("", "*") else int(total))
+    except ValueError:
+        return None
+
+
+class RegistryClient:
+    """Client of one repository of an OCI distribution registry."""
+
+    def __init__(self, host: str, repo: str, *, scheme: str = "https", auth: str | None = None,
+                 registry_token: str | None = None, skip_verify: bool = False,
+                 ca_cert_files: Iterable[str] = (), timeout: float = 5, connect_timeout: float = 5,
+                 blob_url_scheme: str = "", blob_redirected_host: str = "",
+                 proxy: ProxyRoute | None = None, http: HttpClient | None = None) -> None:
+        self.host = host
+        self.repo = repo
+        self.scheme = "http" if scheme == "http" else "https"
+        self.creds = BasicCredentials.from_auth(auth)
+        self.registry_token = registry_token or None
+        self.blob_url_scheme = blob_url_scheme
+        self.blob_redirected_host = blob_redirected_host
+        self.http = http or HttpClient(skip_verify=skip_verify, ca_cert_files=ca_cert_files,
+                                       timeout=timeout, connect_timeout=connect_timeout, proxy=proxy)
+        self._lock = threading.Lock()
+        self._challenge: Challenge | None = None
+        self._tokens = TokenCache()
+        self._redirects: dict[str, str] = {}
+        self.token_requests = 0
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    def blob_url(self, digest: str, repo: str | None = None) -> str:
+        return f"{self.base_url}/v2/{repo or self.repo}/blobs/{digest}"
+
+    def set_credentials(self, auth: str | None) -> None:
+        """Replace the Basic credentials at run time (``PUT /api/v1/config`` ``registry_auth``)."""
+        creds = BasicCredentials.from_auth(auth)
+        with self._lock:
+            self.creds = creds
+        self._tokens.clear()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _scope(self, push: bool = False, repo: str | None = None) -> str:
+        return f"repository:{repo or self.repo}:{'pull,push' if push else 'pull'}"
+
+    def _auth_header(self, scopes: tuple[str, ...]) -> tuple[str | None, Any]:
+        """The Authorization value to send now and the token it came from (for invalidation)."""
+        if self.registry_token:
+            return f"Bearer {self.registry_token}", "registry_token"
+        with self._lock:
+            ch, creds = self._challenge, self.creds
+        if ch is None:
+            return None, None
+        if ch.scheme == "basic":
+            return (creds.header if creds else None), None
+        if ch.scheme == "bearer":
+            key = (ch.realm, ch.params.get("service", ""), " ".join(scopes))
+            tok = self._tokens.get(key)
+            if tok is None:
+                tok = self._fetch_token(ch, scopes)
+                self._tokens.put(key, tok)
+            return f"Bearer {tok.value}", (key, tok)
+        raise AuthError(f"registry {self.host} asks for unsupported auth scheme {ch.scheme!r}")
+
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...]) -> Any:
+        """Ask the realm for a token: POST form first (upstream's order), then GET with query."""
+        if not ch.realm:
+            raise AuthError(f"registry {self.host} sent a bearer challenge without realm")
+        with self._lock:
+            creds = self.creds
+            self.token_requests += 1
+        headers = {"Authorization": creds.header} if creds else {}
+        service = ch.params.get("service", "")
+        form = [("service", service), *[("scope", s) for s in scopes], ("client_id", CLIENT_ID)]
+        # Auth-server requests never go through the Dragonfly proxy.
+        resp = self.http.request("POST", ch.realm, headers={**headers, "Content-Type":
+                                 "application/x-www-form-urlencoded"},
+                                 data=_urlencode(form).encode(), use_proxy=False)
+        if resp.status != 200:
+            resp = self.http.request("GET", ch.realm, headers=headers, params=form, use_proxy=False)
+        if resp.status in (401, 403):
+            raise AuthError(f"token server {ch.realm} refused the credentials: HTTP {resp.status}",
+                            status=resp.status)
+        if resp.status != 200:
+            raise status_error(resp, f"token request to {ch.realm}")
+        log.debug("registry_token_fetched", realm=ch.realm, scopes=scopes)
+        return token_from_response(resp.json())
+
+    def _request(self, method: str, url: str, *, scopes: tuple[str, ...], headers: Mapping[str, str]
+                 | None = None, data: Any = None, params: Any = None, prefetch: bool = False) -> Response:
+        """One registry API request with auth: learn the challenge on a 401, (re)fetch a token and
+        retry once; a second 401 is an AuthError."""
+        for attempt in range(2):
+            auth, used = self._auth_header(scopes)
+            hdrs = dict(headers or {})
+            if auth:
+                hdrs["Authorization"] = auth
+            if hasattr(data, "seek"):
+                data.seek(0)
+            try:
+                resp = self.http.request(method, url, headers=hdrs, data=data, params=params,
+                                         prefetch=prefetch)
+            except BackendError as exc:
+                url = self._maybe_downgrade(url, exc)
+                resp = self.http.request(method, url, headers=hdrs, data=data, params=params,
+                                         prefetch=prefetch)
+            if resp.status != 401 or attempt:
+                return resp
+            self._on_unauthorized(resp, used)
+        raise AssertionError("unreachable")
+
+    def _maybe_downgrade(self, url: str, exc: BackendError) -> str:
+        """With ``skip_verify`` a TLS failure against the registry switches it to plain HTTP (upstream
+        behaviour for registries that only speak HTTP); otherwise the error stands."""
+        if not (self.http.skip_verify and getattr(exc, "kind", "") == "tls" and self.scheme == "https"
+                and url.startswith(self.base_url)):
+            raise exc
+        log.info("registry_scheme_downgraded", host=self.host, cause=exc.message)
+        with self._lock:
+            self.scheme = "http"
+        return "http://" + url[len("https://"):]
+
+    def _on_unauthorized(self, resp: Response, used: Any) -> None:
+        ch = parse_challenge(resp.headers.get("WWW-Authenticate"))
+        if used == "registry_token":
+            # A stale static token: fall back to the challenge flow with the configured credentials.
+            self.registry_token = None
+        elif isinstance(used, tuple):
+            self._tokens.discard(used[0], used[1])
+            log.debug("registry_token_refused", realm=used[0][0])
+        if ch is None:
+            raise AuthError(f"registry {self.host} answered 401 without a WWW-Authenticate challenge")
+        with self._lock:
+            self._challenge = ch
+            creds = self.creds
+        if ch.scheme == "basic" and creds is None:
+            raise AuthError(f"registry {self.host} requires credentials (Basic auth) and none are set")
+
+    # ------------------------------------------------------------------ redirects
+    def _rewrite_redirect(self, url: str) -> str:
+        if not (self.blob_url_scheme or self.blob_redirected_host):
+            return url
+        p = urlsplit(url)
+        return urlunsplit((self.blob_url_scheme or p.scheme, self.blob_redirected_host or p.netloc,
+                           p.path, p.query, p.fragment))
+
+    def _blob_request(self, method: str, digest: str, headers: dict[str, str], *,
+                      prefetch: bool = False) -> Response:
+        """GET/HEAD a blob, following redirects; the registry's Authorization stays at the registry."""
+        with self._lock:
+            cached = self._redirects.get(digest) if method == "GET" else None
+        if cached:
+            resp = self.http.request(method, cached, headers=headers, prefetch=prefetch)
+            if resp.status < 300 or resp.status == 416:
+                return resp
+            # The cached location expired (signed URLs do): forget it and ask the registry again.
+            with self._lock:
+                self._redirects.pop(digest, None)
+            log.debug("registry_redirect_expired", digest=digest, status=resp.status)
+        resp = self._request(method, self.blob_url(digest), scopes=(self._scope(),), headers=headers,
+                             prefetch=prefetch)
+        origin = _origin(self.base_url)
+        url = self.blob_url(digest)
+        for _ in range(MAX_REDIRECTS):
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECT_STATUSES or not location:
+                return resp
+            url = self._rewrite_redirect(urljoin(url, location))
+            if method == "GET":
+                with self._lock:
+                    self._redirects[digest] = url
+            hdrs = dict(headers)
+            if _origin(url) == origin:
+                auth, _ = self._auth_header((self._scope(),))
+                if auth:
+                    hdrs["Authorization"] = auth
+            resp = self.http.request(method, url, headers=hdrs, prefetch=prefetch)
+        raise BackendError(f"too many redirects for blob {digest}", digest=digest)
+
+    # ------------------------------------------------------------------ blobs
+    def ping(self) -> None:
+        """``GET /v2/`` with auth. Raises AuthError, BackendError."""
+        resp = self._request("GET", f"{self.base_url}/v2/", scopes=(self._scope(),))
+        if resp.status != 200:
+            raise status_error(resp, f"registry {self.host} /v2/")
+
+    def head_blob(self, digest: str) -> int:
+        """Size of a blob. Raises BlobNotFound, AuthError, BackendError."""
+        resp = self._blob_request("HEAD", digest, {})
+        if resp.status == 200 and resp.headers.get("Content-Length") is not None:
+            return int(resp.headers["Content-Length"])
+        if resp.status in (200, 405):
+            # Some blob stores answer HEAD without a length: ask for one byte instead.
+            rng = self._blob_request("GET", digest, {"Range": "bytes=0-0"})
+            cr = _parse_content_range(rng.headers.get("Content-Range"))
+            if rng.status == 206 and cr and cr[2] is not None:
+                return cr[2]
+            if rng.status == 200:
+                return len(rng.content)
+            resp = rng
+        raise status_error(resp, f"HEAD blob {digest}", digest=digest)
+
+    def blob_exists(self, digest: str, repo: str | None = None) -> bool:
+        scopes = (self._scope(repo=repo),)
+        resp = self._request("HEAD", self.blob_url(digest, repo), scopes=scopes)
+        if resp.status == 404:
+            return False
+        if resp.status in (200, *REDIRECT_STATUSES):
+            return True
+        raise status_error(resp, f"HEAD blob {digest}", digest=digest)
+
+    def get_blob(self, digest: str, offset: int = 0, size: int | None = None, *,
+                 prefetch: bool = False) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a blob (to its end when ``size`` is None); fewer at the
+        end of the blob, ``b""`` at or past it. Raises BlobNotFound, AuthError, BackendError."""
+        if size == 0:
+            return b""
+        headers: dict[str, str] = {}
+        if offset or size is not None:
+            end = "" if size is None else str(offset + size - 1)
+            headers["Range"] = f"bytes={offset}-{end}"
+        resp = self._blob_request("GET", digest, headers, prefetch=prefetch)
+        if resp.status == 206:
+            cr = _parse_content_range(resp.headers.get("Content-Range"))
+            if cr is not None and cr[0] != offset:
+                raise BackendError(f"registry answered range starting at {cr[0]}, asked {offset}",
+                                   transient=True, digest=digest)
+            return resp.content
+        if resp.status == 200:
+            # The server ignored Range and sent the whole blob.
+            return resp.content[offset:None if size is None else offset + size]
+        if resp.status == 416:
+            return b""
+        raise status_error(resp, f"GET blob {digest}", digest=digest, offset=offset, size=size)
+
+    # ------------------------------------------------------------------ uploads
+    def _upload_url(self, location: str | None, digest: str) -> str:
+        if not location:
+            raise BackendError(f"registry {self.host} started an upload without Location", digest=digest)
+        return urljoin(self.base_url + "/", location)
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount ``from_repo`` -> this repo. True when mounted (201); False when the
+        registry declined (the upload session it opened is cancelled)."""
+        scopes = (self._scope(push=True), self._scope(repo=from_repo))
+        resp = self._request("POST", f"{self.base_url}/v2/{self.repo}/blobs/uploads/",
+                             params={"mount": digest, "from": from_repo}, scopes=scopes)
+        if resp.status == 201:
+            return True
+        if resp.status == 202:
+            url = self._upload_url(resp.headers.get("Location"), digest)
+            self._request("DELETE", url, scopes=scopes)
+            return False
+        raise status_error(resp, f"mount blob {digest} from {from_repo}", digest=digest)
+
+    def push_blob(self, data: bytes | BinaryIO | str, digest: str | None = None, *,
+                  chunk_size: int | None = None, mount_from: Iterable[str] = ()) -> str:
+        """Upload a blob (bytes, a binary file object or a file path) unless the registry has it.
+
+        Monolithic (POST + PUT) by default; chunked (PATCH per ``chunk_size``, then PUT) when
+        ``chunk_size`` is given. Tries a cross-repo mount from each of ``mount_from`` first.
+        Returns the digest. Raises AuthError, BackendError.
+        """
+        if isinstance(data, str):
+            with open(data, "rb") as f:
+                return self.push_blob(f, digest, chunk_size=chunk_size, mount_from=mount_from)
+        if digest is None:
+            digest = _digest_of(data)
+        if self.blob_exists(digest):
+            return digest
+        for repo in mount_from:
+            if self.mount_blob(digest, repo):
+                return digest
+        scopes = (self._scope(push=True),)
+        resp = self._request("POST", f"{self.base_url}/v2/{self.repo}/blobs/uploads/", scopes=scopes)
+        if resp.status != 202:
+            raise status_error(resp, f"start upload of {digest}", digest=digest)
+        url = self._upload_url(resp.headers.get("Location"), digest)
+        if chunk_size:
+            url = self._patch_chunks(url, data, chunk_size, scopes, digest)
+            body: Any = b""
+        else:
+            body = data
+        resp = self._request("PUT", url, params={"digest": digest}, data=body, scopes=scopes,
+                             headers={"Content-Type": "application/octet-stream"})
+        if resp.status not in (201, 204):
+            raise status_error(resp, f"finish upload of {digest}", digest=digest)
+        return digest
+
+    def _patch_chunks(self, url: str, data: bytes | BinaryIO, chunk_size: int,
+                      scopes: tuple[str, ...], digest: str) -> str:
+        stream = data if hasattr(data, "read") else _BytesReader(data)  # type: ignore[arg-type]
+        pos = 0
+        while True:
+            chunk = stream.read(chunk_size)  # type: ignore[union-attr]
+            if not chunk:
+                return url
+            headers = {"Content-Type": "application/octet-stream",
+                       "Content-Range": f"{pos}-{pos + len(chunk) - 1}"}
+            resp = self._request("PATCH", url, data=chunk, headers=headers, scopes=scopes)
+            if resp.status != 202:
+                raise status_error(resp, f"upload chunk at {pos} of {digest}", digest=digest)
+            url = self._upload_url(resp.headers.get("Location"), digest)
+            pos += len(chunk)
+
+    # ------------------------------------------------------------------ manifests
+    def get_manifest(self, reference: str, accept: Iterable[str] = MANIFEST_MEDIA_TYPES,
+                     repo: str | None = None) -> tuple[bytes, str, str]:
+        """Fetch a manifest (or index) by tag or digest: returns (body, media type, digest).
+        Raises NotFound when absent, AuthError, BackendError."""
+        url = f"{self.base_url}/v2/{repo or self.repo}/manifests/{reference}"
+        resp = self._request("GET", url, scopes=(self._scope(repo=repo),),
+                             headers={"Accept": ", ".join(accept)})
+        if resp.status == 404:
+            raise NotFound(f"manifest {reference} not found in {self.host}/{repo or self.repo}")
+        if resp.status != 200:
+            raise status_error(resp, f"GET manifest {reference}")
+        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        media = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return resp.content, media, digest
+
+    def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
+        """Upload a manifest under a tag or digest; returns its digest. Raises AuthError, BackendError."""
+        url = f"{self.base_url}/v2/{self.repo}/manifests/{reference}"
+        resp = self._request("PUT", url, data=body, headers={"Content-Type": media_type},
+                             scopes=(self._scope(push=True),))
+        if resp.status not in (200, 201, 202):
+            raise status_error(resp, f"PUT manifest {reference}")
+        return resp.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def list_tags(self) -> list[str]:
+        resp = self._request("GET", f"{self.base_url}/v2/{self.repo}/tags/list", scopes=(self._scope(),))
+        if resp.status == 404:
+            return []
+        if resp.status != 200:
+            raise status_error(resp, "list tags")
+        return list(resp.json().get("tags") or [])
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        chunk = bytes(self._view[self._pos:self._pos + n])
+        self._pos += len(chunk)
+        return chunk
+
+
+def _digest_of(data: bytes | BinaryIO) -> str:
+    h = hashlib.sha256()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        h.update(data)
+    else:
+        data.seek(0)
+        while chunk := data.read(UPLOAD_CHUNK):
+            h.update(chunk)
+        data.seek(0)
+    return "sha256:" + h.hexdigest()
+
+
+def _urlencode(pairs: list[tuple[str, str]]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode(pairs)
