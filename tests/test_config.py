@@ -1,12 +1,364 @@
-"""Tests for nydusd.config: the normalised model, parsing of v1/v2 configs, validation errors."""
+"""Tests for nydusd.config: samples in config/, v1/v2 JSON/TOML normalisation, validation messages,
+unknown-key logging, the ``//`` comment decision, IMAGE_PULL_AUTH and the serialised form."""
 
 from __future__ import annotations
 
-from nydusd.config import BackendConfig, ConfigV2, RegistryConfig
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from nydusd.config import (
+    MAX_CONFIG_SIZE,
+    BackendConfig,
+    CacheConfig,
+    ConfigV2,
+    FileCacheConfig,
+    LocalFsConfig,
+    OssConfig,
+    PrefetchConfig,
+    ProxyConfig,
+    RafsConfig,
+    RegistryConfig,
+    S3Config,
+    load_config,
+    load_config_file,
+    strip_json_comments,
+)
+from nydusd.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+SAMPLES = sorted(p for p in CONFIG_DIR.iterdir() if p.is_file())
 
 
-def test_model_defaults_match_upstream() -> None:
-    cfg = ConfigV2(backend=BackendConfig(type="registry", registry=RegistryConfig(host="h", repo="r")))
-    assert cfg.version == 2
-    assert cfg.backend is not None and cfg.backend.sub.timeout == 5
-    assert cfg.cache.prefetch.threads == 8
+def attr(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# -------------------------------------------------------------------------------------- samples
+EXPECTED: dict[str, dict[str, Any]] = {
+    "nydusd-config.registry-p2p.json": {
+        "backend.type": "registry", "backend.sub.host": "my-registry:5000", "backend.sub.repo": "test/repo",
+        "backend.sub.auth": "<base64_encoded_auth>", "backend.sub.proxy.url": "http://p2p-proxy:65001",
+        "cache.work_dir": "/cache", "rafs.prefetch.threads": 4, "rafs.prefetch.batch_size": 131072,
+    },
+    "nydusd-config.localfs.json": {
+        "backend.type": "localfs", "backend.sub.dir": "/var/lib/nydus/blobs", "backend.sub.readahead": True,
+        "cache.kind": "filecache", "cache.work_dir": "/var/lib/nydus/cache", "rafs.enable_xattr": True,
+    },
+    "nydusd-config.registry-dragonfly.json": {
+        "id": "/42", "backend.sub.scheme": "http", "backend.sub.host": "127.0.0.1:5000",
+        "backend.sub.repo": "library/ubuntu", "backend.sub.auth": "dXNlcjpwYXNz", "backend.sub.timeout": 10,
+        "backend.sub.connect_timeout": 3, "backend.sub.retry_limit": 2,
+        "backend.sub.proxy.url": "http://127.0.0.1:65001",
+        "backend.sub.proxy.ping_url": "http://127.0.0.1:40901/server/ping",
+        "backend.sub.proxy.check_interval": 10, "backend.sub.proxy.use_http": True,
+        "backend.sub.proxy.check_pause_elapsed": 600, "rafs.iostats_files": True,
+        "rafs.access_pattern": True, "rafs.latest_read_files": True,
+        "rafs.prefetch.bandwidth_limit": 10485760, "cache.prefetch.bandwidth_limit": 10485760,
+    },
+    "nydusd-config.oss.json": {
+        "backend.type": "oss", "backend.sub.endpoint": "127.0.0.1:9000", "backend.sub.scheme": "http",
+        "backend.sub.bucket_name": "nydus-blobs", "backend.sub.object_prefix": "images/",
+        "backend.sub.access_key_id": "test-access-key-id", "backend.sub.retry_limit": 3,
+        "rafs.validate": True, "rafs.prefetch.enable": False, "cache.prefetch.enable": False,
+    },
+    "nydusd-config.s3.json": {
+        "backend.type": "s3", "backend.sub.region": "us-east-1", "backend.sub.endpoint": "127.0.0.1:5001",
+        "backend.sub.bucket_name": "nydus-blobs", "backend.sub.object_prefix": "nydus/",
+        "backend.sub.timeout": 5, "cache.type": "filecache", "rafs.mode": "cached",
+    },
+    "nydusd-config.blobcache-prefetch.json": {
+        "id": "blobcache-prefetch", "backend.sub.blob_file": "/var/lib/nydus/blobs/image.blob",
+        "cache.compressed": True, "cache.validate": True, "cache.filecache.disable_indexed_map": True,
+        "rafs.batch_size": 524288, "rafs.prefetch.threads": 16, "rafs.prefetch.batch_size": 262144,
+        "rafs.prefetch.bandwidth_limit": 20971520, "rafs.prefetch.prefetch_all": False,
+        "cache.prefetch.threads": 16,
+    },
+    "nydusd-config.v2.toml": {
+        "id": "registry-v2", "backend.sub.host": "127.0.0.1:5000", "backend.sub.repo": "library/alpine",
+        "backend.sub.proxy.fallback": True, "cache.type": "filecache", "cache.prefetch.enable": True,
+        "cache.prefetch.threads": 4, "cache.prefetch.prefetch_all": False, "rafs.prefetch.prefetch_all": True,
+        "rafs.enable_xattr": True,
+    },
+    "nydusd-config.v2.json": {
+        "id": "http-proxy-v2", "backend.type": "http-proxy", "backend.sub.addr": "http://127.0.0.1:8080",
+        "backend.sub.path": "/namespace/blobs", "backend.sub.timeout": 10, "backend.sub.connect_timeout": 5,
+        "cache.compressed": True, "cache.work_dir": "/var/lib/nydus/cache", "rafs.prefetch.enable": False,
+    },
+    "snapshotter-generated.fusedev.json": {
+        "id": "/17", "backend.sub.host": "index.docker.io", "backend.sub.proxy.fallback": False,
+        "backend.sub.retry_limit": 2, "rafs.batch_size": 1 << 20, "rafs.prefetch.prefetch_all": True,
+        "cache.work_dir": "/var/lib/containerd/io.containerd.snapshotter.v1.nydus/cache",
+    },
+}
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_every_sample_loads_without_warnings(path: Path, logs: Any) -> None:
+    cfg = load_config_file(path)
+    assert cfg.version == 2 and cfg.backend is not None and cfg.rafs is not None
+    assert logs.events("warning") == []
+    assert path.name in EXPECTED, f"add key expectations for the new sample {path.name}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_sample_key_values(name: str) -> None:
+    cfg = load_config_file(CONFIG_DIR / name)
+    got = {key: attr(cfg, key) for key in EXPECTED[name]}
+    assert got == EXPECTED[name]
+
+
+# ------------------------------------------------------------------------- the seed's example
+SEED = (CONFIG_DIR / "nydusd-config.registry-p2p.json").read_text()
+
+
+def test_seed_example_keys_map_to_the_normalised_model() -> None:
+    cfg = load_config(SEED)
+    assert cfg.backend is not None and cfg.rafs is not None
+    reg = cfg.backend.registry
+    assert cfg.backend.type == "registry" and cfg.backend.sub is reg
+    assert reg == RegistryConfig(
+        scheme="https", host="my-registry:5000", repo="test/repo", auth="<base64_encoded_auth>",
+        blob_url_scheme="http", timeout=5, connect_timeout=5, retry_limit=2,
+        proxy=ProxyConfig(url="http://p2p-proxy:65001", ping_url="http://p2p-proxy:40901/server/ping",
+                          fallback=True, check_interval=5))
+    assert cfg.cache == CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir="/cache"),
+                                    prefetch=cfg.rafs.prefetch)
+    assert cfg.rafs == RafsConfig(
+        mode="direct", validate=False, iostats_files=False, enable_xattr=True,
+        prefetch=PrefetchConfig(enable=True, threads=4, batch_size=131072, prefetch_all=True))
+    assert cfg.backend.localfs is None and cfg.overlay is None
+
+
+def test_localfs_variant_of_the_seed() -> None:
+    text = SEED.replace('"type": "registry"', '"type": "localfs"')
+    doc = json.loads(strip_json_comments(text))
+    doc["device"]["backend"]["config"] = {"dir": "/path/to/blobs", "readahead": True}
+    cfg = load_config(json.dumps(doc))
+    assert cfg.backend is not None
+    assert cfg.backend.sub == LocalFsConfig(dir="/path/to/blobs", readahead=True)
+
+
+# ----------------------------------------------------------------------- v1 / v2 equivalence
+V1 = """{
+  "device": {"id": "eq", "backend": {"type": "oss", "config": {"endpoint": "127.0.0.1:9000",
+      "bucket_name": "b", "access_key_id": "ak", "access_key_secret": "sk", "retry_limit": 3,
+      "proxy": {"url": "http://127.0.0.1:65001", "fallback": false}}},
+    "cache": {"type": "blobcache", "compressed": true, "config": {"work_dir": "/tmp/c"}}},
+  "mode": "cached", "digest_validate": true, "iostats_files": true, "enable_xattr": true,
+  "access_pattern": true, "latest_read_files": true, "amplify_io": 0,
+  "fs_prefetch": {"enable": true, "threads_count": 3, "merging_size": 65536, "bandwidth_rate": 1000}
+}"""
+PREFETCH_V2 = {"enable": True, "threads": 3, "batch_size": 65536, "bandwidth_limit": 1000,
+               "prefetch_all": True}
+V2_JSON = json.dumps({
+    "version": 2, "id": "eq",
+    "backend": {"type": "oss", "oss": {"endpoint": "127.0.0.1:9000", "bucket_name": "b",
+                                       "access_key_id": "ak", "access_key_secret": "sk", "retry_limit": 3,
+                                       "proxy": {"url": "http://127.0.0.1:65001", "fallback": False}}},
+    "cache": {"type": "blobcache", "compressed": True, "filecache": {"work_dir": "/tmp/c"},
+              "prefetch": PREFETCH_V2},
+    "rafs": {"mode": "cached", "validate": True, "iostats_files": True, "enable_xattr": True,
+             "access_pattern": True, "latest_read_files": True, "batch_size": 0, "prefetch": PREFETCH_V2}})
+V2_TOML = """
+version = 2
+id = "eq"
+[backend]
+type = "oss"
+[backend.oss]
+endpoint = "127.0.0.1:9000"
+bucket_name = "b"
+access_key_id = "ak"
+access_key_secret = "sk"
+retry_limit = 3
+proxy = { url = "http://127.0.0.1:65001", fallback = false }
+[cache]
+type = "blobcache"
+compressed = true
+filecache = { work_dir = "/tmp/c" }
+prefetch = { enable = true, threads = 3, batch_size = 65536, bandwidth_limit = 1000, prefetch_all = true }
+[rafs]
+mode = "cached"
+validate = true
+iostats_files = true
+enable_xattr = true
+access_pattern = true
+latest_read_files = true
+batch_size = 0
+prefetch = { enable = true, threads = 3, batch_size = 65536, bandwidth_limit = 1000, prefetch_all = true }
+"""
+
+
+def test_v1_json_v2_json_and_v2_toml_normalise_equal() -> None:
+    v1, v2j, v2t = load_config(V1), load_config(V2_JSON), load_config(V2_TOML)
+    assert v1 == v2j == v2t
+    assert v1.backend is not None and v1.backend.sub == OssConfig(
+        endpoint="127.0.0.1:9000", bucket_name="b", access_key_id="ak", access_key_secret="sk",
+        retry_limit=3, proxy=ProxyConfig(url="http://127.0.0.1:65001", fallback=False))
+    assert v1.to_dict() == v2t.to_dict()
+
+
+def test_v1_defaults_differ_from_v2_where_upstream_does() -> None:
+    v1 = load_config('{"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}}, '
+                     '"mode": "direct"}')
+    v2 = load_config('version = 2\nbackend = { type = "localfs", localfs = { dir = "/b" } }\nrafs = {}')
+    assert v1.rafs is not None and v2.rafs is not None
+    # fs_prefetch.prefetch_all defaults to true in v1, false in v2
+    assert v1.rafs.prefetch == PrefetchConfig(prefetch_all=True)
+    assert v2.rafs.prefetch == PrefetchConfig()
+    # upstream v1 conversion: a disabled fs prefetch leaves a zeroed blob prefetch config
+    assert v1.cache.prefetch == PrefetchConfig(threads=0, batch_size=0, prefetch_all=True)
+    assert v1.cache.kind == "dummy" and v1.cache.work_dir == ""
+
+
+# --------------------------------------------------------------------------------- malformed
+def v1(backend: str = '{"type": "registry", "config": {"host": "h", "repo": "r"}}', **top: Any) -> str:
+    doc = {"device": {"backend": json.loads(backend)}, "mode": "direct"}
+    doc.update(top)
+    return json.dumps(doc)
+
+
+MALFORMED = [
+    (v1('{"type": "registry", "config": {"host": "", "repo": "r"}}'),
+     "device.backend.config.host: required field is empty"),
+    ('{"mode": "direct"}',
+     "device: required field is missing (a v1 config needs 'device', a v2 config needs 'version = 2')"),
+    ('{"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}}}',
+     "mode: required field is missing"),
+    ('{"device": [], "mode": "direct"}', "device: expected an object, got array"),
+    (v1('{"type": "ftp", "config": {}}'),
+     "device.backend.type: unsupported backend type 'ftp' "
+     "(expected one of localfs, localdisk, oss, s3, registry)"),
+    (v1('{"type": "http-proxy", "config": {"addr": "http://x"}}'),
+     "device.backend.type: unsupported backend type 'http-proxy' (only in v2 configs) "
+     "(expected one of localfs, localdisk, oss, s3, registry)"),
+    (v1('{"type": "registry"}'), "device.backend.config: required field is missing"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "timeout": "5"}}'),
+     "device.backend.config.timeout: expected an integer, got string"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "retry_limit": 256}}'),
+     "device.backend.config.retry_limit: must be <= 255, got 256"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "connect_timeout": -1}}'),
+     "device.backend.config.connect_timeout: must be >= 0, got -1"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "proxy": {"fallback": "yes"}}}'),
+     "device.backend.config.proxy.fallback: expected a boolean, got string"),
+    (v1('{"type": "oss", "config": {"endpoint": "e"}}'),
+     "device.backend.config.bucket_name: required field is missing"),
+    (v1('{"type": "s3", "config": {"endpoint": "", "bucket_name": "b", "region": ""}}'),
+     "device.backend.config.region: required field is empty"),
+    (v1('{"type": "localfs", "config": {"readahead": true}}'),
+     "device.backend.config.dir: required field is empty (set dir or blob_file)"),
+    (v1('{"type": "localdisk", "config": {}}'), "device.backend.config.device_path: required field is empty"),
+    (v1('{"type": "localfs", "config": {"dir": "/b", "alt_dirs": ["/c", 7]}}'),
+     "device.backend.config.alt_dirs.1: expected a string, got integer"),
+    (json.dumps({**json.loads(v1()), "device": {"backend": {"type": "localfs", "config": {"dir": "/b"}},
+                                                 "cache": {"type": "memcache"}}}),
+     "device.cache.type: unsupported cache type 'memcache'"),
+    (json.dumps({**json.loads(v1()), "device": {"backend": {"type": "localfs", "config": {"dir": "/b"}},
+                                                "cache": {"type": "blobcache", "config": {"work_dir": ""}}}}),
+     "device.cache.config.work_dir: required field is empty"),
+    (json.dumps({**json.loads(v1()), "device": {"backend": {"type": "localfs", "config": {"dir": "/b"}},
+                                                 "cache": {"type": "fscache", "config": "/c"}}}),
+     "device.cache.config: expected an object, got string"),
+    (v1(mode="lazy"), "mode: must be 'direct' or 'cached', got 'lazy'"),
+    (v1(digest_validate="yes"), "digest_validate: expected a boolean, got string"),
+    (v1(amplify_io=0x10000001), "amplify_io: must be <= 0x10000000, got 268435457"),
+    (v1(fs_prefetch={"enable": True, "threads_count": 0}),
+     "fs_prefetch.threads_count: must be in 1..1024, got 0"),
+    (v1(fs_prefetch={"enable": True, "threads_count": 1025}),
+     "fs_prefetch.threads_count: must be in 1..1024, got 1025"),
+    (v1(fs_prefetch={"enable": True, "merging_size": 0x10000001}),
+     "fs_prefetch.merging_size: must be <= 0x10000000, got 268435457"),
+    (v1(fs_prefetch=[]), "fs_prefetch: expected an object, got array"),
+    ('{"version": 3}', "version: must be 2, got 3"),
+    ('{"version": "2"}', "version: expected an integer, got string"),
+    ('{"version": 2, "backend": {"type": "registry"}}',
+     "backend.registry: required for backend type 'registry'"),
+    ('{"version": 2, "backend": {"localfs": {"dir": "/b"}}}', "backend.type: required field is missing"),
+    ('{"version": 2, "backend": {"type": "nfs"}}',
+     "backend.type: unsupported backend type 'nfs' (expected one of localfs, localdisk, oss, s3, registry, "
+     "http-proxy)"),
+    ('{"version": 2, "backend": {"type": "http-proxy", "http-proxy": {"addr": "tcp://127.0.0.1:1"}}}',
+     "backend.http-proxy.addr: must be an http:// or https:// URL or the absolute path of an existing unix "
+     "socket, got 'tcp://127.0.0.1:1'"),
+    ('{"version": 2, "cache": {"type": "blobcache"}}',
+     "cache.filecache: required for cache type 'blobcache'"),
+    ('{"version": 2, "cache": {"type": "fscache", "fscache": {"work_dir": ""}}}',
+     "cache.fscache.work_dir: required field is empty"),
+    ('{"version": 2, "cache": {"prefetch": {"enable": true, "batch_size": 268435457}}}',
+     "cache.prefetch.batch_size: must be <= 0x10000000, got 268435457"),
+    ('version = 2\n[rafs.prefetch]\nenable = true\nthreads = 0\n',
+     "rafs.prefetch.threads: must be in 1..1024, got 0"),
+    ('version = 2\n[rafs]\nmode = "cached"\nbatch_size = true\n',
+     "rafs.batch_size: expected an integer, got boolean"),
+    ('version = 2\n[overlay]\nupper_dir = "/u"\n', "overlay.work_dir: required field is missing"),
+    ('version = 2\nrafs = "direct"\n', "rafs: expected an object, got string"),
+    ('{"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}}}, "mode": "direct",}',
+     "config: invalid JSON: Expecting property name enclosed in double quotes (line 1, column 88)"),
+    ('version = 2\nid = \n', "config: neither JSON nor valid TOML: Invalid value (at line 2, column 6)"),
+    ("[1, 2]", "config: expected an object, got array"),
+    ('{"device": {} /* unterminated', "config: invalid JSON: Expecting ',' delimiter (line 1, column 15)"),
+    (v1('{"type": ["registry"], "config": {}}'), "device.backend.type: expected a string, got array"),
+    (" " * (MAX_CONFIG_SIZE + 1), f"config: size exceeds the limit of {MAX_CONFIG_SIZE} bytes"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), MALFORMED, ids=[m[:60] for _, m in MALFORMED])
+def test_malformed_config_is_rejected_with_the_field_path(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(text)
+    assert info.value.message == message
+    assert info.value.field == message.split(":", 1)[0]
+    assert info.value.http_status == 400
+
+
+def test_models_built_in_code_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match=r"^rafs.mode: must be 'direct' or 'cached', got 'x'"):
+        ConfigV2(rafs=RafsConfig(mode="x"))
+    with pytest.raises(ConfigError, match=r"^backend.s3: required for backend type 's3'"):
+        ConfigV2(backend=BackendConfig(type="s3", oss=OssConfig(endpoint="e", bucket_name="b")))
+    cfg = ConfigV2(backend=BackendConfig(type="s3", s3=S3Config(endpoint="", bucket_name="b", region="r")))
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.id = "x"  # type: ignore[misc]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+def _leaf_paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [path] + [p for k, v in node.items() for p in _leaf_paths(v, path + (k,))]
+    return [path]
+
+
+@pytest.mark.allow_logs  # random replacement objects carry unknown keys
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_validation_error_never_escapes(data: st.DataObject) -> None:
+    doc = json.loads(strip_json_comments(SEED))
+    if data.draw(st.booleans()):
+        doc = load_config(SEED).to_dict(redact=False)
+    paths = [p for p in _leaf_paths(doc) if p]
+    target = data.draw(st.sampled_from(paths))
+    node = doc
+    for key in target[:-1]:
+        node = node[key]
+    if data.draw(st.booleans()):
+        del node[target[-1]]
+    else:
+        node[target[-1]] = data.draw(JSON_VALUES)
+    try:
+        cfg = load_config(json.dumps(doc))
+    except ConfigError as e:
+        assert e.message.startswith(f"{e.field}: ")
+    else:
+        assert isinstance(cfg, ConfigV2)
