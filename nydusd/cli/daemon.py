@@ -1,10 +1,241 @@
-"""`nydusd` command line (not implemented yet)."""
+"""`nydusd` command line: upstream's flags, the startup mount, the API server, the FUSE loop.
+
+Owns: argument parsing (root-level legacy form and the ``fuse`` subcommand, spec §1.1-1.5), the
+checks upstream's clap definitions make (``--id`` needs ``--supervisor``, ``--bootstrap`` needs
+``--config`` or ``--localfs-dir`` ...), log setup, RLIMIT_NOFILE, crash detection (§1.6), and the
+composition of ``Daemon`` + ``api.server`` -- this module is the composition root, the only place
+importing both ``nydusd.*`` and ``api``.
+
+Threading: runs in the main thread and ends in ``Daemon.run`` (llfuse.main); the API server runs in
+a thread of its own, started once the daemon is RUNNING (so the socket appears only then).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import resource
+import socket
 import sys
+from typing import Any
+
+from nydusd.errors import ConfigError, InvalidArgument, NydusError, Unsupported
+from nydusd.log import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "uffd", "nbd")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+# options taking a value: a subcommand name right after one of these is that option's value
+_VALUE_OPTS = {"-A", "--apisock", "-C", "--config", "--id", "--supervisor", "-l", "--log-level",
+               "-L", "--log-file", "--log-rotation-size", "--rlimit-nofile", "--dedup-db", "-M",
+               "--mountpoint", "--fuse-threads", "--thread-num", "--failover-policy", "-B",
+               "--bootstrap", "-D", "--localfs-dir", "-s", "--shared-dir", "--prefetch-files", "-m",
+               "--virtual-mountpoint", "--backend-source", "--sock", "-S", "-F", "--fscache",
+               "--fscache-tag", "--fscache-threads", "--threads"}
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid thread number {value!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"thread number {n} is not in 1..1024")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusd", description="Nydus image service daemon (FUSE)")
+    p.add_argument("-V", "--version", action="store_true", help="print version information")
+    g = p.add_argument_group("global options")
+    g.add_argument("-A", "--apisock", help="unix socket of the HTTP admin API")
+    g.add_argument("-C", "--config", help="daemon/RAFS configuration file")
+    g.add_argument("--id", help="instance id (requires --supervisor)")
+    g.add_argument("--supervisor", help="supervisor socket (requires --id)")
+    g.add_argument("--upgrade", action="store_true", help="start in upgrade mode (stay INIT)")
+    g.add_argument("-l", "--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    g.add_argument("-L", "--log-file", help="log to this file instead of stderr")
+    g.add_argument("--log-rotation-size", type=int, default=0, help="MiB (accepted, not rotated)")
+    g.add_argument("--rlimit-nofile", type=int, default=1_000_000)
+    g.add_argument("--dedup-db", help="accepted for compatibility; unused")
+    f = p.add_argument_group("FUSE options")
+    f.add_argument("-M", "--mountpoint", help="host directory to FUSE-mount")
+    f.add_argument("--fuse-threads", "--thread-num", dest="threads", type=_threads, default=4)
+    f.add_argument("--failover-policy", default="resend", choices=("none", "resend", "flush"))
+    f.add_argument("--writable", action="store_true", help="mount read-write")
+    f.add_argument("--readonly", action="store_true", help=argparse.SUPPRESS)
+    fs = p.add_argument_group("filesystem options")
+    fs.add_argument("-B", "--bootstrap", help="RAFS bootstrap to mount at startup")
+    fs.add_argument("-D", "--localfs-dir", help="shorthand config: localfs backend + blobcache in DIR")
+    fs.add_argument("-s", "--shared-dir", help="passthroughfs directory (not supported)")
+    fs.add_argument("--prefetch-files", help="file listing absolute paths to prefetch")
+    fs.add_argument("-m", "--virtual-mountpoint", default="/")
+    fs.add_argument("--backend-source", help=argparse.SUPPRESS)  # sent by the snapshotter; ignored
+    fs.add_argument("--hybrid-mode", action="store_true", help=argparse.SUPPRESS)
+    fs.add_argument("--sock", help=argparse.SUPPRESS)
+    return p
+
+
+def split_subcommand(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Find the subcommand among ``argv`` (global options may precede it); return it and the rest."""
+    prev = ""
+    for i, tok in enumerate(argv):
+        if tok in SUBCOMMANDS and prev not in _VALUE_OPTS:
+            return tok, argv[:i] + argv[i + 1:]
+        prev = tok
+    return None, argv
+
+
+def _validate(p: argparse.ArgumentParser, sub: str | None, a: argparse.Namespace) -> None:
+    if sub in ("virtiofs", "uffd", "nbd") or a.sock:
+        p.error(f"the {sub or 'virtiofs'} mode (--sock) is not supported by this nydusd; "
+                "only FUSE mode (`nydusd [fuse] --mountpoint ...`) is available")
+    if sub == "singleton":
+        p.error("the singleton/fscache mode is not supported by this nydusd; use FUSE mode")
+    if bool(a.id) != bool(a.supervisor):
+        p.error("--id and --supervisor must be given together")
+    if not a.mountpoint:
+        p.error("the following required arguments were not provided: --mountpoint <mountpoint>")
+    if a.shared_dir:
+        p.error("--shared-dir (passthroughfs) is not supported by this nydusd")
+    if a.localfs_dir and a.config:
+        p.error("the argument --localfs-dir cannot be used with --config")
+    if a.bootstrap and not (a.config or a.localfs_dir):
+        p.error("both --config and --localfs-dir are missing")
+    if a.prefetch_files and not a.bootstrap:
+        p.error("--prefetch-files requires --bootstrap")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
+    sub, rest = split_subcommand(argv)
+    args = p.parse_args(rest)
+    args.subcommand = sub
+    if not args.version:
+        _validate(p, sub, args)
+    return args
+
+
+def _log_file(path: str | None) -> str | None:
+    if path and not os.path.splitext(path)[1]:
+        return path + ".log"
+    return path
+
+
+def _raise_nofile(limit: int) -> None:
+    if limit <= 0:
+        return
+    try:
+        with open("/proc/sys/fs/file-max") as f:
+            file_max = int(f.read().split()[0])
+    except (OSError, ValueError):
+        file_max = 1 << 20
+    if file_max < 32768:
+        raise InvalidArgument("fs.file-max is too small to raise RLIMIT_NOFILE", file_max=file_max)
+    target = min(limit, file_max - 16384, 1_000_000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, OSError):
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _startup_config(args: argparse.Namespace) -> Any:
+    from nydusd.config import apply_image_pull_auth, load_config, load_config_file
+
+    if args.localfs_dir:
+        d = args.localfs_dir
+        cfg = load_config(json.dumps({
+            "version": 2, "backend": {"type": "localfs", "localfs": {"dir": d}},
+            "cache": {"type": "blobcache", "filecache": {"work_dir": d}}, "rafs": {"mode": "direct"}}))
+    else:
+        cfg = load_config_file(args.config)
+    return apply_image_pull_auth(cfg, os.environ)
+
+
+def _prefetch_list(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ConfigError(f"cannot read prefetch file list: {e.strerror}", field="prefetch-files",
+                          path=path) from None
+
+
+def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
+    """Failover detection (spec §1.6): our mountpoint is still mounted and the old socket is dead."""
+    if not apisock or not os.path.exists(apisock):
+        return False
+    try:
+        with open("/proc/self/mounts") as f:
+            mounted = any(line.split()[1] == mountpoint for line in f if len(line.split()) > 1)
+    except OSError:
+        return False
+    if not mounted:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(apisock)
+        except OSError:
+            return True
+    return False
+
+
+def _api_starter(daemon: Any, apisock: str | None) -> Any:
+    """A callable starting the API server on ``apisock`` (or a no-op when there is no API)."""
+    def start() -> None:
+        if not apisock:
+            return
+        try:
+            from api import server  # composition root: the one place importing both sides
+        except ImportError as e:
+            log.warning("api_server_unavailable", error=str(e), apisock=apisock)
+            return
+        starter = getattr(server, "start", None) or server.serve
+        starter(daemon, apisock)
+        log.info("api_server_started", apisock=apisock)
+    return start
+
+
+def run(args: argparse.Namespace) -> int:
+    from nydusd.daemon import Daemon
+
+    log_file = _log_file(args.log_file)
+    configure_logging(args.log_level, log_file)
+    _raise_nofile(args.rlimit_nofile)
+    mountpoint = os.path.realpath(args.mountpoint)
+    upgrade = args.upgrade
+    if not upgrade and _crashed_before(mountpoint, args.apisock):
+        log.warning("previous_daemon_crashed", mountpoint=mountpoint, apisock=args.apisock)
+        upgrade = True
+    daemon = Daemon(mountpoint=mountpoint, threads=args.threads, id=args.id,
+                    supervisor=args.supervisor, upgrade=upgrade, writable=args.writable,
+                    failover_policy=args.failover_policy,
+                    set_log_level=lambda level: configure_logging(level, log_file))
+    if args.bootstrap and not upgrade:
+        daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
+                     prefetch_files=_prefetch_list(args.prefetch_files))
+    return daemon.run(on_running=_api_starter(daemon, args.apisock))
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("nydusd: not implemented yet", file=sys.stderr)
-    return 2
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.version:
+        from nydusd.daemon import version_text
+
+        sys.stdout.write(version_text())
+        return 0
+    try:
+        return run(args)
+    except Unsupported as e:
+        print(f"nydusd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except NydusError as e:
+        print(f"nydusd: error: {e}", file=sys.stderr)
+        log.error("daemon_failed", error=str(e), kind=type(e).__name__)
+        return e.exit_code

@@ -161,7 +161,8 @@ class RafsFs:
         return StatFs(files=files)
 
     def close(self) -> None:
-        """Release the device (backend connections, cache files)."""
-        close = getattr(self.device, "close", None)
-        if close is not None:
-            close()
+        """Release the device (cache files) and the bootstrap mapping. Idempotent."""
+        for obj in (self.device, self.sb):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                close()

@@ -216,6 +216,20 @@ class Vfs:
         log.info("vfs_detached", mountpoint=path, index=index)
         return mount, parent_ino, name
 
+    def entry_of(self, path: str) -> tuple[Ino, bytes]:
+        """``(parent pseudo inode, name)`` of the directory entry for ``path``. Raises NotFound."""
+        parts = split_path(path)
+        if not parts:
+            return ROOT_INO, b""
+        pseudo = self._pseudo
+        dir_ino = int(ROOT_INO)
+        for name in parts[:-1]:
+            kind, ref = pseudo[dir_ino].entries.get(name, ("", 0))
+            if kind != "dir":
+                raise NotFound("no such pseudo directory", mountpoint=path)
+            dir_ino = ref
+        return Ino(dir_ino), parts[-1]
+
     def _unlink_pseudo(self, parts: list[bytes]) -> tuple[Ino, bytes]:
         pseudo = dict(self._pseudo)
         dir_ino = int(ROOT_INO)

@@ -1,0 +1,560 @@
+"""The nydusd service: lifecycle state machine, mounted RAFS instances, metrics (== nydus-service).
+
+Owns: ``Daemon`` -- the one object the API (``api/``) and the CLI talk to. It owns the ``Vfs`` (the
+pseudo root and its mount table), the ``FuseSession``, the RAFS instances (bootstrap + backend +
+cache + device + ``RafsFs`` + ``FsIoStats`` per mountpoint) and the state machine of spec §3.3:
+INIT -> READY -> RUNNING -> (READY) -> STOPPED. Also ``version_info`` (the ``--version`` fields, the
+same ``git_commit`` as ``GET /api/v1/daemon``) and ``build_rafs_instance`` (the default factory).
+
+Must not import: the API (``api/``), llfuse (only ``fs/fuse.py``/``fs/session.py`` do).
+
+Threading model:
+- Main thread: ``Daemon.run`` -> ``FuseSession.mount`` (llfuse.init) -> ``llfuse.main(workers=N)``
+  -> ``llfuse.close``. It must be the main thread because ``llfuse.main`` installs signal handlers.
+- API thread: uvicorn on the unix socket (started by the CLI through ``run(on_running=...)`` once the
+  daemon is RUNNING, so the socket appears only then -- the snapshotter relies on that order).
+- FUSE workers: run handlers with llfuse's global lock held; ``fs/fuse.py`` releases it around
+  ``Vfs.read`` only, so everything below ``fs`` has its own locks.
+- mount/umount/remount (API thread): the instance (bootstrap parse, backend, cache) is built with no
+  lock held except ``_mount_lock`` (serialises mount-table changes between API requests); the
+  ``Vfs`` then swaps its copy-on-write table under its own small lock and the kernel's cache of a
+  removed entry is invalidated (asynchronously, never blocking on a worker).
+- ``exit()``: llfuse has no ``stop()``; the daemon marks "keep the mount" and signals itself with
+  SIGTERM, ``llfuse.main`` returns and ``close(unmount=False)`` leaves the kernel mount in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import email.utils
+import os
+import signal
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nydusd import __version__
+from nydusd.config import ConfigV2, RafsConfig, load_config
+from nydusd.errors import (
+    AlreadyExists,
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    NydusError,
+    Unsupported,
+)
+from nydusd.fs.attrs import ROOT_INO
+from nydusd.fs.fuse import FuseOperations
+from nydusd.fs.rafs_fs import RafsFs
+from nydusd.fs.session import FuseSession
+from nydusd.fs.vfs import Vfs, normalize_path
+from nydusd.log import get_logger
+from nydusd.metrics import FsIoStats
+
+log = get_logger(__name__)
+
+INIT, READY, RUNNING, STOPPED = "INIT", "READY", "RUNNING", "STOPPED"
+MAX_EVENTS = 500
+MAX_EVENTS_SIZE = 50 * 1024
+
+
+class UnexpectedEvent(InvalidArgument):
+    """An event the state machine does not accept in the current state (HTTP 400)."""
+
+    code = "UNEXPECTED_EVENT"
+
+
+# --------------------------------------------------------------------------------------- version
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from ("unknown" outside a git checkout)."""
+    git = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
+
+
+_VERSION: dict[str, str] | None = None
+
+
+def version_info() -> dict[str, str]:
+    """Build info as in DaemonInfo.version; ``git_commit`` equals the ``--version`` Git Commit line."""
+    global _VERSION
+    if _VERSION is None:
+        _VERSION = {"package_ver": f"v{__version__}", "git_commit": _git_commit(),
+                    "build_time": "", "profile": "release", "rustc": "python"}
+    return dict(_VERSION)
+
+
+def version_text(prog: str = "nydusd") -> str:
+    """The ``--version`` text; ``Version:`` and ``Git Commit:`` start their own lines (spec §1.7)."""
+    v = version_info()
+    return (f"{prog}\nVersion: \t{v['package_ver']}\nGit Commit: \t{v['git_commit']}\n"
+            f"Build Time: \t{v['build_time']}\nProfile: \t{v['profile']}\nRustc: \t\t{v['rustc']}\n")
+
+
+# -------------------------------------------------------------------------------------- instances
+@dataclass(eq=False)
+class RafsInstance:
+    """One mounted image: everything to close when it is unmounted."""
+
+    mountpoint: str
+    source: str
+    fs_type: str
+    config: ConfigV2
+    fs: RafsFs
+    stats: FsIoStats
+    backend: Any = None
+    cache: Any = None
+    prefetch_files: list[str] | None = None
+    mounted_time: _dt.datetime = field(default_factory=lambda: _dt.datetime.now().astimezone())
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop prefetch, close device/cache/backend. Never raises (logs instead)."""
+        for closer in [*self.closers, self.fs.close,
+                       getattr(self.cache, "close", None), getattr(self.backend, "close", None)]:
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception as e:  # noqa: BLE001 - unmount must finish
+                log.warning("instance_close_failed", mountpoint=self.mountpoint, error=repr(e))
+
+    def summary(self) -> dict[str, Any]:
+        """The ``backend_collection`` entry of DaemonInfo."""
+        offset = self.mounted_time.utcoffset() or _dt.timedelta()
+        secs = int(offset.total_seconds())
+        sign = "-" if secs < 0 else "+"
+        secs = abs(secs)
+        tz = f"{sign}{secs // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}"
+        stamp = self.mounted_time.strftime("%Y-%m-%d %H:%M:%S.%f") + " " + tz
+        return {"backend_type": "Rafs", "mountpoint": self.mountpoint, "mounted_time": stamp,
+                "config": self.config.to_dict(redact=True)}
+
+
+class InstanceFactory(Protocol):
+    def __call__(self, mountpoint: str, source: str, cfg: ConfigV2, *,
+                 prefetch_files: list[str] | None) -> RafsInstance: ...
+
+
+def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
+                        prefetch_files: list[str] | None = None) -> RafsInstance:
+    """Parse the bootstrap and assemble backend -> cache -> device -> RafsFs for one mount.
+
+    Raises NotFound (no bootstrap file), CorruptMetadata, ConfigError (no backend), Unsupported.
+    """
+    from nydusd.rafs import load_bootstrap
+    from nydusd.storage.backend import create_backend
+    from nydusd.storage.cache import create_cache
+    from nydusd.storage.device import BlobDevice
+
+    if not os.path.isfile(source):
+        raise NotFound("bootstrap file not found", source=source)
+    rafs = cfg.rafs or RafsConfig()
+    if cfg.backend is None:
+        raise ConfigError("backend: a backend is required to mount an image", field="backend")
+    sb = load_bootstrap(source)
+    try:
+        backend = create_backend(cfg.backend)
+    except BaseException:
+        sb.close()
+        raise
+    try:
+        cache = create_cache(cfg.cache, backend, digest_validate=rafs.validate,
+                             batch_size=rafs.batch_size, id=cfg.id)
+        device = BlobDevice(list(sb.blobs), cache, chunk_size=sb.chunk_size or None,
+                            batch_size=rafs.batch_size, prefetch_config=_prefetch_config(cfg))
+    except BaseException:
+        backend.close()
+        sb.close()
+        raise
+    fs = RafsFs(sb, device, enable_xattr=rafs.enable_xattr)
+    stats = FsIoStats(mountpoint, files_account=rafs.iostats_files, access_pattern=rafs.access_pattern,
+                      latest_read_files=rafs.latest_read_files)
+    inst = RafsInstance(mountpoint, source, "rafs", cfg, fs, stats, backend, device, prefetch_files)
+    _start_prefetch(inst, sb, device, prefetch_files)
+    return inst
+
+
+def _prefetch_config(cfg: ConfigV2) -> Any:
+    rafs = cfg.rafs or RafsConfig()
+    return rafs.prefetch if rafs.prefetch.enable else cfg.cache.prefetch
+
+
+def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: list[str] | None) -> None:
+    """fs_prefetch: warm the cache with ``prefetch_files``, else the image's prefetch table (or every
+    file with ``prefetch_all``), from a background thread. Best effort: failures are logged only."""
+    prefetch = _prefetch_config(inst.config)
+    if not prefetch.enable:
+        return
+    stop = threading.Event()
+
+    def collect() -> None:
+        try:
+            if prefetch_files:
+                roots = []
+                for path in prefetch_files:
+                    try:
+                        roots.append(int(sb.resolve(os.fsencode(path)).ino))
+                    except NydusError:
+                        log.info("prefetch_file_skipped", path=path)
+            elif prefetch.prefetch_all:
+                roots = [int(sb.root_ino)]
+            else:
+                roots = [int(i) for i in sb.prefetch_inodes()]
+            queued = _queue_prefetch(sb, device, roots, stop)
+            log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
+        except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
+            log.warning("prefetch_failed", mountpoint=inst.mountpoint, error=repr(e))
+
+    thread = threading.Thread(target=collect, name=f"prefetch-{inst.mountpoint}", daemon=True)
+    thread.start()
+
+    def halt() -> None:
+        stop.set()
+        thread.join(5)
+        device.stop_prefetch()
+    inst.closers.append(halt)
+
+
+def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event) -> int:
+    """Submit the chunks of every regular file under ``roots`` (files or directories)."""
+    queued = 0
+    seen: set[int] = set()
+    pending = list(roots)
+    while pending and not stop.is_set():
+        ino = pending.pop()
+        if ino in seen:
+            continue
+        seen.add(ino)
+        inode = sb.get_inode(ino)
+        if stat.S_ISDIR(inode.mode):
+            pending.extend(int(child) for _name, child in sb.children(ino))
+        elif stat.S_ISREG(inode.mode) and inode.size:
+            queued += device.prefetch(sb.chunks(ino))
+    return queued
+
+
+# ----------------------------------------------------------------------------------------- daemon
+class Daemon:
+    """The nydusd service object. Methods are blocking and thread-safe; errors are NydusErrors."""
+
+    def __init__(self, *, mountpoint: str | None = None, threads: int = 4, id: str | None = None,
+                 supervisor: str | None = None, upgrade: bool = False, writable: bool = False,
+                 failover_policy: str = "resend",
+                 instance_factory: InstanceFactory = build_rafs_instance,
+                 set_log_level: Callable[[str], None] | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.threads = threads
+        self.id = id
+        self.supervisor = supervisor
+        self.upgrade = upgrade
+        self.writable = writable
+        self.failover_policy = failover_policy
+        self.vfs = Vfs(uid=os.getuid(), gid=os.getgid())
+        self.session: FuseSession | None = None
+        self._factory = instance_factory
+        self._set_log_level = set_log_level
+        self._state = INIT
+        self._state_lock = threading.Lock()
+        self._mount_lock = threading.Lock()
+        self._instances: dict[str, RafsInstance] = {}
+        self._events: deque[str] = deque(maxlen=MAX_EVENTS)
+        self._total_errors = 0
+        self._keep_mount = False
+        self._stop = threading.Event()
+
+    # -- state machine --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _transition(self, allowed: tuple[str, ...], to: str, event: str) -> None:
+        with self._state_lock:
+            if self._state not in allowed:
+                raise UnexpectedEvent(f"UnexpectedEvent(\"{event}\")", state=self._state)
+            log.info("daemon_state_changed", old=self._state, new=to, trigger=event)
+            self._state = to
+
+    def start(self) -> None:
+        """``PUT /daemon/start``: READY -> RUNNING. Raises UnexpectedEvent in any other state."""
+        self._transition((READY,), RUNNING, "Start")
+
+    def exit(self) -> None:
+        """``PUT /daemon/exit``: stop serving and leave the process WITHOUT unmounting FUSE."""
+        self._transition((INIT, READY, RUNNING), STOPPED, "Exit")
+        self._keep_mount = True
+        self._stop.set()
+        if self.session is not None and self.session.running:
+            # Let the HTTP reply go out before llfuse.main returns and the process leaves.
+            timer = threading.Timer(0.05, FuseSession.stop_from_thread)
+            timer.daemon = True
+            timer.start()
+
+    def request_stop(self) -> None:
+        """Signal path (SIGTERM/SIGINT) outside the FUSE loop: stop, unmount, exit."""
+        self._stop.set()
+
+    # -- info -----------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """DaemonInfo (spec §3.3)."""
+        return {"version": version_info(), "id": self.id, "supervisor": self.supervisor,
+                "state": self._state,
+                "backend_collection": {mp: inst.summary() for mp, inst in self._instances.items()}}
+
+    def record_error(self, message: str) -> None:
+        """Add one entry to the events ring (``GET /api/v1/daemon/events``)."""
+        stamp = email.utils.formatdate(time.time(), usegmt=True)
+        self._events.append(f"{stamp} - {message}")
+        self._total_errors += 1
+        while sum(len(e) for e in self._events) > MAX_EVENTS_SIZE:
+            self._events.popleft()
+
+    def events(self) -> dict[str, Any]:
+        """``GET /daemon/events``: ``{max_errors, total_errors, max_size, total_size, errors}``."""
+        errors = list(self._events)
+        return {"max_errors": MAX_EVENTS, "total_errors": self._total_errors,
+                "max_size": MAX_EVENTS_SIZE, "total_size": sum(len(e) for e in errors),
+                "errors": errors}
+
+    def set_config(self, values: dict[str, Any]) -> None:
+        """``PUT /api/v1/daemon``: only ``log_level`` is configurable. Raises ConfigError."""
+        from nydusd.log import level_number
+
+        level = values.get("log_level")
+        if not isinstance(level, str):
+            raise ConfigError("log_level: expected a string", field="log_level")
+        level_number(level)
+        if self._set_log_level is not None:
+            self._set_log_level(level.lower())
+        log.info("log_level_changed", level=level.lower())
+
+    def backend_info(self, mountpoint: str | None = None) -> dict[str, Any]:
+        """Superblock summary of the image at ``mountpoint`` (``GET /api/v1/daemon/backend``)."""
+        inst = self._instance(mountpoint)
+        sb = inst.fs.sb
+        summary = getattr(sb, "backend_info", None)
+        if callable(summary):
+            return dict(summary())
+        timeout = {"secs": int(inst.fs.timeout), "nanos": 0}
+        return {"version": int(getattr(sb, "version", 0)), "root_inode": int(sb.root_ino),
+                "chunk_size": int(getattr(sb, "chunk_size", 0)),
+                "batch_size": int((inst.config.rafs or RafsConfig()).batch_size),
+                "inodes_count": int(getattr(sb, "inode_count", 0)),
+                "blob_table_size": len(getattr(sb, "blobs", ())),
+                "attr_timeout": timeout, "entry_timeout": timeout}
+
+    # -- mounts ---------------------------------------------------------------------------------
+
+    def mounts(self) -> dict[str, dict[str, Any]]:
+        return {mp: inst.summary() for mp, inst in self._instances.items()}
+
+    def _instance(self, mountpoint: str | None) -> RafsInstance:
+        instances = self._instances
+        if mountpoint is None:
+            if len(instances) != 1:
+                raise NotFound("Metrics(Stats(NoCounter))", reason="no or several filesystems")
+            return next(iter(instances.values()))
+        try:
+            path = normalize_path(mountpoint)
+        except InvalidArgument:
+            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=mountpoint) from None
+        inst = instances.get(path)
+        if inst is None:
+            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=mountpoint)
+        return inst
+
+    def _check_fs_type(self, fs_type: str) -> None:
+        if fs_type in ("passthrough", "passthroughfs", "passthrough_fs"):
+            raise Unsupported("passthrough filesystems are not supported", fs_type=fs_type)
+        if fs_type != "rafs":
+            raise InvalidArgument("unknown fs_type", fs_type=fs_type)
+
+    def _build(self, path: str, source: str, config: str | ConfigV2,
+               prefetch_files: list[str] | None) -> RafsInstance:
+        cfg = load_config(config) if isinstance(config, str) else config
+        try:
+            return self._factory(path, source, cfg, prefetch_files=prefetch_files)
+        except NydusError as e:
+            self.record_error(f"mount {path} failed: {e}")
+            log.warning("mount_failed", mountpoint=path, source=source, error=str(e))
+            raise
+
+    def mount(self, mountpoint: str, source: str, config: str | ConfigV2, *, fs_type: str = "rafs",
+              prefetch_files: list[str] | None = None) -> None:
+        """Attach the image ``source`` at ``mountpoint`` (a path inside the FUSE tree).
+
+        ``config`` is config text (JSON/TOML, v1 or v2) or an already parsed ConfigV2.
+        Raises AlreadyExists, NotFound, InvalidArgument, ConfigError, CorruptMetadata, Unsupported.
+        """
+        self._check_fs_type(fs_type)
+        path = normalize_path(mountpoint)
+        if self._state == STOPPED:
+            raise UnexpectedEvent("UnexpectedEvent(\"Mount\")", state=self._state)
+        with self._mount_lock:
+            if path in self._instances:
+                raise AlreadyExists("object or filesystem already exists", mountpoint=path)
+            inst = self._build(path, source, config, prefetch_files)
+            try:
+                self.vfs.attach(path, inst.fs, inst.stats)
+            except NydusError:
+                inst.close()
+                raise
+            self._instances = {**self._instances, path: inst}
+        log.info("instance_mounted", mountpoint=path, source=source)
+
+    def remount(self, mountpoint: str, source: str, config: str | ConfigV2, *, fs_type: str = "rafs",
+                prefetch_files: list[str] | None = None) -> None:
+        """Swap the image at ``mountpoint`` for ``source`` atomically. Raises NotFound and as mount."""
+        self._check_fs_type(fs_type)
+        path = normalize_path(mountpoint)
+        with self._mount_lock:
+            old = self._instances.get(path)
+            if old is None:
+                raise NotFound("no filesystem mounted here", mountpoint=path)
+            inst = self._build(path, source, config, prefetch_files)
+            old_root_names = [e.name for e in old.fs.readdir(old.fs.root_ino)] if path == "/" else []
+            self.vfs.replace(path, inst.fs, inst.stats)
+            self._instances = {**self._instances, path: inst}
+        self._invalidate(path, old_root_names)
+        old.close()
+        log.info("instance_remounted", mountpoint=path, source=source)
+
+    def umount(self, mountpoint: str) -> None:
+        """Detach the image at ``mountpoint`` and make the kernel forget it. Raises NotFound."""
+        path = normalize_path(mountpoint)
+        with self._mount_lock:
+            inst = self._instances.get(path)
+            if inst is None:
+                raise NotFound("no filesystem mounted here", mountpoint=path)
+            root_names = [e.name for e in inst.fs.readdir(inst.fs.root_ino)] if path == "/" else []
+            _mount, parent, name = self.vfs.detach(path)
+            self._instances = {k: v for k, v in self._instances.items() if k != path}
+        if self.session is not None:
+            if name:
+                self.session.invalidate_entry(parent, name)
+            else:
+                self._invalidate(path, root_names)
+        inst.close()
+        log.info("instance_umounted", mountpoint=path)
+
+    def _invalidate(self, path: str, root_names: list[bytes]) -> None:
+        session = self.session
+        if session is None:
+            return
+        if path == "/":
+            session.invalidate_inode(ROOT_INO)
+            for name in root_names:
+                session.invalidate_entry(ROOT_INO, name)
+            return
+        try:
+            parent, name = self.vfs.entry_of(path)
+        except NydusError:
+            return
+        session.invalidate_entry(parent, name)
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def metrics_fs(self, id: str | None = None) -> dict[str, Any]:
+        return self._instance(id).stats.snapshot()
+
+    def metrics_files(self, id: str | None = None, latest: bool = False) -> Any:
+        stats = self._instance(id).stats
+        return stats.take_latest_read_files() if latest else stats.files_snapshot()
+
+    def metrics_pattern(self, id: str | None = None) -> list[dict[str, int]]:
+        return self._instance(id).stats.pattern_snapshot()
+
+    def metrics_backend(self, id: str | None = None) -> dict[str, Any]:
+        inst = self._instance(id)
+        if inst.backend is None:
+            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=id)
+        return dict(inst.backend.metrics())
+
+    def metrics_blobcache(self, id: str | None = None) -> dict[str, Any]:
+        """Blob cache metrics keyed by config id (falls back to the mountpoint)."""
+        inst = None
+        if id is not None:
+            inst = next((i for i in self._instances.values() if i.config.id == id), None)
+        if inst is None:
+            inst = self._instance(id)
+        if inst.cache is None:
+            raise NotFound("Metrics(Stats(NoCounter))", id=id)
+        return dict(inst.cache.metrics())
+
+    def metrics_inflight(self) -> list[dict[str, Any]]:
+        """Requests currently being served (empty list -> HTTP 204)."""
+        return []
+
+    # -- lifecycle (main thread) ----------------------------------------------------------------
+
+    def run(self, on_running: Callable[[], None] | None = None) -> int:
+        """Serve until stopped; returns the process exit code. Main thread only.
+
+        Normal start: FUSE mount -> READY -> RUNNING -> ``on_running`` (the API server) -> serve.
+        Upgrade mode: stay INIT, start the API, wait for exit or a signal.
+        """
+        if self.upgrade or self.mountpoint is None:
+            return self._run_idle(on_running)
+        self.session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
+                                   writable=self.writable)
+        try:
+            self.session.mount()
+        except NydusError:
+            self.close_instances()
+            raise
+        self._transition((INIT,), READY, "Mount")
+        self._transition((READY,), RUNNING, "Start")
+        try:
+            if on_running is not None:
+                on_running()
+            reason = self.session.run()
+        finally:
+            keep = self._keep_mount
+            if self._state != STOPPED:
+                with self._state_lock:
+                    self._state = STOPPED
+            self.session.close(unmount=not keep)
+            self.close_instances()
+        log.info("daemon_stopped", reason="unmounted" if reason is None else f"signal {reason}",
+                 kept_mount=keep)
+        return 0
+
+    def _run_idle(self, on_running: Callable[[], None] | None) -> int:
+        previous = {sig: signal.signal(sig, lambda *_: self._stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if on_running is not None:
+                on_running()
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            with self._state_lock:
+                self._state = STOPPED
+            self.close_instances()
+        return 0
+
+    def close_instances(self) -> None:
+        with self._mount_lock:
+            instances, self._instances = self._instances, {}
+        for inst in instances.values():
+            inst.close()
