@@ -1,0 +1,130 @@
+"""The FastAPI application of nydusd's admin API (spec interfaces.md §3): ``create_app(daemon)``.
+
+Owns: application assembly (routers, error handlers, the request middleware) and
+``openapi_document()`` (what ``openapi.yaml`` at the repository root must equal). The middleware
+gives every request an id bound into structlog contextvars, treats every request body as JSON
+whatever its Content-Type (upstream ignores the header; Go's client and ``curl -d`` send none or a
+form type), stamps ``Server: Nydus API`` and logs one canonical ``api_request_handled`` line.
+Must not import: fs/storage/rafs internals (design R1). Thread-safety: the app is shared by the
+server's event loop and its worker threads; it holds no mutable state besides ``app.state``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import DaemonApi
+from api.errors import install_error_handlers
+from api.prometheus import create_registry
+from api.routes import daemon as daemon_routes
+from api.routes import metrics as metrics_routes
+from api.routes import mount as mount_routes
+
+log = structlog.get_logger(__name__)
+
+SERVER_HEADER = (b"server", b"Nydus API")
+JSON_TYPE = (b"content-type", b"application/json")
+DESCRIPTION = ("Admin API of nydusd (Python implementation), served over a unix socket "
+               "(clients use host `unix`). Compatible with upstream nydus API v1/v2; errors are "
+               '`{"code", "message"}` with upstream\'s message texts.')
+
+
+class RequestMiddleware:
+    """Pure ASGI middleware: request id + canonical log line, JSON bodies, ``Server`` header."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"{next(self._ids):x}"
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        # in place: the crash handler (outermost middleware) reads the route from this same scope
+        scope["headers"] = [*headers, JSON_TYPE]
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                kept = [(k, v) for k, v in message.get("headers", []) if k != b"server"]
+                message = {**message, "headers": [*kept, SERVER_HEADER]}
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id, method=scope["method"],
+                                                     path=scope["path"]):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                # explicit fields too: the line must be complete even where contextvars aren't merged
+                log.info("api_request_handled", request_id=request_id, method=scope["method"],
+                         path=scope["path"], query=scope.get("query_string", b"").decode("latin-1"),
+                         status=status, ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def create_app(daemon: DaemonApi) -> FastAPI:
+    """Build the API application around ``daemon`` (kept on ``app.state.daemon``)."""
+    app = FastAPI(title="Nydus API", version="1.0.0", description=DESCRIPTION,
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.daemon = daemon
+    app.state.prometheus_registry = create_registry(daemon)
+    for router in (daemon_routes.router, daemon_routes.config_router, mount_routes.router,
+                   metrics_routes.router, daemon_routes.v2_router, metrics_routes.prometheus_router):
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(RequestMiddleware)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document minus its 422 validation responses: we answer those as 400 ``ErrorMessage``."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                          routes=app.routes)
+        for item in doc["paths"].values():
+            for op in item.values():
+                op["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document of the app (independent of any daemon); ``openapi.yaml`` must equal it."""
+    return create_app(_NoDaemon()).openapi()
+
+
+class _NoDaemon:
+    """Placeholder daemon for building the schema; no route is ever called on it."""
+
+    state = "UNKNOWN"
+
+    def mounts(self) -> dict[str, Any]:
+        return {}
+
+
+def main() -> None:
+    """Print the OpenAPI document as YAML (``python -m api.app > openapi.yaml``)."""
+    import sys
+
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(openapi_document(), sort_keys=False, allow_unicode=True))
+
+
+if __name__ == "__main__":
+    main()
