@@ -1,18 +1,35 @@
-"""Blob and chunk descriptors shared by the format library (rafs), the builder and storage.
+"""Blob and chunk descriptors shared by the format library (rafs), the builder and storage, and
+the blob device that reads file data through the cache.
 
-Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record) and ``BlobInfo``
-(one entry of a bootstrap's blob table, v5 or v6). Later also ``BlobDevice`` (read file ranges across
-chunks through the cache). Must not import rafs, fs or daemon. Value objects are frozen and
-thread-safe.
+Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record), ``BlobInfo``
+(one entry of a bootstrap's blob table, v5 or v6), ``decode_chunk`` (payload -> verified plain
+bytes) and ``BlobDevice`` (read a file range across the file's chunks through a cache manager;
+start background prefetch). Must not import rafs, fs or daemon, nor ``storage.cache`` at import
+time (the cache imports this module; the device receives a manager object).
+
+Threading: value objects are frozen and thread-safe. ``BlobDevice.read`` runs with llfuse's lock
+released and is called concurrently by FUSE workers; it keeps no mutable state of its own beyond
+the per-blob cache handles (filled once under a lock) and the prefetcher (started once under the
+same lock).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from nydusd.compress import Compressor, decompress
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import IntegrityError
+from nydusd.errors import CorruptMetadata, IntegrityError
+from nydusd.log import get_logger
+from nydusd.storage.prefetch import Prefetcher
+
+if TYPE_CHECKING:
+    from nydusd.storage.cache.base import BlobCache, BlobCacheManager
+
+log = get_logger(__name__)
 
 CHUNK_FLAG_COMPRESSED = 0x01
 CHUNK_FLAG_HOLE = 0x02
@@ -91,3 +108,147 @@ def decode_chunk(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo,
         raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
                              offset=chunk.compressed_offset, chunk_index=chunk.index)
     return data
+
+
+def chunk_key(chunk: ChunkInfo) -> int:
+    """Identity of a chunk's payload inside its blob (deduplicated chunks share it)."""
+    return chunk.compressed_offset
+
+
+class BlobDevice:
+    """The blobs of one image, read through one cache manager.
+
+    ``chunk_size`` defaults to the first blob's; RAFS files are cut in fixed-size chunks, so the
+    chunk covering file offset ``o`` is ``chunks[o // chunk_size]``. ``batch_size`` (rafs
+    ``batch_size`` / v1 ``amplify_io``) lets a read pull the following chunks of the same file
+    into the same backend request. ``prefetch_config`` (a ``PrefetchConfig``) configures the
+    workers started by the first ``prefetch`` call.
+
+    Owns the cache manager: ``close`` closes it. The backend belongs to whoever created it.
+    """
+
+    def __init__(self, blobs: Sequence[BlobInfo], cache_manager: BlobCacheManager, *,
+                 chunk_size: int | None = None, batch_size: int | None = None,
+                 prefetch_config: Any = None) -> None:
+        self.blobs = list(blobs)
+        self.cache_manager = cache_manager
+        self.chunk_size = chunk_size or (self.blobs[0].chunk_size if self.blobs else 0)
+        self.batch_size = cache_manager.batch_size if batch_size is None else batch_size
+        self.prefetch_config = prefetch_config
+        self._caches: list[BlobCache | None] = [None] * len(self.blobs)
+        self._lock = threading.Lock()
+        self._prefetcher: Prefetcher | None = None
+
+    # ------------------------------------------------------------------ reads
+    def cache(self, blob_index: int) -> BlobCache:
+        """The cache of blob ``blob_index``. Raises CorruptMetadata for an index past the table."""
+        if not 0 <= blob_index < len(self.blobs):
+            raise CorruptMetadata("chunk refers to a blob the image does not list",
+                                  blob_index=blob_index, blobs=len(self.blobs))
+        cache = self._caches[blob_index]
+        if cache is None:
+            with self._lock:
+                cache = self._caches[blob_index]
+                if cache is None:
+                    cache = self._caches[blob_index] = self.cache_manager.get(self.blobs[blob_index])
+        return cache
+
+    def read(self, chunks: Sequence[ChunkInfo], offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the file whose chunks (in file order) are ``chunks``;
+        shorter at the end of the file, ``b""`` past it.
+
+        Runs with llfuse's lock released (thread-safe). Raises IntegrityError when chunk data
+        fails verification, BackendError/BlobNotFound when it cannot be fetched, CorruptMetadata
+        for chunk records that contradict the image.
+        """
+        csize = self.chunk_size
+        if size <= 0 or offset < 0 or not chunks:
+            return b""
+        if csize <= 0:
+            raise CorruptMetadata("image has chunks but no chunk size")
+        file_end = (len(chunks) - 1) * csize + chunks[-1].uncompressed_size
+        end = min(offset + size, file_end)
+        if offset >= end:
+            return b""
+        first, last = offset // csize, (end - 1) // csize
+        plain = self._fetch(chunks, first, last)
+        parts: list[memoryview] = []
+        for i in range(first, last + 1):
+            chunk = chunks[i]
+            data = plain[(chunk.blob_index, chunk_key(chunk))]
+            lo = offset - i * csize if i == first else 0
+            hi = end - i * csize if i == last else csize
+            if len(data) < hi:
+                raise CorruptMetadata("chunk is shorter than the chunk size", chunk_index=chunk.index,
+                                      blob_index=chunk.blob_index, size=len(data), chunk_size=csize)
+            parts.append(memoryview(data)[lo:hi])
+        return b"".join(parts)
+
+    def _fetch(self, chunks: Sequence[ChunkInfo], first: int, last: int) -> dict[tuple[int, int], bytes]:
+        per_blob: dict[int, list[ChunkInfo]] = {}
+        for chunk in chunks[first:last + 1]:
+            per_blob.setdefault(chunk.blob_index, []).append(chunk)
+        plain: dict[tuple[int, int], bytes] = {}
+        for blob_index, wanted in per_blob.items():
+            got = self.cache(blob_index).read_chunks(
+                wanted, amplify=self._amplify(chunks, last, blob_index))
+            plain.update(((blob_index, key), data) for key, data in got.items())
+        return plain
+
+    def _amplify(self, chunks: Sequence[ChunkInfo], last: int, blob_index: int) -> list[ChunkInfo]:
+        """The file's chunks after ``last`` in the same blob, up to ``batch_size`` bytes."""
+        budget = self.batch_size
+        extra: list[ChunkInfo] = []
+        for chunk in chunks[last + 1:]:
+            if chunk.blob_index != blob_index or chunk.compressed_size > budget:
+                break
+            budget -= chunk.compressed_size
+            extra.append(chunk)
+        return extra
+
+    def is_ready(self, chunk: ChunkInfo) -> bool:
+        """Whether ``chunk`` is in local cache state (no I/O)."""
+        return self.cache(chunk.blob_index).is_ready(chunk)
+
+    # ------------------------------------------------------------------ prefetch
+    def start_prefetch(self, cfg: Any = None) -> Prefetcher:
+        """Start the prefetch workers (idempotent) from ``cfg`` or ``prefetch_config``."""
+        with self._lock:
+            if self._prefetcher is None:
+                manager = self.cache_manager
+                self._prefetcher = Prefetcher.from_config(
+                    cfg if cfg is not None else self.prefetch_config, self.cache,
+                    metrics=manager.metrics_, wait_ondemand_idle=manager.wait_ondemand_idle)
+                self._prefetcher.start()
+            return self._prefetcher
+
+    def prefetch(self, chunks: Iterable[ChunkInfo]) -> int:
+        """Queue chunks for background fetching (starts the workers on first use). Returns the
+        number of backend requests queued."""
+        return self.start_prefetch().submit(chunks)
+
+    def wait_prefetch(self, timeout: float | None = None) -> bool:
+        """Block until queued prefetch work is done. True if idle (or never started)."""
+        prefetcher = self._prefetcher
+        return True if prefetcher is None else prefetcher.wait_idle(timeout)
+
+    def stop_prefetch(self) -> None:
+        """Stop and join the prefetch workers (idempotent)."""
+        with self._lock:
+            prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.stop()
+
+    # ------------------------------------------------------------------ metrics / lifecycle
+    def metrics(self) -> dict[str, Any]:
+        """Blob cache metrics (spec §8.4)."""
+        return self.cache_manager.metrics()
+
+    def backend_metrics(self) -> dict[str, Any]:
+        """Backend metrics (spec §8.3)."""
+        return self.cache_manager.backend_metrics()
+
+    def close(self) -> None:
+        """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""
+        self.stop_prefetch()
+        self.cache_manager.close()

@@ -1,1 +1,63 @@
-"""nydusd.storage.cache package."""
+"""Blob caches: local state between the backend and the blob device (== nydus-storage ``cache``).
+
+Owns: ``create_cache``, the factory from a ``CacheConfig`` (spec interfaces.md §2.2, §2.5).
+Must not import rafs, fs, daemon or any transport.
+
+Public API::
+
+    manager = create_cache(cfg.cache, backend, digest_validate=rafs.validate,
+                           batch_size=rafs.batch_size, id=cfg.id)
+    cache = manager.get(blob_info)                 # BlobCache of one blob
+    cache.read_chunks(chunks) -> {chunk_key: bytes}
+    manager.metrics() -> dict                      # spec §8.4
+    manager.close()                                # the backend stays open
+
+Threading: ``create_cache`` is thread-safe; managers and caches are safe for concurrent use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nydusd.errors import ConfigError, Unsupported
+from nydusd.storage.cache.base import DEFAULT_BATCH_SIZE, BlobCache, BlobCacheManager, BlobReader, chunk_key
+from nydusd.storage.cache.blobcache import FileCacheManager
+from nydusd.storage.cache.dummy import DummyCacheManager
+
+__all__ = ["BlobCache", "BlobCacheManager", "chunk_key", "create_cache"]
+
+_FILE_TYPES = ("blobcache", "filecache")
+_DUMMY_TYPES = ("", "dummycache")
+
+
+def create_cache(cfg: Any, backend: BlobReader, *, digest_validate: bool = False,
+                 batch_size: int = DEFAULT_BATCH_SIZE, id: str = "") -> BlobCacheManager:
+    """Build the cache manager described by ``cfg`` (a ``CacheConfig``) over ``backend``.
+
+    ``digest_validate`` (rafs ``validate``) verifies every chunk fetched from the backend;
+    ``cache.validate`` additionally re-verifies chunks read back from the cache files.
+    ``batch_size`` (rafs ``batch_size`` / v1 ``amplify_io``) bounds one merged backend request.
+    Raises ConfigError for an unknown type or unusable work_dir, Unsupported for fscache and
+    encrypted caches.
+    """
+    type_ = getattr(cfg, "type", "") or ""
+    validate = bool(getattr(cfg, "validate", False))
+    common: dict[str, Any] = {"id": id, "batch_size": batch_size,
+                              "verify_fetched": digest_validate or validate,
+                              "verify_cached": validate}
+    if type_ in _DUMMY_TYPES:
+        return DummyCacheManager(backend, **common)
+    if type_ in _FILE_TYPES:
+        sub = getattr(cfg, "filecache", None)
+        if sub is not None and getattr(sub, "enable_encryption", False):
+            raise Unsupported("encrypted blob caches are not supported",
+                              field="cache.filecache.enable_encryption")
+        work_dir = getattr(cfg, "work_dir", "") or (getattr(sub, "work_dir", "") if sub else "") or "."
+        indexed = not bool(getattr(sub, "disable_indexed_map", False))
+        compressed = bool(getattr(cfg, "compressed", False))
+        return FileCacheManager(backend, work_dir=work_dir, compressed=compressed, indexed=indexed, **common)
+    if type_ == "fscache":
+        raise Unsupported("the fscache cache needs the kernel EROFS-over-fscache path, which this nydusd "
+                          "does not serve", field="cache.type")
+    raise ConfigError(f"unknown cache type {type_!r} (expected blobcache, filecache, fscache or dummycache)",
+                      field="cache.type")

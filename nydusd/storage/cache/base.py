@@ -1,0 +1,376 @@
+"""The blob cache interface and the fetch path every cache shares (design R7).
+
+Owns: ``BlobCache`` -- one blob's cache: ``read_chunks`` (on-demand: cached chunks from local
+state, missing ones fetched through singleflight, adjacent misses merged into one ranged backend
+read, fetched payloads decoded and verified, refetched once on a mismatch), ``missing`` and
+``prefetch_chunks`` (background fill that never waits for other fetches) -- and
+``BlobCacheManager``, which owns one ``BlobCache`` per blob, the blob-cache metrics (spec §8.4) and
+the on-demand activity gate that lets prefetch workers step aside. Subclasses (``dummy``,
+``blobcache``) supply only local state: ``is_ready``, ``_load`` and ``_persist``.
+
+Must not import rafs, fs, daemon or any transport: the backend is any object with
+``read(blob_id, offset, size, *, prefetch)`` and ``metrics()`` (a ``BlobBackend``).
+
+Threading: all methods may be called concurrently from FUSE workers (llfuse lock released) and
+prefetch threads. No lock is held across backend I/O: chunk fetches are coordinated per chunk by
+``SingleFlight`` (claim -> fetch -> persist -> mark ready -> resolve); local files use
+``pread``/``pwrite`` at fixed offsets; the manager's locks guard only its dict and counters.
+A chunk key is the chunk's ``compressed_offset`` (unique inside a blob; deduplicated chunks share it).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nydusd.errors import BackendError, IntegrityError, NydusError, Unsupported
+from nydusd.log import get_logger
+from nydusd.metrics import BlobcacheMetrics
+from nydusd.storage.cache.singleflight import SingleFlight
+from nydusd.storage.device import (
+    CHUNK_FLAG_BATCH,
+    CHUNK_FLAG_ENCRYPTED,
+    BlobInfo,
+    ChunkInfo,
+    chunk_key,
+    decode_chunk,
+)
+
+log = get_logger(__name__)
+
+DEFAULT_BATCH_SIZE = 1 << 20
+_MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
+
+
+class BlobReader(Protocol):
+    """What the cache needs of a backend (``nydusd.storage.backend.base.BlobBackend`` fits)."""
+
+    def read(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> bytes: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Fetched:
+    """One fetched chunk: its stored payload and its verified plain bytes."""
+
+    chunk: ChunkInfo
+    payload: memoryview
+    plain: bytes
+
+
+class BlobCache(ABC):
+    """The cache of one blob. See the module docstring for the fetch protocol."""
+
+    def __init__(self, blob: BlobInfo, manager: BlobCacheManager) -> None:
+        self.blob = blob
+        self.manager = manager
+        self.backend = manager.backend
+        self._flights: SingleFlight[int] = SingleFlight()
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def is_ready(self, chunk: ChunkInfo) -> bool:
+        """Whether the chunk's bytes are in local state (cheap, non-blocking)."""
+
+    @abstractmethod
+    def _load(self, chunk: ChunkInfo) -> bytes | None:
+        """Plain bytes of a ready chunk from local state; ``None`` if unusable (short, corrupt)."""
+
+    @abstractmethod
+    def _persist(self, items: Sequence[Fetched]) -> None:
+        """Store fetched chunks durably, then mark them ready. May raise OSError."""
+
+    def all_ready(self) -> bool:
+        """Whether every chunk of the blob is in local state (never, without local state)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional hook; caches without local state keep nothing
+        """Release local resources. Idempotent."""
+
+    # ------------------------------------------------------------------ on-demand path
+    def read_chunks(self, chunks: Iterable[ChunkInfo], *,
+                    amplify: Sequence[ChunkInfo] = ()) -> dict[int, bytes]:
+        """Verified plain bytes of ``chunks``, keyed by ``chunk_key``.
+
+        ``amplify``: further chunks (in file order) worth fetching in the same backend request
+        when they directly follow a missing chunk (user I/O amplification, ``batch_size``).
+        Raises IntegrityError when a chunk fails verification twice, BackendError/BlobNotFound
+        when the backend fails, Unsupported for chunk kinds this cache cannot serve.
+        """
+        want = _unique(chunks)
+        out: dict[int, bytes] = {}
+        force: set[int] = set()
+        for key, chunk in want.items():
+            if self.is_ready(chunk):
+                data = self._load(chunk)
+                if data is None:
+                    force.add(key)
+                else:
+                    out[key] = data
+        hits = len(out)
+        missing = {k: c for k, c in want.items() if k not in out}
+        if missing:
+            with self.manager.ondemand():
+                self._fetch_missing(missing, force, amplify, out)
+        self.manager.metrics_.record_read(len(want), hits)
+        return out
+
+    def _fetch_missing(self, missing: dict[int, ChunkInfo], force: set[int],
+                       amplify: Sequence[ChunkInfo], out: dict[int, bytes]) -> None:
+        for _ in range(_MAX_ROUNDS):
+            claim = self._flights.claim(
+                missing, is_ready=lambda k, m=missing: k not in force and self.is_ready(m[k]))
+            if claim.owned:
+                owned = [missing[k] for k in claim.owned]
+                extra = self._claim_amplify(owned, amplify)
+                fetched = self._fetch_owned(owned + extra, prefetch=False)
+                out.update((k, fetched[k]) for k in claim.owned)
+            for key in claim.ready:
+                data = self._load(missing[key])
+                if data is None:
+                    force.add(key)
+                else:
+                    out[key] = data
+            for key, flight in claim.waiting.items():
+                try:
+                    data = flight.wait()
+                except NydusError:
+                    if not flight.prefetch:
+                        raise
+                    data = None  # a failed prefetch must not fail a read: fetch it ourselves
+                if data is not None:
+                    out[key] = data
+            missing = {k: c for k, c in missing.items() if k not in out}
+            if not missing:
+                return
+        raise BackendError("chunk fetch did not settle", blob_id=self.blob.blob_id,
+                           chunks=len(missing))
+
+    def _claim_amplify(self, owned: list[ChunkInfo], amplify: Sequence[ChunkInfo]) -> list[ChunkInfo]:
+        """Claim chunks of ``amplify`` that extend the last missing run without a gap."""
+        limit = self.manager.batch_size
+        if not amplify or limit <= 0:
+            return []
+        ordered = sorted(owned, key=chunk_key)
+        start = ordered[-1].compressed_offset
+        end = start + ordered[-1].compressed_size
+        for prev in reversed(ordered[:-1]):
+            if prev.compressed_offset + prev.compressed_size != start:
+                break
+            start = prev.compressed_offset
+        extra: list[ChunkInfo] = []
+        owned_keys = {chunk_key(c) for c in owned}
+        for chunk in amplify:
+            if chunk_key(chunk) in owned_keys:
+                continue
+            if chunk.compressed_offset != end or end + chunk.compressed_size - start > limit:
+                break
+            if not self._flights.try_claim(chunk_key(chunk), is_ready=lambda _k, c=chunk: self.is_ready(c)):
+                break
+            extra.append(chunk)
+            end += chunk.compressed_size
+        return extra
+
+    # ------------------------------------------------------------------ prefetch path
+    def missing(self, chunks: Iterable[ChunkInfo]) -> list[ChunkInfo]:
+        """The chunks of ``chunks`` (deduplicated) not yet in local state."""
+        return [c for c in _unique(chunks).values() if not self.is_ready(c)]
+
+    def prefetch_chunks(self, chunks: Iterable[ChunkInfo]) -> tuple[int, int]:
+        """Fetch the missing ones of ``chunks`` into local state; skips chunks someone else is
+        already fetching. Returns ``(chunks fetched, payload bytes fetched)``. Raises like
+        ``read_chunks`` (the prefetcher logs and drops such failures)."""
+        owned = [c for c in self.missing(chunks)
+                 if self._flights.try_claim(chunk_key(c), is_ready=lambda _k, c=c: self.is_ready(c),
+                                            prefetch=True)]
+        if not owned:
+            return 0, 0
+        self._fetch_owned(owned, prefetch=True)
+        return len(owned), sum(c.compressed_size for c in owned)
+
+    # ------------------------------------------------------------------ shared fetch
+    def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool) -> dict[int, bytes]:
+        """Fetch chunks this caller leads; every flight is resolved or failed before returning."""
+        result: dict[int, bytes] = {}
+        pending = {chunk_key(c) for c in chunks}
+        try:
+            for group in self._plan(chunks):
+                fetched, failed = self._fetch_group(group, prefetch)
+                self._store(fetched)
+                for item in fetched:
+                    key = chunk_key(item.chunk)
+                    result[key] = item.plain
+                    self._flights.resolve(key, item.plain)
+                    pending.discard(key)
+                if failed:
+                    raise failed
+        except BaseException as exc:
+            err = exc if isinstance(exc, NydusError) else BackendError(f"chunk fetch failed: {exc}")
+            for key in pending:
+                self._flights.fail(key, err)
+            pending.clear()
+            if err is exc:
+                raise
+            raise err from exc
+        return result
+
+    def _plan(self, chunks: list[ChunkInfo]) -> list[list[ChunkInfo]]:
+        """Group chunks into runs that are adjacent in the blob and fit the merge limit."""
+        limit = self.manager.batch_size
+        groups: list[list[ChunkInfo]] = []
+        for chunk in sorted(chunks, key=chunk_key):
+            if chunk.flags & (CHUNK_FLAG_BATCH | CHUNK_FLAG_ENCRYPTED):
+                raise Unsupported("batch and encrypted chunks are not supported",
+                                  blob_id=self.blob.blob_id, chunk_index=chunk.index)
+            if groups:
+                group = groups[-1]
+                prev = group[-1]
+                end = prev.compressed_offset + prev.compressed_size
+                span = chunk.compressed_offset + chunk.compressed_size - group[0].compressed_offset
+                if chunk.compressed_offset == end and span <= limit:
+                    group.append(chunk)
+                    continue
+            groups.append([chunk])
+        return groups
+
+    def _fetch_group(self, group: list[ChunkInfo], prefetch: bool) -> tuple[list[Fetched], NydusError | None]:
+        start = group[0].compressed_offset
+        last = group[-1]
+        data = memoryview(self._backend_read(start, last.compressed_offset + last.compressed_size - start,
+                                             prefetch))
+        verify = self.manager.verify_fetched
+        fetched: list[Fetched] = []
+        failed: NydusError | None = None
+        for chunk in group:
+            payload = data[chunk.compressed_offset - start:][:chunk.compressed_size]
+            try:
+                plain = decode_chunk(payload, chunk, self.blob, verify)
+            except IntegrityError as exc:
+                log.warning("chunk_refetched", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                            offset=chunk.compressed_offset, cause=str(exc))
+                try:
+                    payload = memoryview(self._backend_read(chunk.compressed_offset, chunk.compressed_size,
+                                                            prefetch))
+                    plain = decode_chunk(payload, chunk, self.blob, verify)
+                except NydusError as again:
+                    log.error("chunk_corrupted", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                              offset=chunk.compressed_offset, cause=str(again))
+                    failed = failed or again
+                    continue
+            fetched.append(Fetched(chunk, payload, plain))
+        return fetched, failed
+
+    def _backend_read(self, offset: int, size: int, prefetch: bool) -> bytes:
+        try:
+            data = self.backend.read(self.blob.blob_id, offset, size, prefetch=prefetch)
+        except NydusError:
+            raise
+        except OSError as exc:
+            raise BackendError(f"backend read failed: {exc}", blob_id=self.blob.blob_id,
+                               offset=offset, size=size) from exc
+        if len(data) != size:
+            raise BackendError("backend returned a short chunk range", blob_id=self.blob.blob_id,
+                               offset=offset, size=size, got=len(data))
+        return data
+
+    def _store(self, items: list[Fetched]) -> None:
+        if not items:
+            return
+        try:
+            self._persist(items)
+        except OSError as exc:
+            # The data is good; only caching it failed (disk full ...). Serve it anyway.
+            log.warning("cache_write_failed", blob_id=self.blob.blob_id, cause=str(exc))
+
+
+def _unique(chunks: Iterable[ChunkInfo]) -> dict[int, ChunkInfo]:
+    out: dict[int, ChunkInfo] = {}
+    for chunk in chunks:
+        out.setdefault(chunk_key(chunk), chunk)
+    return out
+
+
+class BlobCacheManager(ABC):
+    """Owns the per-blob caches of one backend + cache config, and their metrics.
+
+    Not owned: the backend (its creator closes it).
+    """
+
+    #: the config's ``cache.type`` this manager serves
+    type: str = ""
+
+    def __init__(self, backend: BlobReader, *, id: str = "", work_dir: str = "",
+                 verify_fetched: bool = False, verify_cached: bool = False,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        self.backend = backend
+        self.work_dir = work_dir
+        self.verify_fetched = verify_fetched
+        self.verify_cached = verify_cached
+        self.batch_size = batch_size
+        self.metrics_ = BlobcacheMetrics(id, work_dir)
+        self._lock = threading.Lock()
+        self._caches: dict[str, BlobCache] = {}
+        self._closed = False
+        self._active = 0
+        self._idle = threading.Condition()
+
+    @abstractmethod
+    def _open(self, blob: BlobInfo) -> BlobCache:
+        """Create the cache of one blob."""
+
+    def get(self, blob: BlobInfo) -> BlobCache:
+        """The cache of ``blob`` (created on first use). Raises NotReady after ``close``."""
+        with self._lock:
+            if self._closed:
+                raise BackendError("blob cache is closed", blob_id=blob.blob_id)
+            cache = self._caches.get(blob.blob_id)
+            if cache is None:
+                cache = self._caches[blob.blob_id] = self._open(blob)
+            return cache
+
+    def ondemand(self) -> _OnDemand:
+        """Context manager marking an on-demand fetch in progress (prefetch steps aside)."""
+        return _OnDemand(self)
+
+    def wait_ondemand_idle(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds while on-demand fetches are running. True if idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def metrics(self) -> dict[str, Any]:
+        """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
+        with self._lock:
+            caches = list(self._caches.values())
+        self.metrics_.set_data_all_ready(bool(caches) and all(c.all_ready() for c in caches))
+        return self.metrics_.snapshot()
+
+    def backend_metrics(self) -> dict[str, Any]:
+        return self.backend.metrics()
+
+    def close(self) -> None:
+        """Close every blob cache. Idempotent; the backend stays open."""
+        with self._lock:
+            self._closed = True
+            caches = list(self._caches.values())
+            self._caches.clear()
+        for cache in caches:
+            cache.close()
+
+
+class _OnDemand:
+    def __init__(self, manager: BlobCacheManager) -> None:
+        self.manager = manager
+
+    def __enter__(self) -> None:
+        with self.manager._idle:
+            self.manager._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.manager._idle:
+            self.manager._active -= 1
+            if self.manager._active == 0:
+                self.manager._idle.notify_all()

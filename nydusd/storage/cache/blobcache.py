@@ -1,0 +1,161 @@
+"""The file cache (config ``cache.type`` ``blobcache``, v2 ``filecache``): blob data kept in local
+files under ``work_dir``, upstream's layout (spec interfaces.md §2.8, rafs-format.md §4.7).
+
+Owns: ``FileCache`` (one blob) and ``FileCacheManager``. Per blob id:
+
+- default: ``<id>.blob.data`` holds *uncompressed* chunk data at each chunk's
+  ``uncompressed_offset`` (sparse file), readiness in ``<id>.blob.data.chunk_map``;
+- ``cache.compressed``: ``<id>`` holds the *stored* (compressed) payloads at their
+  ``compressed_offset``, readiness in ``<id>.chunk_map`` (upstream's raw-data naming).
+
+Write protocol (crash safety): ``pwrite`` the chunk bytes, ``fdatasync`` the data file, and only
+then set the chunk's bit in the chunk map. On open only set bits are trusted; if the data file
+vanished while its chunk map survived, the map is reset. With ``validate`` every chunk read from
+the data file is verified again and refetched from the backend on a mismatch.
+
+Must not import rafs, fs, daemon or any transport.
+
+Threading: ``os.pread``/``os.pwrite`` at fixed offsets need no shared position, so reads and writes
+run concurrently without a lock; chunk maps carry their own lock; fetch coordination is in
+``base``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from nydusd.errors import ConfigError, IntegrityError, InvalidArgument
+from nydusd.log import get_logger
+from nydusd.storage.cache.base import BlobCache, BlobCacheManager, BlobReader, Fetched, chunk_key
+from nydusd.storage.cache.chunkmap import IndexedChunkMap, MemoryChunkMap
+from nydusd.storage.device import BlobInfo, ChunkInfo, decode_chunk
+
+log = get_logger(__name__)
+
+
+def _check_blob_id(blob_id: str) -> None:
+    if not blob_id or "/" in blob_id or "\0" in blob_id or blob_id in (".", ".."):
+        raise InvalidArgument("blob id cannot name a cache file", blob_id=blob_id)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class FileCache(BlobCache):
+    """Cache of one blob in a local data file plus chunk map (see module docstring)."""
+
+    def __init__(self, blob: BlobInfo, manager: FileCacheManager) -> None:
+        super().__init__(blob, manager)
+        _check_blob_id(blob.blob_id)
+        self.compressed = manager.compressed
+        self.verify_cached = manager.verify_cached
+        base = os.path.join(manager.work_dir, blob.blob_id)
+        self.data_path = base if self.compressed else base + ".blob.data"
+        self.map_path = self.data_path + ".chunk_map"
+        existed = os.path.exists(self.data_path)
+        self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = blob.compressed_size if self.compressed else blob.uncompressed_size
+            if size > os.fstat(self._fd).st_size:
+                os.ftruncate(self._fd, size)
+            use_map = manager.indexed and blob.chunk_count > 0
+            self._map = IndexedChunkMap(self.map_path, blob.chunk_count) if use_map else None
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if self._map is not None and not existed and self._map.ready_count:
+            log.warning("cache_data_missing", path=self.data_path, ready_chunks=self._map.ready_count)
+            self._map.reset()
+        self._mem = MemoryChunkMap()
+        manager.metrics_.add_underlying_file(self.data_path)
+        if self._map is not None:
+            manager.metrics_.add_underlying_file(self.map_path)
+            manager.metrics_.add_entries(self._map.ready_count)
+
+    def _indexed(self, chunk: ChunkInfo) -> bool:
+        # 2020-era v5 images record index 0 for every chunk; an index 0 away from the blob start
+        # is therefore not trusted for the persistent map (the chunk is tracked in memory).
+        return (self._map is not None and self._map.valid_index(chunk.index)
+                and (chunk.index != 0 or chunk.compressed_offset == 0))
+
+    def is_ready(self, chunk: ChunkInfo) -> bool:
+        if self._indexed(chunk):
+            assert self._map is not None
+            return self._map.is_ready(chunk.index)
+        return self._mem.is_ready(chunk_key(chunk))
+
+    def all_ready(self) -> bool:
+        return self._map is not None and self._map.all_ready()
+
+    def _load(self, chunk: ChunkInfo) -> bytes | None:
+        offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
+                        else (chunk.uncompressed_offset, chunk.uncompressed_size))
+        try:
+            data = os.pread(self._fd, size, offset)
+        except OSError as exc:
+            log.warning("cached_chunk_unreadable", path=self.data_path, offset=offset, cause=str(exc))
+            return None
+        if len(data) != size:
+            return None
+        try:
+            if self.compressed:
+                return decode_chunk(data, chunk, self.blob, self.verify_cached)
+            if self.verify_cached and self.blob.digester.hash(data) != chunk.digest:
+                raise IntegrityError("cached chunk digest mismatch")
+        except IntegrityError as exc:
+            log.warning("cached_chunk_corrupted", path=self.data_path, chunk_index=chunk.index,
+                        offset=offset, cause=str(exc))
+            return None
+        return data
+
+    def _persist(self, items: Sequence[Fetched]) -> None:
+        for item in items:
+            chunk = item.chunk
+            if self.compressed:
+                _pwrite_all(self._fd, item.payload, chunk.compressed_offset)
+            else:
+                _pwrite_all(self._fd, item.plain, chunk.uncompressed_offset)
+        # Durable first, ready second: a crash never leaves a set bit over missing bytes.
+        os.fdatasync(self._fd)
+        indexed = [it.chunk.index for it in items if self._indexed(it.chunk)]
+        others = [chunk_key(it.chunk) for it in items if not self._indexed(it.chunk)]
+        new = self._mem.set_ready(others)
+        if indexed:
+            assert self._map is not None
+            new += self._map.set_ready(indexed)
+        self.manager.metrics_.add_entries(new)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if self._map is not None:
+            self._map.close()
+        self._mem.close()
+        os.close(self._fd)
+        self._fd = -1
+
+
+class FileCacheManager(BlobCacheManager):
+    """File caches of the blobs of one backend under ``work_dir`` (created if missing)."""
+
+    type = "blobcache"
+
+    def __init__(self, backend: BlobReader, *, work_dir: str, compressed: bool = False,
+                 indexed: bool = True, **kw: object) -> None:
+        try:
+            os.makedirs(work_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create cache work_dir {work_dir!r}: {exc.strerror}",
+                              field="cache.filecache.work_dir") from None
+        super().__init__(backend, work_dir=os.path.abspath(work_dir), **kw)  # type: ignore[arg-type]
+        self.compressed = compressed
+        self.indexed = indexed
+
+    def _open(self, blob: BlobInfo) -> BlobCache:
+        return FileCache(blob, self)

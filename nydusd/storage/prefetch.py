@@ -1,0 +1,221 @@
+"""Background prefetch: worker threads that fill blob caches ahead of on-demand reads.
+
+Owns: ``Prefetcher`` (a queue of chunk runs served by ``threads`` workers) and ``TokenBucket``
+(``bandwidth_limit`` in bytes per second). The daemon maps the image's prefetch-table files (or,
+with ``prefetch_all``, every file) to chunks and calls ``submit``; runs of chunks adjacent in
+their blob are merged up to ``batch_size`` bytes per backend request.
+
+Priority rules (on-demand reads always go first):
+- a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
+  reader waiting for that chunk;
+- before each request a worker steps aside while on-demand fetches are running (bounded wait);
+- a prefetch fetch holds no lock an on-demand read needs; a reader that wants a chunk being
+  prefetched joins that fetch through the cache's singleflight table, and retries on its own if
+  the prefetch fails.
+
+Must not import rafs, fs, daemon or any transport; caches are reached through the
+``cache_of(blob_index)`` callable given by the blob device.
+
+Threading: ``submit``, ``wait_idle`` and ``stop`` may be called from any thread. One condition
+variable guards the queue and the pending count; workers hold it only to take a request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from nydusd.errors import NydusError
+from nydusd.log import get_logger
+from nydusd.metrics import BlobcacheMetrics
+
+if TYPE_CHECKING:
+    from nydusd.storage.cache.base import BlobCache
+    from nydusd.storage.device import ChunkInfo
+
+log = get_logger(__name__)
+
+DEFAULT_THREADS = 8
+DEFAULT_BATCH_SIZE = 1 << 20
+#: longest a worker defers to running on-demand fetches before issuing its next request anyway
+ONDEMAND_YIELD_SECONDS = 0.5
+
+
+class TokenBucket:
+    """Byte-rate limiter: ``consume(n)`` blocks until ``n`` bytes fit ``rate`` bytes/second.
+
+    The bucket holds up to one second of tokens; a request larger than that runs the balance
+    negative and the *next* caller waits it off, so the long-run rate stays at ``rate``.
+    Thread-safe; the lock is never held while sleeping.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, n: int, stop: threading.Event | None = None) -> bool:
+        """Take ``n`` tokens, sleeping as needed. Returns False if ``stop`` was set meanwhile."""
+        if self.rate <= 0:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            wait = max(0.0, -self._tokens) / self.rate
+            self._tokens -= n
+        if wait <= 0:
+            return True
+        if stop is None:
+            time.sleep(wait)
+            return True
+        return not stop.wait(wait)
+
+
+class Prefetcher:
+    """Worker pool prefetching chunk runs into blob caches (see module docstring)."""
+
+    def __init__(self, cache_of: Callable[[int], BlobCache], *, threads: int = DEFAULT_THREADS,
+                 batch_size: int = DEFAULT_BATCH_SIZE, bandwidth_limit: int = 0,
+                 metrics: BlobcacheMetrics | None = None,
+                 wait_ondemand_idle: Callable[[float], bool] | None = None) -> None:
+        self.cache_of = cache_of
+        self.threads = max(1, threads)
+        self.batch_size = max(0, batch_size)
+        self.bucket = TokenBucket(bandwidth_limit)
+        self.metrics = metrics or BlobcacheMetrics()
+        self._wait_ondemand_idle = wait_ondemand_idle
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[int, list[ChunkInfo]]] = deque()
+        self._pending = 0  # queued + running requests
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self.errors = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, cache_of: Callable[[int], BlobCache], **kw: Any) -> Prefetcher:
+        """From a ``PrefetchConfig`` (``threads``, ``batch_size``, ``bandwidth_limit``)."""
+        return cls(cache_of, threads=int(getattr(cfg, "threads", DEFAULT_THREADS) or DEFAULT_THREADS),
+                   batch_size=int(getattr(cfg, "batch_size", DEFAULT_BATCH_SIZE)),
+                   bandwidth_limit=int(getattr(cfg, "bandwidth_limit", 0) or 0), **kw)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the workers (idempotent)."""
+        with self._cond:
+            if self._workers or self._stop.is_set():
+                return
+            for n in range(self.threads):
+                worker = threading.Thread(target=self._run, name=f"nydus-prefetch-{n}", daemon=True)
+                self._workers.append(worker)
+            self.metrics.set_prefetch_workers(self.threads)
+        for worker in self._workers:
+            worker.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Drop queued work, stop the workers and join them (running requests finish first)."""
+        self._stop.set()
+        with self._cond:
+            self._pending -= len(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join(timeout)
+        alive = [w.name for w in self._workers if w.is_alive()]
+        if alive:
+            log.warning("prefetch_workers_stuck", workers=alive)
+        self.metrics.set_prefetch_workers(0)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._workers) and not self._stop.is_set()
+
+    # ------------------------------------------------------------------ work
+    def submit(self, chunks: Iterable[ChunkInfo]) -> int:
+        """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued."""
+        runs = self._split(chunks)
+        if not runs or self._stop.is_set():
+            return 0
+        self.metrics.prefetch_started()
+        with self._cond:
+            self._queue.extend(runs)
+            self._pending += len(runs)
+            self._cond.notify_all()
+        return len(runs)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every queued request is done. True if idle, False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending <= 0, timeout)
+
+    def _split(self, chunks: Iterable[ChunkInfo]) -> list[tuple[int, list[ChunkInfo]]]:
+        """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= batch_size."""
+        per_blob: dict[int, dict[int, ChunkInfo]] = {}
+        for chunk in chunks:
+            per_blob.setdefault(chunk.blob_index, {}).setdefault(chunk.compressed_offset, chunk)
+        runs: list[tuple[int, list[ChunkInfo]]] = []
+        for blob_index, by_offset in per_blob.items():
+            run: list[ChunkInfo] = []
+            for chunk in sorted(by_offset.values(), key=lambda c: c.compressed_offset):
+                if run:
+                    end = run[-1].compressed_offset + run[-1].compressed_size
+                    span = chunk.compressed_offset + chunk.compressed_size - run[0].compressed_offset
+                    if chunk.compressed_offset != end or span > self.batch_size:
+                        runs.append((blob_index, run))
+                        run = []
+                run.append(chunk)
+            if run:
+                runs.append((blob_index, run))
+        return runs
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                blob_index, run = self._queue.popleft()
+            try:
+                self._serve(blob_index, run)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    if self._pending <= 0:
+                        self.metrics.prefetch_finished()
+                    self._cond.notify_all()
+
+    def _serve(self, blob_index: int, run: list[ChunkInfo]) -> None:
+        start = time.monotonic()
+        try:
+            cache = self.cache_of(blob_index)
+            missing = cache.missing(run)
+            if not missing:
+                return
+            self._yield_to_ondemand()
+            # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
+            if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
+                return
+            chunks, nbytes = cache.prefetch_chunks(missing)
+        except NydusError as exc:
+            self.errors += 1
+            log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))
+            return
+        except Exception:
+            self.errors += 1
+            log.exception("prefetch_crashed", blob_index=blob_index, chunks=len(run))
+            return
+        if chunks:
+            self.metrics.record_prefetch(requests=1, chunks=chunks, nbytes=nbytes,
+                                         elapsed_s=time.monotonic() - start)
+
+    def _yield_to_ondemand(self) -> None:
+        if self._wait_ondemand_idle is None:
+            return
+        deadline = time.monotonic() + ONDEMAND_YIELD_SECONDS
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if self._wait_ondemand_idle(0.02):
+                return

@@ -1,0 +1,175 @@
+"""BlobDevice: file ranges across chunks through the dummy and file caches (pure tier)."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from nydusd.compress import Compressor
+from nydusd.config import CacheConfig, FileCacheConfig
+from nydusd.digest import DigestAlgorithm
+from nydusd.errors import CorruptMetadata
+from nydusd.storage.cache import create_cache
+from nydusd.storage.device import BlobDevice, ChunkInfo
+from tests.fakes.backends import MemoryBackend
+from tests.fakes.blobs import TestBlob, build_blob, mixed_content
+
+CHUNK = 0x10000
+
+
+def file_cache(work_dir: Path, **kw: object) -> CacheConfig:
+    return CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(work_dir)), **kw)
+
+
+@pytest.fixture(params=["dummy", "blobcache", "blobcache-compressed"])
+def cache_cfg(request: pytest.FixtureRequest, tmp_path: Path) -> CacheConfig:
+    if request.param == "dummy":
+        return CacheConfig()
+    return file_cache(tmp_path / "cache", compressed=request.param.endswith("compressed"))
+
+
+def make_device(blob: TestBlob, cfg: CacheConfig, **kw: object) -> tuple[BlobDevice, MemoryBackend]:
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    manager = create_cache(cfg, backend, **kw)  # type: ignore[arg-type]
+    return BlobDevice([blob.info], manager), backend
+
+
+@pytest.mark.parametrize("compressor", [Compressor.ZSTD, Compressor.LZ4_BLOCK, Compressor.NONE])
+def test_reads_across_chunk_boundaries_match_the_file(compressor: Compressor, cache_cfg: CacheConfig) -> None:
+    contents = [mixed_content(5 * CHUNK + 1234, seed=1), os.urandom(3 * CHUNK), b"small file", b""]
+    blob = build_blob(contents, chunk_size=CHUNK, compressor=compressor)
+    flags = {c.is_compressed for f in blob.files for c in f}
+    assert flags == ({True, False} if compressor is not Compressor.NONE else {False})
+    device, _ = make_device(blob, cache_cfg, digest_validate=True)
+    rng = random.Random(7)
+    try:
+        for chunks, content in zip(blob.files, blob.contents, strict=True):
+            assert device.read(chunks, 0, len(content) + 100) == content
+            for _ in range(30):
+                off = rng.randrange(0, len(content) + 10)
+                size = rng.choice([1, 100, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 10 * CHUNK])
+                assert device.read(chunks, off, size) == content[off:off + size]
+            # exact boundaries
+            for off in range(CHUNK, len(content), CHUNK):
+                assert device.read(chunks, off - 1, 2) == content[off - 1:off + 1]
+    finally:
+        device.close()
+
+
+def test_deduplicated_chunks_are_stored_and_fetched_once(tmp_path: Path) -> None:
+    block = mixed_content(CHUNK, seed=3)
+    other = os.urandom(CHUNK)
+    # file 0 repeats one chunk four times; file 1 shares it with file 0
+    contents = [block * 4, other + block]
+    blob = build_blob(contents, chunk_size=CHUNK)
+    assert blob.info.chunk_count == 2
+    assert len({c.compressed_offset for c in blob.files[0]}) == 1
+    device, backend = make_device(blob, file_cache(tmp_path))
+    try:
+        assert device.read(blob.files[0], 0, 4 * CHUNK) == contents[0]
+        assert backend.read_count == 1
+        assert device.read(blob.files[1], 0, 2 * CHUNK) == contents[1]
+        assert backend.bytes_read == len(blob.data)
+    finally:
+        device.close()
+
+
+def test_sha256_digester_and_short_last_chunk(tmp_path: Path) -> None:
+    contents = [mixed_content(2 * CHUNK + 17, seed=5)]
+    blob = build_blob(contents, chunk_size=CHUNK, digester=DigestAlgorithm.SHA256)
+    device, _ = make_device(blob, file_cache(tmp_path, validate=True), digest_validate=True)
+    try:
+        assert device.read(blob.files[0], 2 * CHUNK, 100) == contents[0][2 * CHUNK:]
+        assert device.read(blob.files[0], 2 * CHUNK + 17, 100) == b""
+        assert device.read(blob.files[0], 10 * CHUNK, 100) == b""
+        assert device.read(blob.files[0], 0, 0) == b""
+    finally:
+        device.close()
+
+
+def test_amplification_pulls_following_chunks_into_one_request(tmp_path: Path) -> None:
+    content = os.urandom(8 * CHUNK)  # raw chunks: compressed size == CHUNK
+    blob = build_blob([content], chunk_size=CHUNK)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    manager = create_cache(file_cache(tmp_path), backend, batch_size=4 * CHUNK)
+    device = BlobDevice([blob.info], manager)
+    try:
+        assert device.read(blob.files[0], 10, 100) == content[10:110]
+        assert backend.requests == [(blob.blob_id, 0, 4 * CHUNK, False)]
+        assert device.read(blob.files[0], 3 * CHUNK, 100) == content[3 * CHUNK:3 * CHUNK + 100]
+        assert backend.read_count == 1  # chunk 3 came with the first request
+        assert device.read(blob.files[0], 4 * CHUNK, 10) == content[4 * CHUNK:4 * CHUNK + 10]
+        assert backend.requests[1] == (blob.blob_id, 4 * CHUNK, 4 * CHUNK, False)
+    finally:
+        device.close()
+
+
+def test_no_amplification_with_batch_size_zero(tmp_path: Path) -> None:
+    content = os.urandom(4 * CHUNK)
+    blob = build_blob([content], chunk_size=CHUNK)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = BlobDevice([blob.info], create_cache(file_cache(tmp_path), backend, batch_size=0))
+    try:
+        assert device.read(blob.files[0], 0, 10) == content[:10]
+        assert backend.requests == [(blob.blob_id, 0, CHUNK, False)]
+    finally:
+        device.close()
+
+
+def test_multi_blob_file_reads_each_blob_from_its_backend_object(tmp_path: Path) -> None:
+    a = build_blob([mixed_content(2 * CHUNK, seed=11)], chunk_size=CHUNK, blob_index=0)
+    b = build_blob([mixed_content(2 * CHUNK, seed=12)], chunk_size=CHUNK, blob_index=1,
+                   compressor=Compressor.LZ4_BLOCK)
+    # a file made of chunk 0 of blob a, then chunk 1 of blob b (dedup across layers)
+    chunks = [a.files[0][0], ChunkInfo(**{**{n: getattr(b.files[0][1], n) for n in ChunkInfo.__slots__},
+                                          "file_offset": CHUNK})]
+    expected = a.contents[0][:CHUNK] + b.contents[0][CHUNK:]
+    backend = MemoryBackend({a.blob_id: a.data, b.blob_id: b.data})
+    device = BlobDevice([a.info, b.info], create_cache(file_cache(tmp_path), backend))
+    try:
+        assert device.read(chunks, 0, 2 * CHUNK) == expected
+        assert device.read(chunks, CHUNK - 5, 10) == expected[CHUNK - 5:CHUNK + 5]
+        assert {r[0] for r in backend.requests} == {a.blob_id, b.blob_id}
+    finally:
+        device.close()
+
+
+def test_chunk_of_unknown_blob_is_corrupt_metadata(tmp_path: Path) -> None:
+    blob = build_blob([b"x" * 100], chunk_size=CHUNK, blob_index=3)
+    device = BlobDevice([], create_cache(CacheConfig(), MemoryBackend()), chunk_size=CHUNK)
+    with pytest.raises(CorruptMetadata) as exc:
+        device.read(blob.files[0], 0, 10)
+    assert exc.value.errno == 5
+    device.close()
+
+
+def test_concurrent_random_reads_are_always_correct(tmp_path: Path) -> None:
+    contents = [mixed_content(6 * CHUNK + 99, seed=s) for s in range(4)]
+    blob = build_blob(contents, chunk_size=CHUNK)
+    backend = MemoryBackend({blob.blob_id: blob.data}, delay=0.001)
+    device = BlobDevice([blob.info], create_cache(file_cache(tmp_path), backend, batch_size=2 * CHUNK))
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(60):
+            f = rng.randrange(len(contents))
+            off = rng.randrange(len(contents[f]))
+            size = rng.randrange(1, 3 * CHUNK)
+            if device.read(blob.files[f], off, size) != contents[f][off:off + size]:
+                errors.append(f"file {f} off {off} size {size}")
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    device.close()
+    assert errors == []
+    # every unique chunk was fetched exactly once in total
+    fetched = sum(r[2] for r in backend.requests)
+    assert fetched == len(blob.data)
