@@ -3,6 +3,7 @@ unknown-key logging, the ``//`` comment decision, IMAGE_PULL_AUTH and the serial
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from nydusd.config import (
     RafsConfig,
     RegistryConfig,
     S3Config,
+    apply_image_pull_auth,
     load_config,
     load_config_file,
     strip_json_comments,
@@ -362,3 +364,212 @@ def test_validation_error_never_escapes(data: st.DataObject) -> None:
         assert e.message.startswith(f"{e.field}: ")
     else:
         assert isinstance(cfg, ConfigV2)
+
+
+# ------------------------------------------------------------------------------- unknown keys
+def test_unknown_keys_are_accepted_and_warned_once_each(logs: Any) -> None:
+    doc = json.loads(v1('{"type": "registry", "config": {"host": "h", "repo": "r", "colour": "blue", '
+                        '"proxy": {"url": "", "shiny": 1}}}'))
+    doc["device"]["cache"] = {"type": "blobcache", "config": {"work_dir": "/c", "size_gb": 3}}
+    doc["turbo"] = True
+    with logs.expect("config_key_ignored", count=4):
+        cfg = load_config(json.dumps(doc))
+    assert cfg.backend is not None and cfg.backend.sub.host == "h"
+    warned = sorted(e["key"] for e in logs.events("warning"))
+    assert warned == ["device.backend.config.colour", "device.backend.config.proxy.shiny",
+                      "device.cache.config.size_gb", "turbo"]
+
+
+def test_unknown_v2_keys_are_warned_with_their_v2_path(logs: Any) -> None:
+    text = 'version = 2\nflavour = 1\n[backend]\ntype = "localfs"\n[backend.localfs]\ndir = "/b"\nspeed = 2\n'
+    with logs.expect("config_key_ignored", count=2):
+        load_config(text)
+    assert sorted(e["key"] for e in logs.events("warning")) == ["backend.localfs.speed", "flavour"]
+
+
+def snapshotter_config(**backend: Any) -> dict[str, Any]:
+    """What nydus-snapshotter marshals (interfaces.md §4.8, Go struct order, omitempty applied)."""
+    config = {"readahead": False, "host": "127.0.0.1:5000", "repo": "library/busybox",
+              "auth": "dXNlcjpwYXNz", "blob_url_scheme": "http", "blob_redirected_host": "127.0.0.1:5001",
+              "scheme": "https", "skip_verify": True, "ca_cert_files": ["/etc/ssl/ca.pem"],
+              "proxy": {"url": "http://127.0.0.1:65001", "fallback": False,
+                        "ping_url": "http://127.0.0.1:40901/server/ping", "check_interval": 5,
+                        "use_http": True},
+              "timeout": 5, "connect_timeout": 5, "retry_limit": 2, "readahead_sec": 10, **backend}
+    return {"device": {"id": "/123", "backend": {"type": "registry", "config": config},
+                       "cache": {"type": "blobcache", "compressed": True,
+                                 "config": {"work_dir": "/var/lib/nydus/cache",
+                                            "disable_indexed_map": False}}},
+            "mode": "direct", "digest_validate": False, "iostats_files": True, "enable_xattr": True,
+            "access_pattern": True, "latest_read_files": True, "amplify_io": 1048576,
+            "fs_prefetch": {"enable": True, "prefetch_all": True, "threads_count": 8,
+                            "merging_size": 1048576, "bandwidth_rate": 1048576, "stream_prefetch": True},
+            "warmup": 4096, "id_mapping": [0, 100000, 65536]}
+
+
+def test_snapshotter_generated_config_loads_without_warnings(logs: Any) -> None:
+    # keys nydusd ignores on purpose are logged at debug level only (the fixture fails on warnings)
+    with logs.expect("config_key_ignored", count=4):
+        cfg = load_config(json.dumps(snapshotter_config()))
+    quiet = sorted(e["key"] for e in logs.events("debug") if e["event"] == "config_key_ignored")
+    assert quiet == ["device.backend.config.readahead", "device.backend.config.readahead_sec",
+                     "id_mapping", "warmup"]
+    assert cfg.id == "/123" and cfg.backend is not None and cfg.rafs is not None
+    reg = cfg.backend.sub
+    assert (reg.blob_redirected_host, reg.skip_verify, reg.ca_cert_files) == ("127.0.0.1:5001", True,
+                                                                              ("/etc/ssl/ca.pem",))
+    assert reg.proxy == ProxyConfig(url="http://127.0.0.1:65001", fallback=False, use_http=True,
+                                    ping_url="http://127.0.0.1:40901/server/ping")
+    assert cfg.rafs.prefetch.stream_prefetch and cfg.rafs.prefetch.bandwidth_limit == 1048576
+    assert cfg.cache.compressed and cfg.rafs.access_pattern and cfg.rafs.latest_read_files
+
+
+def test_snapshotter_union_struct_keys_of_other_backends_are_quiet(logs: Any) -> None:
+    # one Go struct serves every backend: oss keys next to a registry config are not news
+    doc = snapshotter_config(endpoint="oss.example", bucket_name="b", region="r", mirrors=[])
+    with logs.expect("config_key_ignored", count=8):
+        load_config(json.dumps(doc))
+    assert logs.events("warning") == []
+
+
+# ------------------------------------------------------------------------------ // comments
+def test_comments_are_stripped_outside_strings_only() -> None:
+    text = '''{ // line comment with "quotes"
+      "device": {"id": "a//b /* not a comment */ \\" // still a string",
+        /* block
+           comment */ "backend": {"type": "registry", "config": {"host": "h", "repo": "r",
+          "proxy": {"url": "http://127.0.0.1:65001"}}}},  // trailing
+      "mode": "direct"
+    }'''
+    cfg = load_config(text)
+    assert cfg.id == 'a//b /* not a comment */ " // still a string'
+    assert cfg.backend is not None and cfg.backend.sub.proxy.url == "http://127.0.0.1:65001"
+    assert strip_json_comments('{"a": 1} /* x\ny */').count("\n") == 1  # line numbers survive
+
+
+def test_comment_only_affects_json_and_line_numbers_stay_right() -> None:
+    with pytest.raises(ConfigError, match=r"^config: invalid JSON: .*\(line 3, column"):
+        load_config('{\n  // comment\n  "device": {} "mode": "direct"\n}')
+    # '#' comments belong to TOML and keep working there; '//' in a TOML string is data
+    cfg = load_config('# v2\nversion = 2\nid = "x//y" # trailing\n')
+    assert cfg.id == "x//y"
+
+
+# --------------------------------------------------------------------------- IMAGE_PULL_AUTH
+AUTH = base64.b64encode(b"alice:s3cr:et").decode()
+
+
+def test_image_pull_auth_overrides_the_registry_auth(logs: Any) -> None:
+    cfg = load_config(SEED)
+    new = apply_image_pull_auth(cfg, {"IMAGE_PULL_AUTH": AUTH, "PATH": "/bin"})
+    assert new.backend is not None and new.backend.sub.auth == AUTH
+    assert cfg.backend is not None and cfg.backend.sub.auth == "<base64_encoded_auth>"  # untouched
+    assert new.model_copy(update={"backend": cfg.backend}) == cfg  # nothing else changed
+    # upstream hands the result on as a v2 JSON document: it must survive that trip
+    again = load_config(new.to_json(redact=False))
+    assert again == new and logs.count("registry_auth_overridden") == 1
+
+
+def test_image_pull_auth_supplies_missing_auth_in_v2() -> None:
+    cfg = load_config("version = 2\n[backend]\ntype = 'registry'\n"
+                      "[backend.registry]\nhost = 'h'\nrepo = 'r'\n")
+    assert cfg.backend is not None and cfg.backend.sub.auth is None
+    assert attr(apply_image_pull_auth(cfg, {"IMAGE_PULL_AUTH": AUTH}), "backend.sub.auth") == AUTH
+
+
+@pytest.mark.parametrize("env", [{}, {"IMAGE_PULL_AUTH": ""}])
+def test_image_pull_auth_unset_or_empty_changes_nothing(env: dict[str, str]) -> None:
+    cfg = load_config(SEED)
+    assert apply_image_pull_auth(cfg, env) is cfg
+
+
+def test_image_pull_auth_ignored_without_registry() -> None:
+    cfg = load_config_file(CONFIG_DIR / "nydusd-config.localfs.json")
+    assert apply_image_pull_auth(cfg, {"IMAGE_PULL_AUTH": AUTH}) is cfg
+
+
+@pytest.mark.parametrize("value", ["not base64!", base64.b64encode(b"no-colon").decode(),
+                                   base64.b64encode(b"\xff\xfe:x").decode()])
+def test_image_pull_auth_must_be_base64_user_colon_password(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_image_pull_auth(load_config(SEED), {"IMAGE_PULL_AUTH": value})
+    assert info.value.message == "IMAGE_PULL_AUTH: expected base64 of 'user:password'"
+    assert value not in str(info.value)  # never echo a credential
+
+
+# ----------------------------------------------------------------------------- serialised form
+def test_serialised_form_is_the_full_v2_struct_without_secrets() -> None:
+    cfg = load_config(V1)
+    out = json.loads(cfg.to_json())
+    assert list(out) == ["version", "id", "backend", "external_backends", "cache", "rafs", "overlay"]
+    assert out["overlay"] is None and out["external_backends"] == []
+    assert set(out["backend"]) == {"type", "localfs", "localdisk", "oss", "s3", "registry", "http-proxy"}
+    assert out["backend"]["registry"] is None and out["backend"]["http-proxy"] is None
+    assert out["backend"]["oss"]["access_key_id"] == "" and out["backend"]["oss"]["access_key_secret"] == ""
+    assert out["backend"]["oss"]["proxy"]["fallback"] is False
+    assert out["cache"]["validate"] is False and out["rafs"]["validate"] is True
+    assert out["rafs"]["prefetch"]["threads"] == 3 and out["cache"]["filecache"]["work_dir"] == "/tmp/c"
+    seed = json.loads(load_config(SEED).to_json())["backend"]["registry"]
+    assert seed["auth"] is None and seed["registry_token"] is None and seed["host"] == "my-registry:5000"
+    s3 = load_config_file(CONFIG_DIR / "nydusd-config.s3.json")
+    assert "testing" not in s3.to_json() and "testing" in s3.to_json(redact=False)
+    assert "test-access-key" not in repr(load_config_file(CONFIG_DIR / "nydusd-config.oss.json"))
+    assert load_config(cfg.to_json(redact=False)) == cfg
+
+
+NAMES = st.text(st.sampled_from("abcxyz0129-_/:."), min_size=1, max_size=12)
+COUNTS = st.integers(0, 2**32 - 1)
+PREFETCH = st.builds(PrefetchConfig, enable=st.booleans(), threads=st.integers(1, 1024),
+                     batch_size=st.integers(0, 0x10000000), bandwidth_limit=COUNTS,
+                     prefetch_all=st.booleans(), stream_prefetch=st.booleans())
+PROXY = st.builds(ProxyConfig, url=st.text(max_size=8), fallback=st.booleans(), check_interval=COUNTS)
+BACKENDS = st.one_of(
+    st.builds(lambda d, a: BackendConfig(type="localfs", localfs=LocalFsConfig(dir=d, alt_dirs=a)),
+              NAMES, st.lists(NAMES, max_size=2).map(tuple)),
+    st.builds(lambda h, r, auth, p, t, n: BackendConfig(type="registry", registry=RegistryConfig(
+        host=h, repo=r, auth=auth, proxy=p, timeout=t, retry_limit=n)),
+        NAMES, NAMES, st.none() | NAMES, PROXY, COUNTS, st.integers(0, 255)),
+    st.builds(lambda e, b, r, k: BackendConfig(type="s3", s3=S3Config(endpoint=e, bucket_name=b, region=r,
+                                                                     access_key_id=k)),
+              st.text(max_size=5), NAMES, NAMES, st.text(max_size=5)),
+)
+CACHES = st.one_of(
+    st.builds(lambda p: CacheConfig(prefetch=p), PREFETCH),
+    st.builds(lambda t, w, c, p: CacheConfig(type=t, compressed=c, filecache=FileCacheConfig(work_dir=w),
+                                             prefetch=p),
+              st.sampled_from(["blobcache", "filecache"]), NAMES, st.booleans(), PREFETCH),
+)
+CONFIGS = st.builds(ConfigV2, id=st.text(max_size=6), backend=st.none() | BACKENDS, cache=CACHES,
+                    rafs=st.none() | st.builds(RafsConfig, mode=st.sampled_from(["direct", "cached"]),
+                                               batch_size=st.integers(0, 0x10000000), validate=st.booleans(),
+                                               prefetch=PREFETCH))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=CONFIGS)
+def test_serialised_form_round_trips(cfg: ConfigV2, logs: Any) -> None:
+    assert load_config(cfg.to_json(redact=False)) == cfg
+
+
+# ------------------------------------------------------------------------------- files, helpers
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config: cannot read .*/absent.json: No such file or directory"):
+        load_config_file(tmp_path / "absent.json")
+    big = tmp_path / "big.json"
+    big.write_text("{}" + " " * MAX_CONFIG_SIZE)
+    with pytest.raises(ConfigError, match=r"^config: size exceeds the limit of 1048576 bytes \("):
+        load_config_file(big)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"version": 2, "id": "caf\xe9"}')
+    with pytest.raises(ConfigError, match=r"^config: not UTF-8 text \(byte 25\) \("):
+        load_config_file(latin)
+
+
+def test_backend_sub_and_cache_kind_helpers() -> None:
+    cfg = load_config_file(CONFIG_DIR / "nydusd-config.v2.json")
+    assert cfg.backend is not None and cfg.backend.sub is cfg.backend.http_proxy
+    assert cfg.cache.kind == "filecache" and cfg.cache.work_dir == "/var/lib/nydus/cache"
+    fs = load_config('{"version": 2, "cache": {"type": "fscache", "fscache": {"work_dir": "/f"}}}')
+    assert (fs.cache.kind, fs.cache.work_dir, fs.backend, fs.rafs) == ("fscache", "/f", None, None)
+    dummy = load_config('{"version": 2, "cache": {"type": "dummycache"}}')
+    assert (dummy.cache.kind, dummy.cache.work_dir) == ("dummy", "")
