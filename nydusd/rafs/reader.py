@@ -1,0 +1,69 @@
+"""Opening bootstraps: version detection and memory mapping.
+
+Owns: ``load_bootstrap(path | bytes) -> RafsSuper`` (v5 or v6, chosen by the magic numbers) and
+``detect_version``. The file is mapped read-only with ``mmap`` (nothing is read eagerly beyond the
+superblocks and tables); bytes are used in place.
+
+Must not import fs, daemon, builder. Threading: the returned RafsSuper is shareable (rafs_super.py).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Any
+
+from nydusd.errors import CorruptMetadata, NotFound
+from nydusd.log import get_logger
+from nydusd.rafs import layout as L
+from nydusd.rafs.rafs_super import RafsSuper
+from nydusd.rafs.v5 import RafsV5Super
+from nydusd.rafs.v6 import RafsV6Super
+
+log = get_logger(__name__)
+
+
+def detect_version(buf: Any) -> int:
+    """5 or 6 from the magic numbers; raises CorruptMetadata for anything else."""
+    if len(buf) >= 8 and struct.unpack_from("<I", buf, 0)[0] == L.V5_MAGIC:
+        return 5
+    if len(buf) >= L.EROFS_SB_OFFSET + 4 and \
+            struct.unpack_from("<I", buf, L.EROFS_SB_OFFSET)[0] == L.EROFS_MAGIC:
+        return 6
+    raise CorruptMetadata("not a RAFS bootstrap (no v5 or v6 magic)", offset=0, field="magic",
+                          size=len(buf))
+
+
+def open_buffer(buf: Any, source: str = "<bytes>") -> RafsSuper:
+    """A RafsSuper over an in-memory buffer (bytes, bytearray or mmap)."""
+    version = detect_version(buf)
+    cls = RafsV5Super if version == 5 else RafsV6Super
+    return cls(buf, source)
+
+
+def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview) -> RafsSuper:
+    """Open a bootstrap file (mapped) or buffer. Raises NotFound for a missing file and
+    CorruptMetadata for anything that is not a valid RAFS v5/v6 bootstrap."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return open_buffer(bytes(src))
+    path = os.fspath(src)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound("bootstrap not found", path=path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise CorruptMetadata("empty bootstrap", offset=0, field="file_size", path=path)
+        buf = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        sb = open_buffer(buf, path)
+    except BaseException:
+        buf.close()
+        raise
+    log.debug("bootstrap_loaded", path=path, version=sb.version, inodes=sb.inode_count,
+              blobs=len(sb.blobs))
+    return sb

@@ -1,0 +1,1 @@
+def v6_bytes(b): raise NotImplementedError
