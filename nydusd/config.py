@@ -28,6 +28,7 @@ import binascii
 import contextlib
 import json
 import os
+import re
 import tomllib
 import warnings
 from collections.abc import Iterator, Mapping
@@ -244,11 +245,16 @@ class ConfigV2(_Model):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> ConfigV2:
-        v1 = bool(info.context and info.context.get("v1"))
-        for loc, reason in _problems(self):
-            path = _render(loc, v1)
-            raise ConfigError(f"{path}: {reason}", field=path)
+        problem = next(_problems(self), None)
+        if problem is not None:
+            path = _render(problem[0], v1=bool(info.context and info.context.get("v1")))
+            raise ConfigError(f"{path}: {problem[1]}", field=path)
         return self
+
+    @property
+    def chunk_validation(self) -> bool:
+        """Verify chunk digests on read: ``cache.validate`` or ``rafs.validate`` (v1 digest_validate)."""
+        return self.cache.validate or (self.rafs is not None and self.rafs.validate)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Upstream's serialised ``ConfigV2``: every field, null for absent sub-configs, secrets
@@ -391,36 +397,13 @@ def _validate(data: dict[str, Any], v1: bool) -> ConfigV2:
 
 
 # ----------------------------------------------------------------------------------------- parsing
+# a JSON string (kept), a // line comment or a /* block */ comment (both dropped, newlines kept)
+_JSON_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/', re.S)
+
+
 def strip_json_comments(text: str) -> str:
-    """Remove ``//`` and ``/* */`` comments outside JSON strings (kept newlines keep line numbers)."""
-    out: list[str] = []
-    i, n, in_str = 0, len(text), False
-    while i < n:
-        c = text[i]
-        if in_str:
-            out.append(c)
-            if c == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-            out.append(c)
-        elif text.startswith("//", i):
-            while i < n and text[i] != "\n":
-                i += 1
-            continue
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append("".join(ch for ch in text[i:end] if ch == "\n"))
-            i = end
-            continue
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out)
+    """Remove ``//`` and ``/* */`` comments outside JSON strings; line numbers stay the same."""
+    return _JSON_TOKENS.sub(lambda m: m[0] if m[0][0] == '"' else "\n" * m[0].count("\n"), text)
 
 
 def _parse_text(text: str) -> tuple[Any, str]:
@@ -462,8 +445,9 @@ def load_config(text: str) -> ConfigV2:
     if "device" not in data:
         raise ConfigError("device: required field is missing (a v1 config needs 'device', "
                           "a v2 config needs 'version = 2')", field="device")
+    converted = _v1_to_v2(data)
     _log_unknown(_unknown_v1_keys(data))
-    return _validate(_v1_to_v2(data), v1=True)
+    return _validate(converted, v1=True)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ConfigV2:
@@ -564,15 +548,7 @@ _V1_KEYS = {("device",): frozenset({"id", "backend", "cache"}),
                                          "prefetch_all", "stream_prefetch"})}
 
 
-def _backend_keys() -> frozenset[str]:
-    keys: set[str] = set()
-    for model in _BACKEND_MODELS:
-        for name, field in model.model_fields.items():
-            keys.add(field.alias or name)
-    return frozenset(keys)
-
-
-_ALL_BACKEND_KEYS = _backend_keys()
+_ALL_BACKEND_KEYS = frozenset(f.alias or n for m in _BACKEND_MODELS for n, f in m.model_fields.items())
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -573,3 +574,26 @@ def test_backend_sub_and_cache_kind_helpers() -> None:
     assert (fs.cache.kind, fs.cache.work_dir, fs.backend, fs.rafs) == ("fscache", "/f", None, None)
     dummy = load_config('{"version": 2, "cache": {"type": "dummycache"}}')
     assert (dummy.cache.kind, dummy.cache.work_dir) == ("dummy", "")
+
+
+def test_chunk_validation_is_cache_validate_or_rafs_validate() -> None:
+    assert load_config_file(CONFIG_DIR / "nydusd-config.oss.json").chunk_validation  # digest_validate
+    assert load_config_file(CONFIG_DIR / "nydusd-config.blobcache-prefetch.json").chunk_validation
+    assert not load_config(SEED).chunk_validation
+
+
+def test_http_proxy_accepts_an_existing_unix_socket_path(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        doc = {"version": 2, "backend": {"type": "http-proxy", "http-proxy": {"addr": str(path)}}}
+        cfg = load_config(json.dumps(doc))
+    assert cfg.backend is not None and cfg.backend.sub.addr == str(path)
+    doc["backend"]["http-proxy"]["addr"] = str(tmp_path / "absent.sock")
+    with pytest.raises(ConfigError, match=r"^backend.http-proxy.addr: must be an http:// or https:// URL"):
+        load_config(json.dumps(doc))
+
+
+def test_escaped_quotes_and_backslashes_do_not_confuse_comment_stripping() -> None:
+    text = '{"a": "c:\\\\", // comment "x"\n "b": "q\\"//", /* "c": 1 */ "d": "/*"}'
+    assert json.loads(strip_json_comments(text)) == {"a": "c:\\", "b": 'q"//', "d": "/*"}
