@@ -18,7 +18,11 @@ Decisions (tested in tests/test_config.py):
   nydus-snapshotter emits one union struct for all backends), at warning level for anything else.
 - Not modelled, accepted quietly: ``external_backends``, ``metadata_path``, legacy ``mirrors``.
 - A present ``prefetch`` table without ``enable`` is accepted (enable=false); upstream rejects it.
-- The serialised form redacts ``s3`` keys as well as ``oss`` keys (upstream only redacts ``oss``).
+- The serialised form redacts ``s3`` keys and ``encryption_key`` as well (upstream: ``oss`` only).
+- ``IMAGE_PULL_AUTH`` must be base64 of "user:password" (upstream copies any value); an empty value
+  counts as unset. A config file's own ``auth`` is not checked (placeholders in samples, as upstream).
+- Semantic errors raise ``ConfigError`` from the ``ConfigV2`` after-validator (so models built in code
+  are checked too); type errors are pydantic's, converted by ``_from_validation_error``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ from nydusd.config import (
     CacheConfig,
     ConfigV2,
     FileCacheConfig,
+    HttpProxyConfig,
+    LocalDiskConfig,
     LocalFsConfig,
     OssConfig,
+    OverlayConfig,
     PrefetchConfig,
     ProxyConfig,
     RafsConfig,
@@ -533,6 +536,13 @@ BACKENDS = st.one_of(
     st.builds(lambda e, b, r, k: BackendConfig(type="s3", s3=S3Config(endpoint=e, bucket_name=b, region=r,
                                                                      access_key_id=k)),
               st.text(max_size=5), NAMES, NAMES, st.text(max_size=5)),
+    st.builds(lambda e, b, p: BackendConfig(type="oss", oss=OssConfig(endpoint=e, bucket_name=b, proxy=p)),
+              NAMES, NAMES, PROXY),
+    st.builds(lambda d, g: BackendConfig(type="localdisk", localdisk=LocalDiskConfig(device_path=d,
+                                                                                     disable_gpt=g)),
+              NAMES, st.booleans()),
+    st.builds(lambda a, p: BackendConfig(type="http-proxy", http_proxy=HttpProxyConfig(addr=a, path=p)),
+              st.sampled_from(["http://127.0.0.1:1", "https://h"]), st.text(max_size=5)),
 )
 CACHES = st.one_of(
     st.builds(lambda p: CacheConfig(prefetch=p), PREFETCH),
@@ -541,6 +551,7 @@ CACHES = st.one_of(
               st.sampled_from(["blobcache", "filecache"]), NAMES, st.booleans(), PREFETCH),
 )
 CONFIGS = st.builds(ConfigV2, id=st.text(max_size=6), backend=st.none() | BACKENDS, cache=CACHES,
+                    overlay=st.none() | st.builds(OverlayConfig, upper_dir=NAMES, work_dir=NAMES),
                     rafs=st.none() | st.builds(RafsConfig, mode=st.sampled_from(["direct", "cached"]),
                                                batch_size=st.integers(0, 0x10000000), validate=st.booleans(),
                                                prefetch=PREFETCH))
