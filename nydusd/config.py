@@ -490,33 +490,36 @@ def _obj(data: Mapping[str, Any], key: str, path: str, *, required: bool = True)
     return value
 
 
+def _v1_backend(backend: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(type, config) of a v1 ``device.backend``; the v1 converter knows five backend types."""
+    field = "device.backend.type"
+    if "type" not in backend:
+        raise ConfigError(f"{field}: required field is missing", field=field)
+    btype = backend["type"]
+    if not isinstance(btype, str):
+        raise ConfigError(f"{field}: expected a string, got {_json_type(btype)}", field=field)
+    if btype not in V1_BACKEND_TYPES:
+        hint = " (only in v2 configs)" if btype == "http-proxy" else ""
+        raise ConfigError(f"{field}: unsupported backend type {btype!r}{hint} "
+                          f"(expected one of {', '.join(V1_BACKEND_TYPES)})", field=field)
+    return btype, _obj(backend, "config", "device.backend.config")
+
+
 def _v1_to_v2(data: Mapping[str, Any]) -> dict[str, Any]:
     """Rename a v1 document into the v2 shape (upstream ``TryFrom<RafsConfig> for ConfigV2``).
 
     Values are copied unchecked; pydantic checks them and ``_render`` names v1 paths in errors.
     """
     device = _obj(data, "device", "device")
-    backend = _obj(device, "backend", "device.backend")
-    btype = backend.get("type")
-    if "type" not in backend:
-        raise ConfigError("device.backend.type: required field is missing", field="device.backend.type")
-    if not isinstance(btype, str):
-        raise ConfigError(f"device.backend.type: expected a string, got {_json_type(btype)}",
-                          field="device.backend.type")
-    if btype not in V1_BACKEND_TYPES:
-        hint = " (only in v2 configs)" if btype == "http-proxy" else ""
-        raise ConfigError(f"device.backend.type: unsupported backend type {btype!r}{hint} "
-                          f"(expected one of {', '.join(V1_BACKEND_TYPES)})", field="device.backend.type")
-    bconfig = _obj(backend, "config", "device.backend.config")
+    btype, bconfig = _v1_backend(_obj(device, "backend", "device.backend"))
     cache = _obj(device, "cache", "device.cache", required=False)
     if "mode" not in data:
         raise ConfigError("mode: required field is missing", field="mode")
     ctype = cache.get("type", "")
     out_cache: dict[str, Any] = {k: cache[k] for k in ("type", "compressed", "validate") if k in cache}
     if ctype in ("blobcache", "filecache", "fscache"):
-        out_cache["filecache" if ctype != "fscache" else "fscache"] = _obj(cache, "config",
-                                                                           "device.cache.config",
-                                                                           required=False)
+        sub = "fscache" if ctype == "fscache" else "filecache"
+        out_cache[sub] = _obj(cache, "config", "device.cache.config", required=False)
     fs_prefetch = _obj(data, "fs_prefetch", "fs_prefetch", required=False)
     prefetch = {"prefetch_all": True}
     prefetch.update({new: fs_prefetch[old] for old, new in
