@@ -19,6 +19,7 @@ Must not import: fs/storage/rafs internals. Thread-safety: pure functions, no st
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import structlog
@@ -90,9 +91,18 @@ def rust_str(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+_EVENT_RE = re.compile(r'UnexpectedEvent\("(\w+)"\)')
+
+
 def _event(exc: NydusError) -> str | None:
+    """The state-machine event a daemon refused (``event=`` context or ``UnexpectedEvent("X")`` text)."""
     event = exc.context.get("event")
-    return str(event) if event is not None else None
+    if event is not None:
+        return str(event)
+    if exc.code == "UNEXPECTED_EVENT":
+        match = _EVENT_RE.search(exc.message)
+        return match.group(1) if match else exc.message
+    return None
 
 
 def _other_text(exc: NydusError) -> str:
@@ -108,7 +118,9 @@ def _other_text(exc: NydusError) -> str:
         return f"invalid argument `{detail}`"
     else:
         return detail or type(exc).__name__
-    return f"{head}: {detail}" if detail else head
+    if not detail or detail.startswith(head):
+        return detail or head
+    return f"{head}: {detail}"
 
 
 def render_daemon_error(exc: NydusError, op: str, wrapper: str) -> tuple[int, str]:

@@ -178,6 +178,10 @@ def start_api_server(daemon: DaemonApi, path: str, *, startup_timeout: float = 1
     return handle
 
 
+#: the name nydusd.cli.daemon looks up first
+start = start_api_server
+
+
 def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     try:
         server.run(sockets=[sock])
