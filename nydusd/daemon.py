@@ -250,6 +250,14 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
     return queued
 
 
+def _root_names(inst: RafsInstance) -> list[bytes]:
+    """Names in an image's root directory (the kernel entries to forget when "/" is swapped)."""
+    try:
+        return [e.name for e in inst.fs.readdir(inst.fs.root_ino) if e.name not in (b".", b"..")]
+    except NydusError:
+        return []
+
+
 # ----------------------------------------------------------------------------------------- daemon
 class Daemon:
     """The nydusd service object. Methods are blocking and thread-safe; errors are NydusErrors."""
@@ -430,7 +438,7 @@ class Daemon:
             if old is None:
                 raise NotFound("no filesystem mounted here", mountpoint=path)
             inst = self._build(path, source, config, prefetch_files)
-            old_root_names = [e.name for e in old.fs.readdir(old.fs.root_ino)] if path == "/" else []
+            old_root_names = _root_names(old) if path == "/" else []
             self.vfs.replace(path, inst.fs, inst.stats)
             self._instances = {**self._instances, path: inst}
         self._invalidate(path, old_root_names)
@@ -444,7 +452,7 @@ class Daemon:
             inst = self._instances.get(path)
             if inst is None:
                 raise NotFound("no filesystem mounted here", mountpoint=path)
-            root_names = [e.name for e in inst.fs.readdir(inst.fs.root_ino)] if path == "/" else []
+            root_names = _root_names(inst) if path == "/" else []
             _mount, parent, name = self.vfs.detach(path)
             self._instances = {k: v for k, v in self._instances.items() if k != path}
         if self.session is not None:

@@ -26,9 +26,6 @@ from nydusd.log import get_logger
 
 log = get_logger(__name__)
 
-_DOTS = (b".", b"..")
-
-
 class NoXattr(NydusError):
     """The inode has no such extended attribute (``ENODATA``)."""
 
@@ -94,11 +91,10 @@ class RafsFs:
         return inode
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
-        """Entries of directory ``ino`` from ``offset`` on (``.``/``..`` left to the kernel)."""
+        """Entries of directory ``ino`` from ``offset`` on (``.`` and ``..`` included when the image
+        lists them, as upstream does; ``ls -a`` shows them)."""
         self._require_dir(ino)
         for name, child, next_offset in self.sb.iter_dir(ino, offset):
-            if name in _DOTS:
-                continue
             yield DirEntry(bytes(name), self.getattr(child), int(next_offset))
 
     def readlink(self, ino: int) -> bytes:

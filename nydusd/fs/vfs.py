@@ -354,7 +354,9 @@ class Vfs:
         """Entries of directory ``ino`` after ``offset``, with kernel inode numbers."""
         mount, local = self._resolve(ino)
         if mount is None:
-            entries = sorted(self._pseudo[local].entries.items())
+            pseudo = self._pseudo[local]
+            dots = [(b".", ("dir", local)), (b"..", ("dir", pseudo.parent))]
+            entries = dots + sorted(pseudo.entries.items())
             for i, (name, entry) in enumerate(entries[offset:], start=offset + 1):
                 try:
                     attr = self._entry_attr(entry)

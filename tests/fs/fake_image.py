@@ -80,7 +80,10 @@ class FakeSuper:
         raise NotFound("no such entry", name=name)
 
     def iter_dir(self, ino: int, offset: int = 0) -> Any:
-        for i, (name, child) in enumerate(self.children[ino][offset:], start=offset + 1):
+        """Like RafsSuper.iter_dir: "." and ".." first, then the children by name."""
+        parent = next((p for p, kids in self.children.items() if any(c == ino for _n, c in kids)), ino)
+        entries = [(b".", ino), (b"..", parent), *self.children[ino]]
+        for i, (name, child) in enumerate(entries[offset:], start=offset + 1):
             yield name, child, i
 
     def readlink(self, ino: int) -> bytes:

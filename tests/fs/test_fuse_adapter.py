@@ -123,7 +123,7 @@ def test_real_vfs_through_adapter():
         assert ops.read(fh, 0, 9) == b"127.0.0.1"
     ops.release(fh)
     names = [n for n, _a, _o in ops.readdir(ops.opendir(ROOT_INO, None), 0)]
-    assert names == [b"bin", b"etc", b"hard", b"readme"]
+    assert names == [b".", b"..", b"bin", b"etc", b"hard", b"readme"]
     assert ops.getxattr(hosts.st_ino, b"user.name", None) == b"hosts"
     assert errno_of(lambda: ops.getxattr(hosts.st_ino, b"user.zzz", None)) == errno.ENODATA
     assert errno_of(lambda: ops.lookup(ROOT_INO, b"missing", None)) == errno.ENOENT

@@ -59,8 +59,8 @@ def test_rafs_fs_attributes_and_reads():
     assert fs.listxattr(hosts.ino) == [b"user.name"]
     with pytest.raises(NoXattr):
         fs.getxattr(hosts.ino, b"user.other")
-    assert [e.name for e in fs.readdir(1)] == [b"bin", b"etc", b"hard", b"readme"]
-    assert [e.name for e in fs.readdir(1, 2)] == [b"hard", b"readme"]
+    assert [e.name for e in fs.readdir(1)] == [b".", b"..", b"bin", b"etc", b"hard", b"readme"]
+    assert [e.name for e in fs.readdir(1, 4)] == [b"hard", b"readme"]
     with pytest.raises(NotFound):
         fs.lookup(1, b"nope")
 
@@ -84,17 +84,18 @@ def test_root_mount_serves_image_at_root():
     hosts = walk(vfs, ROOT_INO, "etc/hosts")
     assert vfs.lookup(ROOT_INO, b"hard").ino == hosts  # hard links share st_ino
     assert vfs.readlink(walk(vfs, ROOT_INO, "bin/link")) == b"sh"
-    assert [e.name for e in vfs.readdir(ROOT_INO, 0)] == [b"bin", b"etc", b"hard", b"readme"]
+    assert [e.name for e in vfs.readdir(ROOT_INO, 0)] == [b".", b"..", b"bin", b"etc", b"hard", b"readme"]
 
 
 def test_pseudo_root_nested_mounts_have_separate_inode_spaces():
     vfs = Vfs()
-    assert list(vfs.readdir(ROOT_INO, 0)) == []
+    assert [e.name for e in vfs.readdir(ROOT_INO, 0)] == [b".", b".."]
     a = attach(vfs, "/pseudo_1")
     b = attach(vfs, "/x/y/z", tree={"only": b"b"})
     assert a.index != b.index
     names = [e.name for e in vfs.readdir(ROOT_INO, 0)]
-    assert names == [b"pseudo_1", b"x"]
+    assert names == [b".", b"..", b"pseudo_1", b"x"]
+    assert [e.name for e in vfs.readdir(ROOT_INO, 3)] == [b"x"]
     z = walk(vfs, ROOT_INO, "x/y/z")
     assert vfs.getattr(z).is_dir and decode_ino(z)[0] == b.index
     assert read_all(vfs, walk(vfs, z, "only")) == b"b"

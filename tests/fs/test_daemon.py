@@ -1,0 +1,181 @@
+"""Daemon in-process: state machine, mount table, metrics, and mount/umount cycles without leaks.
+
+The FUSE session is not started here (tests/integration does that); the Daemon's API surface is
+exactly what api/ calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from nydusd.config import ConfigV2
+from nydusd.daemon import (
+    INIT,
+    STOPPED,
+    Daemon,
+    RafsInstance,
+    UnexpectedEvent,
+    version_info,
+    version_text,
+)
+from nydusd.errors import AlreadyExists, ConfigError, CorruptMetadata, InvalidArgument, NotFound, Unsupported
+from nydusd.fs.attrs import ROOT_INO
+from nydusd.fs.rafs_fs import RafsFs
+from nydusd.metrics import FsIoStats
+from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+
+CONFIG = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/nonexistent"}}},
+                     "mode": "direct", "iostats_files": True, "access_pattern": True,
+                     "latest_read_files": True})
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def metrics(self):
+        return {"backend_type": "localfs", "read_count": 0}
+
+    def close(self):
+        self.closed = True
+
+
+def fake_factory(mountpoint: str, source: str, cfg: ConfigV2, *, prefetch_files=None) -> RafsInstance:
+    if source == "corrupt":
+        raise CorruptMetadata("bad magic", source=source)
+    sb = FakeSuper(SAMPLE)
+    rafs = cfg.rafs
+    stats = FsIoStats(mountpoint, files_account=rafs.iostats_files, access_pattern=rafs.access_pattern,
+                      latest_read_files=rafs.latest_read_files)
+    device = FakeDevice(sb)
+    return RafsInstance(mountpoint, source, "rafs", cfg, RafsFs(sb, device), stats, FakeBackend(), None)
+
+
+def read(daemon: Daemon, path: str) -> bytes:
+    ino = ROOT_INO
+    for name in path.strip("/").split("/"):
+        ino = daemon.vfs.lookup(ino, name.encode()).ino
+    fh = daemon.vfs.open(ino, os.O_RDONLY)
+    try:
+        return daemon.vfs.read(fh, 0, 1 << 20)
+    finally:
+        daemon.vfs.release(fh)
+
+
+def test_version_text_matches_daemon_info():
+    text = version_text()
+    commit = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Git Commit:")]
+    assert commit == [version_info()["git_commit"]]
+    version_line = next(line for line in text.splitlines() if line.startswith("Version:"))
+    assert version_line.split()[1] == version_info()["package_ver"]
+    assert Daemon().info()["version"]["git_commit"] == commit[0]
+
+
+def test_state_machine_rejects_unexpected_events():
+    d = Daemon(instance_factory=fake_factory)
+    assert d.state == INIT
+    with pytest.raises(UnexpectedEvent) as exc:
+        d.start()
+    assert exc.value.http_status == 400
+    d.exit()
+    assert d.state == STOPPED
+    with pytest.raises(UnexpectedEvent):
+        d.exit()
+    with pytest.raises(UnexpectedEvent):
+        d.mount("/m", "boot", CONFIG)
+
+
+def test_mount_umount_remount_and_info(logs):
+    d = Daemon(instance_factory=fake_factory, id="abc", supervisor="/sup")
+    d.mount("/pseudo_1", "boot1", CONFIG)
+    d.mount("/a/b/c", "boot2", CONFIG)
+    assert read(d, "pseudo_1/readme") == b"hello nydus\n"
+    assert read(d, "a/b/c/etc/hosts") == b"127.0.0.1 localhost\n"
+    info = d.info()
+    assert info["id"] == "abc" and info["supervisor"] == "/sup" and info["state"] == INIT
+    entry = info["backend_collection"]["/a/b/c"]
+    assert entry["backend_type"] == "Rafs" and entry["mountpoint"] == "/a/b/c"
+    assert entry["config"]["backend"]["type"] == "localfs"
+    assert len(entry["mounted_time"].split()) == 3
+    with pytest.raises(AlreadyExists):
+        d.mount("/pseudo_1", "boot1", CONFIG)
+    with pytest.raises(Unsupported):
+        d.mount("/p", "x", CONFIG, fs_type="passthrough_fs")
+    with pytest.raises(InvalidArgument):
+        d.mount("/p", "x", CONFIG, fs_type="")
+    with pytest.raises(ConfigError):
+        d.mount("/p", "x", "{not json")
+    with logs.expect("mount_failed"), pytest.raises(CorruptMetadata):
+        d.mount("/p", "corrupt", CONFIG)
+    assert "mount /p failed" in d.events()["errors"][-1]
+    d.remount("/pseudo_1", "boot3", CONFIG)
+    assert d.mounts()["/pseudo_1"]["mountpoint"] == "/pseudo_1"
+    assert read(d, "pseudo_1/readme") == b"hello nydus\n"
+    d.umount("/a/b/c")
+    with pytest.raises(NotFound):
+        d.umount("/a/b/c")
+    with pytest.raises(NotFound):
+        d.remount("/zzz", "boot", CONFIG)
+    assert set(d.mounts()) == {"/pseudo_1"}
+
+
+def test_metrics_by_mountpoint():
+    d = Daemon(instance_factory=fake_factory)
+    with pytest.raises(NotFound):
+        d.metrics_fs()
+    d.mount("/m1", "boot", CONFIG)
+    assert read(d, "m1/readme") == b"hello nydus\n"
+    fs = d.metrics_fs()  # exactly one mount: no id needed
+    assert fs["id"] == "/m1" and fs["data_read"] == 12 and fs["files_account_enabled"] is True
+    d.mount("/m2", "boot", CONFIG)
+    with pytest.raises(NotFound):
+        d.metrics_fs()
+    assert d.metrics_fs("/m2")["data_read"] == 0
+    files = d.metrics_files("/m1")
+    assert any(v["data_read"] == 12 for v in files.values())
+    assert len(d.metrics_files("/m1", latest=True)) == 1
+    assert d.metrics_files("/m1", latest=True) == []  # read-and-clear
+    assert d.metrics_pattern("/m1")[0]["nr_read"] == 1
+    assert d.metrics_backend("/m1")["backend_type"] == "localfs"
+    with pytest.raises(NotFound):
+        d.metrics_fs("/nope")
+    assert d.metrics_inflight() == []
+
+
+def test_set_config_validates_log_level():
+    seen = []
+    d = Daemon(set_log_level=seen.append)
+    d.set_config({"log_level": "DEBUG"})
+    assert seen == ["debug"]
+    with pytest.raises(ConfigError):
+        d.set_config({"log_level": "loud"})
+
+
+def test_three_hundred_mount_cycles_leak_nothing(tmp_path):
+    """Real instances (bootstrap, localfs backend, blobcache files) mounted and unmounted 300 times."""
+    from tests.integration.images import build_image, sample_tree
+
+    src = sample_tree(tmp_path / "src", big=False)
+    image = build_image(src, tmp_path / "img", version=5)
+    config = image.config_text(tmp_path / "cache")
+    d = Daemon()
+    d.mount("/warm", image.bootstrap, config)
+    read(d, "warm/small.txt")
+    d.umount("/warm")
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for i in range(300):
+        mp = f"/snap{i % 7}"
+        d.mount(mp, image.bootstrap, config)
+        assert read(d, mp.strip("/") + "/small.txt") == (src / "small.txt").read_bytes()
+        d.umount(mp)
+    assert d.mounts() == {}
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    assert threading.active_count() <= threads
+    assert d.vfs.open_handles() == 0
+    d.mount("/again", image.bootstrap, config)  # slots are reused past the 255-index space
+    assert read(d, "again/small.txt") == (src / "small.txt").read_bytes()
+    d.close_instances()
