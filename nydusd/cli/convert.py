@@ -1,10 +1,261 @@
-"""`nydusify` command line (not implemented yet)."""
+"""`nydusify`: convert OCI images in a registry to nydus images, check them, mount them.
+
+Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check`` and
+``mount`` (alias ``view``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
+printed as one ``error: ...`` line and exit with status 1 (upstream's logrus fatal), a failed check
+exits 1 after listing every difference.
+
+Composition root: reads the environment (credentials, ``DEBUG_LOG_LEVEL``) and stdin (prefetch
+patterns) and passes everything down explicitly. Single-threaded apart from the converter's pools.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from nydusd.errors import InvalidArgument, NydusError
+from nydusd.log import configure_logging
+
+
+def _duration(text: str) -> float:
+    """Go-style duration (``5s``, ``500ms``, ``1m``) or plain seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            try:
+                return float(text[: -len(suffix)]) * units[suffix]
+            except ValueError:
+                break
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+
+
+def _size(text: str) -> int:
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+
+
+def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("convert", help="convert an OCI image to a nydus image")
+    p.add_argument("--source", required=True, help="source OCI image reference")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target", help="target nydus image reference")
+    g.add_argument("--target-suffix", help="target = source repository with tag + suffix")
+    p.add_argument("--source-insecure", action="store_true", help="skip TLS verification / allow http")
+    p.add_argument("--target-insecure", action="store_true", help="skip TLS verification / allow http")
+    p.add_argument("--plain-http", action="store_true", help="talk plain http to registries")
+    p.add_argument("--platform", help="os/arch to convert from a multi-platform source")
+    p.add_argument("--all-platforms", action="store_true", help="convert every platform")
+    p.add_argument("--merge-platform", "--multi-platform", dest="merge_platform", action="store_true",
+                   help="push an index holding both the OCI and the nydus manifests")
+    p.add_argument("--push-retry-count", type=int, default=3)
+    p.add_argument("--push-retry-delay", type=_duration, default=5.0)
+    p.add_argument("--fs-version", type=int, choices=(5, 6), default=6)
+    p.add_argument("--compressor", default="zstd", choices=("none", "lz4_block", "zstd"))
+    p.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_size, default=0x100000)
+    p.add_argument("--batch-size", type=_size, default=0)
+    p.add_argument("--fs-align-chunk", "--backend-aligned-chunk", dest="aligned_chunk",
+                   action="store_true")
+    p.add_argument("--prefetch-patterns", action="store_true", help="read prefetch paths from stdin")
+    p.add_argument("--prefetch-dir", help="prefetch this directory")
+    p.add_argument("--chunk-dict", help="bootstrap:registry:<ref> or bootstrap:local:<path>")
+    p.add_argument("--chunk-dict-insecure", action="store_true")
+    p.add_argument("--work-dir", default="./tmp")
+    p.add_argument("--oci", action="store_true", help="OCI media types even for a docker source")
+    p.add_argument("--with-referrer", action="store_true", help="set subject to the source manifest")
+    p.add_argument("--backend-type", choices=("oss", "s3", "localfs"))
+    bc = p.add_mutually_exclusive_group()
+    bc.add_argument("--backend-config")
+    bc.add_argument("--backend-config-file")
+    p.add_argument("--backend-force-push", action="store_true")
+    p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
+    p.add_argument("--output-json", help="write conversion metrics (sizes, ns timings) here")
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto")
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", help="check a nydus image (and compare it with its OCI source)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--source")
+    p.add_argument("--source-insecure", action="store_true")
+    p.add_argument("--target-insecure", action="store_true")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--target-backend-type", choices=("oss", "s3", "localfs"))
+    p.add_argument("--target-backend-config")
+    p.add_argument("--target-backend-config-file")
+    p.add_argument("--multi-platform", action="store_true")
+    p.add_argument("--platform")
+    p.add_argument("--work-dir", default="./output")
+    p.add_argument("--nydus-image", default="nydus-image")
+    p.add_argument("--nydusd", default="nydusd")
+    p.set_defaults(func=cmd_check)
+
+
+def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("mount", aliases=["view"], help="mount a nydus image with nydusd")
+    p.add_argument("--target", required=True)
+    p.add_argument("--target-insecure", action="store_true")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--backend-type", choices=("oss", "s3", "localfs", "registry"))
+    bc = p.add_mutually_exclusive_group()
+    bc.add_argument("--backend-config")
+    bc.add_argument("--backend-config-file")
+    p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--mount-path", default="./image-fs")
+    p.add_argument("--platform")
+    p.add_argument("--work-dir", default="./tmp")
+    p.add_argument("--nydusd", default="nydusd")
+    p.set_defaults(func=cmd_mount)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
+    parser.add_argument("-D", "--debug", action="store_true", default=bool(os.environ.get("DEBUG_LOG_LEVEL")))
+    parser.add_argument("-l", "--log-level", default="info")
+    parser.add_argument("--log-file")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_convert(sub)
+    _add_check(sub)
+    _add_mount(sub)
+    return parser
+
+
+def _backend_config_text(inline: str | None, path: str | None) -> str:
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read backend config file: {e.strerror}", path=path) from None
+    return inline or ""
+
+
+def _prefetch(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.prefetch_patterns:
+        lines = sys.stdin.read().splitlines()
+    elif args.prefetch_dir:
+        lines = [args.prefetch_dir]
+    else:
+        lines = ["/"]
+    from nydusd.builder.options import parse_prefetch_patterns
+
+    return parse_prefetch_patterns(lines) or ("/",)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nydusd.converter.convert import Converter, ConvertOptions
+    from nydusd.converter.progress import Progress
+    from nydusd.converter.publish import create_store
+    from nydusd.converter.remote import open_remote
+
+    if args.batch_size:
+        raise InvalidArgument("--batch-size is not supported by this builder", field="batch-size")
+    target_text = args.target
+    if target_text is None:
+        from nydusd.oci.reference import parse_reference
+
+        src = parse_reference(args.source)
+        target_text = str(src.with_tag((src.tag or "latest") + args.target_suffix))
+    store = None
+    if args.backend_type:
+        store = create_store(args.backend_type, _backend_config_text(args.backend_config,
+                                                                     args.backend_config_file),
+                             force=args.backend_force_push)
+    opts = ConvertOptions(
+        work_dir=Path(args.work_dir), fs_version=args.fs_version, compressor=args.compressor,
+        chunk_size=args.chunk_size, aligned_chunk=args.aligned_chunk, prefetch_patterns=_prefetch(args),
+        chunk_dict=args.chunk_dict, oci=args.oci, with_referrer=args.with_referrer,
+        platform=args.platform, all_platforms=args.all_platforms, merge_platform=args.merge_platform,
+        push_retry_count=args.push_retry_count, push_retry_delay=args.push_retry_delay, blob_store=store)
+    env = dict(os.environ)
+    source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+    try:
+        target = open_remote(target_text, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+        try:
+            progress = Progress(None if args.progress == "auto" else args.progress == "always")
+
+            def factory(ref: str) -> object:
+                return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http,
+                                   env=env)
+
+            result = Converter(source, target, opts, progress=progress, remote_factory=factory).convert()
+        finally:
+            target.close()
+    finally:
+        source.close()
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result.metrics.to_json(), indent=2) + "\n")
+    print(f"converted {args.source} -> {result.target} ({result.digest})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from nydusd.converter.check import Checker, CheckOptions
+    from nydusd.converter.remote import open_remote
+
+    env = dict(os.environ)
+    store_cfg = None
+    if args.target_backend_type:
+        store_cfg = (args.target_backend_type, _backend_config_text(args.target_backend_config,
+                                                                    args.target_backend_config_file))
+    opts = CheckOptions(work_dir=Path(args.work_dir), platform=args.platform,
+                        multi_platform=args.multi_platform, backend=store_cfg)
+    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+    source = None
+    try:
+        if args.source:
+            source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http,
+                                 env=env)
+        report = Checker(target, source, opts).check()
+    finally:
+        target.close()
+        if source is not None:
+            source.close()
+    for line in report.problems:
+        print(line)
+    if report.problems:
+        print(f"check failed: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"check passed: {report.summary}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from nydusd.converter.mount import MountOptions, mount_image
+    from nydusd.converter.remote import open_remote
+
+    env = dict(os.environ)
+    opts = MountOptions(mount_path=Path(args.mount_path), work_dir=Path(args.work_dir),
+                        nydusd=args.nydusd, platform=args.platform, prefetch=args.prefetch,
+                        backend_type=args.backend_type,
+                        backend_config=_backend_config_text(args.backend_config, args.backend_config_file))
+    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+    try:
+        return mount_image(target, opts)
+    finally:
+        target.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("nydusify: not implemented yet", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging("debug" if args.debug else args.log_level, args.log_file)
+        return int(args.func(args))
+    except NydusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

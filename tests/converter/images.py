@@ -6,7 +6,7 @@ The 3-layer texture (see ``build_texture_image``):
    odd modes and owners;
 2. (umoci repack) added and modified files, a mode change, a replaced symlink;
 3. (hand-written tar, ``umoci raw add-layer``) whiteouts of a file and a directory, an opaque
-   directory with new content, a new hard link into an old file.
+   directory with new content and a hard link inside the layer.
 
 All skopeo/umoci state goes into the caller's tmp dir (HOME, XDG dirs, --tmpdir).
 """
@@ -109,7 +109,7 @@ def _layer3_tar() -> bytes:
         add("opt/app/", kind=tarfile.DIRTYPE, mode=0o750)
         add("opt/app/.wh..wh..opq", b"")                    # opaque: old.conf, new.conf, keep/ vanish
         add("opt/app/fresh.conf", b"fresh\n")
-        add("opt/app/tool-hard", kind=tarfile.LNKTYPE, link="bin/tool")
+        add("opt/app/fresh-hard", kind=tarfile.LNKTYPE, link="opt/app/fresh.conf")
         add(".wh.empty", b"")
         add("layer3.txt", b"third layer\n", pax={"SCHILY.xattr.user.layer": "3"})
     return buf.getvalue()

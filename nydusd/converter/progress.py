@@ -1,0 +1,90 @@
+"""Conversion progress: per-layer download / build / push bars on a terminal, structured log lines
+otherwise, and the timing/size counters behind ``convert --output-json``.
+
+Owns: ``Progress`` (factory of ``Task`` objects; decides between tqdm bars and log events),
+``Task`` (a byte counter with start/finish events) and ``Metrics`` (upstream's output-json fields:
+SourceImageSize, TargetImageSize, SourcePullElapsed, ConversionElapsed, TargetPushElapsed, in bytes
+and nanoseconds). Must not import the registry client or the builder.
+Threading: a ``Task`` is updated by the one thread running that phase; ``Metrics`` guards its
+counters with a lock because pushes run in a worker pool.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nydusd.log import get_logger
+
+log = get_logger(__name__)
+
+
+class Task:
+    """One phase of one layer (``download`` / ``build`` / ``push``)."""
+
+    def __init__(self, progress: Progress, phase: str, layer: str, total: int | None) -> None:
+        self.phase, self.layer, self.total = phase, layer, total
+        self.done = 0
+        self.started = time.monotonic()
+        self._bar: Any = progress.bar(f"{phase:<8} {layer[:19]}", total)
+        log.info("layer_phase_started", phase=phase, layer=layer, size=total)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def finish(self, **extra: Any) -> float:
+        elapsed = time.monotonic() - self.started
+        if self._bar is not None:
+            self._bar.close()
+        log.info("layer_phase_finished", phase=self.phase, layer=self.layer, bytes=self.done,
+                 ms=round(elapsed * 1000, 1), **extra)
+        return elapsed
+
+
+class Progress:
+    """``enabled=None``: bars only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._lock = threading.Lock()
+
+    def bar(self, desc: str, total: int | None) -> Any:
+        if not self.enabled:
+            return None
+        from tqdm import tqdm  # imported lazily: only interactive runs draw bars
+
+        with self._lock:
+            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False, file=sys.stderr)
+
+    def task(self, phase: str, layer: str, total: int | None = None) -> Task:
+        return Task(self, phase, layer, total)
+
+
+@dataclass
+class Metrics:
+    """Upstream ``--output-json`` fields (sizes in bytes, durations in nanoseconds)."""
+
+    source_image_size: int = 0
+    target_image_size: int = 0
+    source_pull_ns: int = 0
+    conversion_ns: int = 0
+    target_push_ns: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+    def to_json(self) -> dict[str, int]:
+        return {"SourceImageSize": self.source_image_size, "TargetImageSize": self.target_image_size,
+                "SourcePullElapsed": self.source_pull_ns, "ConversionElapsed": self.conversion_ns,
+                "TargetPushElapsed": self.target_push_ns, "BytesPulled": self.bytes_pulled,
+                "BytesPushed": self.bytes_pushed}

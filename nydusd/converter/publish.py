@@ -1,0 +1,184 @@
+"""Turning build outputs into pushable artifacts: the bootstrap layer tar, blob.meta extraction,
+push retries and the non-registry blob stores of ``--backend-type``.
+
+Owns: ``bootstrap_layer_tar`` (interfaces.md §6.3: deterministic gzip tar with ``image/``,
+``image/image.boot`` and, for v6, ``image/<blob id>.blob.meta``), ``blob_meta_file`` (the ci array of a
+v6 blob, uncompressed and padded to 4 KiB, then its 4096-byte header), ``with_retry`` and
+``BlobStore``/``LocalFsStore`` (blobs written to a localfs backend directory instead of the registry).
+Must not import requests or the registry client. Thread-safe: pure functions; ``LocalFsStore``
+writes each blob through a temp file + rename, so concurrent puts of one blob are harmless.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nydusd.compress import Compressor, decompress
+from nydusd.errors import BackendError, ConfigError, IntegrityError, NydusError, Unsupported
+from nydusd.log import get_logger
+from nydusd.storage.device import BlobInfo
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+BLOB_META_HEADER_SIZE = 0x1000
+BOOT_MTIME = 0
+
+
+def _align(n: int, a: int = 4096) -> int:
+    return (n + a - 1) // a * a
+
+
+def blob_meta_file(blob_path: Path, blob: BlobInfo) -> bytes:
+    """The ``<blob id>.blob.meta`` content of a v6 blob; ``b""`` when the blob has no ci table.
+
+    Raises IntegrityError when the recorded ci region does not fit the blob file."""
+    if blob.ci_compressed_size == 0 and blob.ci_uncompressed_size == 0:
+        return b""
+    with open(blob_path, "rb") as f:
+        f.seek(blob.ci_offset)
+        ci = f.read(blob.ci_compressed_size)
+        header = f.read(BLOB_META_HEADER_SIZE)
+    if len(ci) != blob.ci_compressed_size or len(header) != BLOB_META_HEADER_SIZE:
+        raise IntegrityError("blob meta region lies outside the blob", blob_id=blob.blob_id,
+                             offset=blob.ci_offset, size=blob.ci_compressed_size)
+    if blob.ci_compressor is not Compressor.NONE and blob.ci_compressed_size != blob.ci_uncompressed_size:
+        ci = decompress(ci, blob.ci_compressor, blob.ci_uncompressed_size)
+    return ci + b"\0" * (_align(len(ci)) - len(ci)) + header
+
+
+def _tar_info(name: str, *, size: int = 0, mode: int = 0o444,
+              kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.type, ti.mtime = size, mode, kind, BOOT_MTIME
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def bootstrap_layer_tar(bootstrap: bytes, blob_metas: Sequence[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """``(gzip tar bytes, diff_id)`` of the bootstrap layer. Byte-identical for identical input: tar
+    headers carry no time or owner names and the gzip header has mtime 0."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tar_info("image", mode=0o755, kind=tarfile.DIRTYPE))
+        tar.addfile(_tar_info("image/image.boot", size=len(bootstrap)), io.BytesIO(bootstrap))
+        for blob_id, meta in blob_metas:
+            if meta:
+                tar.addfile(_tar_info(f"image/{blob_id}.blob.meta", size=len(meta)), io.BytesIO(meta))
+    plain = raw.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(plain).hexdigest()
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
+        gz.write(plain)
+    return out.getvalue(), diff_id
+
+
+def extract_bootstrap(layer: bytes) -> bytes:
+    """``image/image.boot`` (or legacy ``image.boot``) out of a bootstrap layer (gzip tar).
+
+    Raises IntegrityError when the layer is not a gzip tar or has no bootstrap."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(layer), mode="r:*") as tar:
+            for name in ("image/image.boot", "image.boot"):
+                try:
+                    member = tar.getmember(name)
+                except KeyError:
+                    continue
+                f = tar.extractfile(member)
+                if f is not None:
+                    return f.read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise IntegrityError(f"bootstrap layer is not a valid gzip tar: {e}") from None
+    raise IntegrityError("bootstrap layer has no image/image.boot")
+
+
+def with_retry(what: str, fn: Callable[[], T], *, count: int, delay: float) -> T:
+    """Call ``fn``; on a transient BackendError retry up to ``count`` more times, ``delay`` s apart."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except BackendError as e:
+            if not e.transient or attempt >= count:
+                raise
+            attempt += 1
+            log.warning("push_retried", what=what, attempt=attempt, error=str(e))
+            time.sleep(delay)
+
+
+class BlobStore:
+    """Where nydus blobs go when not to the registry (``--backend-type``)."""
+
+    type = ""
+
+    def put(self, blob_id: str, path: Path) -> None:
+        raise NotImplementedError
+
+    def exists(self, blob_id: str) -> bool:
+        raise NotImplementedError
+
+    def backend_config(self) -> dict[str, Any]:
+        """The backend section a nydusd config needs to read these blobs."""
+        raise NotImplementedError
+
+
+class LocalFsStore(BlobStore):
+    type = "localfs"
+
+    def __init__(self, config: dict[str, Any], *, force: bool = False) -> None:
+        directory = config.get("dir")
+        if not directory:
+            raise ConfigError("localfs backend config needs 'dir'", field="backend-config.dir")
+        self.dir = Path(str(directory))
+        self.force = force
+
+    def exists(self, blob_id: str) -> bool:
+        return (self.dir / blob_id).is_file()
+
+    def put(self, blob_id: str, path: Path) -> None:
+        if self.exists(blob_id) and not self.force:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{blob_id}.tmp{os.getpid()}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, self.dir / blob_id)
+        except OSError as e:
+            raise BackendError(f"cannot store blob: {e.strerror}", blob_id=blob_id,
+                               dir=str(self.dir)) from None
+
+    def backend_config(self) -> dict[str, Any]:
+        return {"dir": str(self.dir)}
+
+
+def create_store(backend_type: str, config_text: str, *, force: bool = False) -> BlobStore:
+    """A blob store from ``--backend-type`` / ``--backend-config`` (JSON). Raises ConfigError for bad
+    JSON and Unsupported for backends this converter cannot upload to."""
+    try:
+        config = json.loads(config_text or "{}")
+    except ValueError as e:
+        raise ConfigError(f"backend config is not JSON: {e}", field="backend-config") from None
+    if not isinstance(config, dict):
+        raise ConfigError("backend config must be a JSON object", field="backend-config")
+    if backend_type == "localfs":
+        return LocalFsStore(config, force=force)
+    if backend_type in ("oss", "s3"):
+        raise Unsupported(f"uploading blobs to a {backend_type} backend is not implemented; "
+                          "use the registry or --backend-type localfs", field="backend-type")
+    raise ConfigError(f"unknown backend type {backend_type!r}, expected oss, s3 or localfs",
+                      field="backend-type")
+
+
+def is_transient(exc: NydusError) -> bool:
+    return isinstance(exc, BackendError) and exc.transient
