@@ -69,6 +69,12 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "rafs.access_pattern": True, "rafs.latest_read_files": True,
         "rafs.prefetch.bandwidth_limit": 10485760, "cache.prefetch.bandwidth_limit": 10485760,
     },
+    "nydusd-config.dragonfly-sdk.json": {
+        "backend.sub.proxy.dragonfly_scheduler_endpoint": "http://127.0.0.1:8002",
+        "backend.sub.proxy.fallback": False, "backend.sub.proxy.url": "http://127.0.0.1:4001",
+        "cache.validate": True, "rafs.validate": True, "chunk_validation": True,
+        "rafs.prefetch.threads": 10, "cache.prefetch.bandwidth_limit": 1048576,
+    },
     "nydusd-config.oss.json": {
         "backend.type": "oss", "backend.sub.endpoint": "127.0.0.1:9000", "backend.sub.scheme": "http",
         "backend.sub.bucket_name": "nydus-blobs", "backend.sub.object_prefix": "images/",
