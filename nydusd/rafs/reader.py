@@ -67,3 +67,42 @@ def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview)
     log.debug("bootstrap_loaded", path=path, version=sb.version, inodes=sb.inode_count,
               blobs=len(sb.blobs))
     return sb
+
+
+def load_from_blob(path: str | os.PathLike[str]) -> RafsSuper:
+    """Open the bootstrap inlined in data blob ``path`` (§4.6). Blob entries with INLINED_FS_META,
+    or without CAP_TAR_TOC, get the blob file's own name (extensions stripped) as id.
+    Raises NotFound / CorruptMetadata."""
+    from dataclasses import replace
+
+    from nydusd.rafs.blobmeta import extract_inlined_bootstrap
+
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound("blob not found", path=path) from None
+    try:
+        size = os.fstat(fd).st_size
+        data = extract_inlined_bootstrap(lambda off, n: os.pread(fd, n, off), size)
+    finally:
+        os.close(fd)
+    sb = open_buffer(data, path)
+    own_id = os.path.basename(path).split(".")[0]
+    sb.blobs = [replace(b, blob_id=own_id)
+                if b.features & L.BLOB_INLINED_FS_META or not b.features & L.BLOB_CAP_TAR_TOC else b
+                for b in sb.blobs]
+    return sb
+
+
+def load_image(path: str | os.PathLike[str]) -> RafsSuper:
+    """``load_bootstrap``, falling back to ``load_from_blob`` for a file without bootstrap magic."""
+    try:
+        return load_bootstrap(path)
+    except CorruptMetadata as e:
+        if getattr(e, "field", None) != "magic":
+            raise
+        try:
+            return load_from_blob(path)
+        except CorruptMetadata:
+            raise e from None
