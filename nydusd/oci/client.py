@@ -123,6 +123,21 @@ def _transport_error(method: str, url: str, exc: BaseException) -> BackendError:
     return BackendError(f"{method} {url} failed: {kind}: {exc}", transient=True, kind=kind)
 
 
+def _peer_closed(exc: BaseException) -> bool:
+    """Whether ``exc`` (however deeply wrapped) is the peer closing an idle connection."""
+    seen: list[BaseException] = [exc]
+    for e in seen:
+        # (http.client.RemoteDisconnected is a ConnectionResetError)
+        if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return True
+        if len(seen) > 16:
+            break
+        for nxt in (*getattr(e, "args", ()), getattr(e, "reason", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException) and nxt not in seen:
+                seen.append(nxt)
+    return False
+
+
 class HttpClient:
     """A pooled HTTP session with the TLS, timeout and proxy policy of one backend config."""
 
@@ -203,18 +218,28 @@ class HttpClient:
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any, params: Any,
               proxy: str | None) -> Response:
         proxies = {"http": proxy, "https": proxy} if proxy else None
-        try:
-            resp = self._session.request(method, url, headers=headers, data=data, params=params,
-                                         proxies=proxies, timeout=self.timeout, stream=True,
-                                         allow_redirects=False)
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _transport_error(method, url, exc) from exc
+        for attempt in (0, 1):
+            try:
+                resp = self._session.request(method, url, headers=headers, data=data, params=params,
+                                             proxies=proxies, timeout=self.timeout, stream=True,
+                                             allow_redirects=False)
+                break
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                # A pooled keep-alive connection the peer closed meanwhile fails before any byte
+                # of the answer: resend an idempotent request once on a fresh connection.
+                if attempt or method not in ("GET", "HEAD") or not _peer_closed(exc):
+                    raise _transport_error(method, url, exc) from exc
+                log.debug("http_request_resent", method=method, url=url, cause=str(exc))
         try:
             # One buffered read of the exact Content-Length: no Python loop over chunks, and urllib3
             # raises IncompleteRead when the body is cut short.
             body = b"" if method == "HEAD" else resp.raw.read(decode_content=False)
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            resp.close()
+            resp.close()  # drops the connection: it is in an unknown state
+            if resp.status_code >= 400:
+                # Error bodies only feed messages; docker-registry's 416 even announces the blob's
+                # length while sending a short text. Keep the status, forget the body.
+                return Response(resp.status_code, resp.headers, b"", url)
             raise _transport_error(method, url, exc) from exc
         resp.close()
         return Response(resp.status_code, resp.headers, body, url)
