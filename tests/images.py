@@ -120,7 +120,7 @@ def snapshot_dir(root: Path, *, with_owner: bool = True) -> dict[bytes, Entry]:
             if not name and dirpath != top:
                 continue
             full = os.path.join(dirpath, name) if name else dirpath
-            rel = b"/" + os.path.relpath(full, top).lstrip(b".").lstrip(b"/") if full != top else b"/"
+            rel = b"/" + os.path.relpath(full, top) if full != top else b"/"
             st = os.lstat(full)
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 groups.setdefault((st.st_dev, st.st_ino), []).append(rel)

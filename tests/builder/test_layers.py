@@ -1,0 +1,185 @@
+"""Layering: a 3-layer sequence (base; add/modify; delete a file, opaque dir, whiteout a subtree,
+replace a file by a dir) built four ways -- dir layers with --parent-bootstrap (oci and overlayfs
+whiteouts), tar layers with --parent-bootstrap, per-layer tar builds + merge -- must equal the
+layers applied with overlay semantics (a reference applier here, and a real overlayfs mount)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from nydusd.builder.merge import MergeOptions, merge
+from nydusd.errors import InvalidArgument
+from nydusd.rafs import load_bootstrap
+from tests.images import Entry, build_image, make_tree, snapshot_dir, snapshot_image
+
+TOOL = os.urandom(1 << 20) + os.urandom(300_000)
+
+LAYERS: list[dict] = [
+    {"etc/": None, "etc/conf": b"v1", "bin/": None, "bin/tool": TOOL, "data/": None, "data/a": b"a",
+     "data/b": b"b", "data/sub/": None, "data/sub/c": b"c", "opq/": None, "opq/x": b"x", "opq/y/": None,
+     "opq/y/deep": b"deep", "tree/": None, "tree/deep/": None, "tree/deep/1": b"1", "tree/f": b"f",
+     "keep": b"keep-file", "lnk": ("symlink", "etc/conf")},
+    {"etc/": None, "etc/conf": b"v2-modified", "etc/new": b"new", "bin/": None, "bin/tool2": TOOL,
+     "data/": None, "data/sub/": None, "data/sub/d": b"d"},
+    {"data/": None, "data/.wh.a": b"", "opq/": None, "opq/.wh..wh..opq": b"", "opq/z": b"z",
+     ".wh.tree": b"", "keep/": None, "keep/inner": b"inner"},
+]
+
+
+def _to_overlayfs(oci: Path, dest: Path) -> Path:
+    """The same layer with overlayfs whiteouts: 0/0 char devices and trusted.overlay.opaque."""
+    shutil.copytree(oci, dest, symlinks=True)
+    for dirpath, _dirs, files in os.walk(dest):
+        for name in files:
+            if name == ".wh..wh..opq":
+                os.unlink(os.path.join(dirpath, name))
+                os.setxattr(dirpath, "trusted.overlay.opaque", b"y")
+            elif name.startswith(".wh."):
+                os.unlink(os.path.join(dirpath, name))
+                os.mknod(os.path.join(dirpath, name[4:]), stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    # the edits above touched directory mtimes: restore the source's
+    for dirpath, _dirs, _files in os.walk(dest):
+        st = os.stat(oci / os.path.relpath(dirpath, dest))
+        os.utime(dirpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return dest
+
+
+def _tar(src: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(src, arcname=".")
+    return dest
+
+
+def apply_layers(snaps: list[dict[bytes, Entry]]) -> dict[bytes, Entry]:
+    """Reference OCI applier over snapshots: per layer, whiteouts first, then its entries."""
+    out: dict[bytes, Entry] = {}
+
+    def drop_under(path: bytes, keep_self: bool) -> None:
+        prefix = path.rstrip(b"/") + b"/"
+        for k in [k for k in out if k.startswith(prefix) or (not keep_self and k == path)]:
+            del out[k]
+
+    for snap in snaps:
+        for path in sorted(snap):
+            base = posixpath.basename(path)
+            parent = posixpath.dirname(path)
+            if base == b".wh..wh..opq":
+                drop_under(parent, keep_self=True)
+            elif base.startswith(b".wh."):
+                drop_under(posixpath.join(parent, base[4:]), keep_self=False)
+        for path, entry in sorted(snap.items()):
+            if posixpath.basename(path).startswith(b".wh."):
+                continue
+            old = out.get(path)
+            if old is not None and stat.S_ISDIR(old.mode) and not stat.S_ISDIR(entry.mode):
+                drop_under(path, keep_self=True)
+            out[path] = entry
+    return out
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    base = tmp_path_factory.mktemp("layers")
+    return [make_tree(base / f"l{i}", spec, mtime=1_700_000_000 + i) for i, spec in enumerate(LAYERS)]
+
+
+@pytest.fixture(scope="module")
+def expected(layers: list[Path]) -> dict[bytes, Entry]:
+    return apply_layers([snapshot_dir(p) for p in layers])
+
+
+def _all_blobs(dirs: list[Path], dest: Path) -> Path:
+    dest.mkdir(exist_ok=True)
+    for d in dirs:
+        for f in d.iterdir():
+            if len(f.name) == 64 and not (dest / f.name).exists():
+                os.link(f, dest / f.name)
+    return dest
+
+
+def _diff(got: dict[bytes, Entry], want: dict[bytes, Entry]) -> dict:
+    return {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
+
+
+@pytest.mark.parametrize("mode", ["dir-oci", "dir-overlayfs", "tar-oci"])
+def test_parent_chain(tmp_path: Path, layers: list[Path], expected: dict, mode: str) -> None:
+    parent = None
+    outs = []
+    for i, layer in enumerate(layers):
+        src, spec, tar = layer, "oci", False
+        if mode == "dir-overlayfs":
+            src, spec = _to_overlayfs(layer, tmp_path / f"ovl{i}"), "overlayfs"
+        elif mode == "tar-oci":
+            src, tar = _tar(layer, tmp_path / f"l{i}.tar"), True
+        img = build_image(src, tmp_path / f"o{i}", parent=parent, whiteout_spec=spec, tar=tar,
+                          chunk_size=0x10000)
+        outs.append(img.blob_dir)
+        parent = img.bootstrap
+    assert parent is not None
+    got = snapshot_image(parent, _all_blobs(outs, tmp_path / "blobs"))
+    assert not _diff(got, expected)
+    with load_bootstrap(str(parent)) as sb:
+        # layer 2 only re-added a copy of bin/tool: its chunks point into the base blob
+        tool2 = sb.chunks(sb.resolve("/bin/tool2").ino)
+        assert {c.blob_index for c in tool2} == {0}
+
+
+def test_per_layer_tar_builds_and_merge(tmp_path: Path, layers: list[Path], expected: dict) -> None:
+    boots = []
+    for i, layer in enumerate(layers):
+        img = build_image(_tar(layer, tmp_path / f"l{i}.tar"), tmp_path / f"o{i}", tar=True,
+                          whiteout_spec="none", chunk_size=0x10000, blob_toc=True)
+        assert img.blob_id is not None
+        named = tmp_path / f"{img.blob_id}.boot"  # the converter names layer bootstraps by digest
+        os.replace(img.bootstrap, named)
+        boots.append(named)
+    out = tmp_path / "merged.boot"
+    res = merge([str(b) for b in boots], MergeOptions(bootstrap_path=str(out), prefetch_patterns=("/bin",)))
+    got = snapshot_image(out, _all_blobs([tmp_path / f"o{i}" for i in range(3)], tmp_path / "blobs"))
+    assert not _diff(got, expected)
+    with load_bootstrap(str(out)) as sb:
+        ids = [b.blob_id for b in sb.blobs]
+        assert res.blobs == ids and sorted(ids) == sorted(b.name.split(".")[0] for b in boots)
+        assert [sb.path_of(i) for i in sb.prefetch_inodes()] == [b"/bin"]
+    # the CLI: same result, exit 2 on inconsistent layers
+    cli = [str(Path(sys.executable).parent / "nydus-image"), "merge", "--log-level", "warn"]
+    out2 = tmp_path / "merged2.boot"
+    r = subprocess.run([*cli, "--prefetch-policy", "fs", "--bootstrap", str(out2), "--output-json",
+                        str(tmp_path / "m.json"), *map(str, boots)], capture_output=True, input=b"/bin\n")
+    assert r.returncode == 0, r.stderr
+    assert out2.read_bytes() == out.read_bytes()
+    v5 = build_image(layers[0], tmp_path / "v5", fs_version=5)
+    bad = tmp_path / f"{v5.blob_id}.boot"
+    os.replace(v5.bootstrap, bad)
+    r = subprocess.run([*cli, "--bootstrap", str(tmp_path / "bad.boot"), str(boots[0]), str(bad)],
+                       capture_output=True)
+    assert r.returncode == 2 and b"inconsistent" in r.stderr
+    assert not (tmp_path / "bad.boot").exists()
+    with pytest.raises(InvalidArgument):
+        merge([str(boots[0])], MergeOptions(bootstrap_path=str(out), blob_sizes=(1, 2)))
+
+
+@pytest.mark.root
+def test_overlayfs_mount_agrees(tmp_path: Path, layers: list[Path], expected: dict) -> None:
+    """The kernel's overlayfs over the overlayfs-format layers gives the same tree as the applier."""
+    ovl = [_to_overlayfs(p, tmp_path / f"ovl{i}") for i, p in enumerate(layers)]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lower = ":".join(str(p) for p in reversed(ovl))
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(mnt)], check=True)
+    try:
+        got = snapshot_dir(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    # overlayfs reports the lower files' own inode attributes; directories carry the upper-most
+    # attributes except that the root of a lowerdir-only mount is the top layer's root as well
+    assert not _diff(got, expected)
