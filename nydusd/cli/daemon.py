@@ -186,20 +186,27 @@ def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
     return False
 
 
-def _api_starter(daemon: Any, apisock: str | None) -> Any:
-    """A callable starting the API server on ``apisock`` (or a no-op when there is no API)."""
-    def start() -> None:
-        if not apisock:
+class _ApiStarter:
+    """Starts the API server on ``apisock`` once the daemon is RUNNING; stops it at shutdown."""
+
+    def __init__(self, daemon: Any, apisock: str | None) -> None:
+        self.daemon = daemon
+        self.apisock = apisock
+        self.server: Any = None
+
+    def __call__(self) -> None:
+        if not self.apisock:
             return
         try:
-            from api import server  # composition root: the one place importing both sides
+            from api.server import start_api_server  # composition root: imports both sides
         except ImportError as e:
-            log.warning("api_server_unavailable", error=str(e), apisock=apisock)
+            log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
             return
-        starter = getattr(server, "start", None) or server.serve
-        starter(daemon, apisock)
-        log.info("api_server_started", apisock=apisock)
-    return start
+        self.server = start_api_server(self.daemon, self.apisock)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout=2.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,7 +227,11 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap and not upgrade:
         daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
                      prefetch_files=_prefetch_list(args.prefetch_files))
-    return daemon.run(on_running=_api_starter(daemon, args.apisock))
+    api = _ApiStarter(daemon, args.apisock)
+    try:
+        return daemon.run(on_running=api)
+    finally:
+        api.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
