@@ -229,7 +229,11 @@ class Checker:
         doc = m.parse_document(data, mt)
         if isinstance(doc, m.Index):
             self._dump("oci_index.json", data)
-            want = m.parse_platform(platform) if "/" in platform else None
+            # The nydus config names the platform it was converted from.
+            os_name, arch = nydus_config.get("os"), nydus_config.get("architecture")
+            want = (os_name, arch, nydus_config.get("variant")) if os_name and arch else None
+            if "/" in platform:
+                want = m.parse_platform(platform)
             found = [d for d in doc.manifests if not m.is_nydus_descriptor(d) and d.platform is not None
                      and (want is None or d.platform.matches(*want))]
             if not found:

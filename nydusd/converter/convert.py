@@ -330,6 +330,8 @@ class Converter:
         entries: list[m.Descriptor] = []
         if self.opts.merge_platform:
             entries += [d for d in doc.manifests if not m.is_nydus_descriptor(d)]
+            for d in entries:
+                self._copy_manifest(d)
         for r in results:
             self._put_manifest(r.descriptor.digest, r.data, r.descriptor.mediaType)
             entries.append(r.descriptor.model_copy(update={"artifactType": m.NYDUS_ARTIFACT})
@@ -342,6 +344,20 @@ class Converter:
         data = m.encode(index)
         self._put_manifest(tag, data, media_type)
         return m.digest_of(data), media_type
+
+    def _copy_manifest(self, desc: m.Descriptor) -> None:
+        """Make a source manifest (and its blobs) exist in the target repository, for an index that
+        keeps the original platforms."""
+        if self.target.blob_size(desc.digest) is not None and self.source.same_registry(self.target) \
+                and self.source.ref.repo == self.target.ref.repo:
+            return
+        data, mt, _ = self.source.get_manifest(desc.digest)
+        doc = m.parse_document(data, mt)
+        children = [doc.config, *doc.layers] if isinstance(doc, m.Manifest) else []
+        for child in children:
+            if self.target.blob_size(child.digest) is None:
+                self.target.copy_blob_from(self.source, child.digest)
+        self._put_manifest(desc.digest, data, mt or desc.mediaType)
 
     # ---- chunk dictionary ----------------------------------------------------------------------
     def _load_chunk_dict(self) -> _ChunkDict | None:

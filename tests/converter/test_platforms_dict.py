@@ -1,0 +1,96 @@
+"""Multi-platform sources (--platform / --all-platforms / --merge-platform) and chunk dictionaries."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from nydusd.converter import manifest as m
+from nydusd.errors import NotFound
+from nydusd.oci.client import RegistryClient
+from tests.converter.registry import Registry
+from tests.converter.test_bad_input import layer_tar, push_image
+from tests.converter.test_convert import check, convert, get_manifest
+
+
+def _push_index(registry: Registry, repo: str, tag: str) -> list[m.Descriptor]:
+    descs = []
+    for arch in ("amd64", "arm64"):
+        mf = push_image(registry, repo, f"{tag}-{arch}", [layer_tar([("arch", arch.encode(), ""),
+                                                                   ("etc/", b"", "")])], arch=arch)
+        raw = m.encode(mf)
+        descs.append(m.descriptor_for(m.OCI_MANIFEST, raw,
+                                      platform=m.Platform(architecture=arch, os="linux")))
+    index = m.Index(mediaType=m.OCI_INDEX, manifests=descs)
+    client = RegistryClient(registry.host, repo, scheme="http")
+    try:
+        client.put_manifest(tag, m.encode(index), m.OCI_INDEX)
+    finally:
+        client.close()
+    return descs
+
+
+@pytest.fixture(scope="module")
+def multi(registry: Registry) -> tuple[str, list[m.Descriptor]]:
+    return f"{registry.host}/src/multi:v1", _push_index(registry, "src/multi", "v1")
+
+
+def test_single_platform_of_an_index_collapses_to_a_manifest(registry: Registry, multi: tuple[str, list],
+                                                             tmp_path: Path) -> None:
+    src, _ = multi
+    convert(src, f"{registry.host}/dst/multi:arm", tmp_path / "w", platform="linux/arm64")
+    raw, ctype = get_manifest(registry, "dst/multi", "arm")
+    assert ctype == m.OCI_MANIFEST
+    assert check(f"{registry.host}/dst/multi:arm", src, tmp_path / "c", platform="linux/arm64") == []
+    with pytest.raises(NotFound, match="no manifest in the source index"):
+        convert(src, f"{registry.host}/dst/multi:s390", tmp_path / "w2", platform="linux/s390x")
+
+
+def test_all_platforms_and_merge_platform(registry: Registry, multi: tuple[str, list[m.Descriptor]],
+                                          tmp_path: Path) -> None:
+    src, originals = multi
+    convert(src, f"{registry.host}/dst/multi:all", tmp_path / "a", all_platforms=True)
+    raw, ctype = get_manifest(registry, "dst/multi", "all")
+    idx = m.parse_document(raw)
+    assert ctype == m.OCI_INDEX and isinstance(idx, m.Index)
+    assert sorted(d.platform.architecture for d in idx.manifests if d.platform) == ["amd64", "arm64"]
+    assert not any(d.digest in {o.digest for o in originals} for d in idx.manifests)
+    for arch in ("amd64", "arm64"):
+        assert check(f"{registry.host}/dst/multi:all", src, tmp_path / f"c-{arch}",
+                     platform=f"linux/{arch}") == []
+
+    convert(src, f"{registry.host}/dst/multi:merged", tmp_path / "b", merge_platform=True)
+    raw, _ = get_manifest(registry, "dst/multi", "merged")
+    idx = m.parse_document(raw)
+    assert isinstance(idx, m.Index) and len(idx.manifests) == 4
+    assert [d.digest for d in idx.manifests[:2]] == [o.digest for o in originals]
+    assert [m.is_nydus_descriptor(d) for d in idx.manifests] == [False, False, True, True]
+    assert all(d.artifactType == m.NYDUS_ARTIFACT for d in idx.manifests[2:])
+    # check picks the nydus entries of a merged index (both platforms at once)
+    target = f"{registry.host}/dst/multi:merged"
+    assert check(target, None, tmp_path / "c-merged") == []
+
+
+def test_chunk_dict_dedups_across_images(registry: Registry, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    shared = rng.randbytes(3 << 20)
+    push_image(registry, "src/dict-a", "v1", [layer_tar([("lib/", b"", ""), ("lib/shared.so", shared, ""),
+                                                         ("a-only", rng.randbytes(100_000), "")])])
+    push_image(registry, "src/dict-b", "v1", [layer_tar([("opt/", b"", ""), ("opt/copy.so", shared, ""),
+                                                         ("b-only", rng.randbytes(50_000), "")])])
+    dict_ref = f"{registry.host}/dict/a:nydus"
+    convert(f"{registry.host}/src/dict-a:v1", dict_ref, tmp_path / "a")
+    plain = convert(f"{registry.host}/src/dict-b:v1", f"{registry.host}/dst/b:plain", tmp_path / "p")
+    deduped = convert(f"{registry.host}/src/dict-b:v1", f"{registry.host}/dst/b:dict", tmp_path / "d",
+                      chunk_dict=f"bootstrap:registry:{dict_ref}")
+    own_plain = plain.manifests[0].manifest.layers[0].size
+    layers = deduped.manifests[0].manifest.layers
+    dict_raw, _ = get_manifest(registry, "dict/a", "nydus")
+    dict_mf = m.parse_document(dict_raw)
+    assert isinstance(dict_mf, m.Manifest)
+    # the new blob holds only what the dictionary lacks; the dictionary's blob is appended
+    assert len(layers) == 3 and layers[1].digest == dict_mf.layers[0].digest
+    assert layers[0].size < own_plain - (2 << 20)
+    assert check(f"{registry.host}/dst/b:dict", f"{registry.host}/src/dict-b:v1", tmp_path / "c") == []
