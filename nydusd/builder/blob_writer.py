@@ -5,7 +5,8 @@ offsets, keeps the running SHA-256 that becomes the blob id, spec §4.1) and the
 spec §4.3-4.6: ``blob.meta`` (chunk-info v1 array + 4096-byte header), GNU tar headers after each
 segment, ``blob.digest``, an inlined bootstrap ``image.boot`` and the ``rafs.blob.toc``.
 The output is written strictly sequentially (never seeks), so ``out`` may be a FIFO.
-Must not import rafs beyond ``rafs.layout`` (record shapes). Threading: one thread drives a writer.
+Must not import rafs beyond ``rafs.layout`` / ``rafs.blobmeta`` (record shapes and codecs).
+Threading: one thread drives a writer.
 """
 
 from __future__ import annotations
@@ -17,27 +18,17 @@ from typing import BinaryIO
 from nydusd.compress import Compressor, compress
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import BuildError
+from nydusd.rafs import blobmeta
 from nydusd.rafs import layout as L
 from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 BLOB_META_HEADER_SIZE = 4096
 INLINE_PLACEHOLDER_ID = "x" * 64
-_CI_MAX_OFFSET = 1 << 40
 
 
 def tar_header(name: bytes, size: int) -> bytes:
     """The 512-byte GNU tar header upstream writes after a blob segment (spec §4.4)."""
-    if len(name) > 100:
-        raise BuildError("tar segment name too long", name=name.decode())
-    hdr = bytearray(512)
-    hdr[0:len(name)] = name
-    hdr[124:136] = b"%011o\0" % size
-    hdr[136:148] = b"00000000000\0"
-    hdr[156:157] = b"0"
-    hdr[257:265] = b"ustar  \0"
-    hdr[148:156] = b" " * 8  # the checksum is computed over the header with its own field as spaces
-    hdr[148:156] = b"%07o\0" % sum(hdr)
-    return bytes(hdr)
+    return blobmeta.tar_header(name.decode(), size)
 
 
 @dataclass
@@ -48,17 +39,6 @@ class _Segment:
     offset: int
     size: int
     usize: int
-
-
-def ci_v1(chunk: ChunkInfo) -> bytes:
-    """The 16-byte chunk-info v1 record of a chunk (spec §4.3)."""
-    us, cs, uo, co = (chunk.uncompressed_size - 1, chunk.compressed_size - 1,
-                      chunk.uncompressed_offset, chunk.compressed_offset)
-    if uo & 0xFFF or uo >= 1 << 44 or co >= _CI_MAX_OFFSET or not (0 <= us < 1 << 24 and 0 <= cs < 1 << 24):
-        raise BuildError("chunk cannot be described by a v1 chunk-info record", index=chunk.index)
-    uncomp = ((us >> 20) << 8) | uo | ((us & 0xFFFFF) << 44)
-    comp = co | ((cs >> 20) << 40) | ((cs & 0xFFFFF) << 44)
-    return L.CI_V1.pack(uncomp, comp)
 
 
 class BlobWriter:
@@ -159,7 +139,10 @@ class BlobWriter:
             blob_toc_size=toc_size, **ci)  # type: ignore[arg-type]
 
     def _write_blob_meta(self) -> dict[str, object]:
-        raw = b"".join(ci_v1(c) for c in self.chunks)
+        try:
+            raw = blobmeta.encode_ci_v1(self.chunks)
+        except ValueError as e:
+            raise BuildError(f"blob meta: {e}") from None
         payload, compressed = compress(raw, self.compressor) if raw else (raw, False)
         ci_comp = self.compressor if compressed else Compressor.NONE
         ci_offset = self.offset
