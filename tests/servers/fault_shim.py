@@ -80,6 +80,8 @@ class _ShimHandler(QuietHandler):
         body = self.rfile.read(length) if length else None
         status, headers, data = self._upstream(method, self.path, body, self.headers.items())
         m = _BLOB_PATH.match(self.path.split("?")[0])
+        if m:
+            self.shim.count_blob_request(method)
         if m and method in ("GET", "HEAD") and status in (200, 206):
             if self.shim.redirect_to is not None:
                 self._redirect(m.group(1))
@@ -159,7 +161,12 @@ class FaultShim(ThreadedServer):
         self._kinds: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self.applied: Counter[str] = Counter()
+        self.blob_requests: Counter[str] = Counter()
         super().__init__(_ShimHandler)
+
+    def count_blob_request(self, method: str) -> None:
+        with self._lock:
+            self.blob_requests[method] += 1
 
     def inject(self, *faults: str) -> None:
         assert all(f in FAULTS for f in faults), faults
