@@ -78,7 +78,7 @@ class _Blob:
 
 
 def _to_nodes(spec: Spec, name: bytes, blob: _Blob, chunk_size: int, path: bytes,
-              links: dict[bytes, Node]) -> Node:
+              links: dict[bytes, Node], pending: list[tuple[Node, bytes, bytes]]) -> Node:
     node = Node(name=name, mode=spec.mode, uid=spec.uid, gid=spec.gid, mtime=spec.mtime,
                 mtime_nsec=spec.nsec, rdev=spec.rdev, xattrs=dict(spec.xattrs))
     if spec.kind == "dir":
@@ -86,13 +86,9 @@ def _to_nodes(spec: Spec, name: bytes, blob: _Blob, chunk_size: int, path: bytes
             child = spec.children[cname]
             cpath = path.rstrip(b"/") + b"/" + cname
             if child.kind == "link":
-                first = links[child.target]
-                node.children.append(Node(name=cname, mode=first.mode, uid=first.uid, gid=first.gid,
-                                          mtime=first.mtime, mtime_nsec=first.mtime_nsec,
-                                          size=first.size, xattrs=first.xattrs, chunks=first.chunks,
-                                          hardlink=first.hardlink))
+                pending.append((node, cname, child.target))
             else:
-                node.children.append(_to_nodes(child, cname, blob, chunk_size, cpath, links))
+                node.children.append(_to_nodes(child, cname, blob, chunk_size, cpath, links, pending))
     elif spec.kind == "file":
         node.size = len(spec.data)
         node.chunks = [blob.add(spec.data[i:i + chunk_size], i) for i in range(0, len(spec.data), chunk_size)]
@@ -103,13 +99,24 @@ def _to_nodes(spec: Spec, name: bytes, blob: _Blob, chunk_size: int, path: bytes
     return node
 
 
+def _tree(root: Spec, blob: _Blob, chunk_size: int) -> Node:
+    links: dict[bytes, Node] = {}
+    pending: list[tuple[Node, bytes, bytes]] = []
+    tree = _to_nodes(root, b"/", blob, chunk_size, b"/", links, pending)
+    for parent, name, target in pending:
+        first = links[target]
+        parent.children.append(Node(name=name, mode=first.mode, uid=first.uid, gid=first.gid,
+                                    mtime=first.mtime, mtime_nsec=first.mtime_nsec, size=first.size,
+                                    xattrs=first.xattrs, chunks=first.chunks, hardlink=first.hardlink))
+    return tree
+
+
 def build_image(root: Spec, *, version: int = 6, compressor: Compressor = Compressor.ZSTD,
                 digester: DigestAlgorithm = DigestAlgorithm.BLAKE3, chunk_size: int = 0x1000,
                 with_toc: bool = True) -> Image:
-    """Build ``root`` into a bootstrap + one data blob (hard links must follow their target in
-    sorted walk order)."""
+    """Build ``root`` into a bootstrap + one data blob ("link" specs name their target's path)."""
     blob = _Blob(compressor, digester)
-    tree = _to_nodes(root, b"/", blob, chunk_size, b"/", {})
+    tree = _tree(root, blob, chunk_size)
     chunks = sorted(blob.chunks.values(), key=lambda c: c.index)
     data = bytes(blob.data)
     h = hashlib.sha256(data)
@@ -156,13 +163,12 @@ def _normalise(d: dict[bytes, tuple[object, ...]]) -> dict[bytes, tuple[object, 
 def expected_dump(root: Spec, *, with_mtime: bool = True) -> dict[bytes, tuple[object, ...]]:
     """{path: (mode, uid, gid, mtime, nsec, rdev, size, target, xattrs, md5, (group, nlink))}."""
     out: dict[bytes, tuple[object, ...]] = {}
-    groups: dict[bytes, bytes] = {}
+
+    links: list[tuple[bytes, bytes]] = []
 
     def visit(spec: Spec, path: bytes) -> None:
         if spec.kind == "link":
-            first = out[spec.target]
-            groups[path] = groups.setdefault(spec.target, spec.target)
-            out[path] = first[:-1] + (spec.target,)
+            links.append((path, spec.target))
             return
         md5 = hashlib.md5(spec.data).hexdigest() if spec.kind == "file" else None
         size = len(spec.data) if spec.kind == "file" else 0
@@ -174,6 +180,8 @@ def expected_dump(root: Spec, *, with_mtime: bool = True) -> dict[bytes, tuple[o
             visit(spec.children[name], path.rstrip(b"/") + b"/" + name)
 
     visit(root, b"/")
+    for path, target in links:
+        out[path] = out[target]
     return _normalise(out)
 
 
