@@ -57,9 +57,9 @@ def test_examples_run(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
-                                             "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
-                                  "mode": "direct"}))
+    device = {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+              "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}}
+    config.write_text(json.dumps({"device": device, "mode": "direct"}))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = tmp_path / "api.sock"
