@@ -179,6 +179,39 @@ def _hash_file(rs: RafsSuper, ino: int, size: int, read_blob: BlobReader, path: 
     return h.hexdigest()
 
 
+def dir_rootfs(root: str | os.PathLike[str]) -> dict[str, Entry]:
+    """The same view of a directory tree on disk (an unpacked rootfs or a nydusd mount)."""
+    tree: dict[str, Entry] = {}
+    base = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        rel = os.path.relpath(dirpath, base)
+        prefix = "/" if rel == "." else "/" + rel + "/"
+        if rel == ".":
+            tree["/"] = _dir_entry(dirpath)
+        for name in sorted(dirnames + filenames):
+            tree[prefix + name] = _dir_entry(os.path.join(dirpath, name))
+    return tree
+
+
+def _dir_entry(path: str) -> Entry:
+    st = os.lstat(path)
+    fmt = stat.S_IFMT(st.st_mode)
+    digest = None
+    if fmt == stat.S_IFREG:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while data := f.read(1 << 20):
+                h.update(data)
+        digest = h.hexdigest()
+    names = os.listxattr(path, follow_symlinks=False)
+    xattrs = {n.encode(): os.getxattr(path, n, follow_symlinks=False) for n in names}
+    return Entry(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                 size=st.st_size if fmt == stat.S_IFREG else 0,
+                 rdev=st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+                 link=os.fsencode(os.readlink(path)) if fmt == stat.S_IFLNK else None,
+                 xattrs=xattrs, sha256=digest)
+
+
 def _fmt_mode(mode: int) -> str:
     return f"{stat.filemode(mode)} ({mode:o})"
 

@@ -1,0 +1,80 @@
+"""`nydusify mount`: nydusd serves the converted image from the registry (registry backend); every
+file of the FUSE mount is compared with the rootfs umoci unpacks from the OCI source."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nydusd.converter.rootfs import compare, dir_rootfs
+from tests.converter.conftest import Image, docker_config
+from tests.converter.images import skopeo_push, unpack_rootfs
+from tests.converter.registry import Registry
+from tests.converter.test_convert import convert
+from tests.integration.proc import force_unmount, is_mounted
+from tests.servers.registry import PASSWORD, USER
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mount_and_compare(target: str, rootfs: Path, tmp_path: Path, env: dict[str, str]) -> int:
+    mnt = tmp_path / "mnt"
+    cmd = [sys.executable, "-m", "nydusd.cli.convert", "--log-level", "warn", "mount", "--target", target,
+           "--plain-http", "--mount-path", str(mnt), "--work-dir", str(tmp_path / "work"),
+           "--nydusd", f"{sys.executable} -m nydusd"]
+    log = open(tmp_path / "nydusify.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 40
+        while not is_mounted(mnt):
+            assert proc.poll() is None, (tmp_path / "nydusify.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "nydusify.log").read_text()
+            time.sleep(0.05)
+        # st_mode, owner, size, rdev, symlink target, xattrs, content of every path (as check does)
+        want, got = dir_rootfs(rootfs), dir_rootfs(mnt)
+        assert compare(want, got) == []
+        count = len(want)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, (tmp_path / "nydusify.log").read_text()
+        assert not is_mounted(mnt)
+        return count
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        force_unmount(mnt)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def oci_rootfs_dir(source_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unpack_rootfs(source_image.tmp, source_image.layout, "v1", tmp_path_factory.mktemp("unpack") / "b")
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("fs_version", [5, 6])
+def test_mount_matches_umoci_rootfs(registry: Registry, source_image: Image, oci_rootfs_dir: Path,
+                                    tmp_path: Path, fs_version: int) -> None:
+    target = f"{registry.host}/mount/texture:v{fs_version}"
+    convert(source_image.ref, target, tmp_path / "conv", fs_version=fs_version)
+    assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, {"HOME": str(tmp_path)}) >= 25
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("mode", ["htpasswd", "token"])
+def test_mount_with_registry_auth(request: pytest.FixtureRequest, mode: str, source_image: Image,
+                                  oci_rootfs_dir: Path, tmp_path: Path) -> None:
+    server = request.getfixturevalue(f"registry_{mode}")
+    src = f"{server.host}/nydusify-mount-{mode}/texture:v1"
+    skopeo_push(source_image.tmp, source_image.layout, "v1", src, f"{USER}:{PASSWORD}")
+    env = docker_config(tmp_path / "home", server.host, USER, PASSWORD)
+    target = f"{server.host}/nydusify-mount-{mode}/texture:nydus"
+    convert(src, target, tmp_path / "conv", env=env)
+    assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, env) >= 25
