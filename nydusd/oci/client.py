@@ -311,6 +311,12 @@ class RegistryClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _scope(self, push: bool = False, repo: str | None = None) -> str:
         return f"repository:{repo or self.repo}:{'pull,push' if push else 'pull'}"
 
