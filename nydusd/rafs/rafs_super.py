@@ -28,7 +28,7 @@ from nydusd.rafs.layout import SB_EXPLICIT_UID_GID, SB_HAS_XATTR, SB_INLINED_CHU
 from nydusd.rafs.model import Bootstrap, Node
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
-MAX_PATH_DEPTH = 4096  # deeper paths are treated as a corrupt (cyclic) parent chain
+MAX_PATH_DEPTH = 1 << 16  # longer parent chains are treated as corrupt (cyclic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +100,7 @@ class RafsSuper(ABC):
         self.source = source
         self._lock = threading.Lock()
         self._parents: dict[int, tuple[int, bytes]] | None = None
+        self._sorted_dirs: set[int] = set()  # directories whose name order was verified
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -179,11 +180,13 @@ class RafsSuper(ABC):
         if ino == self.root_ino:
             return b"/"
         parents = self._parent_map()
+        if ino not in parents:
+            raise NotFound("inode not reachable from the root", ino=ino)
         parts: list[bytes] = []
         cur = ino
         while cur != self.root_ino:
-            if cur not in parents or len(parts) > MAX_PATH_DEPTH:
-                raise NotFound("inode not reachable from the root", ino=ino)
+            if cur not in parents or len(parts) > min(MAX_PATH_DEPTH, self.inode_count):
+                raise CorruptMetadata("broken parent chain", field="i_parent", ino=ino, at=cur)
             cur, name = parents[cur][0], parents[cur][1]
             parts.append(name)
         return b"/" + b"/".join(reversed(parts))
@@ -259,6 +262,21 @@ class RafsSuper(ABC):
             node.chunks = self.chunks(inode.ino)
             node.hardlink = inode.ino
         return node
+
+    def _not_found(self, parent_ino: int, name: bytes) -> NotFound:
+        """NotFound for a failed binary search -- after checking once per directory that its
+        names really are sorted (else the search proves nothing: CorruptMetadata)."""
+        if parent_ino not in self._sorted_dirs:
+            prev = None
+            # v5 keeps "." / ".." out of its sorted children; v6 sorts them in with the rest
+            names = (n for n, _i, _o in self.iter_dir(parent_ino, 2 if self.version == 5 else 0))
+            for child in names:
+                if prev is not None and child <= prev:
+                    raise CorruptMetadata("directory entries are not sorted", field="name",
+                                          ino=parent_ino, entry=child.decode(errors="replace"))
+                prev = child
+            self._sorted_dirs.add(parent_ino)
+        return NotFound("no such entry", ino=parent_ino, name=name.decode(errors="replace"))
 
     def _require(self, inode: Inode, kind: str) -> None:
         ok = {"dir": inode.is_dir, "symlink": inode.is_symlink, "reg": inode.is_reg}[kind]

@@ -153,6 +153,9 @@ class RafsV5Super(RafsSuper):
             tail += 8 + L.align(payload, 8)
             if tail > len(buf):
                 raise corrupt("xattr block exceeds the bootstrap", xattr_off, "xattr_size", value=payload)
+        name = bytes(buf[name_off:name_off + name_size])
+        if index != 1 and (b"/" in name or b"\0" in name or name in (b".", b"..")):
+            raise corrupt("invalid file name", name_off, "name", index=index)
         ftype = stat.S_IFMT(mode)
         if ftype == stat.S_IFREG and tail + L.CHUNK.size * child_count > len(buf):
             raise corrupt("chunk records exceed the bootstrap", tail, "i_child_count", value=child_count)
@@ -163,7 +166,7 @@ class RafsV5Super(RafsSuper):
                      rdev=L.decode_dev(rdev) if is_dev else 0, mtime=mtime, mtime_nsec=nsec,
                      blocks=blocks, has_xattr=bool(xattr_off), meta_offset=off,
                      child_index=child_index, child_count=child_count,
-                     name=bytes(buf[name_off:name_off + name_size]), symlink_offset=sym_off,
+                     name=name, symlink_offset=sym_off,
                      inode_size=symlink_size, xattr_offset=xattr_off, chunk_offset=tail, index=index,
                      parent=parent)
 
@@ -219,7 +222,7 @@ class RafsV5Super(RafsSuper):
                 lo = mid + 1
             else:
                 hi = mid - 1
-        raise NotFound("no such entry", ino=parent_ino, name=name.decode(errors="replace"))
+        raise self._not_found(parent_ino, name)
 
     def iter_dir(self, ino: int, offset: int = 0) -> Iterator[tuple[bytes, int, int]]:
         inode = self.get_inode(ino)

@@ -254,7 +254,10 @@ class RafsV6Super(RafsSuper):
             if e_nid > self._max_nid:
                 raise corrupt("directory entry points outside the bootstrap", where + 12 * k,
                               "e_nid", value=e_nid, nid=nid)
-            out.append((data[nameoff:end], e_nid, ftype))
+            name = data[nameoff:end]
+            if b"/" in name or b"\0" in name:
+                raise corrupt("invalid file name", where + nameoff, "name", nid=nid, block=b)
+            out.append((name, e_nid, ftype))
         return tuple(out)
 
     def _dir(self, ino: int) -> Inode:
@@ -283,7 +286,7 @@ class RafsV6Super(RafsSuper):
                     else:
                         z = m - 1
                 break
-        raise NotFound("no such entry", ino=parent_ino, name=name.decode(errors="replace"))
+        raise self._not_found(parent_ino, name)
 
     def _entry_inode(self, nid: int) -> Inode:
         # The dirent nid was range-checked, so a failure here is a corrupt inode, never NotFound.
