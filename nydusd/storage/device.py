@@ -248,6 +248,10 @@ class BlobDevice:
         """Backend metrics (spec §8.3)."""
         return self.cache_manager.backend_metrics()
 
+    def flush(self) -> None:
+        """Make the chunks cached so far durable (blocking; normally done in the background)."""
+        self.cache_manager.flush()
+
     def close(self) -> None:
         """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""
         self.stop_prefetch()

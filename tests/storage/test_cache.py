@@ -216,16 +216,48 @@ def test_chunk_map_file_has_upstream_layout(tmp_path: Path, raw_blob: TestBlob) 
     try:
         device.read(raw_blob.files[0], 0, 1)               # chunk 0
         device.read(raw_blob.files[0], 3 * CHUNK, 1)       # chunk 3
+        device.flush()
         raw = map_file.read_bytes()
         assert len(raw) == HEADER_SIZE + 1
         assert struct.unpack_from("<IIII", raw) == (MAGIC1, 1, MAGIC2, 0)
         assert raw[HEADER_SIZE] == 0b1001_0000
         assert not any(raw[16:HEADER_SIZE])
         device.read(raw_blob.files[0], 0, 8 * CHUNK)
+        device.flush()
         raw = map_file.read_bytes()
         assert struct.unpack_from("<IIII", raw)[3] == MAGIC_ALL_READY and raw[HEADER_SIZE] == 0xFF
         data = (tmp_path / (raw_blob.blob_id + ".blob.data")).read_bytes()
         assert data[:8 * CHUNK] == raw_blob.contents[0]
+    finally:
+        device.close()
+
+
+def test_chunks_are_marked_on_disk_only_after_a_successful_sync(tmp_path: Path, raw_blob: TestBlob,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 logs) -> None:  # type: ignore[no-untyped-def]
+    from nydusd.storage.cache import blobcache
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blobcache.os, "fdatasync", failing_sync)
+    backend = MemoryBackend({raw_blob.blob_id: raw_blob.data})
+    device = device_for(raw_blob, backend, file_cache(tmp_path))
+    content = raw_blob.contents[0]
+    with logs.expect("cache_sync_failed"):
+        assert device.read(raw_blob.files[0], 0, len(content)) == content
+        # served from the page cache in this process, without refetching
+        assert device.read(raw_blob.files[0], 0, len(content)) == content
+        assert backend.read_count == 1
+        device.close()
+    raw = (tmp_path / (raw_blob.blob_id + ".blob.data.chunk_map")).read_bytes()
+    assert not any(raw[HEADER_SIZE:])
+    monkeypatch.undo()
+    backend.reset_stats()
+    device = device_for(raw_blob, backend, file_cache(tmp_path))
+    try:
+        assert device.read(raw_blob.files[0], 0, len(content)) == content
+        assert backend.bytes_read == len(raw_blob.data)
     finally:
         device.close()
 

@@ -343,13 +343,19 @@ class BlobCacheManager(ABC):
 
     def metrics(self) -> dict[str, Any]:
         """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
-        with self._lock:
-            caches = list(self._caches.values())
+        caches = self._open_caches()
         self.metrics_.set_data_all_ready(bool(caches) and all(c.all_ready() for c in caches))
         return self.metrics_.snapshot()
 
     def backend_metrics(self) -> dict[str, Any]:
         return self.backend.metrics()
+
+    def flush(self) -> None:  # noqa: B027 - optional hook; caches without local state have nothing to sync
+        """Make cached data durable now (no-op for caches without local state)."""
+
+    def _open_caches(self) -> list[BlobCache]:
+        with self._lock:
+            return list(self._caches.values())
 
     def close(self) -> None:
         """Close every blob cache. Idempotent; the backend stays open."""

@@ -8,21 +8,28 @@ Owns: ``FileCache`` (one blob) and ``FileCacheManager``. Per blob id:
 - ``cache.compressed``: ``<id>`` holds the *stored* (compressed) payloads at their
   ``compressed_offset``, readiness in ``<id>.chunk_map`` (upstream's raw-data naming).
 
-Write protocol (crash safety): ``pwrite`` the chunk bytes, ``fdatasync`` the data file, and only
-then set the chunk's bit in the chunk map. On open only set bits are trusted; if the data file
+Write protocol (crash safety, group commit): a fetched chunk is ``pwrite``-n to the data file and
+at once becomes ready *in this process* (an in-memory "volatile" set: the page cache already
+serves the bytes). A per-manager flusher thread then ``fdatasync``-s the data file and only after
+that sets the chunks' bits in the persistent chunk map; one sync covers every chunk written
+meanwhile, and no reader ever waits for the disk. A crash therefore loses at most recent bits,
+never leaves a set bit over missing bytes. On open only set bits are trusted; if the data file
 vanished while its chunk map survived, the map is reset. With ``validate`` every chunk read from
 the data file is verified again and refetched from the backend on a mismatch.
 
 Must not import rafs, fs, daemon or any transport.
 
 Threading: ``os.pread``/``os.pwrite`` at fixed offsets need no shared position, so reads and writes
-run concurrently without a lock; chunk maps carry their own lock; fetch coordination is in
-``base``.
+run concurrently without a lock. Per cache, ``_lock`` guards the volatile set and the list of
+unsynced chunks (held for set operations only) and ``_flush_lock`` serialises flushes (held across
+``fdatasync``; only the flusher thread, ``flush`` and ``close`` take it, never a reader). The
+flusher's condition variable guards its dirty list. Lock order: ``_flush_lock`` -> ``_lock``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 from nydusd.errors import ConfigError, IntegrityError, InvalidArgument
@@ -73,6 +80,11 @@ class FileCache(BlobCache):
             log.warning("cache_data_missing", path=self.data_path, ready_chunks=self._map.ready_count)
             self._map.reset()
         self._mem = MemoryChunkMap()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._volatile: set[int] = set()   # written, not yet durable (indexed chunks)
+        self._unsynced: list[int] = []
+        self._flusher = manager.flusher
         manager.metrics_.add_underlying_file(self.data_path)
         if self._map is not None:
             manager.metrics_.add_underlying_file(self.map_path)
@@ -87,11 +99,11 @@ class FileCache(BlobCache):
     def is_ready(self, chunk: ChunkInfo) -> bool:
         if self._indexed(chunk):
             assert self._map is not None
-            return self._map.is_ready(chunk.index)
+            return self._map.is_ready(chunk.index) or chunk.index in self._volatile
         return self._mem.is_ready(chunk_key(chunk))
 
     def all_ready(self) -> bool:
-        return self._map is not None and self._map.all_ready()
+        return self._map is not None and self._map.ready_count + len(self._volatile) >= self._map.count
 
     def _load(self, chunk: ChunkInfo) -> bytes | None:
         offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
@@ -121,24 +133,102 @@ class FileCache(BlobCache):
                 _pwrite_all(self._fd, item.payload, chunk.compressed_offset)
             else:
                 _pwrite_all(self._fd, item.plain, chunk.uncompressed_offset)
-        # Durable first, ready second: a crash never leaves a set bit over missing bytes.
-        os.fdatasync(self._fd)
         indexed = [it.chunk.index for it in items if self._indexed(it.chunk)]
-        others = [chunk_key(it.chunk) for it in items if not self._indexed(it.chunk)]
-        new = self._mem.set_ready(others)
+        new = self._mem.set_ready(chunk_key(it.chunk) for it in items if not self._indexed(it.chunk))
         if indexed:
             assert self._map is not None
-            new += self._map.set_ready(indexed)
+            with self._lock:
+                fresh = [i for i in indexed if i not in self._volatile and not self._map.is_ready(i)]
+                self._volatile.update(fresh)
+                self._unsynced.extend(fresh)
+            new += len(fresh)
+            if fresh and not self._flusher.schedule(self):
+                self.flush()
         self.manager.metrics_.add_entries(new)
+
+    def flush(self) -> None:
+        """Make written chunks durable, then set their chunk-map bits (see module docstring)."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._unsynced = self._unsynced, []
+            if not batch or self._fd < 0:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                # Not durable: keep serving them from the page cache, never mark them on disk.
+                log.warning("cache_sync_failed", path=self.data_path, chunks=len(batch), cause=str(exc))
+                return
+            assert self._map is not None
+            self._map.set_ready(batch)
+            with self._lock:
+                self._volatile.difference_update(batch)
 
     def close(self) -> None:
         if self._fd < 0:
             return
-        if self._map is not None:
-            self._map.close()
-        self._mem.close()
-        os.close(self._fd)
-        self._fd = -1
+        self.flush()
+        with self._flush_lock:
+            if self._map is not None:
+                self._map.close()
+            self._mem.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _Flusher:
+    """Background group commit for the file caches of one manager: one lazily started thread
+    flushes every cache that has unsynced chunks. ``schedule`` returns False once closed (the
+    caller then flushes inline)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirty: dict[int, FileCache] = {}
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, cache: FileCache) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            self._dirty[id(cache)] = cache
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nydus-cache-flush", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._dirty or self._closed)
+                if not self._dirty:
+                    return
+                caches = list(self._dirty.values())
+                self._dirty.clear()
+                self._busy = True
+            try:
+                for cache in caches:
+                    cache.flush()
+            except Exception:
+                log.exception("cache_flush_crashed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._dirty and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
 
 class FileCacheManager(BlobCacheManager):
@@ -156,6 +246,18 @@ class FileCacheManager(BlobCacheManager):
         super().__init__(backend, work_dir=os.path.abspath(work_dir), **kw)  # type: ignore[arg-type]
         self.compressed = compressed
         self.indexed = indexed
+        self.flusher = _Flusher()
 
     def _open(self, blob: BlobInfo) -> BlobCache:
         return FileCache(blob, self)
+
+    def flush(self) -> None:
+        """Make every chunk fetched so far durable and marked in its chunk map (blocking)."""
+        for cache in self._open_caches():
+            if isinstance(cache, FileCache):
+                cache.flush()
+
+    def close(self) -> None:
+        """Stop the flusher (it finishes pending work), then flush and close every cache."""
+        self.flusher.close()
+        super().close()
