@@ -37,9 +37,11 @@ def build_image(source: Path, out_dir: Path, name: str = "image.boot") -> Path:
     return Path(out.bootstrap_path or "")
 
 
-def snapshotter_config(blob_dir: Path, cache_dir: Path, snapshot_id: str | None = None) -> dict[str, Any]:
+def snapshotter_config(blob_dir: Path, cache_dir: Path, snapshot_id: str | None = None,
+                       prefetch: bool = True) -> dict[str, Any]:
     """The v1 config nydus-snapshotter generates (spec §4.8, Go struct order), with a localfs backend
-    instead of a registry and every key it emits, including those nydusd ignores."""
+    instead of a registry and every key it emits, including those nydusd ignores. ``prefetch=False``
+    turns the default template's background prefetch off (deterministic backend counters)."""
     return {
         "device": {
             "id": f"/{snapshot_id}" if snapshot_id else "",
@@ -53,7 +55,7 @@ def snapshotter_config(blob_dir: Path, cache_dir: Path, snapshot_id: str | None 
         },
         "mode": "direct", "digest_validate": False, "iostats_files": True, "enable_xattr": True,
         "access_pattern": True, "latest_read_files": True, "amplify_io": 1048576,
-        "fs_prefetch": {"enable": True, "prefetch_all": True, "threads_count": 8, "merging_size": 1048576,
+        "fs_prefetch": {"enable": prefetch, "prefetch_all": True, "threads_count": 8, "merging_size": 1048576,
                         "bandwidth_rate": 0, "stream_prefetch": False},
         "warmup": 0, "id_mapping": [0, 0, 0],
     }

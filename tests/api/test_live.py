@@ -148,7 +148,10 @@ def prometheus(c: ApiClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
             for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
 
 
-def test_metrics_move_with_reads(live: LiveDaemon, images: dict[str, Path], config: str) -> None:
+def test_metrics_move_with_reads(live: LiveDaemon, images: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    # no background prefetch: the backend must be read because of our read, not before it
+    config = json.dumps(snapshotter_config(images["blobs"], tmp_path / "cache", prefetch=False))
     with live.client() as c:
         c.mount("/m", str(images["one"]), config)
         c.mount("/other", str(images["two"]), config)
@@ -178,6 +181,7 @@ def test_metrics_move_with_reads(live: LiveDaemon, images: dict[str, Path], conf
         with pytest.raises(ApiError) as e:
             c.metrics(id="/nope")
         assert e.value.status == 404 and e.value.api_message == "GlobalMetrics(Metrics(Stats(NoCounter)))"
-        BlobcacheMetrics.model_validate(c.metrics("blobcache", id="/m"))
+        cache = BlobcacheMetrics.model_validate(c.metrics("blobcache", id="/m"))
+        assert cache.total > 0
         status, _, body = c.request("GET", "/api/v1/metrics/inflight")
         assert status == 204 and body == b""
