@@ -66,12 +66,13 @@ class BlobWriter:
 
     @property
     def tar_headers(self) -> bool:
-        return self.fs_version == 6 and (self.blob_toc or self.inline_meta)
+        # v5 blobs get tar headers only to carry an inlined bootstrap (found by walking backwards)
+        return self.blob_toc or self.inline_meta
 
     @property
     def features(self) -> int:
         if self.fs_version != 6:
-            return L.BLOB_INLINED_FS_META if self.inline_meta else 0
+            return L.BLOB_INLINED_FS_META | L.BLOB_HAS_TAR_HEADER if self.inline_meta else 0
         f = L.BLOB_ALIGNED | L.BLOB_CAP_TAR_TOC
         if self.tar_headers:
             f |= L.BLOB_HAS_TAR_HEADER
