@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
+import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
@@ -123,6 +125,49 @@ def _transport_error(method: str, url: str, exc: BaseException) -> BackendError:
     return BackendError(f"{method} {url} failed: {kind}: {exc}", transient=True, kind=kind)
 
 
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection over a unix stream socket (the host name only fills the Host header)."""
+
+    def __init__(self, *args: Any, socket_path: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.socket_path = socket_path
+
+    def _new_conn(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise urllib3.exceptions.NewConnectionError(
+                self, f"cannot connect to unix socket {self.socket_path}: {exc}") from exc
+        return sock
+
+
+class _UnixPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _UnixConnection  # type: ignore[assignment]
+
+
+class _UnixAdapter(HTTPAdapter):
+    """Sends every ``http://`` request of a session to one unix socket."""
+
+    def __init__(self, socket_path: str, pool_size: int) -> None:
+        super().__init__(max_retries=0)
+        self._pool = _UnixPool("localhost", maxsize=pool_size, socket_path=socket_path)
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
+                                        cert: Any = None) -> Any:
+        return self._pool
+
+    def get_connection(self, url: Any, proxies: Any = None) -> Any:  # older requests
+        return self._pool
+
+    def close(self) -> None:
+        self._pool.close()
+        super().close()
+
+
 def _peer_closed(exc: BaseException) -> bool:
     """Whether ``exc`` (however deeply wrapped) is the peer closing an idle connection."""
     seen: list[BaseException] = [exc]
@@ -143,7 +188,8 @@ class HttpClient:
 
     def __init__(self, *, skip_verify: bool = False, ca_cert_files: Iterable[str] = (),
                  timeout: float = 5, connect_timeout: float = 5, pool_size: int = POOL_SIZE,
-                 proxy: ProxyRoute | None = None) -> None:
+                 proxy: ProxyRoute | None = None, unix_socket: str | None = None) -> None:
+        """``unix_socket``: send every ``http://`` request to this socket (URL host ignored)."""
         self.timeout = (float(connect_timeout or 5), float(timeout or 5))
         self.proxy = proxy
         self._session = requests.Session()
@@ -154,6 +200,8 @@ class HttpClient:
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        if unix_socket:
+            self._session.mount("http://", _UnixAdapter(unix_socket, pool_size))
         self._bundle: str | None = None
         self.skip_verify = skip_verify
         if skip_verify:

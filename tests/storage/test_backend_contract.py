@@ -20,8 +20,10 @@ import pytest
 from nydusd.config import BackendConfig
 from nydusd.errors import BackendError, BlobNotFound
 from nydusd.storage.backend import BlobBackend, create_backend
+from tests.servers.content_server import ContentServer
 
-CASES = ["localfs", "registry", "registry-htpasswd", "registry-token", "registry-proxy", "s3", "oss"]
+CASES = ["localfs", "registry", "registry-htpasswd", "registry-token", "registry-proxy", "s3", "oss",
+         "http-proxy", "http-proxy-unix"]
 
 
 def _blobs() -> dict[str, bytes]:
@@ -32,11 +34,6 @@ def _blobs() -> dict[str, bytes]:
 
 BLOBS = _blobs()
 MISSING = hashlib.sha256(b"never stored").hexdigest()
-
-
-@pytest.fixture(scope="module")
-def stored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return BLOBS
 
 
 def _cfg(type_: str, sub: dict[str, Any]) -> BackendConfig:
@@ -77,11 +74,18 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobBack
         for blob_id, data in BLOBS.items():
             s3.put_object("contract", f"blobs/{blob_id}", data)
         cfg = _cfg("s3", s3.backend_config("contract", "blobs/"))
-    else:
+    elif case == "oss":
         oss = get("oss_server")
         for blob_id, data in BLOBS.items():
             oss.put_object("contract", f"nydus/{blob_id}", data)
         cfg = _cfg("oss", oss.backend_config("contract", "nydus/"))
+    else:
+        sock = tmp_path / "content.sock" if case == "http-proxy-unix" else None
+        # over a unix socket the config's path is ignored (upstream): blobs live at /<id>
+        content = ContentServer(BLOBS, prefix="" if sock else "/content/blobs", unix_socket=sock)
+        request.addfinalizer(content.stop)
+        addr = str(sock) if sock else content.url
+        cfg = _cfg("http-proxy", {"addr": addr, "path": "/content/blobs", "retry_limit": 2})
     b = create_backend(cfg)
     try:
         yield b
@@ -93,7 +97,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobBack
 
 
 def test_type_and_blob_size(backend: BlobBackend) -> None:
-    assert backend.type in ("localfs", "registry", "s3", "oss")
+    assert backend.type in ("localfs", "registry", "s3", "oss", "http-proxy")
     for blob_id, data in BLOBS.items():
         assert backend.blob_size(blob_id) == len(data)
 

@@ -30,6 +30,7 @@ BACKEND_TYPES: dict[str, str] = {
     "registry": "nydusd.storage.backend.registry:RegistryBackend",
     "oss": "nydusd.storage.backend.oss:OssBackend",
     "s3": "nydusd.storage.backend.s3:S3Backend",
+    "http-proxy": "nydusd.storage.backend.http_proxy:HttpProxyBackend",
 }
 
 
