@@ -11,7 +11,6 @@ Must not import fs, daemon, builder. Threading: single-threaded streaming writer
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import tarfile
@@ -25,26 +24,25 @@ from nydusd.rafs.rafs_super import Inode, RafsSuper
 log = get_logger(__name__)
 
 
-class _IterReader(io.RawIOBase):
-    """A read-only file object over an iterator of byte pieces (for ``TarFile.addfile``)."""
+class _IterReader:
+    """A read-only file object over an iterator of byte pieces (for ``TarFile.addfile``, which
+    treats a short ``read(n)`` as end of data, so every read is filled completely)."""
 
     def __init__(self, pieces: Iterator[bytes]) -> None:
         self._pieces = pieces
-        self._buf = b""
+        self._buf = bytearray()
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            try:
-                self._buf = next(self._pieces)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            piece = next(self._pieces, None)
+            if piece is None:
+                break
+            self._buf += piece
+        if n < 0:
+            n = len(self._buf)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
 
 
 def _tarinfo(sb: RafsSuper, name: str, inode: Inode) -> tarfile.TarInfo:

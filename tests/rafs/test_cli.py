@@ -1,0 +1,192 @@
+"""`nydus-image check | inspect | stat | unpack` end to end on upstream fixtures and generated
+images: exit codes, upstream JSON keys, and unpacked tars that extract to the recorded trees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from nydusd.cli.image import main
+from nydusd.rafs import load_bootstrap
+from tests.rafs.imagegen import Spec, build_image
+from tests.rafs.test_fixtures import V5_IMAGES, V6_BLOB, V6_BOOT, parse_result
+
+BLOB5 = "repeatable/blobs/7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("name", [*V5_IMAGES, V6_BOOT])
+def test_check_fixtures(capsys: pytest.CaptureFixture[str], tmp_path: Path, upstream: Path,
+                        name: str) -> None:
+    blob_dir = upstream / ("blobs" if name == V6_BOOT else "repeatable/blobs")
+    out_json = tmp_path / "check.json"
+    rc, out, _ = run(capsys, "check", str(upstream / name), "-D", str(blob_dir), "-J", str(out_json), "-v")
+    assert rc == 0
+    assert "RAFS filesystem metadata is valid, referenced data blobs: " in out
+    doc = json.loads(out_json.read_text())
+    assert {"blobs", "fs_version", "compressor", "version", "bootstrap"} <= doc.keys()
+    assert doc["fs_version"] == ("6" if name == V6_BOOT else "5")
+    assert doc["compressor"] == ("zstd" if name == V6_BOOT else "none")
+    assert doc["blobs"] == [Path(V6_BLOB if name == V6_BOOT else BLOB5).name]
+    assert out_json.read_text() == json.dumps(doc, separators=(",", ":"))  # compact, as upstream
+
+
+def test_check_rejects_corrupt_and_missing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                           upstream: Path) -> None:
+    data = bytearray((upstream / V5_IMAGES[0]).read_bytes())
+    data[0x2120 + 4:0x2120 + 8] = b"\0\xf0\0\0"  # unknown incompatible blob feature
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(data))
+    rc, _, err = run(capsys, "check", "--bootstrap", str(bad))
+    assert rc != 0 and "features" in err and "offset=" in err
+    rc, _, err = run(capsys, "check", str(tmp_path / "missing"))
+    assert rc != 0 and "not found" in err
+    good = bytearray((upstream / V5_IMAGES[0]).read_bytes())
+    good[8544] ^= 0xFF  # the root's Merkle digest
+    bad.write_bytes(bytes(good))
+    rc, _, err = run(capsys, "check", str(bad))
+    assert rc != 0 and "digest" in err
+
+
+def test_inspect_requests(capsys: pytest.CaptureFixture[str], upstream: Path) -> None:
+    boot = str(upstream / V5_IMAGES[0])
+
+    def ask(req: str) -> object:
+        rc, out, _ = run(capsys, "inspect", boot, "-R", req)
+        assert rc == 0
+        return json.loads(out)
+
+    assert ask("stats")["inodes_count"] == 54  # type: ignore[index]
+    blobs = ask("blobs")
+    assert blobs[0]["blob_id"] == Path(BLOB5).name  # type: ignore[index]
+    assert {"readahead_offset", "readahead_size", "decompressed_size", "compressed_size"} <= blobs[0].keys()  # type: ignore[index]
+    assert ask("prefetch") == []
+    assert [e["name"] for e in ask("ls /")] == ["hardlink-test", "normal-file-test", "symlink-test"]  # type: ignore[union-attr,index]
+    st = ask("stat /hardlink-test/foo")
+    assert st["nlink"] == 3 and st["size"] == 944  # type: ignore[index]
+    chunks = ask("chunks /hardlink-test/foo")
+    assert chunks[0]["blob_id"] == Path(BLOB5).name and chunks[0]["uncompressed_size"] == 944  # type: ignore[index]
+    where = chunks[0]["compressed_offset"]  # type: ignore[index]
+    assert "/hardlink-test/foo" in [h["path"] for h in ask(f"chunk {where}")]  # type: ignore[union-attr,index]
+    assert ask(f"icheck {st['inode']}")["path"] == "/hardlink-test/foo"  # type: ignore[index]
+    rc, _, err = run(capsys, "inspect", boot, "-R", "frobnicate")
+    assert rc == 2 and "unknown request" in err
+    rc, _, err = run(capsys, "inspect", boot, "-R", "stat /nope")
+    assert rc != 0 and "no such entry" in err
+
+
+def test_stat_json(capsys: pytest.CaptureFixture[str], tmp_path: Path, upstream: Path) -> None:
+    out_json = tmp_path / "stat.json"
+    rc, out, _ = run(capsys, "stat", "-B", str(upstream / V5_IMAGES[0]), "-J", str(out_json),
+                     "-T", str(upstream / V5_IMAGES[1]))
+    assert rc == 0 and "dedup ratio" in out
+    doc = json.loads(out_json.read_text())
+    base = doc["base_image"]
+    assert doc["target_enabled"] and not doc["dedup_enabled"]
+    counts = (base["files"], base["dirs"], base["symlinks"], base["chunks"], base["dedup_chunks"])
+    assert counts == (21, 24, 7, 27, 23)
+    assert len(base["chunk_sizes"]) == 9 and len(base["file_sizes"]) == 45
+    # same content, other digester: no chunk of the target is found in the base
+    assert doc["target_image"]["own_chunks"] == 23 and doc["target_image"]["ref_chunks"] == 0
+
+
+def _extract(tar_path: Path, dest: Path) -> None:
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="tar" if hasattr(tarfile, "tar_filter") else None)
+
+
+def _disk_tree(root: Path) -> tuple[dict[bytes, tuple[str, str | None]], dict[bytes, str]]:
+    tree: dict[bytes, tuple[str, str | None]] = {b"/": ("directory", None)}
+    md5s: dict[bytes, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = b"/" + os.fsencode(p.relative_to(root))
+            if p.is_symlink():
+                tree[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                tree[rel] = ("directory", None)
+            else:
+                tree[rel] = ("file", None)
+                md5s[rel] = hashlib.md5(p.read_bytes()).hexdigest()
+    return tree, md5s
+
+
+@pytest.mark.parametrize("name", V5_IMAGES)
+def test_unpack_fixture_extracts_to_result_tree(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                upstream: Path, name: str) -> None:
+    out = tmp_path / "out.tar"
+    rc, _, err = run(capsys, "unpack", str(upstream / name), "--blob", str(upstream / BLOB5),
+                     "--output", str(out))
+    assert rc == 0, err
+    _extract(out, tmp_path / "x")
+    tree, md5s = parse_result(upstream / (name + ".result"))
+    got_tree, got_md5 = _disk_tree(tmp_path / "x")
+    assert got_tree == tree
+    assert {p: got_md5[p] for p in md5s} == md5s
+    a, b = (tmp_path / "x/hardlink-test/foo").stat(), (tmp_path / "x/normal-file-test/test.sh").stat()
+    assert a.st_ino == b.st_ino and a.st_nlink == 3
+
+
+def test_unpack_v6_fixture_via_backend_config(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                               upstream: Path) -> None:
+    out = tmp_path / "out.tar"
+    rc, _, err = run(capsys, "unpack", "--bootstrap", str(upstream / V6_BOOT), "--backend-type", "localfs",
+                     "--backend-config", json.dumps({"dir": str(upstream / "blobs")}), "--output", str(out))
+    assert rc == 0, err
+    with tarfile.open(out) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"lib.rs", "sync_io.rs"}
+        lib = tar.extractfile(members["lib.rs"]).read()  # type: ignore[union-attr]
+    assert len(lib) == 16931 and lib.startswith(b"// Copyright (C) 2020 Alibaba Cloud")
+    rc, _, err = run(capsys, "unpack", str(upstream / V6_BOOT), "--output", str(out))
+    assert rc == 2 and "exactly one of" in err
+    rc, _, err = run(capsys, "unpack", str(upstream / V6_BOOT), "--blob-dir", str(tmp_path),
+                     "--output", str(out))
+    assert rc != 0 and V6_BLOB.split("/")[1] in err
+
+
+def test_unpack_special_files_xattrs_and_times(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    spec = Spec("dir", perm=0o755, children={
+        b"f": Spec("file", data=os.urandom(9000), perm=0o4755, uid=1000, gid=50, mtime=1234567890,
+                   nsec=123456789, xattrs={b"user.k": b"\xff\x00bin", b"security.capability": b"cap"}),
+        b"h": Spec("link", target=b"/f"),
+        b"c": Spec("chr", rdev=os.makedev(4, 64)),
+        b"b": Spec("blk", rdev=os.makedev(259, 70000)),
+        b"p": Spec("fifo", perm=0o600),
+        b"s": Spec("symlink", target=b"f"),
+        b"d": Spec("dir", perm=0o711, children={b"e": Spec("file")}),
+    })
+    for version in (5, 6):
+        image = build_image(spec, version=version)
+        boot, blob = tmp_path / f"boot{version}", tmp_path / image.blob_id
+        boot.write_bytes(image.bootstrap)
+        blob.write_bytes(image.blob)
+        out = tmp_path / f"v{version}.tar"
+        rc, _, err = run(capsys, "unpack", str(boot), "-D", str(tmp_path), "--output", str(out))
+        assert rc == 0, err
+        with tarfile.open(out) as tar:
+            m = {x.name: x for x in tar.getmembers()}
+            f = m["f"]
+            assert (f.mode, f.uid, f.gid, f.size) == (0o4755, 1000, 50, 9000)
+            assert f.pax_headers["mtime"] == "1234567890.123456789"
+            assert f.pax_headers["SCHILY.xattr.user.k"].encode("utf-8", "surrogateescape") == b"\xff\x00bin"
+            assert m["h"].islnk() and m["h"].linkname == "f"
+            assert m["c"].ischr() and (m["c"].devmajor, m["c"].devminor) == (4, 64)
+            assert m["b"].isblk() and (m["b"].devmajor, m["b"].devminor) == (259, 70000)
+            assert m["p"].isfifo() and m["s"].issym() and m["s"].linkname == "f"
+            assert m["d"].isdir() and m["d"].mode == 0o711 and m["d/e"].size == 0
+            assert tar.extractfile(f).read() == spec.children[b"f"].data  # type: ignore[union-attr]
+        with load_bootstrap(boot) as sb:
+            assert stat.S_ISCHR(sb.resolve("/c").mode)
