@@ -11,7 +11,7 @@ Must not import: llfuse, the daemon, the API. Everything is immutable and thread
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, NewType
 
 #: an inode number as the kernel sees it (vfs-encoded: mount index in the top byte)
@@ -36,9 +36,12 @@ PSEUDO_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """The attributes of one inode, in ``stat`` terms (times in nanoseconds since the epoch)."""
+class Attr(NamedTuple):
+    """The attributes of one inode, in ``stat`` terms (times in nanoseconds since the epoch).
+
+    A NamedTuple rather than a dataclass: one is built per lookup/getattr/readdir entry on the hot
+    metadata path, and tuple construction is several times cheaper than a frozen dataclass.
+    """
 
     ino: int
     mode: int
@@ -69,10 +72,10 @@ class Attr:
 
     def with_ino(self, ino: int) -> Attr:
         """A copy carrying another inode number (the vfs re-encodes per mount)."""
-        return replace(self, ino=ino)
+        return tuple.__new__(Attr, (ino, *self[1:]))
 
     def with_timeouts(self, timeout: float) -> Attr:
-        return replace(self, entry_timeout=timeout, attr_timeout=timeout)
+        return self._replace(entry_timeout=timeout, attr_timeout=timeout)
 
 
 class DirEntry(NamedTuple):

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from nydusd.errors import InvalidArgument, NydusError
-from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, DirEntry, StatFs
+from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, Attr, DirEntry, StatFs
 from nydusd.log import get_logger
 
 log = get_logger(__name__)
@@ -62,26 +62,27 @@ class RafsFs:
     # -- attributes ---------------------------------------------------------------------------
 
     def _attr(self, inode: Any) -> Attr:
-        mode = int(inode.mode)
-        size = int(inode.size)
-        if stat.S_ISLNK(mode) and size == 0:
+        mode = inode.mode
+        size = inode.size
+        if size == 0 and stat.S_ISLNK(mode):
             size = len(self.sb.readlink(inode.ino))
-        mtime_ns = int(inode.mtime) * 1_000_000_000 + int(getattr(inode, "mtime_nsec", 0))
+        mtime_ns = inode.mtime * 1_000_000_000 + inode.mtime_nsec
         blocks = getattr(inode, "blocks", None)
         if blocks is None:
             blocks = (size + 511) // 512 if stat.S_ISREG(mode) else 0
-        return Attr(ino=int(inode.ino), mode=mode, nlink=int(inode.nlink), uid=int(inode.uid),
-                    gid=int(inode.gid), rdev=int(getattr(inode, "rdev", 0)), size=size,
-                    blocks=int(blocks), atime_ns=mtime_ns, mtime_ns=mtime_ns, ctime_ns=mtime_ns,
-                    entry_timeout=self.timeout, attr_timeout=self.timeout)
+        t = self.timeout
+        return Attr(inode.ino, mode, inode.nlink, inode.uid, inode.gid, inode.rdev, size, blocks,
+                    BLOCK_SIZE, mtime_ns, mtime_ns, mtime_ns, t, t)
 
     def getattr(self, ino: int) -> Attr:
         """Attributes of image inode ``ino``. Raises NotFound for an unknown inode."""
         return self._attr(self.sb.get_inode(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        """Attributes of ``name`` in directory ``parent``. Raises NotFound, NotADirectory."""
-        self._require_dir(parent)
+        """Attributes of ``name`` in directory ``parent``. Raises NotFound.
+
+        The kernel only looks names up in directories, so ``parent`` is not type-checked here.
+        """
         return self._attr(self.sb.lookup(parent, name))
 
     def _require_dir(self, ino: int) -> Any:
@@ -92,10 +93,15 @@ class RafsFs:
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         """Entries of directory ``ino`` from ``offset`` on (``.`` and ``..`` included when the image
-        lists them, as upstream does; ``ls -a`` shows them)."""
+        lists them, as upstream does; ``ls -a`` shows them).
+
+        The entries' ``Attr`` carry only ``ino`` and ``mode``: a FUSE readdir reply holds nothing
+        else, and the kernel looks each name up for the rest.
+        """
         self._require_dir(ino)
+        get_inode = self.sb.get_inode
         for name, child, next_offset in self.sb.iter_dir(ino, offset):
-            yield DirEntry(bytes(name), self.getattr(child), int(next_offset))
+            yield DirEntry(bytes(name), Attr(child, get_inode(child).mode), next_offset)
 
     def readlink(self, ino: int) -> bytes:
         """Target of symlink ``ino``. Raises InvalidArgument if it is not a symlink."""
