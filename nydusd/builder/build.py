@@ -96,6 +96,27 @@ class AtomicOutput:
                 os.unlink(self.path)
 
 
+class CallerOutput(AtomicOutput):
+    """A blob stream owned by the caller (e.g. an upload): written sequentially, never closed,
+    renamed or removed here."""
+
+    def __init__(self, file: BinaryIO) -> None:  # noqa: D107 - no temp file involved
+        self.final = None
+        self.fifo = True
+        self.path = ""
+        self.file = file
+
+    def commit(self, final: str | None = None) -> str:
+        try:
+            self.file.flush()
+        except OSError as e:
+            raise BuildError(f"cannot write blob: {e.strerror}") from None
+        return ""
+
+    def discard(self) -> None:
+        pass
+
+
 def _is_fifo(path: str) -> bool:
     try:
         return stat.S_ISFIFO(os.stat(path).st_mode)
@@ -170,10 +191,12 @@ def _timed(stats: dict[str, Any], key: str) -> Iterator[None]:
     stats[key] = round(time.monotonic() - t0, 6)
 
 
-def build(source: str | os.PathLike[str] | BinaryIO, options: BuildOptions) -> BuildOutput:
+def build(source: str | os.PathLike[str] | BinaryIO, options: BuildOptions, *,
+          blob_file: BinaryIO | None = None) -> BuildOutput:
     """Build a RAFS image from ``source`` (a directory, or a tar path / ``-`` / FIFO / stream).
 
-    Writes the data blob (to ``options.blob_path`` or ``options.blob_dir/<blob id>``) and the
+    Writes the data blob (to ``blob_file`` -- a caller-owned writable stream, written strictly
+    sequentially and left open -- else ``options.blob_path`` or ``options.blob_dir/<blob id>``) and the
     bootstrap (``options.bootstrap_path``, or ``blob_dir/<sha256 of bootstrap>``, or inside the blob
     with ``blob_inline_meta``). Nothing appears under a final name unless the whole build succeeds.
     Raises BuildError for bad input, InvalidArgument for inconsistent options / parents.
@@ -190,10 +213,10 @@ def build(source: str | os.PathLike[str] | BinaryIO, options: BuildOptions) -> B
     for img in (parent, cdict_img):
         if img is not None:
             known.add_all(img.chunk_refs())
-    if not opts.bootstrap_path and not opts.blob_dir and not opts.blob_inline_meta:
+    if blob_file is None and not (opts.bootstrap_path or opts.blob_dir or opts.blob_inline_meta):
         raise InvalidArgument("one of --bootstrap, --blob-dir or --blob-inline-meta is required",
                               field="bootstrap")
-    blob_out = _blob_output(opts)
+    blob_out = CallerOutput(blob_file) if blob_file is not None else _blob_output(opts)
     try:
         return _build_into(source, opts, parent, known, blob_out, stats)
     except BaseException:
@@ -240,7 +263,7 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
     blob_path = None
     if has_blob:
         final = opts.blob_path or os.path.join(opts.blob_dir or "", blob_id or "")
-        blob_path = blob_out.commit(final)
+        blob_path = blob_out.commit(final) or None
     else:
         blob_out.discard()
     boot_path = None

@@ -179,6 +179,23 @@ def _without_digest(blob: bytes) -> bytes:
     return blob
 
 
+def test_library_api_streams_in_and_out(tmp_path: Path, source_tree: Path) -> None:
+    """What the converter does: a gzip layer stream in, the blob to a caller-owned stream out,
+    the bootstrap only as bytes."""
+    tar = _tar_of(source_tree, tmp_path / "layer.tar")
+    layer = io.BytesIO(gzip.compress(tar.read_bytes()))
+    blob = io.BytesIO()
+    out = build(layer, BuildOptions(source_type=SourceType.TARBALL, whiteout_spec="none", blob_toc=True),
+                blob_file=blob)
+    assert out.bootstrap_path is None and out.blob_path is None and not blob.closed
+    assert out.blob_id == hashlib.sha256(_without_digest(blob.getvalue())).hexdigest()
+    assert out.blobs == [out.blob_id]
+    (tmp_path / "b.boot").write_bytes(out.bootstrap)
+    (tmp_path / out.blob_id).write_bytes(blob.getvalue())
+    _compare(tmp_path / "b.boot", tmp_path, source_tree)
+    assert list(tmp_path.iterdir()) and not [p for p in tmp_path.iterdir() if p.name.startswith(".nydus-tmp")]
+
+
 def test_dedup_within_image_and_against_parent(tmp_path: Path) -> None:
     data = os.urandom(4 << 20)
     src = make_tree(tmp_path / "src", {"one": data, "sub/two": data})
