@@ -199,7 +199,7 @@ class Prefetcher:
             # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
             if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
                 return
-            chunks, nbytes = cache.prefetch_chunks(missing)
+            chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=self.batch_size)
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))

@@ -40,7 +40,8 @@ def blob() -> TestBlob:
 
 def make_device(blob: TestBlob, backend: MemoryBackend, work_dir: Path, **prefetch: object) -> BlobDevice:
     cfg = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(work_dir)))
-    return BlobDevice([blob.info], create_cache(cfg, backend),
+    # no on-demand amplification: prefetch merging must come from the prefetch batch_size alone
+    return BlobDevice([blob.info], create_cache(cfg, backend, batch_size=0),
                       prefetch_config=PrefetchConfig(enable=True, **prefetch))  # type: ignore[arg-type]
 
 

@@ -180,25 +180,28 @@ class BlobCache(ABC):
         """The chunks of ``chunks`` (deduplicated) not yet in local state."""
         return [c for c in _unique(chunks).values() if not self.is_ready(c)]
 
-    def prefetch_chunks(self, chunks: Iterable[ChunkInfo]) -> tuple[int, int]:
+    def prefetch_chunks(self, chunks: Iterable[ChunkInfo], *,
+                        merge_limit: int | None = None) -> tuple[int, int]:
         """Fetch the missing ones of ``chunks`` into local state; skips chunks someone else is
-        already fetching. Returns ``(chunks fetched, payload bytes fetched)``. Raises like
-        ``read_chunks`` (the prefetcher logs and drops such failures)."""
+        already fetching. Adjacent chunks merge into requests of up to ``merge_limit`` bytes
+        (default: the manager's ``batch_size``). Returns ``(chunks fetched, payload bytes
+        fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures)."""
         owned = [c for c in self.missing(chunks)
                  if self._flights.try_claim(chunk_key(c), is_ready=lambda _k, c=c: self.is_ready(c),
                                             prefetch=True)]
         if not owned:
             return 0, 0
-        self._fetch_owned(owned, prefetch=True)
+        self._fetch_owned(owned, prefetch=True, limit=merge_limit)
         return len(owned), sum(c.compressed_size for c in owned)
 
     # ------------------------------------------------------------------ shared fetch
-    def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool) -> dict[int, bytes]:
+    def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool,
+                     limit: int | None = None) -> dict[int, bytes]:
         """Fetch chunks this caller leads; every flight is resolved or failed before returning."""
         result: dict[int, bytes] = {}
         pending = {chunk_key(c) for c in chunks}
         try:
-            for group in self._plan(chunks):
+            for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
                 fetched, failed = self._fetch_group(group, prefetch)
                 self._store(fetched)
                 for item in fetched:
@@ -218,9 +221,8 @@ class BlobCache(ABC):
             raise err from exc
         return result
 
-    def _plan(self, chunks: list[ChunkInfo]) -> list[list[ChunkInfo]]:
+    def _plan(self, chunks: list[ChunkInfo], limit: int) -> list[list[ChunkInfo]]:
         """Group chunks into runs that are adjacent in the blob and fit the merge limit."""
-        limit = self.manager.batch_size
         groups: list[list[ChunkInfo]] = []
         for chunk in sorted(chunks, key=chunk_key):
             if chunk.flags & (CHUNK_FLAG_BATCH | CHUNK_FLAG_ENCRYPTED):
