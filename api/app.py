@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from fastapi import FastAPI
@@ -76,7 +76,8 @@ class RequestMiddleware:
 
 def create_app(daemon: DaemonApi) -> FastAPI:
     """Build the API application around ``daemon`` (kept on ``app.state.daemon``)."""
-    app = FastAPI(title="Nydus API", version="1.0.0", description=DESCRIPTION,
+    # redirect_slashes off: upstream matches paths exactly ("/api/v1/daemon/" is NoRoute, not a 307)
+    app = FastAPI(title="Nydus API", version="1.0.0", description=DESCRIPTION, redirect_slashes=False,
                   docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.daemon = daemon
     app.state.prometheus_registry = create_registry(daemon)
@@ -105,7 +106,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of the app (independent of any daemon); ``openapi.yaml`` must equal it."""
-    return create_app(_NoDaemon()).openapi()
+    return create_app(cast(DaemonApi, _NoDaemon())).openapi()
 
 
 class _NoDaemon:

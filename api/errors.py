@@ -173,8 +173,7 @@ def _validation_message(errors: list[Any]) -> str:
             return f"QueryString({rust_str(MOUNTPOINT_QUERY_MESSAGE)})"
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        field = ".".join(loc)
+        field = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         if err.get("type") == "missing" and field:
             parts.append(f"missing field `{field}`")
         elif err.get("type") == "json_invalid":

@@ -63,16 +63,20 @@ FS_ARRAYS = (
 )
 
 
+Family = CounterMetricFamily | GaugeMetricFamily
+
+
 class _Families:
     """Lazily created metric families, one per name, reused across mountpoints."""
 
     def __init__(self) -> None:
-        self.by_name: dict[str, Metric] = {}
+        self.by_name: dict[str, Family] = {}
 
-    def get(self, name: str, doc: str, counter: bool, labels: list[str]) -> Metric:
+    def get(self, name: str, doc: str, counter: bool, labels: list[str]) -> Family:
         if name not in self.by_name:
-            cls = CounterMetricFamily if counter else GaugeMetricFamily
-            self.by_name[name] = cls(name, doc, labels=labels)
+            family: Family = (CounterMetricFamily(name, doc, labels=labels) if counter
+                              else GaugeMetricFamily(name, doc, labels=labels))
+            self.by_name[name] = family
         return self.by_name[name]
 
 

@@ -131,8 +131,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
     """Execute one command; raises ApiError/OSError for the caller to report."""
-    emit = (lambda d, text: out.write(json.dumps(d, indent=2) + "\n")) if args.raw else \
-        (lambda d, text: out.write(text + "\n"))
+    def emit(data: Any, text: str) -> None:
+        out.write((json.dumps(data, indent=2) if args.raw else text) + "\n")
+
     if args.command == "info":
         info = client.info()
         emit(info, render_info(info))

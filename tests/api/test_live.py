@@ -185,3 +185,15 @@ def test_metrics_move_with_reads(live: LiveDaemon, images: dict[str, Path], tmp_
         assert cache.total > 0
         status, _, body = c.request("GET", "/api/v1/metrics/inflight")
         assert status == 204 and body == b""
+
+
+@pytest.mark.slow
+def test_many_mount_umount_cycles(live: LiveDaemon, images: dict[str, Path], config: str) -> None:
+    # upstream MUST: survive >= 300 mount/umount cycles (vfs slot reuse), paths stat-able each time
+    with live.client() as c:
+        for i in range(300):
+            mp = f"/cycle{i % 7}"
+            c.mount(mp, str(images["two"]), config)
+            assert (live.mountpoint / mp.lstrip("/") / "only2.txt").read_bytes() == b"2"
+            c.umount(mp)
+        assert c.info()["backend_collection"] == {}

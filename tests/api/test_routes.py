@@ -224,3 +224,8 @@ def test_requests_are_logged_once_with_request_id(client: TestClient, logs: obje
     assert len(lines) == 2
     assert {e["path"] for e in lines} == {"/api/v1/daemon"} and {e["status"] for e in lines} == {200}
     assert len({e["request_id"] for e in lines}) == 2
+
+
+def test_paths_match_exactly(client: TestClient) -> None:
+    r = client.get("/api/v1/daemon/", follow_redirects=False)
+    assert r.status_code == 404 and r.json()["message"] == "NoRoute"

@@ -188,3 +188,40 @@ def test_stop_keeps_a_successors_socket(sock_path: Path) -> None:
             assert c.info()["state"] == "RUNNING"
     finally:
         second.stop()
+
+
+def test_http10_and_raw_clients(served: ApiServer, sock_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(sock_path))
+        s.sendall(b"GET /api/v1/daemon HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):  # HTTP/1.0 without keep-alive: the server closes after the reply
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"server: nydus api" in head.lower()
+    assert b'"state":"RUNNING"' in body
+
+
+def test_concurrent_clients(served: ApiServer, sock_path: Path, bootstrap: Path, config_text: str) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            with ApiClient(str(sock_path)) as c:
+                for i in range(10):
+                    mp = f"/w{n}/{i}"
+                    c.mount(mp, str(bootstrap), config_text)
+                    assert c.metrics(id=mp)["id"] == mp
+                    c.umount(mp)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    with ApiClient(str(sock_path)) as c:
+        assert c.info()["backend_collection"] == {}
