@@ -71,9 +71,8 @@ class BlobWriter:
 
     @property
     def features(self) -> int:
-        if self.fs_version != 6:
-            return L.BLOB_INLINED_FS_META | L.BLOB_HAS_TAR_HEADER if self.inline_meta else 0
-        f = L.BLOB_ALIGNED | L.BLOB_CAP_TAR_TOC
+        # upstream marks every blob it builds (v5 too) with CAP_TAR_TOC ("built by nydus-image >= 2.2")
+        f = L.BLOB_CAP_TAR_TOC | (L.BLOB_ALIGNED if self.aligned else 0)
         if self.tar_headers:
             f |= L.BLOB_HAS_TAR_HEADER
         if self.blob_toc:
@@ -113,8 +112,10 @@ class BlobWriter:
                                        len(data), len(data) if usize is None else usize))
 
     def blob_info(self, blob_id: str, blob_index: int = 0) -> BlobInfo:
-        """The blob table entry for this blob (after ``finish_data``)."""
-        return replace(self._info, blob_id=blob_id, blob_index=blob_index)
+        """The blob table entry for this blob (after ``finish_data``). Its ``compressed_size`` is
+        the blob size written so far, as upstream records it: the whole file after ``finish``, or
+        everything before the inlined bootstrap."""
+        return replace(self._info, blob_id=blob_id, blob_index=blob_index, compressed_size=self.offset)
 
     def finish_data(self) -> None:
         """Write everything that precedes an inlined bootstrap: the ``image.blob`` tar header and, for
