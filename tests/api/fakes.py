@@ -171,3 +171,26 @@ class FakeDaemon:
 
     def metrics_inflight(self) -> list[dict[str, Any]]:
         return list(self.inflight)
+
+
+class ConfigurableFakeDaemon(FakeDaemon):
+    """A FakeDaemon that also has the optional runtime-config methods behind ``/api/v1/config``."""
+
+    KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runtime: dict[str, dict[str, str]] = {}
+
+    def get_config(self, id: str | None) -> dict[str, str]:
+        if id is not None:
+            return dict(self.runtime.get(id, {}))
+        return {f"{i}:{k}": v for i, kv in self.runtime.items() for k, v in kv.items()}
+
+    def update_config(self, id: str, values: dict[str, str]) -> None:
+        from nydusd.errors import ConfigError
+
+        for key in values:
+            if key not in self.KEYS:
+                raise ConfigError(f"unknown runtime config key {key}", field=key)
+        self.runtime.setdefault(id, {}).update(values)

@@ -229,3 +229,22 @@ def test_requests_are_logged_once_with_request_id(client: TestClient, logs: obje
 def test_paths_match_exactly(client: TestClient) -> None:
     r = client.get("/api/v1/daemon/", follow_redirects=False)
     assert r.status_code == 404 and r.json()["message"] == "NoRoute"
+
+
+def test_runtime_config_endpoint_when_the_daemon_has_it() -> None:
+    from api.app import create_app
+    from tests.api.fakes import ConfigurableFakeDaemon
+
+    daemon = ConfigurableFakeDaemon()
+    with TestClient(create_app(daemon)) as c:
+        r = c.put("/api/v1/config?id=%2Fsid", json={"registry_auth": "dXNlcjpwYXNz"})
+        assert r.status_code == 204
+        assert daemon.runtime == {"/sid": {"registry_auth": "dXNlcjpwYXNz"}}
+        assert c.get("/api/v1/config?id=/sid").json() == {"registry_auth": "dXNlcjpwYXNz"}
+        assert c.get("/api/v1/config").json() == {"/sid:registry_auth": "dXNlcjpwYXNz"}
+        assert c.put("/api/v1/config", json={"proxy_url": "http://p"}).status_code == 204
+        assert daemon.runtime[""] == {"proxy_url": "http://p"}
+        r = c.put("/api/v1/config", json={"colour": "blue"})
+        assert r.status_code == 500 and "colour" in r.json()["message"]
+        r = c.put("/api/v1/config", json={"registry_auth": 5})
+        assert r.status_code == 400
