@@ -197,8 +197,8 @@ def _prefetch_config(cfg: ConfigV2) -> Any:
 
 
 def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: list[str] | None) -> None:
-    """fs_prefetch: warm the cache with ``prefetch_files``, else the image's prefetch table (or every
-    file with ``prefetch_all``), from a background thread. Best effort: failures are logged only."""
+    """fs_prefetch: warm the cache with ``prefetch_files``, else the image's prefetch table, then with
+    ``prefetch_all`` every other file, from a background thread. Best effort: failures are logged."""
     prefetch = _prefetch_config(inst.config)
     if not prefetch.enable:
         return
@@ -206,17 +206,18 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
 
     def collect() -> None:
         try:
+            roots: list[int] = []
             if prefetch_files:
-                roots = []
                 for path in prefetch_files:
                     try:
                         roots.append(int(sb.resolve(os.fsencode(path)).ino))
                     except NydusError:
                         log.info("prefetch_file_skipped", path=path)
-            elif prefetch.prefetch_all:
-                roots = [int(sb.root_ino)]
             else:
                 roots = [int(i) for i in sb.prefetch_inodes()]
+            if prefetch.prefetch_all:
+                # upstream: the hinted files first, then everything else
+                roots.append(int(sb.root_ino))
             queued = _queue_prefetch(sb, device, roots, stop)
             log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
         except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
@@ -236,9 +237,9 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
     """Submit the chunks of every regular file under ``roots`` (files or directories)."""
     queued = 0
     seen: set[int] = set()
-    pending = list(roots)
+    pending = deque(roots)  # breadth first, in hint order
     while pending and not stop.is_set():
-        ino = pending.pop()
+        ino = pending.popleft()
         if ino in seen:
             continue
         seen.add(ino)

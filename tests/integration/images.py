@@ -82,13 +82,14 @@ class Image:
 
 
 def build_image(src: Path, out: Path, *, version: int = 6, chunk_size: int = 1 << 20,
-                compressor: str = "zstd") -> Image:
+                compressor: str = "zstd", prefetch: tuple[str, ...] = ()) -> Image:
     """Build ``src`` into ``out/image.boot`` + ``out/blobs/<blob id>`` with the real builder."""
     from nydusd.compress import Compressor
 
     blobs = out / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
     opts = BuildOptions(fs_version=version, bootstrap_path=str(out / "image.boot"), blob_dir=str(blobs),
-                        chunk_size=chunk_size, compressor=Compressor[compressor.upper()])
+                        chunk_size=chunk_size, compressor=Compressor[compressor.upper()],
+                        prefetch_patterns=prefetch)
     result = build(str(src), opts)
     return Image(result.bootstrap_path or str(out / "image.boot"), str(blobs), version)
