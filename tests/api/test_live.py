@@ -178,6 +178,9 @@ def test_metrics_move_with_reads(live: LiveDaemon, images: dict[str, Path], tmp_
         assert prom[key] - prom_before[key] == len(data)
         assert prom[("nydusd_fs_read_bytes_total", (("mountpoint", "/other"),))] == 0
         assert prom[("nydusd_mounts", ())] == 2
+        assert prom[("nydusd_backend_reads_total", (("mountpoint", "/m"),))] == backend_after.read_count
+        assert prom[("nydusd_blobcache_reads_total", (("mountpoint", "/m"),))] > 0
+        assert prom[("nydusd_daemon_state", (("state", "RUNNING"),))] == 1
         with pytest.raises(ApiError) as e:
             c.metrics(id="/nope")
         assert e.value.status == 404 and e.value.api_message == "GlobalMetrics(Metrics(Stats(NoCounter)))"
