@@ -110,7 +110,7 @@ def _origin(url: str) -> tuple[str, str]:
 
 
 def _transport_error(method: str, url: str, exc: BaseException) -> BackendError:
-    """Describe a transport failure; every one of them may heal on retry."""
+    """Describe a transport failure; all but a refused certificate may heal on retry."""
     if isinstance(exc, requests.exceptions.SSLError):
         kind = "tls"
     elif isinstance(exc, requests.exceptions.ProxyError):
@@ -122,7 +122,9 @@ def _transport_error(method: str, url: str, exc: BaseException) -> BackendError:
         kind = "short_body"
     else:
         kind = "connection"
-    return BackendError(f"{method} {url} failed: {kind}: {exc}", transient=True, kind=kind)
+    # A certificate the client refuses stays refused: retrying only delays the error.
+    transient = not (kind == "tls" and "CERTIFICATE_VERIFY_FAILED" in str(exc))
+    return BackendError(f"{method} {url} failed: {kind}: {exc}", transient=transient, kind=kind)
 
 
 class _UnixConnection(urllib3.connection.HTTPConnection):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nydusd.oci.client import RegistryClient
-from tests.servers.base import ProcessServer, free_port, http_status, wait_until
+from tests.servers.base import ProcessServer, free_port, http_status, port_open, wait_until
 from tests.servers.token_server import ISSUER, SERVICE, TokenServer
 
 USER = "nydus"
@@ -30,7 +30,36 @@ def basic_auth(user: str = USER, password: str = PASSWORD) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _config(root: Path, port: int, auth: str, token: TokenServer | None) -> str:
+def make_tls_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed server certificate for 127.0.0.1 (IP SAN) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _config(root: Path, port: int, auth: str, token: TokenServer | None,
+            tls: tuple[Path, Path] | None = None) -> str:
     lines = [
         "version: 0.1",
         "log:",
@@ -38,13 +67,18 @@ def _config(root: Path, port: int, auth: str, token: TokenServer | None) -> str:
         "  accesslog:",
         "    disabled: true",
         "storage:",
+        "  cache:",
+        "    blobdescriptor: inmemory",
         "  filesystem:",
         f"    rootdirectory: {root / 'data'}",
         "  delete:",
         "    enabled: true",
         "http:",
         f"  addr: 127.0.0.1:{port}",
+        "  secret: nydus-test-secret",
     ]
+    if tls is not None:
+        lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
     if auth == "htpasswd":
         htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True,
                                   capture_output=True, text=True).stdout
@@ -60,7 +94,7 @@ def _config(root: Path, port: int, auth: str, token: TokenServer | None) -> str:
 class RegistryServer:
     """docker-registry on 127.0.0.1; ``stop()`` ends it by PID."""
 
-    def __init__(self, root: Path, auth: AuthMode = "none", **token_opts: Any) -> None:
+    def __init__(self, root: Path, auth: AuthMode = "none", *, tls: bool = False, **token_opts: Any) -> None:
         if shutil.which("docker-registry") is None:
             raise RuntimeError("docker-registry is not installed (apt install docker-registry)")
         self.root = root
@@ -70,11 +104,16 @@ class RegistryServer:
         if auth == "token":
             self.token = TokenServer(root, users={USER: PASSWORD}, **token_opts)
         self.port = free_port()
-        (root / "registry.yml").write_text(_config(root, self.port, auth, self.token))
+        self.tls_cert: Path | None = None
+        tls_files = make_tls_cert(root) if tls else None
+        if tls_files:
+            self.tls_cert = tls_files[0]
+        (root / "registry.yml").write_text(_config(root, self.port, auth, self.token, tls_files))
         self.process = ProcessServer(["docker-registry", "serve", str(root / "registry.yml")],
                                      root / "registry.log")
         try:
-            wait_until(lambda: http_status(self.port, "/v2/") in (200, 401), what="docker-registry")
+            wait_until(lambda: port_open(self.port) if tls else http_status(self.port, "/v2/") in (200, 401),
+                       what="docker-registry")
         except TimeoutError:
             self.stop()
             raise
@@ -88,9 +127,15 @@ class RegistryServer:
         """The ``auth`` config value that this registry accepts (None when it needs none)."""
         return None if self.auth_mode == "none" else basic_auth()
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
     def client(self, repo: str, **kw: Any) -> RegistryClient:
         kw.setdefault("auth", self.auth)
-        return RegistryClient(self.host, repo, scheme="http", **kw)
+        if self.tls_cert:
+            kw.setdefault("ca_cert_files", [str(self.tls_cert)])
+        return RegistryClient(self.host, repo, scheme=self.scheme, **kw)
 
     def push_blob(self, repo: str, data: bytes, *, chunk_size: int | None = None) -> str:
         """Upload ``data`` to ``repo``; returns the blob id (hex sha256, no prefix)."""
@@ -104,7 +149,7 @@ class RegistryServer:
 
     def backend_config(self, repo: str, **overrides: Any) -> dict[str, Any]:
         """The ``backend.registry`` config dict for this server."""
-        cfg: dict[str, Any] = {"scheme": "http", "host": self.host, "repo": repo, "timeout": 5,
+        cfg: dict[str, Any] = {"scheme": self.scheme, "host": self.host, "repo": repo, "timeout": 5,
                                "connect_timeout": 5, "retry_limit": 2}
         if self.auth:
             cfg["auth"] = self.auth

@@ -234,3 +234,30 @@ def test_fault_storm_never_returns_wrong_bytes(fault_shim: FaultShim, shim_blob:
     assert ok >= 30 and sum(fault_shim.applied.values()) > 40
     m = b.metrics()
     assert m["read_count"] == 40 and m["read_errors"] == failed
+
+
+# -------------------------------------------------------------------------------------------- TLS
+def test_tls_registry_with_ca_file_and_skip_verify(registry_factory: Any, closing: Any, logs: Any) -> None:
+    reg = registry_factory("htpasswd", tls=True)
+    blob = reg.push_blob("tls/a", DATA)  # the helper trusts the test CA
+    base = {"scheme": "https", "auth": basic_auth()}
+    trusted = closing(_backend(reg, "tls/a", ca_cert_files=[str(reg.tls_cert)], **base))
+    assert trusted.read(blob, 10, 1000) == DATA[10:1010]
+    insecure = closing(_backend(reg, "tls/a", skip_verify=True, **base))
+    assert insecure.read(blob, 0, 5) == DATA[:5]
+    untrusted = closing(_backend(reg, "tls/a", retry_limit=3, **base))
+    with pytest.raises(BackendError) as ei:
+        untrusted.read(blob, 0, 5)
+    err = ei.value
+    assert err.kind == "tls" and "CERTIFICATE_VERIFY_FAILED" in str(err)
+    assert not err.transient and err.attempts == 1
+
+
+def test_skip_verify_falls_back_to_plain_http(registry_server: RegistryServer, closing: Any,
+                                              logs: Any) -> None:
+    blob = registry_server.push_blob("tls/plain", DATA)
+    b = closing(_backend(registry_server, "tls/plain", scheme="https", skip_verify=True))
+    with logs.expect("registry_scheme_downgraded", count=1):
+        assert b.read(blob, 0, 100) == DATA[:100]
+        assert b.read(blob, 100, 100) == DATA[100:200]
+    assert b.client.scheme == "http"
