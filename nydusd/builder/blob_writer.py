@@ -62,6 +62,7 @@ class BlobWriter:
         self.offset = 0                 # bytes written so far
         self.uncompressed_size = 0      # next uncompressed offset
         self._id_hash = hashlib.sha256()  # blob id: everything but the blob.digest payload
+        self._file_hash = hashlib.sha256()  # the whole file (the registry digest of the layer)
         self._segments: list[_Segment] = []
 
     @property
@@ -88,6 +89,7 @@ class BlobWriter:
             raise BuildError(f"cannot write blob: {e.strerror}") from None
         if hashed:
             self._id_hash.update(data)
+        self._file_hash.update(data)
         self.offset += len(data)
 
     def add_chunk(self, digest: bytes, payload: bytes, compressed: bool, usize: int) -> ChunkInfo:
@@ -163,7 +165,9 @@ class BlobWriter:
                 "ci_uncompressed_size": len(raw)}
 
     def finish(self, inline_bootstrap: bytes | None = None) -> str:
-        """Write the inlined bootstrap (if any) and the ToC; returns the blob id (spec §4.1)."""
+        """Write the inlined bootstrap (if any) and the ToC; returns the blob id: spec §4.1 for a
+        blob with a separate bootstrap; for a blob carrying its bootstrap, whose id readers take
+        from its file name, the SHA-256 of the whole file (= its registry layer digest)."""
         if inline_bootstrap is not None:
             if self.blob_toc:
                 boot, _ = compress(inline_bootstrap, Compressor.ZSTD)
@@ -180,4 +184,4 @@ class BlobWriter:
             self._write(entries)
             self._write(tar_header(L.TOC_NAME, len(entries)))
             self.toc_digest = hashlib.sha256(entries + tar_header(L.TOC_NAME, len(entries))).digest()
-        return self._id_hash.hexdigest()
+        return (self._file_hash if inline_bootstrap is not None else self._id_hash).hexdigest()

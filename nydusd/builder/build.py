@@ -244,26 +244,44 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
             drop_whiteouts(upper, opts.whiteout_spec)
         root = upper
     has_blob = bool(writer.chunks) or opts.blob_inline_meta
-    blob_id: str | None = None
-    if has_blob:
-        writer.finish_data()
-    if has_blob and not opts.blob_inline_meta:
-        blob_id = writer.finish()
-        new_blob.info = writer.blob_info(opts.blob_id or blob_id)
-        if opts.blob_toc:
-            new_blob.info = replace(new_blob.info, blob_toc_digest=writer.toc_digest)
-    elif has_blob:
-        new_blob.info = writer.blob_info(INLINE_PLACEHOLDER_ID)
+    blob_id = _seal_blob(writer, new_blob, opts) if has_blob else None
     table = assemble_blobs(root, parent.blobs if parent else [])
     if opts.blob_inline_meta and new_blob not in table:
         table.append(new_blob)
     boot = bootstrap_bytes_for(root, table, opts, _prefetch_paths(root, opts.prefetch_patterns))
     if opts.blob_inline_meta:
         blob_id = writer.finish(inline_bootstrap=boot)
+    ids = [blob_id if b is new_blob and opts.blob_inline_meta else b.info.blob_id  # type: ignore[union-attr]
+           for b in table]
+    blob_path, boot_path = _commit_outputs(opts, blob_out, blob_id if has_blob else None, boot)
+    log.info("image_built", bootstrap=boot_path, blob=blob_path, blob_id=blob_id,
+             chunks=stats.get("chunks"), new_chunks=stats.get("new_chunks"))
+    return BuildOutput(bootstrap_path=boot_path, blob_path=blob_path, blob_id=blob_id, blobs=ids,
+                       fs_version=opts.fs_version, compressor=opts.compressor.value, stats=stats,
+                       bootstrap=boot)
+
+
+def _seal_blob(writer: BlobWriter, new_blob: BlobRef, opts: BuildOptions) -> str | None:
+    """Write the blob trailer (all of it unless the bootstrap goes inside) and fill in the new
+    blob's table entry; returns the blob id when already known."""
+    writer.finish_data()
+    if opts.blob_inline_meta:
+        # the inlined bootstrap names its own blob with upstream's placeholder (spec §4.1)
+        new_blob.info = writer.blob_info(INLINE_PLACEHOLDER_ID)
+        return None
+    blob_id = writer.finish()
+    new_blob.info = writer.blob_info(opts.blob_id or blob_id)
+    if opts.blob_toc:
+        new_blob.info = replace(new_blob.info, blob_toc_digest=writer.toc_digest)
+    return blob_id
+
+
+def _commit_outputs(opts: BuildOptions, blob_out: AtomicOutput, blob_id: str | None,
+                    boot: bytes) -> tuple[str | None, str | None]:
+    """Rename the blob into place (or drop it when nothing was written), then write the bootstrap."""
     blob_path = None
-    if has_blob:
-        final = opts.blob_path or os.path.join(opts.blob_dir or "", blob_id or "")
-        blob_path = blob_out.commit(final) or None
+    if blob_id is not None:
+        blob_path = blob_out.commit(opts.blob_path or os.path.join(opts.blob_dir or "", blob_id)) or None
     else:
         blob_out.discard()
     boot_path = None
@@ -271,14 +289,7 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
         boot_path = write_atomic(boot, opts.bootstrap_path)
     elif opts.blob_dir and not opts.blob_inline_meta:
         boot_path = write_atomic(boot, os.path.join(opts.blob_dir, hashlib.sha256(boot).hexdigest()))
-    ids = [b.info.blob_id for b in table if b.info is not None]
-    if opts.blob_inline_meta and blob_id:
-        ids = [blob_id if b is new_blob else b.info.blob_id for b in table if b.info is not None]
-    log.info("image_built", bootstrap=boot_path, blob=blob_path, blob_id=blob_id,
-             chunks=stats.get("chunks"), new_chunks=stats.get("new_chunks"))
-    return BuildOutput(bootstrap_path=boot_path, blob_path=blob_path, blob_id=blob_id, blobs=ids,
-                       fs_version=opts.fs_version, compressor=opts.compressor.value, stats=stats,
-                       bootstrap=boot)
+    return blob_path, boot_path
 
 
 def _prefetch_paths(root: Node, patterns: tuple[str, ...]) -> list[bytes]:

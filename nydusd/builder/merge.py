@@ -47,9 +47,16 @@ class _Settings:
     explicit_uidgid: bool
 
 
+def _hex_digest(text: str, field: str) -> str:
+    value = text.removeprefix("sha256:")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise InvalidArgument(f"invalid digest {text!r}, expected 64 lowercase hex digits", field=field)
+    return value
+
+
 def _layer_blob_id(path: str, i: int, opts: MergeOptions) -> str:
     if opts.blob_digests:
-        return opts.blob_digests[i].removeprefix("sha256:")
+        return _hex_digest(opts.blob_digests[i], "blob-digests")
     if opts.original_blob_ids:
         return opts.original_blob_ids[i].removeprefix("sha256:")
     return os.path.basename(path).split(".")[0]
@@ -92,7 +99,7 @@ def _rename_layer_blobs(img: LoadedImage, i: int, path: str, opts: MergeOptions,
         if opts.blob_sizes:
             info = replace(info, compressed_size=int(opts.blob_sizes[i]))
         if opts.blob_toc_digests:
-            toc = opts.blob_toc_digests[i].removeprefix("sha256:")
+            toc = _hex_digest(opts.blob_toc_digests[i], "blob-toc-digests")
             info = replace(info, blob_toc_digest=bytes.fromhex(toc))
         if opts.blob_toc_sizes:
             info = replace(info, blob_toc_size=int(opts.blob_toc_sizes[i]))

@@ -157,7 +157,7 @@ def test_tar_from_stdin_and_fifo_via_cli(tmp_path: Path, source_tree: Path) -> N
         t.join(10)
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "out.json").read_text())
-    assert doc["blobs"] == [hashlib.sha256(_without_digest(bytes(got))).hexdigest()]
+    assert doc["blobs"] == [hashlib.sha256(bytes(got)).hexdigest()]  # inline: id = layer digest
     assert doc["fs_version"] == "6" and doc["compressor"] == "zstd"
     blob = tmp_path / doc["blobs"][0]
     blob.write_bytes(bytes(got))

@@ -5,6 +5,7 @@ layers applied with overlay semantics (a reference applier here, and a real over
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import shutil
@@ -183,3 +184,38 @@ def test_overlayfs_mount_agrees(tmp_path: Path, layers: list[Path], expected: di
     # overlayfs reports the lower files' own inode attributes; directories carry the upper-most
     # attributes except that the root of a lowerdir-only mount is the top layer's root as well
     assert not _diff(got, expected)
+
+
+def test_converter_flow_inline_layers_and_merge(tmp_path: Path, layers: list[Path], expected: dict) -> None:
+    """nydusify's flow: each layer tar -> one blob with its bootstrap inlined (+ blob-toc); the
+    bootstrap is taken out of the blob, named by the blob's digest, and the layers are merged with
+    the registry digests/sizes passed explicitly."""
+    from nydusd.builder import BuildOptions, SourceType, build
+    from nydusd.rafs.blobmeta import extract_inlined_bootstrap
+
+    blobs_dir = tmp_path / "blobs"
+    blobs_dir.mkdir()
+    boots, digests, sizes = [], [], []
+    for i, layer in enumerate(layers):
+        blob = tmp_path / f"layer{i}.blob"
+        out = build(str(_tar(layer, tmp_path / f"l{i}.tar")), BuildOptions(
+            source_type=SourceType.TARBALL, whiteout_spec="none", blob_inline_meta=True, blob_toc=True,
+            blob_path=str(blob), prefetch_patterns=("/",)))
+        data = blob.read_bytes()
+        assert out.blob_id == hashlib.sha256(data).hexdigest()
+        os.replace(blob, blobs_dir / out.blob_id)
+        boot = tmp_path / f"{out.blob_id}.bootstrap"
+        boot.write_bytes(extract_inlined_bootstrap(lambda off, size, d=data: d[off:off + size], len(data)))
+        boots.append(str(boot))
+        digests.append(f"sha256:{out.blob_id}")
+        sizes.append(str(len(data)))
+    merged = tmp_path / "merged.boot"
+    res = merge(boots, MergeOptions(bootstrap_path=str(merged), blob_digests=tuple(digests),
+                                    blob_sizes=tuple(int(s) for s in sizes)))
+    assert not _diff(snapshot_image(merged, blobs_dir), expected)
+    with load_bootstrap(str(merged)) as sb:
+        assert sorted(b.blob_id for b in sb.blobs) == sorted(d.split(":")[1] for d in digests)
+        assert {b.compressed_size for b in sb.blobs} <= {int(s) for s in sizes}
+    assert res.blobs == [b.removeprefix("sha256:") for b in res.blobs]
+    with pytest.raises(InvalidArgument, match="invalid digest"):
+        merge(boots, MergeOptions(bootstrap_path=str(merged), blob_digests=("x", "y", "z")))
