@@ -510,7 +510,8 @@ class Daemon:
 
     def metrics_inflight(self) -> list[dict[str, Any]]:
         """Requests currently being served (empty list -> HTTP 204)."""
-        return []
+        session = self.session
+        return session.ops.inflight.snapshot() if session is not None else []
 
     # -- lifecycle (main thread) ----------------------------------------------------------------
 

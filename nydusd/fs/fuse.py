@@ -19,6 +19,9 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import itertools
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -45,8 +48,44 @@ def _translate(exc: BaseException, op: str) -> llfuse.FUSEError:
     return llfuse.FUSEError(errno.EIO)
 
 
+#: FUSE protocol opcodes of the handled operations (``/api/v1/metrics/inflight`` reports them)
+OPCODES = {"lookup": 1, "getattr": 3, "readlink": 5, "open": 14, "read": 15, "statfs": 17,
+           "release": 18, "flush": 25, "getxattr": 22, "listxattr": 23, "opendir": 27, "readdir": 28,
+           "releasedir": 29, "fsyncdir": 30, "access": 34, "fsync": 20}
+
+_unique = itertools.count(1)
+
+
+class Inflight:
+    """Requests being handled right now, one slot per worker thread (for hung-I/O detection).
+
+    Each worker writes only its own slot; readers take a snapshot of the dict (GIL-atomic copy).
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, dict[str, int]] = {}
+
+    def enter(self, op: str, inode: Any) -> int:
+        ident = threading.get_ident()
+        self.slots[ident] = {"inode": inode if isinstance(inode, int) else 0,
+                             "opcode": OPCODES.get(op, 0), "unique": next(_unique),
+                             "timestamp_secs": int(time.time())}
+        return ident
+
+    def leave(self, ident: int) -> None:
+        self.slots.pop(ident, None)
+
+    def snapshot(self) -> list[dict[str, int]]:
+        return [dict(v) for v in list(self.slots.values())]
+
+
+def _inflight_of(args: tuple[Any, ...]) -> Inflight | None:
+    return getattr(args[0], "inflight", None) if args else None
+
+
 def fuse_op(fn: F) -> F:
-    """Wrap one llfuse handler in the error boundary described in the module docstring."""
+    """Wrap one llfuse handler in the error boundary described in the module docstring (and record
+    the request in the owner's ``inflight`` table while it runs)."""
     op = fn.__name__
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -61,10 +100,15 @@ def fuse_op(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        inflight = _inflight_of(args)
+        ident = inflight.enter(op, args[1] if len(args) > 1 else 0) if inflight is not None else 0
         try:
             return fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
             raise _translate(e, op) from None
+        finally:
+            if inflight is not None:
+                inflight.leave(ident)
     return cast(F, wrapper)
 
 
@@ -113,6 +157,7 @@ class FuseOperations(llfuse.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
+        self.inflight = Inflight()
 
     @fuse_op
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:

@@ -131,3 +131,18 @@ def test_real_vfs_through_adapter():
     assert errno_of(lambda: ops.open(hosts.st_ino, os.O_RDWR, None)) == errno.EROFS
     assert errno_of(lambda: ops.opendir(hosts.st_ino, None)) == errno.ENOTDIR
     assert ops.statfs(None).f_files == sb.inode_count
+
+
+def test_inflight_lists_running_requests():
+    seen = []
+
+    class SlowVfs(RaisingVfs):
+        def getattr(self, inode):
+            seen.extend(ops.inflight.snapshot())
+            raise NotFound("gone")
+
+    ops = FuseOperations(SlowVfs(RuntimeError("unused")))
+    assert errno_of(lambda: ops.getattr(42, None)) == errno.ENOENT
+    assert len(seen) == 1 and seen[0]["inode"] == 42 and seen[0]["opcode"] == 3
+    assert seen[0]["unique"] > 0 and seen[0]["timestamp_secs"] > 1_600_000_000
+    assert ops.inflight.snapshot() == []

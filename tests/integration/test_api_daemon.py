@@ -254,3 +254,25 @@ def test_sigint_unmounts_too(tmp_path):
     finally:
         d.cleanup()
     subprocess.run(["true"], check=True)
+
+
+def test_upgrade_mode_stays_init_until_exit(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    log = tmp_path / "nydusd"
+    d = Nydusd(["fuse", "--mountpoint", str(mnt), "--apisock", sock, "--upgrade", "--log-file",
+                str(log)], mnt, log_path=tmp_path / "out", apisock=sock)
+    try:
+        d.start(wait_mount=False)
+        d.wait(lambda: os.path.exists(sock), 15, "the API socket")
+        api = ApiClient(sock)
+        assert api.info()["state"] == "INIT"
+        assert not is_mounted(mnt)  # upgrade mode does not mount: it waits for a takeover
+        assert api.request("PUT", "/api/v1/daemon/start")[0] == 400
+        assert api.request("GET", "/api/v1/metrics/inflight")[0] == 204
+        assert api.request("PUT", "/api/v1/daemon/exit")[0] == 204
+        assert d.proc.wait(10) == 0
+        assert (tmp_path / "nydusd.log").exists()  # ".log" appended to an extension-less name
+    finally:
+        d.cleanup()

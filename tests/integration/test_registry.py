@@ -38,3 +38,25 @@ def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, versio
         status, backend = ApiClient(sock).request("GET", "/api/v1/metrics/backend")
         assert status == 200 and backend["backend_type"] == "registry"
         assert backend["read_count"] > 0 and backend["read_errors"] == 0
+
+
+def test_image_pull_auth_env_supplies_credentials(tmp_path, registry_htpasswd):
+    from tests.servers.registry import basic_auth
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"pulled with IMAGE_PULL_AUTH\n" * 1000)
+    image = build_image(src, tmp_path / "img", version=6)
+    repo = "nydus/env-auth"
+    for blob in Path(image.blob_dir).iterdir():
+        registry_htpasswd.push_blob(repo, blob.read_bytes())
+    backend = registry_htpasswd.backend_config(repo)
+    backend.pop("auth")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": backend},
+                                          "cache": {"type": ""}}, "mode": "direct"}))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Nydusd(["--config", str(cfg), "--bootstrap", image.bootstrap, "--mountpoint", str(mnt)], mnt,
+                log_path=tmp_path / "log", env={"IMAGE_PULL_AUTH": basic_auth()}):
+        assert (mnt / "hello").read_bytes() == (src / "hello").read_bytes()
