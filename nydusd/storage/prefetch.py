@@ -178,15 +178,32 @@ class Prefetcher:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                blob_index, run = self._queue.popleft()
+                blob_index, run, taken = self._take()
             try:
                 self._serve(blob_index, run)
             finally:
                 with self._cond:
-                    self._pending -= 1
+                    self._pending -= taken
                     if self._pending <= 0:
                         self.metrics.prefetch_finished()
                     self._cond.notify_all()
+
+    def _take(self) -> tuple[int, list[ChunkInfo], int]:
+        """Pop the next run and merge queued runs that continue it in the same blob (callers such
+        as the daemon submit file by file; adjacent small files become one request). Called with
+        the condition held. Returns the run and how many queued requests it absorbed."""
+        blob_index, run = self._queue.popleft()
+        taken = 1
+        while self._queue:
+            next_blob, next_run = self._queue[0]
+            end = run[-1].compressed_offset + run[-1].compressed_size
+            span = next_run[-1].compressed_offset + next_run[-1].compressed_size - run[0].compressed_offset
+            if next_blob != blob_index or next_run[0].compressed_offset != end or span > self.batch_size:
+                break
+            self._queue.popleft()
+            run = run + next_run
+            taken += 1
+        return blob_index, run, taken
 
     def _serve(self, blob_index: int, run: list[ChunkInfo]) -> None:
         start = time.monotonic()

@@ -73,6 +73,25 @@ def test_prefetch_fills_the_cache_with_merged_requests(tmp_path: Path, blob: Tes
     assert prefetch_threads() == []
 
 
+def test_files_submitted_one_by_one_merge_into_one_request(tmp_path: Path) -> None:
+    contents = [os.urandom(1000 + i) for i in range(40)]      # small files, adjacent in the blob
+    blob = build_blob(contents, chunk_size=CHUNK)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = make_device(blob, backend, tmp_path, threads=1, batch_size=CHUNK)
+    try:
+        backend.gate = threading.Event()
+        device.prefetch(blob.files[0])       # the worker takes this one and waits at the gate
+        time.sleep(0.1)
+        for chunks in blob.files[1:]:
+            device.prefetch(chunks)           # these queue up behind it
+        backend.gate.set()
+        assert device.wait_prefetch(10)
+        assert [r[2] for r in backend.requests] == [1000, len(blob.data) - 1000]
+        assert device.metrics()["prefetch_unmerged_chunks"] == 40
+    finally:
+        device.close()
+
+
 def test_ondemand_read_is_not_blocked_by_busy_prefetch(tmp_path: Path, blob: TestBlob) -> None:
     backend = SlowPrefetchBackend({blob.blob_id: blob.data}, prefetch_delay=1.0)
     device = make_device(blob, backend, tmp_path, threads=2, batch_size=CHUNK)
