@@ -126,6 +126,11 @@ def test_bad_requests_against_the_real_daemon(live: LiveDaemon, images: dict[str
         with pytest.raises(ApiError) as e:
             c.mount("/x", str(tmp_path / "missing.boot"), config)
         assert e.value.status == 500 and "missing.boot" in e.value.api_message
+        junk = tmp_path / "junk.boot"
+        junk.write_bytes(os.urandom(8192))
+        with pytest.raises(ApiError) as e:
+            c.mount("/x", str(junk), config)
+        assert e.value.status == 500 and e.value.api_code == "CORRUPT_METADATA", e.value.api_message
         with pytest.raises(ApiError) as e:
             c.mount("/x", str(images["one"]), '{"device": {"backend": {"type": "nope"}}}')
         assert e.value.status == 500 and "invalid configuration" in e.value.api_message
