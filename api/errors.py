@@ -107,7 +107,7 @@ def _event(exc: NydusError) -> str | None:
 
 def _other_text(exc: NydusError) -> str:
     """The display text upstream's ``Error`` enum would give for this failure, plus our detail."""
-    detail = str(exc)
+    detail = str(exc).strip()
     if isinstance(exc, AlreadyExists):
         head = "object or filesystem already exists"
     elif isinstance(exc, NotFound):
