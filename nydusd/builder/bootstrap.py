@@ -16,7 +16,7 @@ from dataclasses import replace
 from nydusd.builder.tree import BlobRef, ChunkRef, FileData, Node, iter_nodes
 from nydusd.errors import BuildError, CorruptMetadata, NydusError
 from nydusd.rafs import model as M
-from nydusd.storage.device import BlobInfo
+from nydusd.storage.device import BlobInfo, ChunkInfo
 
 
 class LoadedImage:
@@ -133,9 +133,9 @@ def to_model(root: Node, table: list[BlobRef], chunk_size: int, explicit_uidgid:
     for _, n in iter_nodes(root):
         if n.data is not None:
             uses[id(n.data)] = uses.get(id(n.data), 0) + 1
-    converted: dict[int, list] = {}
+    converted: dict[int, list[ChunkInfo]] = {}
 
-    def chunks_of(data: FileData) -> list:
+    def chunks_of(data: FileData) -> list[ChunkInfo]:
         got = converted.get(id(data))
         if got is None:
             try:

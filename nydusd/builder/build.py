@@ -62,12 +62,13 @@ class AtomicOutput:
 
     def __init__(self, dest_dir: str, final: str | None = None) -> None:
         self.final = final
-        self.fifo = bool(final) and _is_fifo(final)  # type: ignore[arg-type]
+        self.fifo = final is not None and _is_fifo(final)
         self.path: str
+        self.file: BinaryIO
         try:
-            if self.fifo:
-                self.path = final  # type: ignore[assignment]
-                self.file: BinaryIO = open(final, "wb", buffering=1 << 20)  # type: ignore[arg-type]  # noqa: SIM115
+            if final is not None and self.fifo:
+                self.path = final
+                self.file = open(final, "wb", buffering=1 << 20)  # noqa: SIM115
             else:
                 fd, self.path = tempfile.mkstemp(prefix=".nydus-tmp-", dir=dest_dir or ".")
                 self.file = os.fdopen(fd, "wb", buffering=1 << 20)
@@ -178,7 +179,7 @@ def _read_source(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions,
         src = walk_directory(source)
         for pending in _prefetch_first(src.files, opts.prefetch_patterns):
             with file_opener(pending.path)() as f:
-                pipeline.add_stream(pending.data, f, os.fsdecode(pending.path))  # type: ignore[arg-type]
+                pipeline.add_stream(pending.data, f, os.fsdecode(pending.path))
         return src.root
     with open_tar_stream(source) as stream:
         return read_tarball(stream, pipeline.add_stream)
@@ -251,8 +252,9 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
     boot = bootstrap_bytes_for(root, table, opts, _prefetch_paths(root, opts.prefetch_patterns))
     if opts.blob_inline_meta:
         blob_id = writer.finish(inline_bootstrap=boot)
-    ids = [blob_id if b is new_blob and opts.blob_inline_meta else b.info.blob_id  # type: ignore[union-attr]
-           for b in table]
+    ids = [i.blob_id for i in blob_infos(table)]
+    if opts.blob_inline_meta and blob_id:
+        ids = [blob_id if b is new_blob else i for b, i in zip(table, ids, strict=True)]
     blob_path, boot_path = _commit_outputs(opts, blob_out, blob_id if has_blob else None, boot)
     log.info("image_built", bootstrap=boot_path, blob=blob_path, blob_id=blob_id,
              chunks=stats.get("chunks"), new_chunks=stats.get("new_chunks"))

@@ -37,11 +37,6 @@ class DirectorySource:
     files: list[PendingFile] = field(default_factory=list)
 
 
-def _attrs(st: os.stat_result) -> dict[str, int]:
-    return {"uid": st.st_uid, "gid": st.st_gid, "mtime": st.st_mtime_ns // 1_000_000_000,
-            "mtime_nsec": st.st_mtime_ns % 1_000_000_000}
-
-
 def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -68,7 +63,9 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
 
 def _make_node(path: bytes, rel: bytes, name: bytes, st: os.stat_result,
                links: dict[tuple[int, int], FileData], files: list[PendingFile]) -> Node:
-    node = Node(name=name, mode=st.st_mode, **_attrs(st), xattrs=_read_xattrs(path))
+    node = Node(name=name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                mtime=st.st_mtime_ns // 1_000_000_000, mtime_nsec=st.st_mtime_ns % 1_000_000_000,
+                xattrs=_read_xattrs(path))
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFDIR:
         node.children = {}

@@ -136,7 +136,7 @@ def open_tar_stream(source: str | os.PathLike[str] | BinaryIO) -> Iterator[Binar
             reader = stream_decompressor("zstd").stream_reader(joined, read_across_frames=True)
             yield stack.enter_context(io.BufferedReader(_Guarded(reader), buffer_size=1 << 20))
         else:
-            yield joined  # type: ignore[misc]
+            yield joined
 
 
 def _split_name(name: str) -> list[bytes]:

@@ -100,8 +100,8 @@ class Node:
         return [self.children[k] for k in sorted(self.children)]
 
 
-def new_dir(name: bytes, mode: int = 0o755, **attrs: int) -> Node:
-    return Node(name=name, mode=stat.S_IFDIR | (mode & 0o7777), children={}, **attrs)
+def new_dir(name: bytes, mode: int = 0o755, uid: int = 0, gid: int = 0, mtime: int = 0) -> Node:
+    return Node(name=name, mode=stat.S_IFDIR | (mode & 0o7777), uid=uid, gid=gid, mtime=mtime, children={})
 
 
 def check_name(name: bytes, path: str) -> None:

@@ -138,7 +138,7 @@ def run_create(args: argparse.Namespace) -> int:
     if args.type == "tar-rafs" and os.environ.get("NYDUS_DISABLE_TAR2RAFS"):
         raise Unsupported("tar-rafs disabled by NYDUS_DISABLE_TAR2RAFS")
     opts = BuildOptions(
-        source_type=SourceType.parse(args.type), fs_version=int(args.fs_version),
+        source_type=SourceType.parse(args.type), fs_version=5 if args.fs_version == "5" else 6,
         compressor=Compressor.parse(args.compressor), digester=DigestAlgorithm.parse(args.digester),
         chunk_size=parse_chunk_size(args.chunk_size), whiteout_spec=_whiteout(args.whiteout_spec),
         explicit_uidgid=not args.repeatable, aligned_chunk=args.aligned_chunk,
