@@ -9,12 +9,17 @@ written as RAFS v5 or v6 (``nydusd.rafs.writer.write_bootstrap``) and produced b
 Writer entry points (nydusd/rafs/writer.py)::
 
     write_bootstrap(bootstrap: Bootstrap, out: str | os.PathLike | BinaryIO, *, version: int = 6) -> None
-    bootstrap_bytes(bootstrap: Bootstrap, *, version: int = 6) -> bytes
-    # v6 only: the blob trailer (blob.meta chunk-info array + 4096-byte header, optional tar headers,
-    # blob.digest and ToC) for one blob whose chunk payloads occupy [0, data_size):
-    blob_trailer(chunks: Sequence[ChunkInfo], *, data_size: int, compressor, digester,
-                 with_toc: bool = True) -> BlobTrailer   # .data (bytes to append), .features,
-                 # .ci_* fields and .toc_* fields to copy into that blob's BlobInfo, .blob_id(prefix)
+    bootstrap_bytes(bootstrap: Bootstrap, *, version: int = 6) -> bytes     # raises BuildError
+    # v6 only: the blob trailer (blob.meta chunk-info array + 4096-byte header, and with_toc: tar
+    # headers, blob.digest and ToC) for one blob whose unique chunk payloads occupy [0, data_size):
+    blob_trailer(chunks: Sequence[ChunkInfo], *, data_size: int, compressor: Compressor,
+                 digester: DigestAlgorithm | None = None, with_toc: bool = True,
+                 data_hasher: hashlib.sha256 object over the chunk data = None) -> BlobTrailer
+    BlobTrailer.data       -> bytes to append to the blob
+    BlobTrailer.blob_id    -> the blob id (§4.1: sha256 of the blob without the blob.digest payload),
+                              when data_hasher was given
+    BlobTrailer.apply(blob_info) -> BlobInfo with features / ci_* / blob_toc_* (and id) filled in
+    (the builder then sets compressed_size = len(data) + len(trailer.data))
 
 Rules a builder follows when filling the model:
 
