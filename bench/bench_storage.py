@@ -13,7 +13,8 @@ For each blob, in the same run:
 Each figure is the median of ``--runs`` runs after one warm-up. Throughput is blob bytes (what
 crosses the network) per second of reading; the cache's final fdatasync at close is not counted
 (it runs in the background while serving). The config is upstream's default (amplify_io 1 MiB, no
-digest validation, 8 prefetch threads) except the row that raises the prefetch merging_size.
+digest validation, 8 prefetch threads) except the rows that turn on the device's sequential
+readahead or raise the prefetch merging_size.
 Targets: cold >= 0.5x curl, warm >= 3x cold.
 
 Run: ``.venv/bin/python bench/bench_storage.py [--quick] [--size-mb N] [--runs N]``.
@@ -71,16 +72,19 @@ class Scenario:
     def fresh(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def open(self, merging: int = MIB) -> tuple[BlobDevice, RegistryBackend]:
-        """Default config (amplify_io 1 MiB, no digest validation); prefetch merging_size as given."""
+    def open(self, merging: int = MIB, readahead: int = 0) -> tuple[BlobDevice, RegistryBackend]:
+        """Default config (amplify_io 1 MiB, no digest validation); prefetch merging_size and
+        device readahead as given."""
         backend = RegistryBackend(self.cfg)
         cache = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(self.work_dir)))
         prefetch = PrefetchConfig(enable=True, threads=8, batch_size=merging)
-        return BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch), backend
+        device = BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch,
+                            readahead=readahead)
+        return device, backend
 
-    def run(self, job: Callable[[BlobDevice], None], merging: int = MIB) -> float:
+    def run(self, job: Callable[[BlobDevice], None], merging: int = MIB, readahead: int = 0) -> float:
         """Time ``job`` on a fresh device; closing it (the final fdatasync) is timed apart."""
-        device, backend = self.open(merging)
+        device, backend = self.open(merging, readahead)
         try:
             start = time.perf_counter()
             job(device)
@@ -147,6 +151,7 @@ def bench_blob(registry: RegistryServer, content: bytes, compressor: Compressor,
     t_curl = timed(runs, lambda: curl_fetch(registry, blob))
     cold = [
         ("cold, 1 reader", lambda: sc.run(sc.read_all)),
+        ("cold, 1 reader, readahead 8 MiB", lambda: sc.run(sc.read_all, readahead=8 * MIB)),
         ("cold, 4 readers", lambda: sc.run(lambda d: sc.read_all(d, 4))),
         ("cold, prefetch 8 thr, merge 1 MiB", lambda: sc.run(sc.prefetch_all)),
         ("cold, prefetch 8 thr, merge 8 MiB", lambda: sc.run(sc.prefetch_all, merging=8 * MIB)),

@@ -16,6 +16,7 @@ same lock).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from nydusd.storage.cache.base import BlobCache, BlobCacheManager
 
 log = get_logger(__name__)
+
+#: sequential-read streams tracked for readahead (files being read at the same time)
+MAX_STREAMS = 256
 
 CHUNK_FLAG_COMPRESSED = 0x01
 CHUNK_FLAG_HOLE = 0x02
@@ -122,14 +126,17 @@ class BlobDevice:
     chunk covering file offset ``o`` is ``chunks[o // chunk_size]``. ``batch_size`` (rafs
     ``batch_size`` / v1 ``amplify_io``) lets a read pull the following chunks of the same file
     into the same backend request. ``prefetch_config`` (a ``PrefetchConfig``) configures the
-    workers started by the first ``prefetch`` call.
+    workers started by the first ``prefetch`` call. ``readahead`` (bytes, 0 = off) turns on
+    asynchronous readahead for sequential readers: when a file is read sequentially, the next
+    ``readahead`` bytes of its chunks are queued as urgent prefetch (ahead of background
+    prefetch), refilled when the reader is halfway through the window.
 
     Owns the cache manager: ``close`` closes it. The backend belongs to whoever created it.
     """
 
     def __init__(self, blobs: Sequence[BlobInfo], cache_manager: BlobCacheManager, *,
                  chunk_size: int | None = None, batch_size: int | None = None,
-                 prefetch_config: Any = None) -> None:
+                 prefetch_config: Any = None, readahead: int = 0) -> None:
         self.blobs = list(blobs)
         self.cache_manager = cache_manager
         self.chunk_size = chunk_size or (self.blobs[0].chunk_size if self.blobs else 0)
@@ -138,6 +145,10 @@ class BlobDevice:
         self._caches: list[BlobCache | None] = [None] * len(self.blobs)
         self._lock = threading.Lock()
         self._prefetcher: Prefetcher | None = None
+        self.readahead = max(0, readahead)
+        # per file (keyed by its first chunk + chunk count): [next sequential offset, chunk index
+        # up to which readahead was queued]; bounded, oldest dropped first
+        self._streams: OrderedDict[tuple[int, int, int], list[int]] = OrderedDict()
 
     # ------------------------------------------------------------------ reads
     def cache(self, blob_index: int) -> BlobCache:
@@ -171,6 +182,8 @@ class BlobDevice:
         if offset >= end:
             return b""
         first, last = offset // csize, (end - 1) // csize
+        if self.readahead:
+            self._readahead(chunks, offset, end, last)
         plain = self._fetch(chunks, first, last)
         parts: list[memoryview] = []
         for i in range(first, last + 1):
@@ -205,6 +218,31 @@ class BlobDevice:
             budget -= chunk.compressed_size
             extra.append(chunk)
         return extra
+
+    def _readahead(self, chunks: Sequence[ChunkInfo], offset: int, end: int, last: int) -> None:
+        """Queue the next window of a sequentially read file (see class docstring)."""
+        head = chunks[0]
+        key = (head.blob_index, head.compressed_offset, len(chunks))
+        with self._lock:
+            state = self._streams.get(key)
+            if state is None:
+                state = self._streams[key] = [0, 0]
+                while len(self._streams) > MAX_STREAMS:
+                    self._streams.popitem(last=False)
+            else:
+                self._streams.move_to_end(key)
+            sequential, state[0] = state[0] == offset, end
+            if not sequential:
+                state[1] = 0
+                return
+            window = max(1, self.readahead // self.chunk_size)
+            if state[1] - last > window // 2:
+                return  # more than half a window is still queued ahead of the reader
+            start = max(state[1], last + 1)
+            stop = min(len(chunks), last + 1 + window)
+            state[1] = stop
+        if start < stop:
+            self.start_prefetch().submit(chunks[start:stop], urgent=True)
 
     def is_ready(self, chunk: ChunkInfo) -> bool:
         """Whether ``chunk`` is in local cache state (no I/O)."""

@@ -90,7 +90,8 @@ class Prefetcher:
         self.metrics = metrics or BlobcacheMetrics()
         self._wait_ondemand_idle = wait_ondemand_idle
         self._cond = threading.Condition()
-        self._queue: deque[tuple[int, list[ChunkInfo]]] = deque()
+        # (blob_index, run, urgent); urgent runs (readahead for a reader) sit at the front
+        self._queue: deque[tuple[int, list[ChunkInfo], bool]] = deque()
         self._pending = 0  # queued + running requests
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -135,14 +136,20 @@ class Prefetcher:
         return bool(self._workers) and not self._stop.is_set()
 
     # ------------------------------------------------------------------ work
-    def submit(self, chunks: Iterable[ChunkInfo]) -> int:
-        """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued."""
-        runs = self._split(chunks)
+    def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False) -> int:
+        """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued.
+
+        ``urgent``: readahead on behalf of a reader -- queued ahead of background prefetch and
+        exempt from the bandwidth limit and from stepping aside for on-demand fetches."""
+        runs = [(blob_index, run, urgent) for blob_index, run in self._split(chunks)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
         with self._cond:
-            self._queue.extend(runs)
+            if urgent:
+                self._queue.extendleft(reversed(runs))
+            else:
+                self._queue.extend(runs)
             self._pending += len(runs)
             self._cond.notify_all()
         return len(runs)
@@ -178,9 +185,9 @@ class Prefetcher:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                blob_index, run, taken = self._take()
+                blob_index, run, urgent, taken = self._take()
             try:
-                self._serve(blob_index, run)
+                self._serve(blob_index, run, urgent)
             finally:
                 with self._cond:
                     self._pending -= taken
@@ -188,14 +195,14 @@ class Prefetcher:
                         self.metrics.prefetch_finished()
                     self._cond.notify_all()
 
-    def _take(self) -> tuple[int, list[ChunkInfo], int]:
+    def _take(self) -> tuple[int, list[ChunkInfo], bool, int]:
         """Pop the next run and merge queued runs that continue it in the same blob (callers such
         as the daemon submit file by file; adjacent small files become one request). Called with
         the condition held. Returns the run and how many queued requests it absorbed."""
-        blob_index, run = self._queue.popleft()
+        blob_index, run, urgent = self._queue.popleft()
         taken = 1
         while self._queue:
-            next_blob, next_run = self._queue[0]
+            next_blob, next_run, _ = self._queue[0]
             end = run[-1].compressed_offset + run[-1].compressed_size
             span = next_run[-1].compressed_offset + next_run[-1].compressed_size - run[0].compressed_offset
             if next_blob != blob_index or next_run[0].compressed_offset != end or span > self.batch_size:
@@ -203,19 +210,20 @@ class Prefetcher:
             self._queue.popleft()
             run = run + next_run
             taken += 1
-        return blob_index, run, taken
+        return blob_index, run, urgent, taken
 
-    def _serve(self, blob_index: int, run: list[ChunkInfo]) -> None:
+    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool) -> None:
         start = time.monotonic()
         try:
             cache = self.cache_of(blob_index)
             missing = cache.missing(run)
             if not missing:
                 return
-            self._yield_to_ondemand()
-            # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
-            if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
-                return
+            if not urgent:
+                self._yield_to_ondemand()
+                # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
+                if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
+                    return
             chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=self.batch_size)
         except NydusError as exc:
             self.errors += 1
