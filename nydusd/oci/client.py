@@ -9,7 +9,8 @@ Owns:
 - ``RegistryClient``: the registry API v2 -- blob HEAD and ranged GET, following redirects to blob
   storage without leaking the registry's ``Authorization`` to other hosts (and caching the
   redirect), anonymous / Basic / Bearer-token auth (tokens cached, refreshed before expiry and on a
-  401), manifests, blob upload (monolithic and chunked) and cross-repository mount.
+  401); manifests, uploads (monolithic and chunked) and cross-repository mount come from
+  ``content.ContentMixin``.
 
 Must not import storage, rafs, fs or anything above ``oci`` (the proxy is an injected object that
 satisfies ``ProxyRoute``).
@@ -21,15 +22,13 @@ cache, redirect cache) is guarded by ``RegistryClient._lock`` / ``TokenCache``'s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -37,7 +36,7 @@ import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from nydusd.errors import AuthError, BackendError, BlobNotFound, NotFound
+from nydusd.errors import AuthError, BackendError
 from nydusd.log import get_logger
 from nydusd.oci.auth import (
     CLIENT_ID,
@@ -47,19 +46,13 @@ from nydusd.oci.auth import (
     parse_challenge,
     token_from_response,
 )
+from nydusd.oci.content import ContentMixin
+from nydusd.oci.response import REDIRECT_STATUSES, Response, parse_content_range, status_error
 
 log = get_logger(__name__)
 
-REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 POOL_SIZE = 32
-UPLOAD_CHUNK = 16 << 20
-
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST)
 
 
 class ProxyRoute(Protocol):
@@ -79,29 +72,6 @@ class ProxyRoute(Protocol):
 
     def report_failure(self, cause: str) -> None:
         """A proxied request failed at the transport level: mark the proxy down."""
-
-
-@dataclass
-class Response:
-    """A finished HTTP exchange: status, headers and the whole body (already read)."""
-
-    status: int
-    headers: Mapping[str, str]
-    content: bytes
-    url: str
-    proxied: bool = False
-
-    def json(self) -> Any:
-        import json
-
-        try:
-            return json.loads(self.content)
-        except ValueError as exc:
-            raise BackendError(f"invalid JSON from {self.url}: {exc}") from None
-
-    @property
-    def text(self) -> str:
-        return self.content.decode(errors="replace")
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -295,32 +265,7 @@ class HttpClient:
         return Response(resp.status_code, resp.headers, body, url)
 
 
-# ============================================================================ registry client
-def status_error(resp: Response, what: str, **ctx: Any) -> BackendError:
-    """Map a non-success HTTP status to the error class callers act on."""
-    snippet = resp.text[:200].strip()
-    msg = f"{what}: HTTP {resp.status}" + (f": {snippet}" if snippet else "")
-    if resp.status in (401, 403):
-        return AuthError(msg, status=resp.status, **ctx)
-    if resp.status == 404:
-        return BlobNotFound(msg, status=resp.status, **ctx)
-    transient = resp.status == 429 or resp.status >= 500 or resp.status == 408
-    return BackendError(msg, transient=transient, status=resp.status, **ctx)
-
-
-def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """``bytes a-b/total`` -> (a, b, total or None)."""
-    if not value or not value.startswith("bytes "):
-        return None
-    span, _, total = value[6:].partition("/")
-    a, _, b = span.partition("-")
-    try:
-        return int(a), int(b), (None if total in ("", "*") else int(total))
-    except ValueError:
-        return None
-
-
-class RegistryClient:
+class RegistryClient(ContentMixin):
     """Client of one repository of an OCI distribution registry."""
 
     def __init__(self, host: str, repo: str, *, scheme: str = "https", auth: str | None = None,
@@ -402,7 +347,7 @@ class RegistryClient:
         # Auth-server requests never go through the Dragonfly proxy.
         resp = self.http.request("POST", ch.realm, headers={**headers, "Content-Type":
                                  "application/x-www-form-urlencoded"},
-                                 data=_urlencode(form).encode(), use_proxy=False)
+                                 data=urlencode(form).encode(), use_proxy=False)
         if resp.status != 200:
             resp = self.http.request("GET", ch.realm, headers=headers, params=form, use_proxy=False)
         if resp.status in (401, 403):
@@ -519,7 +464,7 @@ class RegistryClient:
         if resp.status in (200, 405):
             # Some blob stores answer HEAD without a length: ask for one byte instead.
             rng = self._blob_request("GET", digest, {"Range": "bytes=0-0"})
-            cr = _parse_content_range(rng.headers.get("Content-Range"))
+            cr = parse_content_range(rng.headers.get("Content-Range"))
             if rng.status == 206 and cr and cr[2] is not None:
                 return cr[2]
             if rng.status == 200:
@@ -548,7 +493,7 @@ class RegistryClient:
             headers["Range"] = f"bytes={offset}-{end}"
         resp = self._blob_request("GET", digest, headers, prefetch=prefetch)
         if resp.status == 206:
-            cr = _parse_content_range(resp.headers.get("Content-Range"))
+            cr = parse_content_range(resp.headers.get("Content-Range"))
             if cr is not None and cr[0] != offset:
                 raise BackendError(f"registry answered range starting at {cr[0]}, asked {offset}",
                                    transient=True, digest=digest)
@@ -559,135 +504,3 @@ class RegistryClient:
         if resp.status == 416:
             return b""
         raise status_error(resp, f"GET blob {digest}", digest=digest, offset=offset, size=size)
-
-    # ------------------------------------------------------------------ uploads
-    def _upload_url(self, location: str | None, digest: str) -> str:
-        if not location:
-            raise BackendError(f"registry {self.host} started an upload without Location", digest=digest)
-        return urljoin(self.base_url + "/", location)
-
-    def mount_blob(self, digest: str, from_repo: str) -> bool:
-        """Cross-repository mount ``from_repo`` -> this repo. True when mounted (201); False when the
-        registry declined (the upload session it opened is cancelled)."""
-        scopes = (self._scope(push=True), self._scope(repo=from_repo))
-        resp = self._request("POST", f"{self.base_url}/v2/{self.repo}/blobs/uploads/",
-                             params={"mount": digest, "from": from_repo}, scopes=scopes)
-        if resp.status == 201:
-            return True
-        if resp.status == 202:
-            url = self._upload_url(resp.headers.get("Location"), digest)
-            self._request("DELETE", url, scopes=scopes)
-            return False
-        raise status_error(resp, f"mount blob {digest} from {from_repo}", digest=digest)
-
-    def push_blob(self, data: bytes | BinaryIO | str, digest: str | None = None, *,
-                  chunk_size: int | None = None, mount_from: Iterable[str] = ()) -> str:
-        """Upload a blob (bytes, a binary file object or a file path) unless the registry has it.
-
-        Monolithic (POST + PUT) by default; chunked (PATCH per ``chunk_size``, then PUT) when
-        ``chunk_size`` is given. Tries a cross-repo mount from each of ``mount_from`` first.
-        Returns the digest. Raises AuthError, BackendError.
-        """
-        if isinstance(data, str):
-            with open(data, "rb") as f:
-                return self.push_blob(f, digest, chunk_size=chunk_size, mount_from=mount_from)
-        if digest is None:
-            digest = _digest_of(data)
-        if self.blob_exists(digest):
-            return digest
-        for repo in mount_from:
-            if self.mount_blob(digest, repo):
-                return digest
-        scopes = (self._scope(push=True),)
-        resp = self._request("POST", f"{self.base_url}/v2/{self.repo}/blobs/uploads/", scopes=scopes)
-        if resp.status != 202:
-            raise status_error(resp, f"start upload of {digest}", digest=digest)
-        url = self._upload_url(resp.headers.get("Location"), digest)
-        if chunk_size:
-            url = self._patch_chunks(url, data, chunk_size, scopes, digest)
-            body: Any = b""
-        else:
-            body = data
-        resp = self._request("PUT", url, params={"digest": digest}, data=body, scopes=scopes,
-                             headers={"Content-Type": "application/octet-stream"})
-        if resp.status not in (201, 204):
-            raise status_error(resp, f"finish upload of {digest}", digest=digest)
-        return digest
-
-    def _patch_chunks(self, url: str, data: bytes | BinaryIO, chunk_size: int,
-                      scopes: tuple[str, ...], digest: str) -> str:
-        stream = data if hasattr(data, "read") else _BytesReader(data)  # type: ignore[arg-type]
-        pos = 0
-        while True:
-            chunk = stream.read(chunk_size)  # type: ignore[union-attr]
-            if not chunk:
-                return url
-            headers = {"Content-Type": "application/octet-stream",
-                       "Content-Range": f"{pos}-{pos + len(chunk) - 1}"}
-            resp = self._request("PATCH", url, data=chunk, headers=headers, scopes=scopes)
-            if resp.status != 202:
-                raise status_error(resp, f"upload chunk at {pos} of {digest}", digest=digest)
-            url = self._upload_url(resp.headers.get("Location"), digest)
-            pos += len(chunk)
-
-    # ------------------------------------------------------------------ manifests
-    def get_manifest(self, reference: str, accept: Iterable[str] = MANIFEST_MEDIA_TYPES,
-                     repo: str | None = None) -> tuple[bytes, str, str]:
-        """Fetch a manifest (or index) by tag or digest: returns (body, media type, digest).
-        Raises NotFound when absent, AuthError, BackendError."""
-        url = f"{self.base_url}/v2/{repo or self.repo}/manifests/{reference}"
-        resp = self._request("GET", url, scopes=(self._scope(repo=repo),),
-                             headers={"Accept": ", ".join(accept)})
-        if resp.status == 404:
-            raise NotFound(f"manifest {reference} not found in {self.host}/{repo or self.repo}")
-        if resp.status != 200:
-            raise status_error(resp, f"GET manifest {reference}")
-        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
-        media = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        return resp.content, media, digest
-
-    def put_manifest(self, reference: str, body: bytes, media_type: str) -> str:
-        """Upload a manifest under a tag or digest; returns its digest. Raises AuthError, BackendError."""
-        url = f"{self.base_url}/v2/{self.repo}/manifests/{reference}"
-        resp = self._request("PUT", url, data=body, headers={"Content-Type": media_type},
-                             scopes=(self._scope(push=True),))
-        if resp.status not in (200, 201, 202):
-            raise status_error(resp, f"PUT manifest {reference}")
-        return resp.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
-
-    def list_tags(self) -> list[str]:
-        resp = self._request("GET", f"{self.base_url}/v2/{self.repo}/tags/list", scopes=(self._scope(),))
-        if resp.status == 404:
-            return []
-        if resp.status != 200:
-            raise status_error(resp, "list tags")
-        return list(resp.json().get("tags") or [])
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int) -> bytes:
-        chunk = bytes(self._view[self._pos:self._pos + n])
-        self._pos += len(chunk)
-        return chunk
-
-
-def _digest_of(data: bytes | BinaryIO) -> str:
-    h = hashlib.sha256()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        h.update(data)
-    else:
-        data.seek(0)
-        while chunk := data.read(UPLOAD_CHUNK):
-            h.update(chunk)
-        data.seek(0)
-    return "sha256:" + h.hexdigest()
-
-
-def _urlencode(pairs: list[tuple[str, str]]) -> str:
-    from urllib.parse import urlencode
-
-    return urlencode(pairs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.errors import AuthError, BlobNotFound, NotFound
-from nydusd.oci.client import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
+from nydusd.oci.content import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
 from tests.servers.registry import RegistryServer
 
 

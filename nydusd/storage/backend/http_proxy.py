@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
-from nydusd.oci.client import HttpClient, Response, status_error
+from nydusd.oci.client import HttpClient
+from nydusd.oci.response import Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 

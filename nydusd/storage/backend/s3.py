@@ -21,7 +21,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
-from nydusd.oci.client import HttpClient, Response, status_error
+from nydusd.oci.client import HttpClient
+from nydusd.oci.response import Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
