@@ -63,6 +63,16 @@ MAX_EVENTS = 500
 MAX_EVENTS_SIZE = 50 * 1024
 
 
+#: the superblock summary fields of ``GET /api/v1/daemon/backend`` (spec §3.1)
+_BACKEND_INFO_KEYS = ("magic", "version", "sb_size", "root_inode", "chunk_size", "batch_size",
+                      "inodes_count", "flags", "inode_table_entries", "inode_table_offset",
+                      "blob_table_size", "blob_table_offset", "extended_blob_table_offset",
+                      "extended_blob_table_entries", "blob_device_table_count",
+                      "blob_device_table_offset", "prefetch_table_offset", "prefetch_table_entries",
+                      "attr_timeout", "entry_timeout", "is_chunk_dict", "meta_blkaddr", "root_nid",
+                      "chunk_table_offset", "chunk_table_size")
+
+
 class UnexpectedEvent(InvalidArgument):
     """An event the state machine does not accept in the current state (HTTP 400)."""
 
@@ -363,12 +373,18 @@ class Daemon:
         if callable(summary):
             return dict(summary())
         timeout = {"secs": int(inst.fs.timeout), "nanos": 0}
-        return {"version": int(getattr(sb, "version", 0)), "root_inode": int(sb.root_ino),
-                "chunk_size": int(getattr(sb, "chunk_size", 0)),
-                "batch_size": int((inst.config.rafs or RafsConfig()).batch_size),
-                "inodes_count": int(getattr(sb, "inode_count", 0)),
-                "blob_table_size": len(getattr(sb, "blobs", ())),
-                "attr_timeout": timeout, "entry_timeout": timeout}
+        version = int(getattr(sb, "version", 0))
+        info = dict.fromkeys(_BACKEND_INFO_KEYS, 0)
+        info.update({
+            "magic": 0x52414653 if version == 5 else 0xE0F5E1E2, "version": version << 8,
+            "sb_size": 8192 if version == 5 else 128, "root_inode": int(sb.root_ino),
+            "chunk_size": int(getattr(sb, "chunk_size", 0)),
+            "batch_size": int((inst.config.rafs or RafsConfig()).batch_size),
+            "inodes_count": int(getattr(sb, "inode_count", 0)), "flags": int(getattr(sb, "flags", 0)),
+            "blob_table_size": len(getattr(sb, "blobs", ())), "attr_timeout": timeout,
+            "entry_timeout": timeout, "is_chunk_dict": False,
+            "root_nid": int(sb.root_ino) if version == 6 else 0})
+        return info
 
     # -- mounts ---------------------------------------------------------------------------------
 

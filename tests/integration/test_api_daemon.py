@@ -65,6 +65,9 @@ def test_dedicated_daemon_api_and_metrics(tmp_path, images):
         assert status == 200 and cache["underlying_files"]
         status, pattern = api.request("GET", "/api/v1/metrics/pattern")
         assert status == 200 and pattern and pattern[0]["nr_read"] >= 1
+        status, sb = api.request("GET", "/api/v1/daemon/backend", mountpoint="/")
+        assert status == 200 and sb["magic"] == 0xE0F5E1E2 and sb["chunk_size"] == 1 << 20
+        assert sb["inodes_count"] > 50 and sb["attr_timeout"]["secs"] > 0
         status, _ = api.request("PUT", "/api/v1/daemon", {"log_level": "debug"})
         assert status == 204
         status, body = api.request("PUT", "/api/v1/daemon/start")
@@ -276,3 +279,43 @@ def test_upgrade_mode_stays_init_until_exit(tmp_path):
         assert (tmp_path / "nydusd.log").exists()  # ".log" appended to an extension-less name
     finally:
         d.cleanup()
+
+
+def test_restart_after_crash_detects_failover_and_stays_init(tmp_path, images):
+    """A daemon killed with SIGKILL leaves its mount and a dead socket; the next one started with the
+    same arguments must not mount over it but wait in INIT for a takeover (spec §1.6)."""
+    image = images["v6"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    cfg = image.write_config(tmp_path / "cfg.json", None)
+    args = ["fuse", "--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
+            "--apisock", sock]
+    first = Nydusd(args, mnt, log_path=tmp_path / "log1", apisock=sock)
+    second = Nydusd(args, mnt, log_path=tmp_path / "log2", apisock=sock)
+    try:
+        first.start()
+        first.proc.kill()
+        first.proc.wait(10)
+        assert is_mounted(mnt) and os.path.exists(sock)
+        second.start(wait_mount=False)
+        second.wait(lambda: ApiClient(sock).request("GET", "/api/v1/daemon")[0] == 200
+                    if _connectable(sock) else False, 15, "the new API socket")
+        assert ApiClient(sock).info()["state"] == "INIT"
+        assert "previous_daemon_crashed" in second.log()
+        assert ApiClient(sock).request("PUT", "/api/v1/daemon/exit")[0] == 204
+        assert second.proc.wait(10) == 0
+    finally:
+        second.cleanup()
+        first.cleanup()
+
+
+def _connectable(path: str) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
