@@ -71,6 +71,8 @@ class LiveDaemon:
         self.sock = sock
         self.log_path = work / "nydusd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: the state reported by the very first request once the socket appeared
+        self.first_state: str | None = None
 
     def start(self, socket_timeout: float = 10.0, running_timeout: float = 2.0) -> LiveDaemon:
         with open(self.log_path, "ab") as log:
@@ -80,6 +82,7 @@ class LiveDaemon:
         self._wait(self.sock.exists, socket_timeout, "the API socket")
         deadline = time.monotonic() + running_timeout
         with ApiClient(str(self.sock)) as c:
+            self.first_state = c.info()["state"]
             while c.info()["state"] != "RUNNING":
                 assert time.monotonic() < deadline, "daemon not RUNNING within 2 s:\n" + self.log()
                 time.sleep(0.1)

@@ -82,6 +82,7 @@ def test_dedicated_daemon(work: Path, image: Path) -> None:
     d = LiveDaemon(work, args, mnt, sock)
     try:
         d.start()  # socket <=10 s, RUNNING <=2 s
+        assert d.first_state == "RUNNING"  # the socket only appears once the daemon is RUNNING
         monitor = liveness(sock)
         with d.client() as c:
             assert c.info()["state"] == "RUNNING"
