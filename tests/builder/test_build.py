@@ -322,6 +322,7 @@ def _malicious_tars(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_malicious_tars_fail_cleanly(tmp_path: Path) -> None:
+    threads = threading.active_count()
     for name, tar in _malicious_tars(tmp_path).items():
         out = tmp_path / f"out-{name}"
         out.mkdir()
@@ -330,6 +331,7 @@ def test_malicious_tars_fail_cleanly(tmp_path: Path) -> None:
         with pytest.raises(BuildError):
             build(str(tar), opts)
         assert list(out.iterdir()) == [], name
+        assert threading.active_count() == threads  # the worker pool is gone
         res = _cli("create", "--type", "tar-rafs", "--blob-dir", str(out), "--bootstrap", str(out / "b"),
                    str(tar))
         assert res.returncode == 1 and b"error: " in res.stderr and b"Traceback" not in res.stderr

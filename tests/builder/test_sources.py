@@ -207,3 +207,23 @@ def test_overlay_oci_and_overlayfs() -> None:
     alone.children = {b".wh.x": _f(b".wh.x"), b"y": _f(b"y")}
     drop_whiteouts(alone, WhiteoutSpec.OCI)
     assert list(alone.children) == [b"y"]
+
+
+def test_pipeline_short_stream_and_inflight_bound() -> None:
+    from nydusd.builder.chunker import ChunkDict, ChunkPipeline
+    from nydusd.builder.tree import BlobRef
+
+    out = io.BytesIO()
+    w = BlobWriter(out, fs_version=6, compressor=Compressor.LZ4_BLOCK, digester=DigestAlgorithm.BLAKE3,
+                   chunk_size=4096, aligned=True)
+    with ChunkPipeline(chunk_size=4096, compressor=Compressor.LZ4_BLOCK, digester=DigestAlgorithm.BLAKE3,
+                       writer=w, new_blob=BlobRef(None), chunk_dict=ChunkDict(), workers=2) as pipe:
+        data = FileData(size=100 * 4096)
+        body = b"".join(bytes([i]) * 4096 for i in range(50)) * 2  # second half repeats the first
+        pipe.add_stream(data, io.BytesIO(body), "f")
+        assert len(pipe._inflight) < pipe.max_inflight
+        pipe.finish()
+        assert (pipe.stats.new_chunks, pipe.stats.dedup_chunks) == (50, 50)
+        assert [c.chunk for c in data.chunks[:50]] == [c.chunk for c in data.chunks[50:]]
+        with pytest.raises(BuildError, match="shorter than its recorded size"):
+            pipe.add_stream(FileData(size=10), io.BytesIO(b"abc"), "short")
