@@ -24,13 +24,10 @@ from typing import TYPE_CHECKING, Any
 from nydusd.compress import Compressor, decompress
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata, IntegrityError
-from nydusd.log import get_logger
 from nydusd.storage.prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from nydusd.storage.cache.base import BlobCache, BlobCacheManager
-
-log = get_logger(__name__)
 
 #: sequential-read streams tracked for readahead (files being read at the same time)
 MAX_STREAMS = 256
@@ -145,6 +142,7 @@ class BlobDevice:
         self._caches: list[BlobCache | None] = [None] * len(self.blobs)
         self._lock = threading.Lock()
         self._prefetcher: Prefetcher | None = None
+        self._closed = False
         self.readahead = max(0, readahead)
         # per file (keyed by its first chunk + chunk count): [next sequential offset, chunk index
         # up to which readahead was queued]; bounded, oldest dropped first
@@ -241,17 +239,21 @@ class BlobDevice:
             start = max(state[1], last + 1)
             stop = min(len(chunks), last + 1 + window)
             state[1] = stop
-        if start < stop:
-            self.start_prefetch().submit(chunks[start:stop], urgent=True)
+        prefetcher = self.start_prefetch() if start < stop else None
+        if prefetcher is not None:
+            prefetcher.submit(chunks[start:stop], urgent=True)
 
     def is_ready(self, chunk: ChunkInfo) -> bool:
         """Whether ``chunk`` is in local cache state (no I/O)."""
         return self.cache(chunk.blob_index).is_ready(chunk)
 
     # ------------------------------------------------------------------ prefetch
-    def start_prefetch(self, cfg: Any = None) -> Prefetcher:
-        """Start the prefetch workers (idempotent) from ``cfg`` or ``prefetch_config``."""
+    def start_prefetch(self, cfg: Any = None) -> Prefetcher | None:
+        """Start the prefetch workers (idempotent) from ``cfg`` or ``prefetch_config``.
+        Returns None once the device is closed."""
         with self._lock:
+            if self._closed:
+                return None
             if self._prefetcher is None:
                 manager = self.cache_manager
                 self._prefetcher = Prefetcher.from_config(
@@ -262,8 +264,9 @@ class BlobDevice:
 
     def prefetch(self, chunks: Iterable[ChunkInfo]) -> int:
         """Queue chunks for background fetching (starts the workers on first use). Returns the
-        number of backend requests queued."""
-        return self.start_prefetch().submit(chunks)
+        number of backend requests queued (0 once the device is closed)."""
+        prefetcher = self.start_prefetch()
+        return 0 if prefetcher is None else prefetcher.submit(chunks)
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Block until queued prefetch work is done. True if idle (or never started)."""
@@ -292,5 +295,7 @@ class BlobDevice:
 
     def close(self) -> None:
         """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""
+        with self._lock:
+            self._closed = True
         self.stop_prefetch()
         self.cache_manager.close()

@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 from nydusd.errors import ConfigError, Unsupported
-from nydusd.storage.cache.base import DEFAULT_BATCH_SIZE, BlobCache, BlobCacheManager, BlobReader, chunk_key
+from nydusd.storage.cache.base import DEFAULT_BATCH_SIZE, BlobCache, BlobCacheManager, BlobReader
 from nydusd.storage.cache.blobcache import FileCacheManager
 from nydusd.storage.cache.dummy import DummyCacheManager
+from nydusd.storage.device import chunk_key
 
 __all__ = ["BlobCache", "BlobCacheManager", "chunk_key", "create_cache"]
 

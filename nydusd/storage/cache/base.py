@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,8 +123,7 @@ class BlobCache(ABC):
     def _fetch_missing(self, missing: dict[int, ChunkInfo], force: set[int],
                        amplify: Sequence[ChunkInfo], out: dict[int, bytes]) -> None:
         for _ in range(_MAX_ROUNDS):
-            claim = self._flights.claim(
-                missing, is_ready=lambda k, m=missing: k not in force and self.is_ready(m[k]))
+            claim = self._flights.claim(missing, is_ready=self._ready_check(missing, force))
             if claim.owned:
                 owned = [missing[k] for k in claim.owned]
                 extra = self._claim_amplify(owned, amplify)
@@ -169,11 +169,19 @@ class BlobCache(ABC):
                 continue
             if chunk.compressed_offset != end or end + chunk.compressed_size - start > limit:
                 break
-            if not self._flights.try_claim(chunk_key(chunk), is_ready=lambda _k, c=chunk: self.is_ready(c)):
+            if not self._flights.try_claim(chunk_key(chunk),
+                                           is_ready=self._ready_check({chunk_key(chunk): chunk})):
                 break
             extra.append(chunk)
             end += chunk.compressed_size
         return extra
+
+    def _ready_check(self, by_key: dict[int, ChunkInfo],
+                     force: AbstractSet[int] = frozenset()) -> Callable[[int], bool]:
+        """An ``is_ready`` callback for the singleflight table (``force``: keys to refetch anyway)."""
+        def ready(key: int) -> bool:
+            return key not in force and self.is_ready(by_key[key])
+        return ready
 
     # ------------------------------------------------------------------ prefetch path
     def missing(self, chunks: Iterable[ChunkInfo]) -> list[ChunkInfo]:
@@ -186,9 +194,9 @@ class BlobCache(ABC):
         already fetching. Adjacent chunks merge into requests of up to ``merge_limit`` bytes
         (default: the manager's ``batch_size``). Returns ``(chunks fetched, payload bytes
         fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures)."""
-        owned = [c for c in self.missing(chunks)
-                 if self._flights.try_claim(chunk_key(c), is_ready=lambda _k, c=c: self.is_ready(c),
-                                            prefetch=True)]
+        missing = {chunk_key(c): c for c in self.missing(chunks)}
+        ready = self._ready_check(missing)
+        owned = [c for k, c in missing.items() if self._flights.try_claim(k, is_ready=ready, prefetch=True)]
         if not owned:
             return 0, 0
         self._fetch_owned(owned, prefetch=True, limit=merge_limit)
@@ -325,7 +333,8 @@ class BlobCacheManager(ABC):
         """Create the cache of one blob."""
 
     def get(self, blob: BlobInfo) -> BlobCache:
-        """The cache of ``blob`` (created on first use). Raises NotReady after ``close``."""
+        """The cache of ``blob`` (created on first use). Raises BackendError after ``close`` or
+        when the cache's local files cannot be opened."""
         with self._lock:
             if self._closed:
                 raise BackendError("blob cache is closed", blob_id=blob.blob_id)

@@ -32,11 +32,11 @@ import os
 import threading
 from collections.abc import Sequence
 
-from nydusd.errors import ConfigError, IntegrityError, InvalidArgument
+from nydusd.errors import BackendError, ConfigError, IntegrityError, InvalidArgument
 from nydusd.log import get_logger
-from nydusd.storage.cache.base import BlobCache, BlobCacheManager, BlobReader, Fetched, chunk_key
+from nydusd.storage.cache.base import BlobCache, BlobCacheManager, BlobReader, Fetched
 from nydusd.storage.cache.chunkmap import IndexedChunkMap, MemoryChunkMap
-from nydusd.storage.device import BlobInfo, ChunkInfo, decode_chunk
+from nydusd.storage.device import BlobInfo, ChunkInfo, chunk_key, decode_chunk
 
 log = get_logger(__name__)
 
@@ -249,7 +249,11 @@ class FileCacheManager(BlobCacheManager):
         self.flusher = _Flusher()
 
     def _open(self, blob: BlobInfo) -> BlobCache:
-        return FileCache(blob, self)
+        try:
+            return FileCache(blob, self)
+        except OSError as exc:
+            raise BackendError(f"cannot open the blob cache files: {exc.strerror}", blob_id=blob.blob_id,
+                               work_dir=self.work_dir) from exc
 
     def flush(self) -> None:
         """Make every chunk fetched so far durable and marked in its chunk map (blocking)."""
