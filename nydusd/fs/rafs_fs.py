@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -48,6 +50,39 @@ class BlobReader(Protocol):
     def read(self, chunks: Sequence[Any], offset: int, size: int) -> bytes: ...
 
 
+class ChunkBuffer:
+    """The last few decoded chunks of an image, keyed by ``(inode, chunk index)``.
+
+    The storage layer hands out whole chunks (1 MiB by default) while FUSE reads arrive in 128 KiB
+    requests, so a sequential read would fetch and slice the same chunk eight times; this keeps the
+    chunk for the following requests. Immutable data: no invalidation needed. Guarded by its own
+    lock, held only for the dict operations (never across I/O).
+    """
+
+    def __init__(self, slots: int = 8) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.slots:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
@@ -58,6 +93,8 @@ class RafsFs:
         self.enable_xattr = enable_xattr
         self.timeout = timeout
         self.root_ino: int = int(sb.root_ino)
+        self.chunk_size: int = int(getattr(sb, "chunk_size", 0) or 0)
+        self.buffer = ChunkBuffer()
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -145,18 +182,33 @@ class RafsFs:
         chunks = list(self.sb.chunks(ino)) if attr.size else []
         return attr, chunks
 
-    def read(self, chunks: Sequence[Any], file_size: int, offset: int, size: int) -> bytes:
+    def read(self, chunks: Sequence[Any], file_size: int, offset: int, size: int,
+             ino: int | None = None) -> bytes:
         """Up to ``size`` bytes of a file at ``offset`` (short at EOF).
 
-        Runs with llfuse's lock RELEASED: touches only its arguments and the thread-safe device.
-        Raises BackendError/IntegrityError (EIO) when the data cannot be fetched or verified.
+        With ``ino``, a request inside one chunk that does not cover all of it goes through the
+        chunk buffer (see ``ChunkBuffer``). Runs with llfuse's lock RELEASED: touches only its
+        arguments, the locked buffer and the thread-safe device. Raises BackendError/IntegrityError
+        (EIO) when the data cannot be fetched or verified.
         """
         if offset >= file_size or size <= 0:
             return b""
-        size = min(size, file_size - offset)
+        end = min(offset + size, file_size)
         if self.device is None:
             raise NydusError("image has no blob device", offset=offset)
-        return self.device.read(chunks, offset, size)
+        csize = self.chunk_size
+        if ino is not None and csize > 0:
+            index = offset // csize
+            start = index * csize
+            length = min(csize, file_size - start)
+            if (end - 1) // csize == index and end - offset < length:
+                key = (ino, index)
+                data = self.buffer.get(key)
+                if data is None:
+                    data = self.device.read(chunks, start, length)
+                    self.buffer.put(key, data)
+                return data[offset - start:end - start]
+        return self.device.read(chunks, offset, end - offset)
 
     def statfs(self) -> StatFs:
         files = int(getattr(self.sb, "inode_count", 0))
@@ -164,6 +216,7 @@ class RafsFs:
 
     def close(self) -> None:
         """Release the device (cache files) and the bootstrap mapping. Idempotent."""
+        self.buffer.clear()
         for obj in (self.device, self.sb):
             close = getattr(obj, "close", None)
             if close is not None:

@@ -426,7 +426,7 @@ class Vfs:
         start = time.perf_counter_ns()
         mount = handle.mount
         try:
-            data = mount.fs.read(handle.chunks, handle.size, offset, size)
+            data = mount.fs.read(handle.chunks, handle.size, offset, size, handle.ino)
         except NydusError as e:
             mount.stats.fop_done(StatsFop.READ, ino=handle.ino, success=False,
                                  latency_us=(time.perf_counter_ns() - start) / 1000)
