@@ -195,6 +195,7 @@ def _node_for(info: tarfile.TarInfo, name: bytes) -> Node:
 class _TarTree:
     def __init__(self) -> None:
         self.root = new_dir(b"/")
+        self.root.implicit = True
         self.seen: dict[tuple[bytes, ...], Node] = {(): self.root}
 
     def parent_of(self, parts: list[bytes], name: str) -> Node:
@@ -204,6 +205,7 @@ class _TarTree:
             child = node.children.get(p)
             if child is None:
                 child = new_dir(p)
+                child.implicit = True
                 node.children[p] = child
                 self.seen.setdefault(tuple(parts[:i + 1]), child)
             elif not child.is_dir:
@@ -233,6 +235,7 @@ class _TarTree:
     def _update_dir(old: Node, new: Node) -> None:
         old.mode, old.uid, old.gid = new.mode, new.uid, new.gid
         old.mtime, old.mtime_nsec, old.xattrs = new.mtime, new.mtime_nsec, new.xattrs
+        old.implicit = False
 
     def hardlink(self, info: tarfile.TarInfo, parts: list[bytes]) -> Node:
         target = self.seen.get(tuple(_split_name(info.linkname)))

@@ -76,6 +76,9 @@ class Node:
     symlink: bytes | None = None
     children: dict[bytes, Node] | None = None
     data: FileData | None = None
+    #: a directory a tar layer only implied (a parent of listed entries, never listed itself): its
+    #: default attributes must not replace those of the same directory in a lower layer
+    implicit: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -153,6 +156,7 @@ def drop_whiteouts(root: Node, spec: WhiteoutSpec) -> None:
 def overlay(lower: Node, upper: Node, spec: WhiteoutSpec) -> None:
     """Apply ``upper`` on top of ``lower`` in place (spec §5 steps 2-3); ``upper`` is consumed.
 
+    Directory attributes come from the upper layer unless it only implied the directory.
     Raises BuildError if either root is not a directory.
     """
     if not (lower.is_dir and upper.is_dir):
@@ -162,6 +166,8 @@ def overlay(lower: Node, upper: Node, spec: WhiteoutSpec) -> None:
 
 
 def _copy_attrs(dst: Node, src: Node) -> None:
+    if src.implicit:
+        return
     dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
     dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, dict(src.xattrs)
 

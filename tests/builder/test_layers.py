@@ -6,6 +6,7 @@ layers applied with overlay semantics (a reference applier here, and a real over
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 import shutil
@@ -219,3 +220,22 @@ def test_converter_flow_inline_layers_and_merge(tmp_path: Path, layers: list[Pat
     assert res.blobs == [b.removeprefix("sha256:") for b in res.blobs]
     with pytest.raises(InvalidArgument, match="invalid digest"):
         merge(boots, MergeOptions(bootstrap_path=str(merged), blob_digests=("x", "y", "z")))
+
+
+def test_implied_directories_keep_lower_attributes(tmp_path: Path) -> None:
+    """A tar layer listing only ``usr/lib/x`` must not reset the lower ``/`` and ``/usr`` (as a
+    container runtime applying the layer would not); a directory it creates gets 0755 root:root."""
+    base = make_tree(tmp_path / "base", {"usr/": None, "usr/a": b"a"}, mtime=1_650_000_000)
+    os.chmod(base / "usr", 0o750)
+    os.chmod(base, 0o711)
+    lower = build_image(base, tmp_path / "o0")
+    tar = tmp_path / "up.tar"
+    with tarfile.open(tar, "w") as tf:
+        ti = tarfile.TarInfo("usr/lib/x")
+        ti.size, ti.mtime = 1, 1_660_000_000
+        tf.addfile(ti, io.BytesIO(b"x"))
+    img = build_image(tar, tmp_path / "o1", tar=True, parent=lower.bootstrap)
+    got = snapshot_image(img.bootstrap, _all_blobs([tmp_path / "o0", tmp_path / "o1"], tmp_path / "b"))
+    assert (stat.S_IMODE(got[b"/"].mode), got[b"/"].mtime) == (0o711, (1_650_000_000, 0))
+    assert (stat.S_IMODE(got[b"/usr"].mode), got[b"/usr"].mtime) == (0o750, (1_650_000_000, 0))
+    assert stat.S_IMODE(got[b"/usr/lib"].mode) == 0o755 and got[b"/usr/lib/x"].size == 1
