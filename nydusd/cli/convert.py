@@ -155,15 +155,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from nydusd.converter.progress import Progress
     from nydusd.converter.publish import create_store
     from nydusd.converter.remote import open_remote
+    from nydusd.oci.reference import parse_reference
 
     if args.batch_size:
         raise InvalidArgument("--batch-size is not supported by this builder", field="batch-size")
     target_text = args.target
     if target_text is None:
-        from nydusd.oci.reference import parse_reference
-
         src = parse_reference(args.source)
         target_text = str(src.with_tag((src.tag or "latest") + args.target_suffix))
+    parse_reference(target_text)  # a bad target must fail before anything is pulled
     store = None
     if args.backend_type:
         store = create_store(args.backend_type, _backend_config_text(args.backend_config,

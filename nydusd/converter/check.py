@@ -260,7 +260,7 @@ class Checker:
 
         def gen() -> Any:
             for layer, diff_id in layers:
-                with self.source.open_blob(layer.digest) as raw:  # type: ignore[union-attr]
+                with self.source.open_blob(layer.digest, layer.size) as raw:  # type: ignore[union-attr]
                     stream = LayerStream(raw, m.layer_compression(layer), expected_digest=layer.digest,
                                          expected_diff_id=diff_id)
                     yield stream

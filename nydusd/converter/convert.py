@@ -250,7 +250,7 @@ class Converter:
         compression = m.layer_compression(layer)
         task = self.progress.task("convert", label, layer.size)
         t0 = time.monotonic_ns()
-        with self.source.open_blob(layer.digest) as raw:
+        with self.source.open_blob(layer.digest, layer.size) as raw:
             timed = _TimedReader(raw, task)
             stream = LayerStream(timed, compression, expected_digest=layer.digest,
                                  expected_diff_id=diff_id)

@@ -166,15 +166,31 @@ class NydusdProcess:
         while not stop.is_set() and self.proc is not None and self.proc.poll() is None:
             stop.wait(0.2)
 
-    def stop(self) -> None:
+    def stop(self, mountpoint: Path | None = None) -> None:
+        """SIGTERM (nydusd unmounts and exits); after 15 s SIGKILL, and then the mount left behind
+        is detached lazily so that no dead FUSE mount remains."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(15)
+            return
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        log.warning("nydusd_killed", pid=self.proc.pid, log=self._log_tail()[-500:])
+        if mountpoint is not None and _is_mounted(mountpoint):
+            subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], check=False,
+                           capture_output=True)
+
+
+def _is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == target for line in f if len(line.split()) > 2)
+    except OSError:
+        return False
 
 
 def prepare(remote: Remote, opts: MountOptions) -> tuple[Path, Path]:
@@ -209,7 +225,7 @@ def mount_image(remote: Remote, opts: MountOptions) -> int:
         print(f"mounted {remote.ref} at {opts.mount_path}", flush=True)  # noqa: T201 - user-facing
         proc.wait(stop)
     finally:
-        proc.stop()
+        proc.stop(opts.mount_path)
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("image_unmounted", mountpoint=str(opts.mount_path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,28 @@ from nydusd.oci.reference import Reference, parse_reference
 log = get_logger(__name__)
 
 RANGE_SIZE = 8 << 20
+READ_RETRIES = 4
+RETRY_DELAY = 0.2
+
+
+def read_with_retry(client: RegistryClient, digest: str, offset: int = 0, size: int | None = None,
+                    *, retries: int = READ_RETRIES) -> bytes:
+    """``client.get_blob`` retried (with a growing pause) on transient failures -- 5xx, 429, resets,
+    truncated bodies -- and on short ranges. Raises the last error when retries run out."""
+    attempt = 0
+    while True:
+        try:
+            data = client.get_blob(digest, offset, size)
+            if size is not None and len(data) != size:
+                raise BackendError(f"short read: {len(data)} of {size} bytes", transient=True,
+                                   digest=digest, offset=offset)
+            return data
+        except BackendError as e:
+            if not e.transient or attempt >= retries:
+                raise
+            attempt += 1
+            log.info("blob_read_retried", digest=digest, offset=offset, attempt=attempt, error=str(e))
+            time.sleep(RETRY_DELAY * attempt)
 
 
 class BlobReader:
@@ -45,7 +68,7 @@ class BlobReader:
             return None
         offset, n = self._pos, min(self._range, self.size - self._pos)
         self._pos += n
-        return self._pool.submit(self._client.get_blob, self._digest, offset, n)
+        return self._pool.submit(read_with_retry, self._client, self._digest, offset, n)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -67,8 +90,6 @@ class BlobReader:
         if fut is None:
             return None
         data = fut.result()
-        if not data:
-            raise BackendError("registry returned an empty range", transient=True, digest=self._digest)
         self._next = self._fetch()
         return data
 
@@ -105,7 +126,7 @@ class Remote:
 
     def get_blob_bytes(self, digest: str, expected_size: int | None = None) -> bytes:
         """A whole (small) blob, digest-verified. Raises BlobNotFound, IntegrityError."""
-        data = self.client.get_blob(digest)
+        data = read_with_retry(self.client, digest)
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != digest or (expected_size is not None and len(data) != expected_size):
             raise IntegrityError("blob digest mismatch", expected=digest, actual=actual, size=len(data))
@@ -118,9 +139,11 @@ class Remote:
             return None
 
     @contextlib.contextmanager
-    def open_blob(self, digest: str) -> Iterator[BlobReader]:
-        """A streaming reader of a blob (the caller verifies the digest as it reads)."""
-        size = self.blob_size(digest)
+    def open_blob(self, digest: str, size: int | None = None) -> Iterator[BlobReader]:
+        """A streaming reader of a blob of ``size`` bytes (the manifest's size; asked with HEAD when
+        None). The caller verifies the digest as it reads. Raises BlobNotFound."""
+        if size is None:
+            size = self.blob_size(digest)
         if size is None:
             raise BlobNotFound("layer blob not found in the source repository", digest=digest,
                                repo=str(self.ref))
@@ -160,7 +183,7 @@ class Remote:
             raise BlobNotFound("blob not found", digest=digest, repo=str(other.ref))
         if other.same_registry(self) and self.client.mount_blob(digest, other.ref.repo):
             return size
-        with other.open_blob(digest) as reader:
+        with other.open_blob(digest, size) as reader:
             self.client.push_blob(reader, digest, chunk_size=RANGE_SIZE)  # type: ignore[arg-type]
         return size
 
