@@ -322,6 +322,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     chosen = [x for x in (args.blob, args.blob_dir, args.backend_config or args.backend_config_file) if x]
     if len(chosen) != 1:
         raise InvalidArgument("unpack needs exactly one of --blob, --blob-dir, --backend-config")
+    source: BlobSource
     if args.blob or args.blob_dir:
         local = LocalBlobs(args.blob_dir, {"*": args.blob} if args.blob else None)
         source, close = local, local.close

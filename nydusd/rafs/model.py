@@ -135,6 +135,7 @@ class Bootstrap:
         return self.root.walk()
 
 
-def new_root(mode: int = 0o040755, **attrs: int) -> Node:
+def new_root(mode: int = 0o040755, *, uid: int = 0, gid: int = 0, mtime: int = 0,
+             mtime_nsec: int = 0) -> Node:
     """A root directory node (name ``/``)."""
-    return Node(name=b"/", mode=mode, **attrs)
+    return Node(name=b"/", mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=mtime_nsec)

@@ -3,21 +3,24 @@
 Owns: ``ImageStats`` (upstream's ImageInfo field names: dirs, files, symlinks, chunks, file_size,
 comp_size, uncomp_size, padding_size, chunk_sizes[9], file_sizes[45], dedup_*, own_*, ref_*) with
 per-blob totals, ``image_stats`` / ``compare_stats`` and ``check_image`` (decode every record, v5
-Merkle digests, optionally every chunk's data digest through a BlobSource).
+Merkle digests; with a BlobSource every chunk's data digest and, for v6, the blob's chunk-info
+array and blob.digest array against the bootstrap's chunk table).
 
 Must not import fs, daemon, builder. Threading: pure functions over a RafsSuper.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nydusd.errors import CorruptMetadata
 from nydusd.rafs import layout as L
+from nydusd.rafs.blobmeta import load_chunk_infos, read_toc
 from nydusd.rafs.content import BlobSource, read_chunk
 from nydusd.rafs.rafs_super import RafsSuper
-from nydusd.storage.device import ChunkInfo
+from nydusd.storage.device import BlobInfo, ChunkInfo
 
 
 def _bucket(size: int, base_bits: int, n: int) -> int:
@@ -138,7 +141,50 @@ def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, in
     sb.prefetch_inodes()
     if sb.version == 5:
         _verify_v5_digests(sb)
+    elif source is not None:
+        _verify_blob_meta(sb, source, verified)
     return {"entries": entries, "files": files, "chunks_verified": chunks_read}
+
+
+def _verify_blob_meta(sb: RafsSuper, source: BlobSource, used: set[tuple[bytes, int]]) -> None:
+    """v6: every chunk the bootstrap uses agrees with its blob's chunk-info array (route 2 of
+    §3.13) and, when the blob carries one, with its blob.digest array."""
+    by_blob: dict[int, list[ChunkInfo]] = {}
+    for _path, inode in sb.walk():
+        if inode.is_reg:
+            for c in sb.chunks(inode.ino):
+                by_blob.setdefault(c.blob_index, []).append(c)
+    for blob_index, chunks in by_blob.items():
+        blob = sb.blobs[blob_index]
+        read = _reader(source, blob)
+        entries = load_chunk_infos(read, blob)
+        digests = _digest_array(read, blob)
+        for c in chunks:
+            e = entries[c.index] if c.index < len(entries) else None
+            if e is None or (e.compressed_offset, e.compressed_size, e.uncompressed_offset,
+                             e.uncompressed_size, e.compressed) != (
+                    c.compressed_offset, c.compressed_size, c.uncompressed_offset,
+                    c.uncompressed_size, c.is_compressed):
+                raise CorruptMetadata("chunk table differs from the blob's chunk-info array",
+                                      field="ci_array", blob_id=blob.blob_id, chunk_index=c.index)
+            if digests is not None and digests[32 * c.index:32 * c.index + 32] != c.digest:
+                raise CorruptMetadata("chunk digest differs from the blob's blob.digest array",
+                                      field="blob.digest", blob_id=blob.blob_id, chunk_index=c.index)
+
+
+def _reader(source: BlobSource, blob: BlobInfo) -> Callable[[int, int], bytes]:
+    return lambda off, size: source(blob, off, size)
+
+
+def _digest_array(read: Callable[[int, int], bytes], blob: BlobInfo) -> bytes | None:
+    if not blob.features & L.BLOB_INLINED_CHUNK_DIGEST or not blob.features & L.BLOB_HAS_TOC:
+        return None
+    toc = {e.name: e for e in read_toc(read, blob.compressed_size)}
+    entry = toc.get("blob.digest")
+    if entry is None or entry.compressed_size != 32 * blob.chunk_count:
+        raise CorruptMetadata("blob.digest missing from the blob's ToC", field="blob.digest",
+                              blob_id=blob.blob_id)
+    return read(entry.compressed_offset, entry.compressed_size)
 
 
 def _verify_v5_digests(sb: RafsSuper) -> None:

@@ -50,11 +50,13 @@ def _tarinfo(sb: RafsSuper, name: str, inode: Inode) -> tarfile.TarInfo:
     ti.mode = stat.S_IMODE(inode.mode)
     ti.uid, ti.gid = inode.uid, inode.gid
     ti.mtime = inode.mtime
+    pax: dict[str, str] = {}
     if inode.mtime_nsec:
-        ti.pax_headers["mtime"] = f"{inode.mtime}.{inode.mtime_nsec:09d}"
+        pax["mtime"] = f"{inode.mtime}.{inode.mtime_nsec:09d}"
     if inode.has_xattr:
         for key, value in sorted(sb.xattrs(inode.ino).items()):
-            ti.pax_headers["SCHILY.xattr." + os.fsdecode(key)] = value.decode("utf-8", "surrogateescape")
+            pax["SCHILY.xattr." + os.fsdecode(key)] = value.decode("utf-8", "surrogateescape")
+    ti.pax_headers = pax
     return ti
 
 
