@@ -59,7 +59,7 @@ class ChunkBuffer:
     lock, held only for the dict operations (never across I/O).
     """
 
-    def __init__(self, slots: int = 8) -> None:
+    def __init__(self, slots: int = 4) -> None:
         self.slots = slots
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
