@@ -27,6 +27,7 @@ __all__ = ["BACKEND_TYPES", "BlobBackend", "RetryPolicy", "create_backend"]
 
 BACKEND_TYPES: dict[str, str] = {
     "localfs": "nydusd.storage.backend.localfs:LocalFsBackend",
+    "localdisk": "nydusd.storage.backend.localdisk:LocalDiskBackend",
     "registry": "nydusd.storage.backend.registry:RegistryBackend",
     "oss": "nydusd.storage.backend.oss:OssBackend",
     "s3": "nydusd.storage.backend.s3:S3Backend",
