@@ -14,7 +14,8 @@ Entry rules (documented divergences from upstream in ``nydus-image create --help
 * a hard link must name an earlier entry; a link to a missing or later entry or to a directory is
   rejected; a link to a non-regular entry copies it (RAFS groups only regular files);
 * symlink targets are stored verbatim (they may point anywhere) and never followed;
-* missing parent directories are created 0755 root:root with mtime 0.
+* missing parent directories are created 0755 root:root with mtime 0 (as upstream), marked
+  ``implicit`` so that, stacked on a parent, they do not reset the parent's directory attributes.
 Must not import rafs. Threading: single-threaded; the callback runs in the reading thread.
 """
 

@@ -239,3 +239,50 @@ def test_implied_directories_keep_lower_attributes(tmp_path: Path) -> None:
     assert (stat.S_IMODE(got[b"/"].mode), got[b"/"].mtime) == (0o711, (1_650_000_000, 0))
     assert (stat.S_IMODE(got[b"/usr"].mode), got[b"/usr"].mtime) == (0o750, (1_650_000_000, 0))
     assert stat.S_IMODE(got[b"/usr/lib"].mode) == 0o755 and got[b"/usr/lib/x"].size == 1
+
+
+@pytest.mark.root
+def test_merged_image_mounts_in_kernel_erofs(tmp_path: Path, layers: list[Path], expected: dict) -> None:
+    """A merged v6 bootstrap referencing three blobs, mounted by the kernel with one device each."""
+    from nydusd.rafs.content import LocalBlobs, read_chunk
+
+    boots = []
+    for i, layer in enumerate(layers):
+        img = build_image(_tar(layer, tmp_path / f"l{i}.tar"), tmp_path / "blobs", tar=True,
+                          whiteout_spec="none", compressor="none", chunk_size=0x10000,
+                          bootstrap_name=f"layer{i}.boot")
+        named = tmp_path / f"{img.blob_id}.boot"
+        os.replace(img.bootstrap, named)
+        boots.append(str(named))
+    merged = tmp_path / "merged.boot"
+    merge(boots, MergeOptions(bootstrap_path=str(merged)))
+    raws = []
+    with load_bootstrap(str(merged)) as sb, LocalBlobs(str(tmp_path / "blobs")) as blobs:
+        for blob in sb.blobs:
+            raw = tmp_path / f"{blob.blob_id}.raw"
+            with open(raw, "wb") as f:
+                f.truncate(blob.uncompressed_size)
+            raws.append(raw)
+        for _, ino in sb.walk():
+            if ino.is_reg:
+                for c in sb.chunks(ino.ino):
+                    with open(raws[c.blob_index], "r+b") as f:
+                        f.seek(c.uncompressed_offset)
+                        f.write(read_chunk(blobs, c, sb.blobs[c.blob_index]))
+    loops: list[str] = []
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        for raw in raws:
+            loops.append(subprocess.run(["losetup", "-f", "--show", "-r", str(raw)], check=True,
+                                        capture_output=True, text=True).stdout.strip())
+        devices = ",".join(f"device={lp}" for lp in loops)
+        subprocess.run(["mount", "-t", "erofs", "-o", f"ro,{devices}", str(merged), str(mnt)],
+                       check=True, capture_output=True)
+        try:
+            assert not _diff(snapshot_dir(mnt), expected)
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        for lp in loops:
+            subprocess.run(["losetup", "-d", lp], check=True)
