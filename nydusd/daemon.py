@@ -374,7 +374,7 @@ class Daemon:
             return dict(summary())
         timeout = {"secs": int(inst.fs.timeout), "nanos": 0}
         version = int(getattr(sb, "version", 0))
-        info = dict.fromkeys(_BACKEND_INFO_KEYS, 0)
+        info: dict[str, Any] = dict.fromkeys(_BACKEND_INFO_KEYS, 0)
         info.update({
             "magic": 0x52414653 if version == 5 else 0xE0F5E1E2, "version": version << 8,
             "sb_size": 8192 if version == 5 else 128, "root_inode": int(sb.root_ino),

@@ -151,7 +151,7 @@ def _erofs(*_args: Any, **_kwargs: Any) -> Any:
     raise llfuse.FUSEError(errno.EROFS)
 
 
-class FuseOperations(llfuse.Operations):
+class FuseOperations(llfuse.Operations):  # type: ignore[misc]  # llfuse ships no type stubs
     """Read-only llfuse operations over a ``Vfs``. Write operations answer EROFS."""
 
     def __init__(self, vfs: Vfs) -> None:

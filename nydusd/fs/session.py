@@ -65,7 +65,8 @@ class FuseSession:
         """Serve requests until unmounted (returns None) or a signal arrives (returns its number)."""
         self.running = True
         try:
-            return llfuse.main(workers=self.threads)
+            reason: int | None = llfuse.main(workers=self.threads)
+            return reason
         finally:
             self.running = False
 

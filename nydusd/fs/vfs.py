@@ -357,16 +357,16 @@ class Vfs:
             pseudo = self._pseudo[local]
             dots = [(b".", ("dir", local)), (b"..", ("dir", pseudo.parent))]
             entries = dots + sorted(pseudo.entries.items())
-            for i, (name, entry) in enumerate(entries[offset:], start=offset + 1):
+            for i, (name, target) in enumerate(entries[offset:], start=offset + 1):
                 try:
-                    attr = self._entry_attr(entry)
+                    attr = self._entry_attr(target)
                 except StaleInode:
                     continue
                 yield DirEntry(name, attr, i)
             return
         start = time.perf_counter_ns()
-        for entry in mount.fs.readdir(local, offset):
-            yield DirEntry(entry.name, self._expose(mount, entry.attr), entry.next_offset)
+        for item in mount.fs.readdir(local, offset):
+            yield DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
 
