@@ -285,6 +285,7 @@ class RegistryClient(ContentMixin):
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens = TokenCache()
+        self._token_fetch = threading.Lock()
         self._redirects: dict[str, str] = {}
         self.token_requests = 0
 
@@ -329,8 +330,13 @@ class RegistryClient(ContentMixin):
             key = (ch.realm, ch.params.get("service", ""), " ".join(scopes))
             tok = self._tokens.get(key)
             if tok is None:
-                tok = self._fetch_token(ch, scopes)
-                self._tokens.put(key, tok)
+                # One fetch at a time: when a token lapses under many reader threads, the first
+                # fetches and the others find its token in the cache (no token-server stampede).
+                with self._token_fetch:
+                    tok = self._tokens.get(key)
+                    if tok is None:
+                        tok = self._fetch_token(ch, scopes)
+                        self._tokens.put(key, tok)
             return f"Bearer {tok.value}", (key, tok)
         raise AuthError(f"registry {self.host} asks for unsupported auth scheme {ch.scheme!r}")
 

@@ -262,3 +262,30 @@ def test_skip_verify_falls_back_to_plain_http(registry_server: RegistryServer, c
         assert b.read(blob, 0, 100) == DATA[:100]
         assert b.read(blob, 100, 100) == DATA[100:200]
     assert b.client.scheme == "http"
+
+
+def test_concurrent_readers_share_one_token_refresh(registry_factory: Any, closing: Any) -> None:
+    import threading
+
+    reg = registry_factory("token", ttl=2)
+    blob = reg.push_blob("expiry/herd", DATA)
+    b = closing(_backend(reg, "expiry/herd", auth=basic_auth()))
+    assert b.read(blob, 0, 10) == DATA[:10]
+    before = reg.token.issued
+    time.sleep(2.3)
+    errors: list[BaseException] = []
+
+    def reader(i: int) -> None:
+        try:
+            off = i * 10_000
+            assert b.read(blob, off, 50_000) == DATA[off:off + 50_000]
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert reg.token.issued == before + 1
