@@ -96,7 +96,8 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--platform")
     p.add_argument("--work-dir", default="./output")
     p.add_argument("--nydus-image", default="nydus-image")
-    p.add_argument("--nydusd", default="nydusd")
+    p.add_argument("--nydusd", help="compare through a FUSE mount served by this nydusd command "
+                   "(default: decode the blobs in process)")
     p.set_defaults(func=cmd_check)
 
 
@@ -207,7 +208,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         store_cfg = (args.target_backend_type, _backend_config_text(args.target_backend_config,
                                                                     args.target_backend_config_file))
     opts = CheckOptions(work_dir=Path(args.work_dir), platform=args.platform,
-                        multi_platform=args.multi_platform, backend=store_cfg)
+                        multi_platform=args.multi_platform, backend=store_cfg, nydusd=args.nydusd)
     target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
     source = None
     try:

@@ -27,9 +27,10 @@ from typing import Any
 
 from nydusd.converter import manifest as m
 from nydusd.converter.layers import LayerStream
+from nydusd.converter.mount import MountOptions, NydusdProcess, nydusd_config
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
-from nydusd.converter.rootfs import Entry, compare, nydus_rootfs, oci_rootfs
+from nydusd.converter.rootfs import Entry, compare, dir_rootfs, nydus_rootfs, oci_rootfs
 from nydusd.errors import ConfigError, NotFound, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.rafs import load_bootstrap
@@ -44,6 +45,9 @@ class CheckOptions:
     multi_platform: bool = False
     #: (backend type, backend config JSON) when blobs live outside the registry (localfs only)
     backend: tuple[str, str] | None = None
+    #: command starting nydusd: compare the OCI rootfs with a real FUSE mount of the nydus image
+    #: (upstream's way) instead of decoding the blobs in process
+    nydusd: str | None = None
 
 
 @dataclass
@@ -169,7 +173,8 @@ class Checker:
                 for blob_id in blob_ids:
                     if blob_id not in blob_layers:
                         self._problem(f"{p}bootstrap: blob {blob_id} is not a layer of the manifest")
-            blob_files = self._fetch_blobs(p, blob_ids)
+            mount_mode = self.opts.nydusd is not None and self.source is not None
+            blob_files = self._fetch_blobs(p, blob_ids, download=not mount_mode)
             if self.source is None:
                 return
             oci = self._oci_tree(p, manifest, config, platform)
@@ -177,16 +182,8 @@ class Checker:
                 return
             if len(blob_files) != len(blob_ids):
                 return  # missing blobs were reported; content cannot be compared
-
-            def read_blob(blob_id: str, offset: int, size: int) -> bytes:
-                with open(blob_files[blob_id], "rb") as f:
-                    f.seek(offset)
-                    return f.read(size)
-
-            try:
-                nydus = nydus_rootfs(rs, read_blob)
-            except NydusError as e:
-                self._problem(f"{p}filesystem: cannot read the nydus image: {e}")
+            nydus = self._mounted_tree(p) if mount_mode else self._decoded_tree(p, rs, blob_files)
+            if nydus is None:
                 return
         self._compare(p, oci, nydus)
 
@@ -195,9 +192,45 @@ class Checker:
         for line in compare(oci, nydus):
             self._problem(f"{p}filesystem: {line}")
 
-    def _fetch_blobs(self, p: str, blob_ids: list[str]) -> dict[str, Path]:
+    def _decoded_tree(self, p: str, rs: Any, blob_files: dict[str, Path]) -> dict[str, Entry] | None:
+        """The nydus rootfs decoded in process from the bootstrap and the downloaded blobs."""
+        try:
+            return nydus_rootfs(rs, lambda blob_id, off, size: _pread(blob_files[blob_id], off, size))
+        except NydusError as e:
+            self._problem(f"{p}filesystem: cannot read the nydus image: {e}")
+            return None
+
+    def _mounted_tree(self, p: str) -> dict[str, Entry] | None:
+        """The nydus rootfs as nydusd serves it (FUSE mount of the pulled bootstrap)."""
+        assert self.opts.nydusd is not None
+        backend_type, backend_config = self.opts.backend or (None, "")
+        mopts = MountOptions(mount_path=self.opts.work_dir / "nydus_mnt", work_dir=self.opts.work_dir,
+                             nydusd=self.opts.nydusd, backend_type=backend_type,
+                             backend_config=backend_config)
+        nydusd_dir = self.opts.work_dir / "nydusd"
+        (nydusd_dir / "cache").mkdir(parents=True, exist_ok=True)
+        config = nydusd_dir / "config.json"
+        config.write_text(json.dumps(nydusd_config(self.target, mopts, nydusd_dir / "cache")))
+        mopts.mount_path.mkdir(exist_ok=True)
+        proc = NydusdProcess(mopts.nydusd, config, self.opts.work_dir / "nydus_bootstrap/image/image.boot",
+                             mopts.mount_path.resolve(), nydusd_dir / "api.sock", nydusd_dir / "nydusd.log")
+        try:
+            proc.start(mopts.ready_timeout)
+        except NydusError as e:
+            self._problem(f"{p}filesystem: nydusd cannot mount the image: {e}")
+            return None
+        try:
+            return dir_rootfs(mopts.mount_path)
+        except OSError as e:
+            self._problem(f"{p}filesystem: reading the nydusd mount failed: {e}")
+            return None
+        finally:
+            proc.stop(mopts.mount_path)
+
+    def _fetch_blobs(self, p: str, blob_ids: list[str], *, download: bool = True) -> dict[str, Path]:
         """Every referenced blob, downloaded (or found in the localfs backend); missing ones are
-        reported. The downloaded bytes must hash to the blob id."""
+        reported. The downloaded bytes must hash to the blob id. ``download=False`` only checks that
+        each blob exists."""
         out: dict[str, Path] = {}
         blob_dir = self.opts.work_dir / "blobs"
         blob_dir.mkdir(exist_ok=True)
@@ -214,6 +247,9 @@ class Checker:
                 self._problem(f"{p}bootstrap: blob {blob_id} does not exist in {self.target.ref}")
                 continue
             path = blob_dir / blob_id
+            if not download:
+                out[blob_id] = path
+                continue
             try:
                 path.write_bytes(self.target.get_blob_bytes(digest))
             except NydusError as e:
@@ -267,3 +303,9 @@ class Checker:
                     stream.finish()
 
         return oci_rootfs(gen())
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

@@ -16,7 +16,7 @@ from nydusd.converter.rootfs import compare, dir_rootfs
 from tests.converter.conftest import Image, docker_config
 from tests.converter.images import skopeo_push, unpack_rootfs
 from tests.converter.registry import Registry
-from tests.converter.test_convert import convert
+from tests.converter.test_convert import check, convert
 from tests.integration.proc import force_unmount, is_mounted
 from tests.servers.registry import PASSWORD, USER
 
@@ -78,3 +78,21 @@ def test_mount_with_registry_auth(request: pytest.FixtureRequest, mode: str, sou
     target = f"{server.host}/nydusify-mount-{mode}/texture:nydus"
     convert(src, target, tmp_path / "conv", env=env)
     assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, env) >= 25
+
+
+@pytest.mark.fuse
+def test_check_through_a_nydusd_mount(registry: Registry, source_image: Image, tmp_path: Path) -> None:
+    """`check --nydusd`: upstream's filesystem rule, comparing against a real FUSE mount."""
+    target = f"{registry.host}/mount/checked:v6"
+    convert(source_image.ref, target, tmp_path / "conv")
+    nydusd = f"{sys.executable} -m nydusd"
+    assert check(target, source_image.ref, tmp_path / "c", nydusd=nydusd) == []
+    assert not is_mounted(tmp_path / "c" / "nydus_mnt")
+    # a difference seen through the mount is reported (the source image has other content)
+    other = f"{registry.host}/mount/other:v1"
+    from tests.converter.test_bad_input import layer_tar, push_image
+
+    push_image(registry, "mount/other", "v1", [layer_tar([("only-here", b"1", "")])])
+    problems = check(target, other, tmp_path / "c2", nydusd=nydusd)
+    assert "filesystem: /only-here: missing in nydus image" in problems
+    assert "filesystem: /bin/tool: only in nydus image" in problems

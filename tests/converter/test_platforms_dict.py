@@ -94,3 +94,45 @@ def test_chunk_dict_dedups_across_images(registry: Registry, tmp_path: Path) -> 
     assert len(layers) == 3 and layers[1].digest == dict_mf.layers[0].digest
     assert layers[0].size < own_plain - (2 << 20)
     assert check(f"{registry.host}/dst/b:dict", f"{registry.host}/src/dict-b:v1", tmp_path / "c") == []
+
+
+def test_local_chunk_dict_and_cross_registry_merge(registry: Registry, multi: tuple[str, list[m.Descriptor]],
+                                                   registry_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(8)
+    shared = rng.randbytes(2 << 20)
+    push_image(registry, "src/ld-a", "v1", [layer_tar([("s", shared, "")])])
+    push_image(registry, "src/ld-b", "v1", [layer_tar([("t", shared, ""), ("u", b"u", "")])])
+    res = convert(f"{registry.host}/src/ld-a:v1", f"{registry.host}/ld/img:a", tmp_path / "a")
+    boot = tmp_path / "dict.boot"
+    from nydusd.converter.publish import extract_bootstrap
+    from nydusd.converter.remote import open_remote
+
+    remote = open_remote(f"{registry.host}/ld/img:a", plain_http=True)
+    try:
+        layer = res.manifests[0].manifest.layers[-1]
+        boot.write_bytes(extract_bootstrap(remote.get_blob_bytes(layer.digest)))
+    finally:
+        remote.close()
+    # same repository: the dictionary's blob is already there
+    b = convert(f"{registry.host}/src/ld-b:v1", f"{registry.host}/ld/img:b", tmp_path / "b",
+                chunk_dict=f"bootstrap:local:{boot}")
+    assert b.manifests[0].manifest.layers[1].digest == res.manifests[0].manifest.layers[0].digest
+    assert check(f"{registry.host}/ld/img:b", f"{registry.host}/src/ld-b:v1", tmp_path / "cb") == []
+    # another repository of another registry: a local dictionary's blobs cannot be found there
+    with pytest.raises(NotFound, match="chunk dict blob"):
+        convert(f"{registry.host}/src/ld-b:v1", f"{registry_server.host}/nydusify-ld/img:b", tmp_path / "x",
+                chunk_dict=f"bootstrap:local:{boot}")
+    # merge-platform into another registry copies the original manifests and their blobs over
+    src, originals = multi
+    dst = f"{registry_server.host}/nydusify-merge/multi:v1"
+    convert(src, dst, tmp_path / "m", merge_platform=True)
+    assert check(dst, None, tmp_path / "cm") == []
+    client = RegistryClient(registry_server.host, "nydusify-merge/multi", scheme="http")
+    try:
+        for o in originals:
+            raw, _, digest = client.get_manifest(o.digest)
+            assert digest == o.digest
+            for layer in m.parse_document(raw).layers:  # type: ignore[union-attr]
+                assert client.blob_exists(layer.digest)
+    finally:
+        client.close()
