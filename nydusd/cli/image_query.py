@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -330,7 +331,12 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         source, close = _backend_source(args)
     try:
         with _open(_bootstrap_path(args, allow_blob=True)) as sb, open(args.output, "wb") as out:
-            write_tar(sb, source, out)
+            try:
+                write_tar(sb, source, out)
+            except BaseException:
+                if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                    os.unlink(args.output)  # no half-written tar left behind
+                raise
     finally:
         close()
     return 0

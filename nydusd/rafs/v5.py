@@ -23,7 +23,7 @@ from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
-INODE_CACHE_SIZE = 32768
+INODE_CACHE_SIZE = 16384  # decoded records (~300 bytes each with the name)
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
           stat.S_IFSOCK)
 _U32 = struct.Struct("<I")
@@ -40,6 +40,8 @@ class RafsV5Super(RafsSuper):
         super().__init__(buf, source)
         self._parse_super()
         self._record = lru_cache(maxsize=INODE_CACHE_SIZE)(self._decode_index)
+        if not self.get_inode(self.root_ino).is_dir:
+            raise corrupt("root inode is not a directory", self._it_off, "inode_table")
 
     # ---- superblock and tables ----------------------------------------------------------------------
     def _parse_super(self) -> None:

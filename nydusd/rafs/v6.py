@@ -27,8 +27,8 @@ from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
-INODE_CACHE_SIZE = 32768
-DIR_BLOCK_CACHE_SIZE = 4096
+INODE_CACHE_SIZE = 16384  # decoded inodes (~250 bytes each)
+DIR_BLOCK_CACHE_SIZE = 256  # decoded directory blocks (up to ~300 entries each)
 BS = L.V6_BLOCK_SIZE
 _U32 = struct.Struct("<I")
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,

@@ -190,3 +190,15 @@ def test_unpack_special_files_xattrs_and_times(capsys: pytest.CaptureFixture[str
             assert tar.extractfile(f).read() == spec.children[b"f"].data  # type: ignore[union-attr]
         with load_bootstrap(boot) as sb:
             assert stat.S_ISCHR(sb.resolve("/c").mode)
+
+
+def test_unpack_bad_blob_leaves_no_tar(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                       upstream: Path) -> None:
+    blob = bytearray((upstream / BLOB5).read_bytes())
+    blob[2734] ^= 0xFF  # the VERSION file's only chunk: digest mismatch
+    bad = tmp_path / "blob"
+    bad.write_bytes(bytes(blob))
+    out = tmp_path / "out.tar"
+    rc, _, err = run(capsys, "unpack", str(upstream / V5_IMAGES[0]), "--blob", str(bad), "--output", str(out))
+    assert rc != 0 and "digest mismatch" in err
+    assert not out.exists()
