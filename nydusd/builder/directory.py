@@ -101,7 +101,7 @@ def walk_directory(source: str | os.PathLike[str]) -> DirectorySource:
     """
     top = os.fsencode(os.fspath(source))
     try:
-        st = os.lstat(top)
+        st = os.stat(top)  # the source itself may be a symlink to the tree; nothing below is followed
     except OSError as e:
         raise BuildError(f"cannot access source: {e.strerror}", path=os.fsdecode(top)) from None
     if not stat.S_ISDIR(st.st_mode):

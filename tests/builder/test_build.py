@@ -81,6 +81,18 @@ def test_directory_roundtrip(tmp_path: Path, source_tree: Path, fs_version: int,
     assert hashlib.sha256(img.blob_path.read_bytes()).hexdigest() == img.blob_id
 
 
+def test_v5_aligned_chunk_and_symlinked_source(tmp_path: Path, source_tree: Path) -> None:
+    link = tmp_path / "link-to-src"
+    os.symlink(source_tree, link)
+    img = build_image(link, tmp_path / "out", fs_version=5, compressor="lz4_block", aligned_chunk=True,
+                      chunk_size=0x10000)
+    _compare(img.bootstrap, img.blob_dir, source_tree)
+    with load_bootstrap(str(img.bootstrap)) as sb:
+        assert sb.blobs[0].features & 0x1  # ALIGNED
+        offsets = [c.uncompressed_offset for _, i in sb.walk() if i.is_reg for c in sb.chunks(i.ino)]
+        assert offsets and all(o % 4096 == 0 for o in offsets)
+
+
 def test_repeatable_drops_owner(tmp_path: Path, source_tree: Path) -> None:
     img = build_image(source_tree, tmp_path / "out", explicit_uidgid=False)
     with load_bootstrap(str(img.bootstrap)) as sb:
