@@ -124,8 +124,9 @@ class ChunkPipeline:
     def add_stream(self, data: FileData, stream: BinaryIO, path: str) -> None:
         """Chunk ``data.size`` bytes read from ``stream`` into ``data.chunks``.
 
-        Raises BuildError when the stream ends early or has more bytes than announced (a file
-        that changed while the image was being built) or cannot be read.
+        Raises BuildError when the stream ends before ``data.size`` bytes (a file that shrank
+        while the image was being built, a truncated tar) or cannot be read; bytes a file gained
+        after it was stat'ed are not read, so the image is the file as of the walk.
         """
         remaining = data.size
         while remaining > 0:
