@@ -74,7 +74,7 @@ def make_model(entries: int) -> Bootstrap:
     digest = bytes(32)
     blob = BlobInfo(blob_id="b" * 64, blob_index=0, compressor=Compressor.ZSTD,
                     digester=DigestAlgorithm.BLAKE3, chunk_size=0x100000, chunk_count=ndirs * per_dir,
-                    compressed_size=0, uncompressed_size=4096 * ndirs * per_dir)
+                    compressed_size=0, uncompressed_size=4096 * ndirs * per_dir, features=0x1)
     root = Node(name=b"/", mode=0o040755)
     k = 0
     for d in range(ndirs):

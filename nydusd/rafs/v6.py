@@ -150,6 +150,9 @@ class RafsV6Super(RafsSuper):
             raise corrupt("too many chunks in blob", off + 72, "chunk_count", value=chunk_count)
         if features & L.BLOB_INCOMPAT_UNKNOWN or features & L.BLOB_V5_NO_EXT:
             raise corrupt("unsupported blob features", off + 84, "features", value=hex(features))
+        if not features & L.BLOB_ALIGNED:
+            raise corrupt("v6 blobs must have 4 KiB-aligned chunks (ALIGNED)", off + 84, "features",
+                          value=hex(features))
         return BlobInfo(blob_id=blob_id, blob_index=i, compressor=compressor, digester=digester,
                         chunk_size=chunk_size, chunk_count=chunk_count, compressed_size=csize,
                         uncompressed_size=usize, features=features, ci_compressor=ci_compressor,

@@ -255,6 +255,8 @@ def _blob_tables(bootstrap: Bootstrap, bootstrap_blocks: int) -> tuple[bytes, by
     slots, table, total = bytearray(), bytearray(), 0
     mapped_end = bootstrap_blocks
     for b in bootstrap.blobs:
+        if not b.features & L.BLOB_ALIGNED:
+            raise BuildError("v6 blobs need the ALIGNED feature (4 KiB-aligned chunks)", blob_id=b.blob_id)
         raw_id = b.blob_id.encode("ascii", errors="replace")
         if len(raw_id) > 64:
             raise BuildError("blob id longer than 64 bytes", blob_id=b.blob_id)
