@@ -477,6 +477,7 @@ class Daemon:
                 self.session.invalidate_entry(parent, name)
             else:
                 self._invalidate(path, root_names)
+            self.session.settle()
         inst.close()
         log.info("instance_umounted", mountpoint=path)
 
@@ -488,12 +489,13 @@ class Daemon:
             session.invalidate_inode(ROOT_INO)
             for name in root_names:
                 session.invalidate_entry(ROOT_INO, name)
-            return
-        try:
-            parent, name = self.vfs.entry_of(path)
-        except NydusError:
-            return
-        session.invalidate_entry(parent, name)
+        else:
+            try:
+                parent, name = self.vfs.entry_of(path)
+            except NydusError:
+                return
+            session.invalidate_entry(parent, name)
+        session.settle()
 
     # -- metrics --------------------------------------------------------------------------------
 

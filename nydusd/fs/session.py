@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import llfuse
 
@@ -88,6 +89,12 @@ class FuseSession:
         """Ask the kernel to forget ``name`` in ``parent`` (asynchronous; never blocks)."""
         if self.running and name:
             llfuse.invalidate_entry(parent, name)
+
+    def settle(self) -> None:
+        """Give llfuse's notify thread a moment to hand queued invalidations to the kernel, so a
+        client that saw its umount/remount request succeed does not meet a stale cached entry."""
+        if self.running:
+            time.sleep(0.005)
 
     def invalidate_inode(self, ino: int) -> None:
         """Ask the kernel to drop cached attributes and data of ``ino`` (asynchronous)."""

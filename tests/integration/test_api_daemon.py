@@ -21,8 +21,10 @@ from tests.integration.treecmp import compare_trees
 pytestmark = pytest.mark.fuse
 
 
-@pytest.fixture
-def images(tmp_path):
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Read-only images shared by the tests of this module (none of them modifies a blob)."""
+    tmp_path = tmp_path_factory.mktemp("images")
     src = sample_tree(tmp_path / "src")
     other = tmp_path / "src2"
     other.mkdir()
@@ -319,3 +321,23 @@ def _connectable(path: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_remount_of_the_root_image(tmp_path, images):
+    image = images["v6"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    cfg = image.write_config(tmp_path / "cfg.json", None)
+    with Nydusd(["fuse", "--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
+                 "--apisock", sock], mnt, log_path=tmp_path / "log", apisock=sock):
+        api = ApiClient(sock)
+        assert (mnt / "small.txt").read_bytes() == b"hello nydus\n"
+        assert (mnt / "dir").is_dir()
+        status, body = api.request("PUT", "/api/v1/mount", {"source": images["other"].bootstrap,
+                                   "fs_type": "rafs", "config": images["other"].config_text(None)},
+                                   mountpoint="/")
+        assert status == 204, body
+        assert (mnt / "small.txt").read_bytes() == b"second image\n"
+        assert not (mnt / "dir").exists()
+        assert sorted(os.listdir(mnt)) == ["small.txt"]
