@@ -191,14 +191,12 @@ class Converter:
         if len(diff_ids) != len(manifest.layers):
             raise Unsupported("image config diff_ids do not match the manifest layers",
                               diff_ids=len(diff_ids), layers=len(manifest.layers))
-        mdir = self.opts.work_dir / desc.digest.replace(":", "-")
-        shutil.rmtree(mdir, ignore_errors=True)
-        mdir.mkdir(parents=True)
-        builder = LayerBuilder(self.opts, mdir, chunk_dict.bootstrap if chunk_dict else None)
-        outputs: list[LayerOutput] = []
-        for i, layer in enumerate(manifest.layers):
-            outputs.append(self._convert_layer(builder, i, layer, diff_ids[i]))
-            self.metrics.add(source_image_size=layer.size)
+        dict_boot = chunk_dict.bootstrap if chunk_dict else None
+        builder = LayerBuilder(self.opts, self._manifest_dir(desc), dict_boot)
+        self._cleanup.append(builder)
+        outputs = [self._convert_layer(builder, i, layer, diff_ids[i])
+                   for i, layer in enumerate(manifest.layers)]
+        self.metrics.add(source_image_size=sum(layer.size for layer in manifest.layers))
         t0 = time.monotonic_ns()
         merged = builder.merge(outputs)
         blob_metas = [(b.blob_id, blob_meta_file(builder.blob_path(b.blob_id), b))
@@ -208,16 +206,35 @@ class Converter:
         docker = m.is_docker(manifest) and not self.opts.oci
         boot_desc = m.bootstrap_layer(m.digest_of(boot_tar), len(boot_tar), self.opts.fs_version,
                                       docker=docker)
-        blob_layers = self._blob_layers(outputs, merged.blob_ids, chunk_dict)
+        self._push_bytes(boot_desc.digest, boot_tar)
+        own_blobs = sum(o.blob_size for o in outputs)
         if self.opts.blob_store is not None:
-            blob_layers = []
+            # Blobs live in the storage backend: the manifest holds the bootstrap layer only.
+            blob_layers: list[m.Descriptor] = []
+        else:
+            blob_layers = self._blob_layers(outputs, merged.blob_ids, chunk_dict)
+        self.metrics.add(target_image_size=own_blobs + len(boot_tar))
+        config_desc = self._push_config(config, blob_layers, boot_diff, docker=docker)
+        return self._manifest_result(desc, manifest, config_desc, blob_layers, boot_desc)
+
+    def _manifest_dir(self, desc: m.Descriptor) -> Path:
+        mdir = self.opts.work_dir / desc.digest.replace(":", "-")
+        shutil.rmtree(mdir, ignore_errors=True)
+        mdir.mkdir(parents=True)
+        return mdir
+
+    def _push_config(self, config: dict[str, Any], blob_layers: list[m.Descriptor], boot_diff: str,
+                     *, docker: bool) -> m.Descriptor:
         new_config = m.nydus_config(config, [b.digest for b in blob_layers] + [boot_diff])
         if self.opts.blob_store is not None:
             new_config["history"] = new_config["history"][-1:]
         config_bytes = m.encode(new_config)
         config_desc = m.descriptor_for(m.DOCKER_CONFIG if docker else m.OCI_CONFIG, config_bytes)
-        self._push_bytes(boot_desc.digest, boot_tar)
         self._push_bytes(config_desc.digest, config_bytes)
+        return config_desc
+
+    def _manifest_result(self, desc: m.Descriptor, manifest: m.Manifest, config_desc: m.Descriptor,
+                         blob_layers: list[m.Descriptor], boot_desc: m.Descriptor) -> ManifestResult:
         subject = None
         if self.opts.with_referrer:
             subject = m.Descriptor(mediaType=desc.mediaType, digest=desc.digest, size=desc.size)
@@ -228,8 +245,6 @@ class Converter:
                                  subject=subject)
         data = m.encode(nydus)
         ndesc = m.descriptor_for(nydus.mediaType or m.OCI_MANIFEST, data, platform=desc.platform)
-        self.metrics.add(target_image_size=sum(b.size for b in blob_layers) + len(boot_tar))
-        self._cleanup.append(builder)
         return ManifestResult(desc, nydus, data, ndesc, [b.digest for b in blob_layers])
 
     def _pull_config(self, desc: m.Descriptor) -> dict[str, Any]:

@@ -131,9 +131,9 @@ def encode(doc: BaseModel | dict[str, Any]) -> bytes:
 def _sort_maps(obj: Any, key: str = "") -> Any:
     # Go sorts map keys but keeps struct field order: annotations/labels are maps, the rest structs.
     if isinstance(obj, dict):
-        items = obj.items()
+        items: list[tuple[str, Any]] = list(obj.items())
         if key in ("annotations", "Labels", "labels", "ExposedPorts", "Volumes"):
-            items = sorted(items)
+            items.sort()
         return {k: _sort_maps(v, k) for k, v in items}
     if isinstance(obj, list):
         return [_sort_maps(v) for v in obj]
