@@ -202,3 +202,15 @@ def test_unpack_bad_blob_leaves_no_tar(capsys: pytest.CaptureFixture[str], tmp_p
     rc, _, err = run(capsys, "unpack", str(upstream / V5_IMAGES[0]), "--blob", str(bad), "--output", str(out))
     assert rc != 0 and "digest mismatch" in err
     assert not out.exists()
+
+
+def test_inspect_prompt_reads_requests_from_stdin(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch, upstream: Path) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("stats\nls /\nstat /missing\nhelp\nexit\nblobs\n"))
+    rc, out, _ = run(capsys, "inspect", str(upstream / V6_BOOT))
+    assert rc == 0
+    assert '"inodes_count": 3' in out and '"name": "lib.rs"' in out
+    assert "error: no such entry" in out and "requests: " in out
+    assert "decompressed_size" not in out  # nothing after "exit" is answered
