@@ -118,7 +118,7 @@ class _UnixConnection(urllib3.connection.HTTPConnection):
 
 
 class _UnixPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _UnixConnection  # type: ignore[assignment]
+    ConnectionCls = _UnixConnection
 
 
 class _UnixAdapter(HTTPAdapter):

@@ -107,10 +107,10 @@ class ContentMixin:
 
     def _patch_chunks(self, url: str, data: bytes | BinaryIO, chunk_size: int,
                       scopes: tuple[str, ...], digest: str) -> str:
-        stream = data if hasattr(data, "read") else _BytesReader(data)  # type: ignore[arg-type]
+        stream: BinaryIO | _BytesReader = _BytesReader(data) if isinstance(data, bytes) else data
         pos = 0
         while True:
-            chunk = stream.read(chunk_size)  # type: ignore[union-attr]
+            chunk = stream.read(chunk_size)
             if not chunk:
                 return url
             headers = {"Content-Type": "application/octet-stream",

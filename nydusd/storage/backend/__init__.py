@@ -65,4 +65,4 @@ def create_backend(cfg: Any) -> BlobBackend:
         sub = getattr(cfg, type_.replace("-", "_"), None)
     if sub is None:
         raise ConfigError(f"backend.{type_} config is missing", field=f"backend.{type_}")
-    return cls(sub)  # type: ignore[call-arg]
+    return cls(sub)

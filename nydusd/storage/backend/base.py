@@ -19,14 +19,17 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from nydusd.errors import BackendError, NydusError
 from nydusd.log import get_logger
 from nydusd.metrics import BackendMetrics
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Sleep before retry number ``attempt`` (0-based)."""
-        full = min(self.max_delay, self.base_delay * (2 ** attempt))
+        full = min(self.max_delay, self.base_delay * (2.0 ** attempt))
         return full / 2 + random.uniform(0, full / 2)
 
     @classmethod
@@ -175,8 +178,8 @@ class BlobBackend(ABC):
             return data
         raise BackendError("short read", transient=True, got=got, blob_size=total)
 
-    def _with_retry(self, call: Any, *, blob_id: str, op: str, prefetch: bool,
-                    offset: int | None = None, size: int | None = None) -> Any:
+    def _with_retry(self, call: Callable[[], T], *, blob_id: str, op: str, prefetch: bool,
+                    offset: int | None = None, size: int | None = None) -> T:
         policy = self.retry
         attempts = policy.attempts(prefetch)
         deadline = time.monotonic() + policy.max_elapsed
