@@ -186,8 +186,9 @@ class RafsFs:
              ino: int | None = None) -> bytes:
         """Up to ``size`` bytes of a file at ``offset`` (short at EOF).
 
-        With ``ino``, a request inside one chunk that does not cover all of it goes through the
-        chunk buffer (see ``ChunkBuffer``). Runs with llfuse's lock RELEASED: touches only its
+        With ``ino``, a request inside one chunk that does not cover all of it is served from the
+        chunk buffer (see ``ChunkBuffer``), which a request starting at the chunk's first byte
+        fills. Runs with llfuse's lock RELEASED: touches only its
         arguments, the locked buffer and the thread-safe device. Raises BackendError/IntegrityError
         (EIO) when the data cannot be fetched or verified.
         """
@@ -204,10 +205,13 @@ class RafsFs:
             if (end - 1) // csize == index and end - offset < length:
                 key = (ino, index)
                 data = self.buffer.get(key)
-                if data is None:
+                if data is None and offset == start:
+                    # a read starting at a chunk boundary is how a sequential stream enters a
+                    # chunk; random reads rarely do and would only pay for the whole-chunk copy
                     data = self.device.read(chunks, start, length)
                     self.buffer.put(key, data)
-                return data[offset - start:end - start]
+                if data is not None:
+                    return data[offset - start:end - start]
         return self.device.read(chunks, offset, end - offset)
 
     def statfs(self) -> StatFs:

@@ -208,4 +208,8 @@ def test_chunk_buffer_serves_sequential_requests_from_one_fetch():
     assert fs.read(chunks, attr.size, 200_000, 100_000, attr.ino) == data[200_000:300_000]
     assert fs.read(chunks, attr.size, 0, 256 * 1024, attr.ino) == data[:256 * 1024]
     assert calls[-2:] == [(200_000, 100_000), (0, 256 * 1024)]
-    assert fs.read(chunks, attr.size, attr.size - 10, 100, attr.ino) == data[-10:]
+    assert fs.read(chunks, attr.size, attr.size - 10, 100, attr.ino) == data[-10:]  # buffered
+    assert len(calls) == 6
+    fs.buffer.clear()
+    assert fs.read(chunks, attr.size, 5000, 4096, attr.ino) == data[5000:9096]
+    assert calls[-1] == (5000, 4096)  # random access does not fill the buffer
