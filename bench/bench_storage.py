@@ -48,7 +48,6 @@ from tests.servers.registry import RegistryServer  # noqa: E402
 MIB = 1 << 20
 CHUNK = MIB
 REPO = "bench/storage"
-READ_SIZE = MIB  # one read call per chunk (FUSE would split it into 128 KiB requests)
 
 
 def curl_fetch(registry: RegistryServer, blob: TestBlob) -> float:
@@ -96,11 +95,11 @@ class Scenario:
             self.flush_times.append(time.perf_counter() - t0)
         return elapsed
 
-    def read_all(self, device: BlobDevice, readers: int = 1) -> None:
+    def read_all(self, device: BlobDevice, readers: int = 1, read_size: int = MIB) -> None:
         size = len(self.blob.contents[0])
         share = (size // readers + MIB - 1) // MIB * MIB
         threads = [threading.Thread(target=self._read_range,
-                                    args=(device, i * share, min(size, (i + 1) * share)))
+                                    args=(device, i * share, min(size, (i + 1) * share), read_size))
                    for i in range(readers)]
         for t in threads:
             t.start()
@@ -111,10 +110,10 @@ class Scenario:
 
     failed = ""
 
-    def _read_range(self, device: BlobDevice, start: int, end: int) -> None:
+    def _read_range(self, device: BlobDevice, start: int, end: int, read_size: int) -> None:
         chunks, content = self.blob.files[0], self.blob.contents[0]
-        for off in range(start, end, READ_SIZE):
-            data = device.read(chunks, off, min(READ_SIZE, end - off))
+        for off in range(start, end, read_size):
+            data = device.read(chunks, off, min(read_size, end - off))
             if data != content[off:off + len(data)]:
                 self.failed = f"wrong bytes at {off}"
                 return
@@ -165,6 +164,8 @@ def bench_blob(registry: RegistryServer, content: bytes, compressor: Compressor,
     sc.flush_times.clear()
     t_warm = timed(runs, lambda: sc.run(sc.read_all))
     rows.append((name, "warm, 1 reader", blob_mb / t_warm, t_cold1 / t_warm))
+    t_warm128 = timed(runs, lambda: sc.run(lambda d: sc.read_all(d, read_size=128 << 10)))
+    rows.append((name, "warm, 1 reader, 128 KiB reads", blob_mb / t_warm128, t_cold1 / t_warm128))
     return rows
 
 

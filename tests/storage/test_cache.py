@@ -393,3 +393,31 @@ def test_blob_id_that_escapes_work_dir_is_refused(tmp_path: Path, blob: TestBlob
         device.read(blob.files[0], 0, 1)
     device.close()
     assert not (tmp_path / "evil.blob.data").exists()
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_warm_partial_read_preads_only_what_is_asked(tmp_path: Path, raw_blob: TestBlob, validate: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from nydusd.storage.cache import blobcache
+
+    backend = MemoryBackend({raw_blob.blob_id: raw_blob.data})
+    device = device_for(raw_blob, backend, file_cache(tmp_path, validate=validate))
+    content = raw_blob.contents[0]
+    sizes: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        sizes.append(n)
+        return real_pread(fd, n, offset)
+
+    try:
+        assert device.read(raw_blob.files[0], 0, len(content)) == content
+        monkeypatch.setattr(blobcache.os, "pread", pread)
+        assert device.read(raw_blob.files[0], CHUNK + 100, 8192) == content[CHUNK + 100:CHUNK + 8292]
+        assert device.read(raw_blob.files[0], 2 * CHUNK - 10, 20) == content[2 * CHUNK - 10:2 * CHUNK + 10]
+        # with validation each chunk is read whole and verified; without, just the bytes asked for
+        assert sizes == ([CHUNK, CHUNK, CHUNK] if validate else [8192, 10, 10])
+        snap = device.metrics()
+        assert snap["whole_hits"] == 2 and snap["total"] == 3
+    finally:
+        device.close()

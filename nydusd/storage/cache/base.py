@@ -85,6 +85,11 @@ class BlobCache(ABC):
     def _persist(self, items: Sequence[Fetched]) -> None:
         """Store fetched chunks durably, then mark them ready. May raise OSError."""
 
+    def read_cached_range(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes | None:
+        """Plain bytes ``[lo, hi)`` of a ready chunk straight from local state, when the cache
+        can serve a part of a chunk without reading and verifying all of it; else None."""
+        return None
+
     def all_ready(self) -> bool:
         """Whether every chunk of the blob is in local state (never, without local state)."""
         return False

@@ -105,6 +105,16 @@ class FileCache(BlobCache):
     def all_ready(self) -> bool:
         return self._map is not None and self._map.ready_count + len(self._volatile) >= self._map.count
 
+    def read_cached_range(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes | None:
+        # Only plain data without re-validation can be read in part; others take the full path.
+        if self.compressed or self.verify_cached or not self.is_ready(chunk):
+            return None
+        try:
+            data = os.pread(self._fd, hi - lo, chunk.uncompressed_offset + lo)
+        except OSError:
+            return None
+        return data if len(data) == hi - lo else None
+
     def _load(self, chunk: ChunkInfo) -> bytes | None:
         offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
                         else (chunk.uncompressed_offset, chunk.uncompressed_size))
