@@ -133,6 +133,15 @@ def entry_attributes(attr: Attr) -> llfuse.EntryAttributes:
     return out
 
 
+def dirent_attributes(attr: Attr) -> llfuse.EntryAttributes:
+    """The cut-down ``EntryAttributes`` of a readdir entry: a FUSE dirent carries only the inode
+    number and the file type, so the other fields are not worth setting (once per entry)."""
+    out = llfuse.EntryAttributes()
+    out.st_ino = attr.ino
+    out.st_mode = attr.mode
+    return out
+
+
 def statvfs_data(st: StatFs) -> llfuse.StatvfsData:
     out = llfuse.StatvfsData()
     out.f_bsize = st.bsize
@@ -179,7 +188,7 @@ class FuseOperations(llfuse.Operations):  # type: ignore[misc]  # llfuse ships n
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
         entry: DirEntry
         for entry in self.vfs.readdir(fh, off):
-            yield entry.name, entry_attributes(entry.attr), entry.next_offset
+            yield entry.name, dirent_attributes(entry.attr), entry.next_offset
 
     @fuse_op
     def releasedir(self, fh: int) -> None:
