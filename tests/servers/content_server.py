@@ -20,6 +20,12 @@ class _ContentHandler(QuietHandler):
     def address_string(self) -> str:  # unix sockets have no peer address
         return "local"
 
+    def setup(self) -> None:
+        super().setup()
+        srv: ContentServer = self.server.owner  # type: ignore[attr-defined]
+        with srv.lock:
+            srv.connections += 1
+
     def do_GET(self) -> None:  # noqa: N802
         self._serve(head=False)
 
@@ -69,6 +75,7 @@ class ContentServer:
         self.blobs = blobs
         self.prefix = prefix.rstrip("/")
         self.paths: list[str] = []
+        self.connections = 0  # TCP/unix connections accepted (keep-alive reuse shows as few)
         self.lock = threading.Lock()
         self.socket_path = str(unix_socket) if unix_socket else None
         server: socketserver.BaseServer

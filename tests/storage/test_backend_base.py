@@ -210,3 +210,25 @@ def test_proxy_url_must_be_http(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         backend_class("registry")(RegistryConfig(host="h:1", repo="r", proxy={"url": "socks5://p:1"}))  # type: ignore[call-arg]
     assert ei.value.field == "backend.proxy.url"
+
+
+# ---------------------------------------------------------------------------- HTTP connection reuse
+@pytest.mark.parametrize("unix", [False, True])
+def test_http_backends_reuse_connections(tmp_path: Path, unix: bool) -> None:
+    from nydusd.config import BackendConfig
+    from tests.servers.content_server import ContentServer
+
+    data = os.urandom(2_000_000)
+    sock = tmp_path / "c.sock" if unix else None
+    server = ContentServer({"blob": data}, prefix="" if unix else "/b", unix_socket=sock)
+    try:
+        sub = {"addr": str(sock) if sock else server.url, "path": "/b"}
+        with create_backend(BackendConfig.model_validate({"type": "http-proxy", "http-proxy": sub})) as b:
+            for i in range(40):
+                off = i * 40_000
+                assert b.read("blob", off, 40_000) == data[off:off + 40_000]
+        # keep-alive: one connection carried every request (a regression here costs a TCP
+        # handshake, and with TLS a handshake, per chunk)
+        assert len(server.paths) == 40 and server.connections == 1
+    finally:
+        server.stop()

@@ -210,3 +210,20 @@ def test_ping_url_health_check(peer: Peer, logs: Any) -> None:
             assert proxy.check_now()
     finally:
         b.close()
+
+
+def test_health_checks_pause_when_idle(peer: Peer, logs: Any) -> None:
+    from nydusd.config import ProxyConfig
+
+    proxy = DragonflyProxy(ProxyConfig(url=peer.url, check_pause_elapsed=300), start_checker=False)
+    try:
+        assert proxy.check_due()  # recently used (constructed): checked
+        proxy._last_used -= 301
+        assert not proxy.check_due()  # idle and healthy: paused
+        with logs.expect("proxy_marked_down"):
+            proxy.report_failure("boom")
+        assert proxy.check_due() and proxy.healthy  # a down proxy is checked even when idle
+        assert proxy.current() == peer.url  # using it resets the idle clock
+        assert proxy.check_due()
+    finally:
+        proxy.close()

@@ -140,13 +140,21 @@ class DragonflyProxy:
         except OSError:
             return False
 
+    def check_due(self) -> bool:
+        """One tick of the health checker: check unless paused; returns whether it checked.
+        Checks pause after ``check_pause_elapsed`` seconds without requests while the proxy is
+        healthy (nobody reads: do not keep poking the peer); a down proxy is always checked."""
+        with self._lock:
+            idle = time.monotonic() - self._last_used
+            paused = bool(self.check_pause_elapsed) and idle > self.check_pause_elapsed and self._healthy
+        if paused:
+            return False
+        self.check_now()
+        return True
+
     def _check_loop(self) -> None:
         while not self._stop.wait(self.check_interval):
-            with self._lock:
-                idle = time.monotonic() - self._last_used
-            if self.check_pause_elapsed and idle > self.check_pause_elapsed and self._healthy:
-                continue  # nobody reads: do not keep poking the peer
-            self.check_now()
+            self.check_due()
 
     def call(self, proxied: Callable[[], T], direct: Callable[[], T], *,
              is_proxy_failure: Callable[[BaseException], bool]) -> T:
