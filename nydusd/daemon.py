@@ -55,6 +55,10 @@ from nydusd.fs.session import FuseSession
 from nydusd.fs.vfs import Vfs, normalize_path
 from nydusd.log import get_logger
 from nydusd.metrics import FsIoStats
+from nydusd.rafs import load_bootstrap
+from nydusd.storage.backend import create_backend
+from nydusd.storage.cache import create_cache
+from nydusd.storage.device import BlobDevice
 
 log = get_logger(__name__)
 
@@ -168,11 +172,6 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
 
     Raises NotFound (no bootstrap file), CorruptMetadata, ConfigError (no backend), Unsupported.
     """
-    from nydusd.rafs import load_bootstrap
-    from nydusd.storage.backend import create_backend
-    from nydusd.storage.cache import create_cache
-    from nydusd.storage.device import BlobDevice
-
     if not os.path.isfile(source):
         raise NotFound("bootstrap file not found", source=source)
     rafs = cfg.rafs or RafsConfig()
