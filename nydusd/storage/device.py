@@ -265,7 +265,9 @@ class BlobDevice:
             state[1] = stop
         prefetcher = self.start_prefetch() if start < stop else None
         if prefetcher is not None:
-            prefetcher.submit(chunks[start:stop], urgent=True)
+            # half-window requests: few enough to beat per-request latency, two in flight at once
+            prefetcher.submit(chunks[start:stop], urgent=True,
+                              merge_limit=max(prefetcher.batch_size, self.readahead // 2))
 
     def is_ready(self, chunk: ChunkInfo) -> bool:
         """Whether ``chunk`` is in local cache state (no I/O)."""

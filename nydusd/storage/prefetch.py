@@ -136,12 +136,15 @@ class Prefetcher:
         return bool(self._workers) and not self._stop.is_set()
 
     # ------------------------------------------------------------------ work
-    def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False) -> int:
+    def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False,
+               merge_limit: int | None = None) -> int:
         """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued.
 
         ``urgent``: readahead on behalf of a reader -- queued ahead of background prefetch and
-        exempt from the bandwidth limit and from stepping aside for on-demand fetches."""
-        runs = [(blob_index, run, urgent) for blob_index, run in self._split(chunks)]
+        exempt from the bandwidth limit and from stepping aside for on-demand fetches.
+        ``merge_limit``: largest request for these chunks (default ``batch_size``)."""
+        limit = self.batch_size if merge_limit is None else merge_limit
+        runs = [(blob_index, run, urgent) for blob_index, run in self._split(chunks, limit)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
@@ -159,7 +162,7 @@ class Prefetcher:
         with self._cond:
             return self._cond.wait_for(lambda: self._pending <= 0, timeout)
 
-    def _split(self, chunks: Iterable[ChunkInfo]) -> list[tuple[int, list[ChunkInfo]]]:
+    def _split(self, chunks: Iterable[ChunkInfo], limit: int) -> list[tuple[int, list[ChunkInfo]]]:
         """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= batch_size."""
         per_blob: dict[int, dict[int, ChunkInfo]] = {}
         for chunk in chunks:
@@ -171,7 +174,7 @@ class Prefetcher:
                 if run:
                     end = run[-1].compressed_offset + run[-1].compressed_size
                     span = chunk.compressed_offset + chunk.compressed_size - run[0].compressed_offset
-                    if chunk.compressed_offset != end or span > self.batch_size:
+                    if chunk.compressed_offset != end or span > limit:
                         runs.append((blob_index, run))
                         run = []
                 run.append(chunk)
@@ -224,7 +227,9 @@ class Prefetcher:
                 # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
                 if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
                     return
-            chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=self.batch_size)
+            # one request per run: runs were cut to their merge limit when queued or taken
+            span = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
+            chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=max(span, self.batch_size))
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))

@@ -30,6 +30,8 @@ from nydusd.metrics import BackendMetrics
 log = get_logger(__name__)
 
 T = TypeVar("T")
+#: the longest server-requested (Retry-After) pause honoured before a retry, in seconds
+MAX_RETRY_AFTER = 10.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,11 @@ class BlobBackend(ABC):
                 transient = self.is_transient(raw)
                 attempt += 1
                 delay = policy.delay(attempt - 1)
+                # A server that says when to come back (429/503 Retry-After) is believed, within
+                # reason; the overall deadline still applies.
+                retry_after = getattr(exc, "retry_after", None)
+                if isinstance(retry_after, (int, float)):
+                    delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER))
                 if not transient or attempt >= attempts or time.monotonic() + delay > deadline:
                     raise self._final_error(exc, raw, op=op, blob_id=blob_id, offset=offset,
                                             size=size, attempts=attempt, transient=transient) from raw
