@@ -48,7 +48,21 @@ def status_error(resp: Response, what: str, **ctx: Any) -> BackendError:
     if resp.status == 404:
         return BlobNotFound(msg, status=resp.status, **ctx)
     transient = resp.status == 429 or resp.status >= 500 or resp.status == 408
+    retry_after = _retry_after(resp.headers.get("Retry-After")) if transient else None
+    if retry_after is not None:
+        ctx["retry_after"] = retry_after
     return BackendError(msg, transient=transient, status=resp.status, **ctx)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After: <seconds>`` header (the HTTP-date form is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:

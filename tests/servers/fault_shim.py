@@ -4,7 +4,8 @@
 the registry's Location headers point back at the shim) and, for blob GETs, applies the next fault
 of its plan (or a seeded random one):
 
-- ``"500"``, ``"502"``, ``"503"``, ``"429"``: that status with a small body;
+- ``"500"``, ``"502"``, ``"503"``, ``"429"``: that status with a small body (429/503 carry
+  ``Retry-After`` when ``retry_after`` is set);
 - ``"reset"``: the connection is closed with RST before any response;
 - ``"truncate"``: the real headers (full Content-Length), half the body, then close;
 - ``"slow"``: headers, then a stall longer than ``slow_seconds`` before the body;
@@ -116,7 +117,10 @@ class _ShimHandler(QuietHandler):
 
     def _inject(self, fault: str, status: int, headers: list[tuple[str, str]], data: bytes) -> bool:
         if fault.isdigit():
-            self.send_body(int(fault), f"injected {fault}".encode(), {"Content-Type": "text/plain"})
+            headers = {"Content-Type": "text/plain"}
+            if fault in ("429", "503") and self.shim.retry_after is not None:
+                headers["Retry-After"] = str(self.shim.retry_after)
+            self.send_body(int(fault), f"injected {fault}".encode(), headers)
             return True
         if fault == "reset":
             # SO_LINGER 0 turns close() into a TCP RST
@@ -155,6 +159,8 @@ class FaultShim(ThreadedServer):
         self.upstream_port = upstream_port
         self.redirect_to = redirect_to
         self.slow_seconds = slow_seconds
+        #: seconds sent as Retry-After with injected 429/503 answers (None: no header)
+        self.retry_after: float | None = None
         self._plan: deque[str] = deque()
         self._rng: random.Random | None = None
         self._rate = 0.0

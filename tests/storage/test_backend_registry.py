@@ -289,3 +289,14 @@ def test_concurrent_readers_share_one_token_refresh(registry_factory: Any, closi
         t.join()
     assert not errors, errors[0]
     assert reg.token.issued == before + 1
+
+
+def test_retry_after_is_honoured(fault_shim: FaultShim, shim_blob: str, closing: Any, logs: Any) -> None:
+    b = closing(_backend(fault_shim, "faults/x", retry_limit=3))
+    b.retry = type(b.retry)(retry_limit=3, base_delay=0.001, max_delay=0.002)
+    fault_shim.retry_after = 1
+    fault_shim.inject("429")
+    start = time.monotonic()
+    with logs.expect("backend_read_retried"):
+        assert b.read(shim_blob, 0, 1000) == DATA[:1000]
+    assert time.monotonic() - start >= 1.0  # waited as told, not the 1-2 ms backoff
