@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nydusd.compress import Compressor
 from nydusd.config import CacheConfig, FileCacheConfig
@@ -419,5 +421,43 @@ def test_warm_partial_read_preads_only_what_is_asked(tmp_path: Path, raw_blob: T
         assert sizes == ([CHUNK, CHUNK, CHUNK] if validate else [8192, 10, 10])
         snap = device.metrics()
         assert snap["whole_hits"] == 2 and snap["total"] == 3
+    finally:
+        device.close()
+
+
+_PROPERTY_BLOB = build_blob([os.urandom(3000) + b"z" * 9000 + os.urandom(200)], chunk_size=4096)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cached=st.sets(st.integers(0, 2)), offset=st.integers(0, 12300), size=st.integers(1, 13000),
+       batch=st.sampled_from([0, 1, 4096, 6000, 1 << 20]))
+def test_reads_fetch_exactly_the_missing_chunks_in_merged_ranges(tmp_path_factory: pytest.TempPathFactory,
+                                                                 cached: set[int], offset: int, size: int,
+                                                                 batch: int) -> None:
+    """Property: whatever is cached beforehand and whatever range is read, the bytes are right,
+    only missing chunks are fetched, each at most once, in contiguous requests within the limit
+    (or one chunk when a chunk alone exceeds it)."""
+    blob = _PROPERTY_BLOB
+    chunks, content = blob.files[0], blob.contents[0]
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = device_for(blob, backend, file_cache(tmp_path_factory.mktemp("p")), batch_size=batch)
+    try:
+        for i in cached:
+            device.read(chunks[i:i + 1], 0, 1)
+        backend.reset_stats()
+        assert device.read(chunks, offset, size) == content[offset:offset + size]
+        end = min(len(content), offset + size)
+        span = chunks[offset // 4096:(end - 1) // 4096 + 1] if offset < end else []
+        wanted = {c.compressed_offset for c in span}
+        fetched: list[int] = []
+        for _, off, n, _ in backend.requests:
+            inside = [c for c in chunks if off <= c.compressed_offset < off + n]
+            assert sum(c.compressed_size for c in {c.compressed_offset: c for c in inside}.values()) == n
+            assert n <= batch or len({c.compressed_offset for c in inside}) == 1
+            fetched += [c.compressed_offset for c in {c.compressed_offset: c for c in inside}.values()]
+        assert len(fetched) == len(set(fetched))
+        was_cached = {chunks[i].compressed_offset for i in cached}
+        assert not set(fetched) & was_cached
+        assert wanted - was_cached <= set(fetched)
     finally:
         device.close()
