@@ -1,9 +1,11 @@
 """FUSE read-path benchmark: nydusd (real mount, localfs backend + blobcache) against the native
 filesystem the image was built from, measured in the same run (warm-up, medians).
 
-Rows: sequential read of a big file (1 GiB; 256 MiB with --quick), random 4 KiB pread IOPS with
-4 worker threads, ``find -printf %s`` over a ~7,000-entry tree (first pass on a fresh mount, second
-pass with the kernel's entry/attr caches warm), API mount time, daemon RSS.
+Rows: sequential read of a big file (1 GiB; 256 MiB with --quick), also against a minimal llfuse
+passthrough of the same file (the ceiling of any llfuse filesystem here); random 4 KiB pread IOPS
+with 4 worker threads (O_DIRECT: every read reaches the filesystem); ``find -printf %s`` over a
+~7,000-entry tree (first pass on a fresh mount, second pass with the kernel's entry/attr caches
+warm); API mount time; daemon RSS.
 
 FUSE reads are made to reach the daemon by dropping the kernel's page cache of the mounted file with
 posix_fadvise(DONTNEED) before each pass (the blob cache file stays warm, like a warm node).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import random
 import shutil
@@ -102,22 +105,27 @@ def find_sizes(path: Path) -> float:
 
 
 def random_iops(path: Path, seconds: float, workers: int = 4) -> float:
+    """4 KiB preads at random aligned offsets from ``workers`` threads, with O_DIRECT so that every
+    read reaches the filesystem (no page-cache hits after the first touch)."""
     size = path.stat().st_size
     counts = [0] * workers
     stop = time.monotonic() + seconds
 
     def worker(i: int) -> None:
         rnd = random.Random(i)
-        fd = os.open(path, os.O_RDONLY)
+        buf = mmap.mmap(-1, 4096)  # page aligned, as O_DIRECT requires
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         try:
             n = 0
             while time.monotonic() < stop:
                 for _ in range(64):
-                    os.pread(fd, 4096, rnd.randrange(0, size // 4096) * 4096)
+                    if os.preadv(fd, [buf], rnd.randrange(0, size // 4096) * 4096) != 4096:
+                        raise RuntimeError("short read")
                 n += 64
             counts[i] = n
         finally:
             os.close(fd)
+            buf.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     for t in threads:
@@ -125,6 +133,72 @@ def random_iops(path: Path, seconds: float, workers: int = 4) -> float:
     for t in threads:
         t.join()
     return sum(counts) / seconds
+
+
+def passthrough_server(mountpoint: str, backing: str) -> int:
+    """The llfuse ceiling: a minimal read-only passthrough of one file (no metadata, no cache, no
+    checks), run as ``bench_fuse.py --passthrough MNT FILE`` in its own process."""
+    import errno
+    import stat
+
+    import llfuse
+
+    class Ops(llfuse.Operations):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fd = os.open(backing, os.O_RDONLY)
+            self.size = os.fstat(self.fd).st_size
+
+        def _attr(self, ino: int) -> llfuse.EntryAttributes:
+            e = llfuse.EntryAttributes()
+            e.st_ino, e.entry_timeout, e.attr_timeout = ino, 3600, 3600
+            e.st_mode = stat.S_IFDIR | 0o755 if ino == 1 else stat.S_IFREG | 0o644
+            e.st_size = 0 if ino == 1 else self.size
+            return e
+
+        def getattr(self, ino: int, ctx: object = None) -> llfuse.EntryAttributes:
+            return self._attr(ino)
+
+        def lookup(self, parent: int, name: bytes, ctx: object = None) -> llfuse.EntryAttributes:
+            if name != b"f":
+                raise llfuse.FUSEError(errno.ENOENT)
+            return self._attr(2)
+
+        def open(self, ino: int, flags: int, ctx: object) -> int:
+            return 1
+
+        def read(self, fh: int, off: int, size: int) -> bytes:
+            with llfuse.lock_released:
+                return os.pread(self.fd, size, off)
+
+    llfuse.init(Ops(), mountpoint, {"fsname=passthrough", "ro", "allow_other", *llfuse.default_options})
+    try:
+        llfuse.main(workers=4)
+    finally:
+        llfuse.close()
+    return 0
+
+
+def measure_passthrough(work: Path, backing: Path, reps: int) -> float:
+    """Median seconds to read ``backing`` through the minimal llfuse passthrough (page cache dropped)."""
+    mnt = work / "pt_mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(mnt), str(backing)])
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.ismount(mnt):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("passthrough server did not mount")
+            time.sleep(0.05)
+
+        def one() -> None:
+            drop_file_cache(mnt / "f")
+            read_all(mnt / "f")
+        return median_time(one, reps)
+    finally:
+        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
+        proc.terminate()
+        proc.wait(10)
 
 
 def rss_mb(pid: int) -> float:
@@ -142,7 +216,10 @@ def row(name: str, fuse: str, native: str, ratio: str, target: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="256 MiB file, fewer repetitions")
+    ap.add_argument("--passthrough", nargs=2, metavar=("MNT", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.passthrough:
+        return passthrough_server(*args.passthrough)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench_fuse: needs root and /dev/fuse", file=sys.stderr)
         return 2
@@ -185,6 +262,7 @@ def main() -> int:
             drop_file_cache(big)
             read_all(big)
         native_cold_seq = median_time(native_cold_pass, reps)
+        ceiling_seq = measure_passthrough(work, big, reps)
 
         def fuse_pass() -> None:
             drop_file_cache(fuse_big)
@@ -219,7 +297,9 @@ def main() -> int:
             f"{size / native_seq / 1e6:.0f}", f"{native_seq / fuse_seq:.2f}x", "(native page cache)")
         row("  vs native read from disk (MB/s)", f"{size / fuse_seq / 1e6:.0f}",
             f"{size / native_cold_seq / 1e6:.0f}", f"{native_cold_seq / fuse_seq:.2f}x", ">= 0.6x")
-        row("random 4 KiB pread, 4 threads (IOPS)", f"{fuse_iops:.0f}", f"{native_iops:.0f}",
+        row("  minimal llfuse passthrough (MB/s)", f"{size / fuse_seq / 1e6:.0f}",
+            f"{size / ceiling_seq / 1e6:.0f}", f"{ceiling_seq / fuse_seq:.2f}x", "(llfuse ceiling)")
+        row("random 4 KiB O_DIRECT pread, 4 thr (IOPS)", f"{fuse_iops:.0f}", f"{native_iops:.0f}",
             f"{fuse_iops / native_iops:.3f}x", ">= 15000 IOPS")
         row(f"find -printf %s, {n_entries} entries, 1st (s)", f"{first:.3f}", f"{native_find:.3f}",
             f"{first / native_find:.1f}x", "(native dentries cached)")
@@ -231,7 +311,9 @@ def main() -> int:
         row("daemon start to RUNNING socket (ms)", f"{startup * 1000:.0f}", "-", "-", "")
         row("daemon RSS after the run (MB)", f"{rss:.1f}", "-", "-", "<= 100 MB")
         print(json.dumps({"seq_ratio": round(native_seq / fuse_seq, 3),
-                          "seq_ratio_vs_disk": round(native_cold_seq / fuse_seq, 3), "iops": round(fuse_iops),
+                          "seq_ratio_vs_disk": round(native_cold_seq / fuse_seq, 3),
+                          "seq_ratio_vs_llfuse_passthrough": round(ceiling_seq / fuse_seq, 3),
+                          "iops": round(fuse_iops),
                           "find_first_ratio": round(first / native_find, 2),
                           "find_first_ratio_vs_cold": round(first / native_cold_find_t, 2),
                           "find_second_ratio": round(second / native_find, 2), "rss_mb": round(rss, 1)}))
