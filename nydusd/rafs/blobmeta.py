@@ -52,6 +52,9 @@ def decode_ci_array(data: bytes, count: int, v2: bool, base: int = 0) -> list[Ci
                       value=count, size=len(data))
     out = []
     for k, rec in enumerate(st.iter_unpack(data[:count * st.size])):
+        if not v2 and rec[0] & 0xFF:
+            raise corrupt("reserved bits set in a v1 chunk-info entry", base + k * st.size, "uncomp_info",
+                          index=k)
         out.append(_decode_v2(rec) if v2 else _decode_v1(rec))
         e = out[-1]
         if e.uncompressed_offset % L.V6_BLOCK_SIZE or not 0 < e.uncompressed_size <= L.MAX_CHUNK_SIZE:
