@@ -292,13 +292,18 @@ class Vfs:
                     atime_ns=self._created_ns, mtime_ns=self._created_ns, ctime_ns=self._created_ns,
                     entry_timeout=PSEUDO_TIMEOUT, attr_timeout=PSEUDO_TIMEOUT)
 
-    def _entry_attr(self, entry: tuple[str, int]) -> Attr:
+    def _entry_attr(self, entry: tuple[str, int], *, full: bool = True) -> Attr:
+        """Attributes of a pseudo directory entry; ``full=False`` (readdir) needs only ino and type,
+        which for a mounted image's root are known without touching the image -- so one broken
+        image cannot break the listing of the pseudo directory it is mounted in."""
         kind, ref = entry
         if kind == "dir":
             return self._pseudo_attr(ref)
         mount = self._mounts.get(ref)
         if mount is None:
             raise StaleInode("filesystem no longer mounted", index=ref)
+        if not full:
+            return Attr(mount.kernel_ino(mount.fs.root_ino, False), stat.S_IFDIR | 0o755)
         return self._call(mount, StatsFop.GETATTR, None, lambda: self._expose(
             mount, mount.fs.getattr(mount.fs.root_ino)))
 
@@ -359,7 +364,7 @@ class Vfs:
             entries = dots + sorted(pseudo.entries.items())
             for i, (name, target) in enumerate(entries[offset:], start=offset + 1):
                 try:
-                    attr = self._entry_attr(target)
+                    attr = self._entry_attr(target, full=False)
                 except StaleInode:
                     continue
                 yield DirEntry(name, attr, i)

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from nydusd.errors import AlreadyExists, BackendError, InvalidArgument, NotFound, ReadOnly
+from nydusd.errors import AlreadyExists, BackendError, InvalidArgument, NotFound, NydusError, ReadOnly
 from nydusd.fs.attrs import INO_BITS, ROOT_INO, decode_ino, encode_ino
 from nydusd.fs.rafs_fs import NoXattr, RafsFs
 from nydusd.fs.vfs import StaleInode, Vfs
@@ -213,3 +213,23 @@ def test_chunk_buffer_serves_sequential_requests_from_one_fetch():
     fs.buffer.clear()
     assert fs.read(chunks, attr.size, 5000, 4096, attr.ino) == data[5000:9096]
     assert calls[-1] == (5000, 4096)  # random access does not fill the buffer
+
+
+def test_broken_image_does_not_break_the_pseudo_listing():
+    vfs = Vfs()
+    good = attach(vfs, "/good")
+    bad = attach(vfs, "/bad")
+
+    def corrupt(ino):
+        from nydusd.errors import CorruptMetadata
+        raise CorruptMetadata("bad inode table", inode=ino)
+
+    bad.fs.sb.get_inode = corrupt
+    names = {e.name: e.attr for e in vfs.readdir(ROOT_INO, 0)}
+    assert set(names) == {b".", b"..", b"bad", b"good"}
+    assert stat.S_ISDIR(names[b"bad"].mode) and decode_ino(names[b"bad"].ino)[0] == bad.index
+    assert read_all(vfs, walk(vfs, ROOT_INO, "good/readme")) == b"hello nydus\n"
+    with pytest.raises(NydusError) as exc:
+        vfs.lookup(ROOT_INO, b"bad")
+    assert exc.value.errno == errno.EIO
+    assert good.stats.snapshot()["fop_errors"][StatsFop.GETATTR] == 0
