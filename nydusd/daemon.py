@@ -284,7 +284,7 @@ class Daemon:
         self.upgrade = upgrade
         self.writable = writable
         self.failover_policy = failover_policy
-        self.vfs = Vfs(uid=os.getuid(), gid=os.getgid())
+        self.vfs = Vfs(uid=os.getuid(), gid=os.getgid(), on_error=self.record_error)
         self.session: FuseSession | None = None
         self._factory = instance_factory
         self._set_log_level = set_log_level
@@ -293,6 +293,7 @@ class Daemon:
         self._mount_lock = threading.Lock()
         self._instances: dict[str, RafsInstance] = {}
         self._events: deque[str] = deque(maxlen=MAX_EVENTS)
+        self._events_lock = threading.Lock()
         self._total_errors = 0
         self._keep_mount = False
         self._stop = threading.Event()
@@ -338,16 +339,19 @@ class Daemon:
                 "backend_collection": {mp: inst.summary() for mp, inst in self._instances.items()}}
 
     def record_error(self, message: str) -> None:
-        """Add one entry to the events ring (``GET /api/v1/daemon/events``)."""
+        """Add one entry to the events ring (``GET /api/v1/daemon/events``). Thread-safe (FUSE
+        workers report read failures here with llfuse's lock released)."""
         stamp = email.utils.formatdate(time.time(), usegmt=True)
-        self._events.append(f"{stamp} - {message}")
-        self._total_errors += 1
-        while sum(len(e) for e in self._events) > MAX_EVENTS_SIZE:
-            self._events.popleft()
+        with self._events_lock:
+            self._events.append(f"{stamp} - {message}")
+            self._total_errors += 1
+            while sum(len(e) for e in self._events) > MAX_EVENTS_SIZE:
+                self._events.popleft()
 
     def events(self) -> dict[str, Any]:
         """``GET /daemon/events``: ``{max_errors, total_errors, max_size, total_size, errors}``."""
-        errors = list(self._events)
+        with self._events_lock:
+            errors = list(self._events)
         return {"max_errors": MAX_EVENTS, "total_errors": self._total_errors,
                 "max_size": MAX_EVENTS_SIZE, "total_size": sum(len(e) for e in errors),
                 "errors": errors}

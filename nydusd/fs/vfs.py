@@ -107,7 +107,9 @@ def normalize_path(path: str) -> str:
 class Vfs:
     """Pseudo root plus attached image filesystems. See the module docstring for threading."""
 
-    def __init__(self, *, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, *, uid: int = 0, gid: int = 0,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self._on_error = on_error
         self._lock = threading.Lock()
         self._created_ns = time.time_ns()
         self._uid, self._gid = uid, gid
@@ -437,6 +439,8 @@ class Vfs:
                                  latency_us=(time.perf_counter_ns() - start) / 1000)
             log.warning("read_failed", mountpoint=mount.path, inode=handle.ino, offset=offset,
                         size=size, error=str(e))
+            if self._on_error is not None:
+                self._on_error(f"read of inode {handle.ino} in {mount.path} failed: {e}")
             raise
         mount.stats.fop_done(StatsFop.READ, ino=handle.ino, size=len(data),
                              latency_us=(time.perf_counter_ns() - start) / 1000)

@@ -21,7 +21,15 @@ from nydusd.daemon import (
     version_info,
     version_text,
 )
-from nydusd.errors import AlreadyExists, ConfigError, CorruptMetadata, InvalidArgument, NotFound, Unsupported
+from nydusd.errors import (
+    AlreadyExists,
+    ConfigError,
+    CorruptMetadata,
+    InvalidArgument,
+    NotFound,
+    NydusError,
+    Unsupported,
+)
 from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.metrics import FsIoStats
@@ -179,3 +187,15 @@ def test_three_hundred_mount_cycles_leak_nothing(tmp_path):
     d.mount("/again", image.bootstrap, config)  # slots are reused past the 255-index space
     assert read(d, "again/small.txt") == (src / "small.txt").read_bytes()
     d.close_instances()
+
+
+def test_read_failures_reach_the_events_ring(logs):
+    d = Daemon(instance_factory=fake_factory)
+    d.mount("/m", "boot", CONFIG)
+    inst = d._instances["/m"]
+    inst.fs.device.broken.update(inst.fs.sb.data)
+    with logs.expect("read_failed"), pytest.raises(NydusError):
+        read(d, "m/readme")
+    events = d.events()
+    assert events["total_errors"] == 1 and "read of inode" in events["errors"][0]
+    assert events["errors"][0].split(" - ")[0].endswith("GMT")
