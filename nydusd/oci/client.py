@@ -428,7 +428,14 @@ class RegistryClient(ContentMixin):
         with self._lock:
             cached = self._redirects.get(digest) if method == "GET" else None
         if cached:
-            resp = self.http.request(method, cached, headers=headers, prefetch=prefetch)
+            try:
+                resp = self.http.request(method, cached, headers=headers, prefetch=prefetch)
+            except BackendError:
+                # The blob store behind the redirect is unreachable: the next attempt asks the
+                # registry again (it may hand out another location).
+                with self._lock:
+                    self._redirects.pop(digest, None)
+                raise
             if resp.status < 300 or resp.status == 416:
                 return resp
             # The cached location expired (signed URLs do): forget it and ask the registry again.
@@ -503,7 +510,8 @@ class RegistryClient(ContentMixin):
             if cr is not None and cr[0] != offset:
                 raise BackendError(f"registry answered range starting at {cr[0]}, asked {offset}",
                                    transient=True, digest=digest)
-            return resp.content
+            # (a server may round a range up; the bytes before the end are the ones asked for)
+            return resp.content if size is None else resp.content[:size]
         if resp.status == 200:
             # The server ignored Range and sent the whole blob.
             return resp.content[offset:None if size is None else offset + size]

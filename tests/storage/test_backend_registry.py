@@ -300,3 +300,29 @@ def test_retry_after_is_honoured(fault_shim: FaultShim, shim_blob: str, closing:
     with logs.expect("backend_read_retried"):
         assert b.read(shim_blob, 0, 1000) == DATA[:1000]
     assert time.monotonic() - start >= 1.0  # waited as told, not the 1-2 ms backoff
+
+
+def test_stale_or_dead_cached_redirect_is_dropped(registry_htpasswd: RegistryServer, closing: Any,
+                                                  logs: Any) -> None:
+    first, second = BlobStore(), BlobStore()
+    shim = FaultShim(registry_htpasswd.port, redirect_to=first)
+    try:
+        blob = registry_htpasswd.push_blob("redirect/moved", DATA)
+        b = closing(_backend(shim, "redirect/moved", auth=basic_auth(), retry_limit=2))
+        b.retry = type(b.retry)(retry_limit=2, base_delay=0.001, max_delay=0.002)
+        assert b.read(blob, 0, 100) == DATA[:100]
+        # the cached location expired (the store answers 404): asked the registry again at once
+        first.blobs.clear()
+        shim.redirect_to = second
+        assert b.read(blob, 100, 100) == DATA[100:200]
+        assert [s[0] for s in second.seen] == ["GET"]
+        # the cached location is unreachable: that attempt fails, the retry asks the registry
+        digest = "sha256:" + blob
+        b.client._redirects[digest] = "http://127.0.0.1:1/blobs/gone?sig=x"
+        logs.allowed["backend_read_retried"] = None
+        assert b.read(blob, 200, 100) == DATA[200:300]
+        assert b.client._redirects[digest].startswith(second.public_url)
+    finally:
+        shim.stop()
+        first.stop()
+        second.stop()
