@@ -110,6 +110,10 @@ def test_object_storage_through_proxy_with_fallback(kind: str, request: pytest.F
         _wait_healthy(_proxy_of(b))
         assert b.read("blob1", 0, 1) == DATA[:1]
         assert tinyproxy.requests_seen("blob1") > seen
+        if kind == "oss":  # the peer headers reach the origin through tinyproxy, signature intact
+            gets = [h for m, _, key, h in server.requests if m == "GET" and key == "p/blob1"]
+            assert gets[-1]["X-Dragonfly-Priority"] == "6"
+            assert "X-Dragonfly-Priority" not in gets[-2]  # the fallback read went direct
     finally:
         b.close()
 

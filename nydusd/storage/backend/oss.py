@@ -92,7 +92,11 @@ class OssBackend(BlobBackend):
         headers = {"x-oss-range-behavior": "standard"}
 
         def get(bucket: Any) -> bytes:
-            result = bucket.get_object(key, byte_range=(offset, offset + size - 1), headers=headers)
+            hdrs = headers
+            if bucket is self._proxied_bucket and self.proxy is not None:
+                # X-Dragonfly-* are not x-oss-* headers: they stay outside the signature
+                hdrs = {**headers, **self.proxy.headers(prefetch)}
+            result = bucket.get_object(key, byte_range=(offset, offset + size - 1), headers=hdrs)
             try:
                 data: bytes = result.read()
             finally:
