@@ -3,14 +3,16 @@ the blob device that reads file data through the cache.
 
 Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record), ``BlobInfo``
 (one entry of a bootstrap's blob table, v5 or v6), ``decode_chunk`` (payload -> verified plain
-bytes) and ``BlobDevice`` (read a file range across the file's chunks through a cache manager;
-start background prefetch). Must not import rafs, fs or daemon, nor ``storage.cache`` at import
-time (the cache imports this module; the device receives a manager object).
+bytes) and ``BlobDevice`` (read a file range across the file's chunks through a cache manager:
+a warm fast path that reads just the requested bytes from plain cache files, else whole chunks
+through the cache's fetch path; optional sequential readahead; background prefetch). Must not
+import rafs, fs or daemon, nor ``storage.cache`` at import time (the cache imports this module;
+the device receives a manager object).
 
 Threading: value objects are frozen and thread-safe. ``BlobDevice.read`` runs with llfuse's lock
-released and is called concurrently by FUSE workers; it keeps no mutable state of its own beyond
-the per-blob cache handles (filled once under a lock) and the prefetcher (started once under the
-same lock).
+released and is called concurrently by FUSE workers. Its own mutable state -- the per-blob cache
+handles (filled once), the prefetcher (started once) and the readahead stream table -- is guarded
+by ``_lock``, held only for dict/list updates, never across I/O.
 """
 
 from __future__ import annotations

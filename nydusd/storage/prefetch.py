@@ -3,7 +3,9 @@
 Owns: ``Prefetcher`` (a queue of chunk runs served by ``threads`` workers) and ``TokenBucket``
 (``bandwidth_limit`` in bytes per second). The daemon maps the image's prefetch-table files (or,
 with ``prefetch_all``, every file) to chunks and calls ``submit``; runs of chunks adjacent in
-their blob are merged up to ``batch_size`` bytes per backend request.
+their blob are merged up to ``batch_size`` bytes per backend request, also across separately
+submitted files. The blob device's sequential readahead submits *urgent* runs, served before
+background prefetch and exempt from the bandwidth limit.
 
 Priority rules (on-demand reads always go first):
 - a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
