@@ -4,6 +4,11 @@ Owns: the registry of backend types and ``create_backend(cfg)``. Backend classes
 lazily by their import string so that a missing optional library (oss2, botocore) only matters to
 a config that uses it. Must not import cache, rafs, fs or daemon.
 
+Types (``backend.type``): ``localfs`` (localfs.py), ``localdisk`` (localdisk.py, GPT partitions),
+``registry`` (registry.py over oci.client), ``oss`` (oss.py, oss2), ``s3`` (s3.py, botocore SigV4),
+``http-proxy`` (http_proxy.py, HTTP or unix socket). Remote types take an optional Dragonfly
+``proxy`` (proxy.py). Retry/backoff/exact-length policy and §8.3 metrics live in base.py.
+
 Public API::
 
     backend = create_backend(cfg.backend)        # BackendConfig -> BlobBackend
