@@ -172,16 +172,25 @@ class NydusdProcess:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-            return
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        log.warning("nydusd_killed", pid=self.proc.pid, log=self._log_tail()[-500:])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                self.proc.wait(0.5)
+                return
+            except subprocess.TimeoutExpired:
+                # Unmounted but not gone (seen when SIGTERM races the API server's start-up): once
+                # the mount is released there is nothing left to lose by killing it.
+                if mountpoint is not None and not _is_mounted(mountpoint) and \
+                        time.monotonic() > deadline - 12:
+                    break
+        self.proc.kill()
+        self.proc.wait()
         if mountpoint is not None and _is_mounted(mountpoint):
+            log.warning("nydusd_killed", pid=self.proc.pid, log=self._log_tail()[-500:])
             subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], check=False,
                            capture_output=True)
+        else:
+            log.info("nydusd_killed_after_unmount", pid=self.proc.pid)
 
 
 def _is_mounted(path: Path) -> bool:
