@@ -58,6 +58,9 @@ def test_dedicated_daemon_api_and_metrics(tmp_path, images):
         assert info["state"] == "RUNNING" and info["id"] == "abc"
         assert list(info["backend_collection"]) == ["/"]
         data = (mnt / "dir" / "multi_chunk").read_bytes()
+        reads = api.request("GET", "/api/v1/metrics")[1]["fop_hits"][4]
+        assert (mnt / "dir" / "multi_chunk").read_bytes() == data  # re-open: kept page cache
+        assert api.request("GET", "/api/v1/metrics")[1]["fop_hits"][4] == reads
         status, fs = api.request("GET", "/api/v1/metrics")
         assert status == 200 and fs["id"] == "/" and fs["data_read"] >= len(data)
         assert fs["fop_hits"][4] > 0 and fs["files_account_enabled"] is True
