@@ -100,7 +100,7 @@ def test_ondemand_read_is_not_blocked_by_busy_prefetch(tmp_path: Path, blob: Tes
         time.sleep(0.1)
         start = time.monotonic()
         assert device.read(blob.files[1], CHUNK, 100) == blob.contents[1][CHUNK:CHUNK + 100]
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 0.8   # a prefetch request alone takes 1 s
     finally:
         t0 = time.monotonic()
         device.close()                          # drops the queue, joins after running requests
@@ -168,7 +168,7 @@ def test_bandwidth_limit_is_respected(tmp_path: Path) -> None:
     finally:
         device.close()
     # one second of burst, then 1 MiB/s: 2.5 MiB needs ~1.5 s
-    assert 1.1 <= elapsed <= 3.5, elapsed
+    assert 1.1 <= elapsed <= 5.0, elapsed
     assert backend.bytes_read == len(blob.data)
 
 
@@ -206,7 +206,7 @@ def test_token_bucket_rate() -> None:
         assert bucket.consume(20_000)
     elapsed = time.monotonic() - start
     # 620 KB at 300 KB/s with 300 KB of burst; the last 20 KB are owed, not waited for
-    assert 0.95 <= elapsed <= 1.8, elapsed
+    assert 0.95 <= elapsed <= 3.0, elapsed
     stop = threading.Event()
     stop.set()
     bucket.consume(1_000_000)
