@@ -60,3 +60,33 @@ def test_image_pull_auth_env_supplies_credentials(tmp_path, registry_htpasswd):
     with Nydusd(["--config", str(cfg), "--bootstrap", image.bootstrap, "--mountpoint", str(mnt)], mnt,
                 log_path=tmp_path / "log", env={"IMAGE_PULL_AUTH": basic_auth()}):
         assert (mnt / "hello").read_bytes() == (src / "hello").read_bytes()
+
+
+def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fault_shim):
+    """Registry errors beyond the retry budget give EIO on data only; once the registry answers
+    again the same file reads fine -- the daemon never needed a restart. Transient faults within
+    the budget are invisible."""
+    src = sample_tree(tmp_path / "src")
+    image = build_image(src, tmp_path / "img", version=6)
+    repo = "nydus/outage"
+    for blob in Path(image.blob_dir).iterdir():
+        registry_server.push_blob(repo, blob.read_bytes())
+    backend = registry_server.backend_config(repo, host=f"127.0.0.1:{fault_shim.port}", retry_limit=1)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": backend},
+                                          "cache": {"type": ""}}, "mode": "direct"}))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Nydusd(["--config", str(cfg), "--bootstrap", image.bootstrap, "--mountpoint", str(mnt)], mnt,
+                log_path=tmp_path / "log") as d:
+        fault_shim.inject(*["503"] * 20)
+        with pytest.raises(OSError) as exc:
+            (mnt / "dir" / "multi_chunk").read_bytes()
+        assert exc.value.errno == 5
+        assert (mnt / "dir" / "multi_chunk").stat().st_size > 0
+        fault_shim.randomize(0.0, seed=1)
+        with fault_shim._lock:
+            fault_shim._plan.clear()
+        fault_shim.inject("500")  # one transient failure: retried, invisible
+        assert (mnt / "dir" / "multi_chunk").read_bytes() == (src / "dir" / "multi_chunk").read_bytes()
+        assert d.alive()
