@@ -151,7 +151,7 @@ def test_flipped_byte_in_cache_file_is_caught_with_validate(tmp_path: Path, blob
     device = device_for(blob, backend, file_cache(tmp_path, compressed=compressed))
     assert device.read(blob.files[0], 0, len(content)) == content
     device.close()
-    data_file = tmp_path / (blob.blob_id if compressed else blob.blob_id + ".blob.data")
+    data_file = tmp_path / (blob.blob_id + (".blob.raw" if compressed else ".blob.data"))
     # flip one byte inside chunk 2 (a raw byte in the uncompressed layout / the payload otherwise)
     pos = (chunk.compressed_offset + chunk.compressed_size // 2 if compressed
            else chunk.uncompressed_offset + 123)
@@ -203,9 +203,10 @@ def test_restart_on_same_work_dir_reads_nothing_from_the_backend(tmp_path: Path,
         assert backend.bytes_read == 0
         snap = second.metrics()
         assert snap["whole_hits"] == snap["total"] == 2 and snap["partial_hits"] == 0
-        data_name = blob.blob_id if compressed else blob.blob_id + ".blob.data"
-        assert snap["underlying_files"] == sorted([str(tmp_path / data_name),
-                                                   str(tmp_path / (data_name + ".chunk_map"))])
+        data_name = blob.blob_id + (".blob.raw" if compressed else ".blob.data")
+        assert snap["underlying_files"] == [data_name]
+        assert (tmp_path / data_name).is_file() and (tmp_path / (data_name + ".chunk_map")).is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data_name, data_name + ".chunk_map"])
         assert snap["store_path"] == str(tmp_path)
     finally:
         second.close()
@@ -262,6 +263,27 @@ def test_chunks_are_marked_on_disk_only_after_a_successful_sync(tmp_path: Path, 
         assert backend.bytes_read == len(raw_blob.data)
     finally:
         device.close()
+
+
+def test_switching_compressed_mode_never_trusts_the_other_files_bits(tmp_path: Path, blob: TestBlob) -> None:
+    """Each mode keeps its own data file *and* chunk map: after plain mode cached the first half and
+    raw mode the second, each mode refetches exactly what its own file lacks (a shared map, as
+    upstream has, would vouch for never-written bytes)."""
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    chunks, content = blob.files[0], blob.contents[0]
+    first = {c.compressed_offset for c in chunks[:3]}
+    second = {c.compressed_offset for c in chunks[3:]}
+    fetched = []
+    for compressed, start, end in ((False, 0, 3 * CHUNK), (True, 3 * CHUNK, len(content)),
+                                   (False, 0, len(content)), (True, 0, len(content))):
+        backend.reset_stats()
+        device = device_for(blob, backend, file_cache(tmp_path, compressed=compressed), batch_size=0)
+        try:
+            assert device.read(chunks, start, end - start) == content[start:end]
+        finally:
+            device.close()
+        fetched.append({off for _, off, _, _ in backend.requests})
+    assert fetched == [first, second, second, first]
 
 
 def test_lost_data_file_resets_the_chunk_map(tmp_path: Path, blob: TestBlob, logs) -> None:  # type: ignore[no-untyped-def]

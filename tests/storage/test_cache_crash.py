@@ -67,7 +67,7 @@ def make_blob() -> TestBlob:
 
 def ready_chunks_are_intact(blob: TestBlob, work_dir: Path, compressed: bool) -> int:
     """Check every chunk whose ready bit is set against the truth; return how many are ready."""
-    data_file = work_dir / (blob.blob_id if compressed else blob.blob_id + ".blob.data")
+    data_file = work_dir / (blob.blob_id + (".blob.raw" if compressed else ".blob.data"))
     bitmap = (Path(str(data_file) + ".chunk_map")).read_bytes()[HEADER_SIZE:]
     data = data_file.read_bytes()
     chunks = {c.index: (c, content[c.file_offset:c.file_offset + CHUNK])

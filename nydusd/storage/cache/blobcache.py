@@ -4,9 +4,15 @@ files under ``work_dir``, upstream's layout (spec interfaces.md §2.8, rafs-form
 Owns: ``FileCache`` (one blob) and ``FileCacheManager``. Per blob id:
 
 - default: ``<id>.blob.data`` holds *uncompressed* chunk data at each chunk's
-  ``uncompressed_offset`` (sparse file), readiness in ``<id>.blob.data.chunk_map``;
-- ``cache.compressed``: ``<id>`` holds the *stored* (compressed) payloads at their
-  ``compressed_offset``, readiness in ``<id>.chunk_map`` (upstream's raw-data naming).
+  ``uncompressed_offset`` (sparse file), readiness in ``<id>.blob.data.chunk_map`` (both names
+  and the chunk map layout as upstream);
+- ``cache.compressed``: ``<id>.blob.raw`` holds the *stored* (compressed) payloads at their
+  ``compressed_offset`` (upstream's name), readiness in ``<id>.blob.raw.chunk_map``. Upstream
+  keeps raw-mode bits in ``<id>.blob.data.chunk_map`` too; a separate map means switching
+  ``compressed`` on an existing work_dir can never make one file's bits vouch for the other's
+  (never-written, all-zero) bytes.
+
+``underlying_files`` (metrics) lists each data file's name, as upstream does.
 
 Write protocol (crash safety, group commit): a fetched chunk is ``pwrite``-n to the data file and
 at once becomes ready *in this process* (an in-memory "volatile" set: the page cache already
@@ -40,6 +46,9 @@ from nydusd.storage.device import BlobInfo, ChunkInfo, chunk_key, decode_chunk
 
 log = get_logger(__name__)
 
+DATA_SUFFIX = ".blob.data"
+RAW_SUFFIX = ".blob.raw"
+
 
 def _check_blob_id(blob_id: str) -> None:
     if not blob_id or "/" in blob_id or "\0" in blob_id or blob_id in (".", ".."):
@@ -63,7 +72,7 @@ class FileCache(BlobCache):
         self.compressed = manager.compressed
         self.verify_cached = manager.verify_cached
         base = os.path.join(manager.work_dir, blob.blob_id)
-        self.data_path = base if self.compressed else base + ".blob.data"
+        self.data_path = base + (RAW_SUFFIX if self.compressed else DATA_SUFFIX)
         self.map_path = self.data_path + ".chunk_map"
         existed = os.path.exists(self.data_path)
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -85,9 +94,8 @@ class FileCache(BlobCache):
         self._volatile: set[int] = set()   # written, not yet durable (indexed chunks)
         self._unsynced: list[int] = []
         self._flusher = manager.flusher
-        manager.metrics_.add_underlying_file(self.data_path)
+        manager.metrics_.add_underlying_file(os.path.basename(self.data_path))
         if self._map is not None:
-            manager.metrics_.add_underlying_file(self.map_path)
             manager.metrics_.add_entries(self._map.ready_count)
 
     def _indexed(self, chunk: ChunkInfo) -> bool:
