@@ -154,8 +154,8 @@ def _prefetch(args: argparse.Namespace) -> tuple[str, ...]:
 def cmd_convert(args: argparse.Namespace) -> int:
     from nydusd.converter.convert import Converter, ConvertOptions
     from nydusd.converter.progress import Progress
-    from nydusd.converter.publish import create_store
     from nydusd.converter.remote import open_remote
+    from nydusd.converter.stores import create_store
     from nydusd.oci.reference import parse_reference
 
     if args.batch_size:

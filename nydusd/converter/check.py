@@ -19,6 +19,7 @@ Must not import requests. Threading: one Checker per thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from nydusd.converter.mount import MountOptions, NydusdProcess, nydusd_config
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
 from nydusd.converter.rootfs import Entry, compare, dir_rootfs, nydus_rootfs, oci_rootfs
-from nydusd.errors import ConfigError, NotFound, NydusError, Unsupported
+from nydusd.converter.stores import BlobStore, create_store
+from nydusd.errors import NotFound, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.rafs import load_bootstrap
 
@@ -43,7 +45,7 @@ class CheckOptions:
     work_dir: Path = Path("./output")
     platform: str | None = None
     multi_platform: bool = False
-    #: (backend type, backend config JSON) when blobs live outside the registry (localfs only)
+    #: (backend type, backend config JSON) when blobs live outside the registry
     backend: tuple[str, str] | None = None
     #: command starting nydusd: compare the OCI rootfs with a real FUSE mount of the nydus image
     #: (upstream's way) instead of decoding the blobs in process
@@ -66,16 +68,9 @@ class Checker:
     def __init__(self, target: Remote, source: Remote | None, opts: CheckOptions) -> None:
         self.target, self.source, self.opts = target, source, opts
         self.report = CheckReport()
-        self._blob_dir: Path | None = None
+        self._store: BlobStore | None = None
         if opts.backend is not None:
-            kind, text = opts.backend
-            if kind != "localfs":
-                raise Unsupported("check can read blobs from the registry or a localfs backend only",
-                                  backend_type=kind)
-            try:
-                self._blob_dir = Path(json.loads(text or "{}")["dir"])
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError("localfs backend config needs 'dir'", field="backend-config.dir") from None
+            self._store = create_store(*opts.backend)
 
     def _problem(self, text: str) -> None:
         log.info("check_problem_found", problem=text)
@@ -90,10 +85,14 @@ class Checker:
         work = self.opts.work_dir
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        targets = self._nydus_manifests()
-        for platform, (desc, manifest) in targets.items():
-            sub = f"[{platform}] " if len(targets) > 1 else ""
-            self._check_one(sub, desc, manifest, platform)
+        try:
+            targets = self._nydus_manifests()
+            for platform, (desc, manifest) in targets.items():
+                sub = f"[{platform}] " if len(targets) > 1 else ""
+                self._check_one(sub, desc, manifest, platform)
+        finally:
+            if self._store is not None:
+                self._store.close()
         log.info("image_checked", target=str(self.target.ref), problems=len(self.report.problems),
                  files=self.report.files)
         return self.report
@@ -200,10 +199,31 @@ class Checker:
             self._problem(f"{p}filesystem: cannot read the nydus image: {e}")
             return None
 
+    def _fetch_from_store(self, p: str, blob_id: str, path: Path, out: dict[str, Path],
+                          download: bool) -> None:
+        assert self._store is not None
+        where = f"{self._store.type} backend"
+        try:
+            if not self._store.exists(blob_id):
+                self._problem(f"{p}bootstrap: blob {blob_id} missing from the {where}")
+                return
+            if download:
+                data = self._store.get(blob_id)
+                if hashlib.sha256(data).hexdigest() != blob_id:
+                    self._problem(f"{p}bootstrap: blob {blob_id} in the {where} does not match its digest")
+                    return
+                path.write_bytes(data)
+        except NydusError as e:
+            self._problem(f"{p}bootstrap: blob {blob_id} cannot be read from the {where}: {e}")
+            return
+        out[blob_id] = path
+
     def _mounted_tree(self, p: str) -> dict[str, Entry] | None:
         """The nydus rootfs as nydusd serves it (FUSE mount of the pulled bootstrap)."""
         assert self.opts.nydusd is not None
-        backend_type, backend_config = self.opts.backend or (None, "")
+        backend_type, backend_config = (None, "")
+        if self._store is not None:
+            backend_type, backend_config = self._store.type, json.dumps(self._store.backend_config())
         mopts = MountOptions(mount_path=self.opts.work_dir / "nydus_mnt", work_dir=self.opts.work_dir,
                              nydusd=self.opts.nydusd, backend_type=backend_type,
                              backend_config=backend_config)
@@ -235,12 +255,8 @@ class Checker:
         blob_dir = self.opts.work_dir / "blobs"
         blob_dir.mkdir(exist_ok=True)
         for blob_id in blob_ids:
-            if self._blob_dir is not None:
-                path = self._blob_dir / blob_id
-                if path.is_file():
-                    out[blob_id] = path
-                else:
-                    self._problem(f"{p}bootstrap: blob {blob_id} missing from backend dir {self._blob_dir}")
+            if self._store is not None:
+                self._fetch_from_store(p, blob_id, blob_dir / blob_id, out, download)
                 continue
             digest = "sha256:" + blob_id
             if self.target.blob_size(digest) is None:

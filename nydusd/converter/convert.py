@@ -30,13 +30,13 @@ from nydusd.converter.layerbuild import LayerBuilder, LayerOutput
 from nydusd.converter.layers import LayerStream
 from nydusd.converter.progress import Metrics, Progress
 from nydusd.converter.publish import (
-    BlobStore,
     blob_meta_file,
     bootstrap_layer_tar,
     extract_bootstrap,
     with_retry,
 )
 from nydusd.converter.remote import Remote
+from nydusd.converter.stores import BlobStore
 from nydusd.errors import InvalidArgument, NotFound, NydusError, Unsupported
 from nydusd.log import get_logger
 

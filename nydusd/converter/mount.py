@@ -167,22 +167,17 @@ class NydusdProcess:
             stop.wait(0.2)
 
     def stop(self, mountpoint: Path | None = None) -> None:
-        """SIGTERM (nydusd unmounts and exits); after 15 s SIGKILL, and then the mount left behind
-        is detached lazily so that no dead FUSE mount remains."""
+        """Unmount (as upstream's tooling does: ``umount`` then wait for the daemon to leave), then
+        SIGTERM, then SIGKILL; a mount still left behind is detached lazily."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                self.proc.wait(0.5)
+        if mountpoint is not None and _is_mounted(mountpoint):
+            subprocess.run(["fusermount", "-u", str(mountpoint)], check=False, capture_output=True)
+            if self._wait(10):
                 return
-            except subprocess.TimeoutExpired:
-                # Unmounted but not gone (seen when SIGTERM races the API server's start-up): once
-                # the mount is released there is nothing left to lose by killing it.
-                if mountpoint is not None and not _is_mounted(mountpoint) and \
-                        time.monotonic() > deadline - 12:
-                    break
+        self.proc.send_signal(signal.SIGTERM)
+        if self._wait(10):
+            return
         self.proc.kill()
         self.proc.wait()
         if mountpoint is not None and _is_mounted(mountpoint):
@@ -191,6 +186,14 @@ class NydusdProcess:
                            capture_output=True)
         else:
             log.info("nydusd_killed_after_unmount", pid=self.proc.pid)
+
+    def _wait(self, timeout: float) -> bool:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
 
 def _is_mounted(path: Path) -> bool:

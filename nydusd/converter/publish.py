@@ -1,12 +1,10 @@
-"""Turning build outputs into pushable artifacts: the bootstrap layer tar, blob.meta extraction,
-push retries and the non-registry blob stores of ``--backend-type``.
+"""Turning build outputs into pushable artifacts: the bootstrap layer tar, blob.meta extraction and
+push retries.
 
 Owns: ``bootstrap_layer_tar`` (interfaces.md §6.3: deterministic gzip tar with ``image/``,
 ``image/image.boot`` and, for v6, ``image/<blob id>.blob.meta``), ``blob_meta_file`` (the ci array of a
-v6 blob, uncompressed and padded to 4 KiB, then its 4096-byte header), ``with_retry`` and
-``BlobStore``/``LocalFsStore`` (blobs written to a localfs backend directory instead of the registry).
-Must not import requests or the registry client. Thread-safe: pure functions; ``LocalFsStore``
-writes each blob through a temp file + rename, so concurrent puts of one blob are harmless.
+v6 blob, uncompressed and padded to 4 KiB, then its 4096-byte header), ``extract_bootstrap`` and
+``with_retry``. Must not import requests or the registry client. Thread-safe: pure functions.
 """
 
 from __future__ import annotations
@@ -14,17 +12,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
-import os
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from nydusd.compress import Compressor, decompress
-from nydusd.errors import BackendError, ConfigError, IntegrityError, NydusError, Unsupported
+from nydusd.errors import BackendError, IntegrityError, NydusError
 from nydusd.log import get_logger
 from nydusd.storage.device import BlobInfo
 
@@ -115,69 +110,6 @@ def with_retry(what: str, fn: Callable[[], T], *, count: int, delay: float) -> T
             attempt += 1
             log.warning("push_retried", what=what, attempt=attempt, error=str(e))
             time.sleep(delay)
-
-
-class BlobStore:
-    """Where nydus blobs go when not to the registry (``--backend-type``)."""
-
-    type = ""
-
-    def put(self, blob_id: str, path: Path) -> None:
-        raise NotImplementedError
-
-    def exists(self, blob_id: str) -> bool:
-        raise NotImplementedError
-
-    def backend_config(self) -> dict[str, Any]:
-        """The backend section a nydusd config needs to read these blobs."""
-        raise NotImplementedError
-
-
-class LocalFsStore(BlobStore):
-    type = "localfs"
-
-    def __init__(self, config: dict[str, Any], *, force: bool = False) -> None:
-        directory = config.get("dir")
-        if not directory:
-            raise ConfigError("localfs backend config needs 'dir'", field="backend-config.dir")
-        self.dir = Path(str(directory))
-        self.force = force
-
-    def exists(self, blob_id: str) -> bool:
-        return (self.dir / blob_id).is_file()
-
-    def put(self, blob_id: str, path: Path) -> None:
-        if self.exists(blob_id) and not self.force:
-            return
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f".{blob_id}.tmp{os.getpid()}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.dir / blob_id)
-        except OSError as e:
-            raise BackendError(f"cannot store blob: {e.strerror}", blob_id=blob_id,
-                               dir=str(self.dir)) from None
-
-    def backend_config(self) -> dict[str, Any]:
-        return {"dir": str(self.dir)}
-
-
-def create_store(backend_type: str, config_text: str, *, force: bool = False) -> BlobStore:
-    """A blob store from ``--backend-type`` / ``--backend-config`` (JSON). Raises ConfigError for bad
-    JSON and Unsupported for backends this converter cannot upload to."""
-    try:
-        config = json.loads(config_text or "{}")
-    except ValueError as e:
-        raise ConfigError(f"backend config is not JSON: {e}", field="backend-config") from None
-    if not isinstance(config, dict):
-        raise ConfigError("backend config must be a JSON object", field="backend-config")
-    if backend_type == "localfs":
-        return LocalFsStore(config, force=force)
-    if backend_type in ("oss", "s3"):
-        raise Unsupported(f"uploading blobs to a {backend_type} backend is not implemented; "
-                          "use the registry or --backend-type localfs", field="backend-type")
-    raise ConfigError(f"unknown backend type {backend_type!r}, expected oss, s3 or localfs",
-                      field="backend-type")
 
 
 def is_transient(exc: NydusError) -> bool:

@@ -18,9 +18,9 @@ from nydusd.converter import manifest as m
 from nydusd.converter.check import Checker, CheckOptions
 from nydusd.converter.convert import Converter, ConvertOptions, ConvertResult
 from nydusd.converter.layers import LayerStream
-from nydusd.converter.publish import LocalFsStore
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
+from nydusd.converter.stores import LocalFsStore
 from tests.converter.conftest import Image
 from tests.converter.images import run, skopeo_push, tool_env
 from tests.converter.registry import Registry
@@ -223,4 +223,4 @@ def test_localfs_backend_keeps_only_the_bootstrap_layer(registry: Registry, sour
     victim = sorted(blobs.iterdir())[0]
     victim.unlink()
     problems = check(dst, None, tmp_path / "c2", backend=backend)
-    assert problems == [f"bootstrap: blob {victim.name} missing from backend dir {blobs}"]
+    assert problems == [f"bootstrap: blob {victim.name} missing from the localfs backend"]
