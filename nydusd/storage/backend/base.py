@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from nydusd.errors import BackendError, NydusError
+from nydusd.errors import BackendError, BlobNotFound, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.metrics import BackendMetrics
 
@@ -109,6 +109,11 @@ class BlobBackend(ABC):
             return exc.transient
         return isinstance(exc, (ConnectionError, TimeoutError, InterruptedError))
 
+    def try_put(self, blob_id: str, path: str) -> None:
+        """One attempt to store the file at ``path`` as blob ``blob_id`` (writable backends:
+        localfs, oss, s3 -- what nydusify uploads to). Raises Unsupported here."""
+        raise Unsupported(f"the {self.type} backend cannot store blobs", blob_id=blob_id)
+
     def close(self) -> None:
         """Release connections and threads. Idempotent. Subclasses extend it (and call super)."""
         with self._sizes_lock:
@@ -153,6 +158,23 @@ class BlobBackend(ABC):
         self._metrics.record_read(len(data), time.monotonic() - start)
         return data
 
+    def blob_exists(self, blob_id: str) -> bool:
+        """Whether the backend holds the blob. Raises AuthError, BackendError (after retries)."""
+        try:
+            self.blob_size(blob_id)
+        except BlobNotFound:
+            return False
+        return True
+
+    def put_blob(self, blob_id: str, path: str) -> None:
+        """Store the file at ``path`` as blob ``blob_id``, retrying transient failures.
+
+        Raises Unsupported for read-only backends, AuthError, BackendError.
+        """
+        self._with_retry(lambda: self.try_put(blob_id, path), blob_id=blob_id, op="put", prefetch=False)
+        with self._sizes_lock:
+            self._sizes.pop(blob_id, None)
+
     def metrics(self) -> dict[str, Any]:
         """Backend metrics, field names exactly as ``/api/v1/metrics/backend`` (spec §8.3)."""
         return self._metrics.snapshot()
@@ -190,6 +212,8 @@ class BlobBackend(ABC):
             try:
                 return call()
             except (NydusError, OSError) as raw:
+                if isinstance(raw, NydusError) and not isinstance(raw, BackendError):
+                    raise  # not a backend failure (Unsupported, ConfigError ...): no retry, as is
                 exc = _as_backend_error(raw) if not isinstance(raw, NydusError) else raw
                 transient = self.is_transient(raw)
                 attempt += 1

@@ -13,11 +13,13 @@ use ``os.pread`` which needs no shared file position, so concurrent reads are sa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import threading
 from typing import Any, ClassVar
 
-from nydusd.errors import BackendError, BlobNotFound, ConfigError
+from nydusd.errors import BackendError, BlobNotFound, ConfigError, Unsupported
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 
 
@@ -83,6 +85,27 @@ class LocalFsBackend(BlobBackend):
                 got += len(more)
             data = b"".join(parts)
         return data
+
+    def try_put(self, blob_id: str, path: str) -> None:
+        """Copy ``path`` to ``<dir>/<blob_id>`` atomically (temporary file, fsync, rename)."""
+        if self.blob_file or not self.dir:
+            raise Unsupported("a localfs backend with `blob_file` cannot store blobs", blob_id=blob_id)
+        target = self._path_candidates(blob_id)[0]
+        tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            shutil.copyfile(path, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise BackendError(f"cannot store blob file: {exc.strerror or exc}", path=target,
+                               blob_id=blob_id) from exc
 
     def is_transient(self, exc: BaseException) -> bool:
         # Local files do not heal by waiting, except for an interrupted system call.

@@ -114,6 +114,14 @@ class OssBackend(BlobBackend):
         except OSError as exc:
             raise self._error(exc, "GET", key) from exc
 
+    def try_put(self, blob_id: str, path: str) -> None:
+        """Upload the file as object ``<object_prefix><blob_id>`` (signed PUT, straight to OSS)."""
+        key = self._key(blob_id)
+        try:
+            self.bucket.put_object_from_file(key, path)
+        except (oss_exc.OssError, OSError) as exc:
+            raise self._error(exc, "PUT", key) from exc
+
     def _error(self, exc: BaseException, op: str, key: str) -> BackendError:
         where = f"oss {op} {self.bucket_name}/{key}"
         if isinstance(exc, oss_exc.OssError):

@@ -90,6 +90,22 @@ class S3Backend(BlobBackend):
             return b""
         raise self._error(resp, "GET", blob_id)
 
+    def try_put(self, blob_id: str, path: str) -> None:
+        """PUT the file as object ``<object_prefix><blob_id>`` (one signed request)."""
+        url = self.object_url(blob_id)
+        with open(path, "rb") as body:
+            headers = {"Content-Type": "application/octet-stream"}
+            if self.credentials is not None:
+                req = AWSRequest(method="PUT", url=url, headers=headers, data=body)
+                S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
+                headers = dict(req.headers.items())
+                body.seek(0)
+            resp = self.http.request("PUT", url, headers=headers, data=body, use_proxy=False)
+        if resp.status not in (200, 201, 204):
+            raise self._error(resp, "PUT", blob_id)
+        with self._sizes_lock:
+            self._sizes.pop(blob_id, None)
+
     def _error(self, resp: Response, op: str, blob_id: str) -> BackendError:
         key = self.prefix + blob_id
         if resp.status == 404:
