@@ -224,3 +224,26 @@ def test_localfs_backend_keeps_only_the_bootstrap_layer(registry: Registry, sour
     victim.unlink()
     problems = check(dst, None, tmp_path / "c2", backend=backend)
     assert problems == [f"bootstrap: blob {victim.name} missing from the localfs backend"]
+
+
+@pytest.mark.parametrize(("fs_version", "compressor", "chunk_size", "aligned"), [
+    (5, "none", 0x100000, False), (5, "lz4_block", 0x10000, True), (6, "none", 0x40000, False),
+    (6, "lz4_block", 0x1000, False), (6, "zstd", 0x400000, False),
+])
+def test_build_option_matrix(registry: Registry, source_image: Image, tmp_path: Path, fs_version: int,
+                             compressor: str, chunk_size: int, aligned: bool) -> None:
+    tag = f"m{fs_version}-{compressor}-{chunk_size:x}-{int(aligned)}"
+    dst = f"{registry.host}/dst/matrix:{tag}"
+    res = convert(source_image.ref, dst, tmp_path / "w", fs_version=fs_version, compressor=compressor,
+                  chunk_size=chunk_size, aligned_chunk=aligned)
+    assert check(dst, source_image.ref, tmp_path / "c") == []
+    from nydusd.converter.publish import extract_bootstrap
+    from nydusd.rafs import load_bootstrap
+
+    remote = open_remote(dst, plain_http=True)
+    try:
+        boot = extract_bootstrap(remote.get_blob_bytes(res.manifests[0].manifest.layers[-1].digest))
+    finally:
+        remote.close()
+    with load_bootstrap(boot) as rs:
+        assert (rs.version, rs.chunk_size, rs.compressor.value) == (fs_version, chunk_size, compressor)
