@@ -5,16 +5,21 @@ hard links, file content)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
-from tests.rafs.imagegen import Spec, _normalise, build_image, expected_dump
+from tests.rafs.imagegen import Image, Spec, _normalise, build_image, expected_dump
+from tests.rafs.strategies import roots
 
 pytestmark = pytest.mark.root
 
@@ -59,7 +64,7 @@ def _mounted_dump(mnt: Path) -> dict[bytes, tuple[object, ...]]:
                 with open(p, "rb") as f:
                     md5 = hashlib.md5(f.read()).hexdigest()
                 group = st.st_ino
-            xattrs = tuple(sorted((n.encode(), os.getxattr(p, n, follow_symlinks=False))
+            xattrs = tuple(sorted((os.fsencode(n), os.getxattr(p, n, follow_symlinks=False))
                                   for n in os.listxattr(p, follow_symlinks=False)))
             out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns // 10**9, st.st_mtime_ns % 10**9,
                         st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
@@ -77,14 +82,17 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_v6_bootstrap_is_a_kernel_mountable_erofs(tmp_path: Path) -> None:
+def _require_tools() -> None:
     if shutil.which("fsck.erofs") is None or shutil.which("losetup") is None:
         pytest.skip("erofs-utils / losetup not installed")
     if "erofs" not in Path("/proc/filesystems").read_text():
         pytest.skip("kernel has no EROFS support")
-    spec = _source_tree()
-    image = build_image(spec, version=6, chunk_size=4096)
-    boot, raw, mnt = tmp_path / "boot", tmp_path / "blob.raw", tmp_path / "mnt"
+
+
+@contextlib.contextmanager
+def _mounted(image: Image, work: Path) -> Iterator[Path]:
+    """fsck.erofs the image, then mount it (blob data on a loop device); umount in finally."""
+    boot, raw, mnt = work / "boot", work / "blob.raw", work / "mnt"
     boot.write_bytes(image.bootstrap)
     raw.write_bytes(image.raw_device)
     mnt.mkdir()
@@ -102,12 +110,31 @@ def test_v6_bootstrap_is_a_kernel_mountable_erofs(tmp_path: Path) -> None:
             pytest.skip(f"mount not permitted: {res.stderr.strip()}")
         assert res.returncode == 0, res.stderr
         mounted = True
-        got = _mounted_dump(mnt)
-        want = expected_dump(spec)
-        assert got.keys() == want.keys()
-        for path in want:
-            assert got[path] == want[path], path
+        yield mnt
     finally:
         if mounted:
             _run("umount", str(mnt))
         _run("losetup", "-d", dev)
+
+
+def _assert_same(got: dict[bytes, tuple[object, ...]], want: dict[bytes, tuple[object, ...]]) -> None:
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path] == want[path], path
+
+
+def test_v6_bootstrap_is_a_kernel_mountable_erofs(tmp_path: Path) -> None:
+    _require_tools()
+    spec = _source_tree()
+    with _mounted(build_image(spec, version=6, chunk_size=4096), tmp_path) as mnt:
+        _assert_same(_mounted_dump(mnt), expected_dump(spec))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.data_too_large])
+@given(spec=roots(kernel=True))
+def test_random_trees_mount_identically(spec: Spec) -> None:
+    _require_tools()
+    with tempfile.TemporaryDirectory() as tmp, \
+            _mounted(build_image(spec, version=6, chunk_size=4096), Path(tmp)) as mnt:
+        _assert_same(_mounted_dump(mnt), expected_dump(spec))

@@ -19,68 +19,7 @@ from nydusd.rafs import load_bootstrap
 from nydusd.rafs.blobmeta import load_chunk_infos
 from nydusd.rafs.content import read_file
 from tests.rafs.imagegen import Image, Spec, build_image, dump_image, expected_dump
-
-NAME_CHARS = st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",))
-names = st.one_of(
-    st.text(NAME_CHARS, min_size=1, max_size=12).map(str.encode),
-    st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b),
-    st.integers(200, 255).map(lambda n: b"L" * n),
-).filter(lambda b: len(b) <= 255 and b not in (b".", b".."))
-xattr_names = st.tuples(st.sampled_from([b"user.", b"trusted.", b"security."]),
-                        st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b)
-                        ).map(lambda t: t[0] + t[1])
-xattrs = st.dictionaries(xattr_names, st.binary(max_size=64), max_size=3)
-attrs = st.fixed_dictionaries({
-    "perm": st.integers(0, 0o7777), "uid": st.integers(0, 2**32 - 1), "gid": st.integers(0, 2**32 - 1),
-    "mtime": st.integers(0, 2**40), "nsec": st.integers(0, 999_999_999), "xattrs": xattrs})
-CHUNK = 4096
-contents = st.one_of(st.just(b""), st.binary(max_size=300),
-                     st.integers(1, 3 * CHUNK + 7).map(lambda n: os.urandom(n)),
-                     st.integers(1, 3).map(lambda n: b"dedup" * (CHUNK // 5 * n)))
-
-
-def _leaf() -> st.SearchStrategy[Spec]:
-    return st.one_of(
-        st.builds(lambda a, d: Spec("file", data=d, **a), attrs, contents),
-        st.builds(lambda a, t: Spec("symlink", target=t, **a), attrs,
-                  st.one_of(st.binary(min_size=1, max_size=60), st.integers(1, 4096).map(lambda n: b"t" * n))
-                  .filter(lambda b: b"\0" not in b)),
-        st.builds(lambda a, k, ma, mi: Spec(k, rdev=os.makedev(ma, mi), **a), attrs,
-                  st.sampled_from(["chr", "blk"]), st.integers(0, 4095), st.integers(0, 2**20 - 1)),
-        st.builds(lambda a: Spec("fifo", **a), attrs),
-    )
-
-
-trees = st.recursive(_leaf(), lambda kids: st.builds(
-    lambda a, ch: Spec("dir", children=ch, **a), attrs, st.dictionaries(names, kids, max_size=6)),
-    max_leaves=25)
-
-
-@st.composite
-def roots(draw: st.DrawFn) -> Spec:
-    root = draw(st.builds(lambda a, ch: Spec("dir", children=ch, **a), attrs,
-                          st.dictionaries(names, trees, max_size=6)))
-    files: list[bytes] = []
-    dirs: list[tuple[bytes, Spec]] = []
-
-    def visit(spec: Spec, path: bytes) -> None:
-        for name, child in spec.children.items():
-            cpath = path.rstrip(b"/") + b"/" + name
-            if child.kind == "file":
-                files.append(cpath)
-            elif child.kind == "dir":
-                dirs.append((cpath, child))
-                visit(child, cpath)
-
-    dirs.append((b"/", root))
-    visit(root, b"/")
-    for _ in range(draw(st.integers(0, 3)) if files else 0):  # hard links to random files
-        target = draw(st.sampled_from(files))
-        _dpath, d = draw(st.sampled_from(dirs))
-        name = draw(names)
-        if name not in d.children:
-            d.children[name] = Spec("link", target=target)
-    return root
+from tests.rafs.strategies import CHUNK, roots
 
 
 def _check(image: Image, root: Spec, version: int) -> None:
