@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nydusd.config import RegistryConfig  # noqa: E402
+from nydusd.log import configure_logging  # noqa: E402
 from nydusd.storage.backend.registry import RegistryBackend  # noqa: E402
 from tests.servers.registry import RegistryServer  # noqa: E402
 from tests.servers.tinyproxy import TinyProxy  # noqa: E402
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    configure_logging("warn")
     size_mb, runs = (64, 2) if args.quick else (args.size_mb, args.runs)
     if not shutil.which("docker-registry") or not shutil.which("curl"):
         sys.exit("needs docker-registry and curl (apt install docker-registry curl)")
