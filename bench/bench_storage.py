@@ -14,7 +14,8 @@ Each figure is the median of ``--runs`` runs after one warm-up. Throughput is bl
 crosses the network) per second of reading; the cache's final fdatasync at close is not counted
 (it runs in the background while serving). The config is upstream's default (amplify_io 1 MiB, no
 digest validation, 8 prefetch threads) except the rows that turn on the device's sequential
-readahead or raise the prefetch merging_size.
+readahead, raise the prefetch merging_size or set ``cache.compressed`` (payloads cached as
+fetched, decompressed when read).
 Targets: cold >= 0.5x curl, warm >= 3x cold.
 
 Run: ``.venv/bin/python bench/bench_storage.py [--quick] [--size-mb N] [--runs N]``.
@@ -71,24 +72,30 @@ class Scenario:
     def fresh(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def open(self, merging: int = MIB, readahead: int = 0) -> tuple[BlobDevice, RegistryBackend]:
-        """Default config (amplify_io 1 MiB, no digest validation); prefetch merging_size and
-        device readahead as given."""
+    def open(self, merging: int = MIB, readahead: int = 0,
+             compressed: bool = False) -> tuple[BlobDevice, RegistryBackend]:
+        """Default config (amplify_io 1 MiB, no digest validation); prefetch merging_size, device
+        readahead and ``cache.compressed`` as given."""
         backend = RegistryBackend(self.cfg)
-        cache = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(self.work_dir)))
+        cache = CacheConfig(type="blobcache", compressed=compressed,
+                            filecache=FileCacheConfig(work_dir=str(self.work_dir)))
         prefetch = PrefetchConfig(enable=True, threads=8, batch_size=merging)
         device = BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch,
                             readahead=readahead)
         return device, backend
 
-    def run(self, job: Callable[[BlobDevice], None], merging: int = MIB, readahead: int = 0) -> float:
+    def run(self, job: Callable[[BlobDevice], None], merging: int = MIB, readahead: int = 0,
+            compressed: bool = False) -> float:
         """Time ``job`` on a fresh device; closing it (the final fdatasync) is timed apart."""
-        device, backend = self.open(merging, readahead)
+        device, backend = self.open(merging, readahead, compressed)
         try:
             start = time.perf_counter()
             job(device)
             elapsed = time.perf_counter() - start
+            if self.after is not None:
+                self.after(device)
         finally:
+            self.after = None
             t0 = time.perf_counter()
             device.close()
             backend.close()
@@ -121,7 +128,12 @@ class Scenario:
     def prefetch_all(self, device: BlobDevice) -> None:
         device.prefetch(self.blob.files[0])
         device.wait_prefetch()
-        # what was prefetched must be there: a read afterwards needs no backend request
+        self.after = self.check_prefetched
+
+    after: Callable[[BlobDevice], None] | None = None
+
+    def check_prefetched(self, device: BlobDevice) -> None:
+        """Untimed: what was prefetched is there and right; reading it needs no backend request."""
         before = device.backend_metrics()["read_count"]
         self.read_all(device)
         assert device.backend_metrics()["read_count"] == before
@@ -154,6 +166,8 @@ def bench_blob(registry: RegistryServer, content: bytes, compressor: Compressor,
         ("cold, 4 readers", lambda: sc.run(lambda d: sc.read_all(d, 4))),
         ("cold, prefetch 8 thr, merge 1 MiB", lambda: sc.run(sc.prefetch_all)),
         ("cold, prefetch 8 thr, merge 8 MiB", lambda: sc.run(sc.prefetch_all, merging=8 * MIB)),
+        ("cold, prefetch, merge 8 MiB, compressed cache",
+         lambda: sc.run(sc.prefetch_all, merging=8 * MIB, compressed=True)),
     ]
     rows = [(name, "curl GET whole blob (baseline)", blob_mb / t_curl, 1.0)]
     t_cold1 = 0.0
@@ -190,9 +204,9 @@ def main() -> int:
     finally:
         registry.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n{'compressor':<11} {'path':<36} {'blob MB/s':>10} {'ratio':>7}")
+    print(f"\n{'compressor':<11} {'path':<46} {'blob MB/s':>10} {'ratio':>7}")
     for name, path, mbps, ratio in rows:
-        print(f"{name:<11} {path:<36} {mbps:10.1f} {ratio:7.2f}x")
+        print(f"{name:<11} {path:<46} {mbps:10.1f} {ratio:7.2f}x")
     print("\nratio: cold rows vs curl (target >= 0.5x); warm row vs 'cold, 1 reader' (target >= 3x)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(other processes on the machine skew every row)")

@@ -258,3 +258,41 @@ def test_random_reads_do_not_trigger_readahead(tmp_path: Path) -> None:
         assert backend.read_count == 4
     finally:
         device.close()
+
+
+def payload_device(blob: TestBlob, backend: MemoryBackend, work_dir: Path) -> BlobDevice:
+    cfg = CacheConfig(type="blobcache", compressed=True, filecache=FileCacheConfig(work_dir=str(work_dir)))
+    return BlobDevice([blob.info], create_cache(cfg, backend, batch_size=0),
+                      prefetch_config=PrefetchConfig(threads=2, batch_size=CHUNK))
+
+
+def test_prefetch_into_a_payload_cache_stores_without_decoding(tmp_path: Path, logs) -> None:  # type: ignore[no-untyped-def]
+    blob = build_blob([b"nydus!" * 40000], chunk_size=CHUNK)          # zstd-compressed chunks
+    assert all(c.is_compressed for c in blob.files[0])
+    backend = FlakyBackend({blob.blob_id: blob.data}, corrupt=1, corrupt_at=0)
+    device = payload_device(blob, backend, tmp_path)
+    try:
+        device.prefetch(blob.files[0][:1])
+        assert device.wait_prefetch(5)
+        assert device.is_ready(blob.files[0][0])     # stored as fetched: the bad frame went unnoticed
+        with logs.expect("cached_chunk_corrupted", count=1):
+            assert device.read(blob.files[0], 0, CHUNK) == blob.contents[0][:CHUNK]
+        assert [r[3] for r in backend.requests] == [True, False]   # the reader refetched it
+    finally:
+        device.close()
+
+
+def test_reader_joining_a_payload_prefetch_loads_the_stored_chunk(tmp_path: Path) -> None:
+    blob = build_blob([b"nydus!" * 40000], chunk_size=CHUNK)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    backend.gate = threading.Event()
+    device = payload_device(blob, backend, tmp_path)
+    try:
+        device.prefetch(blob.files[0][:1])
+        time.sleep(0.2)
+        threading.Timer(0.2, backend.gate.set).start()
+        assert device.read(blob.files[0], 5, 100) == blob.contents[0][5:105]
+        assert backend.read_count == 1
+    finally:
+        backend.gate.set()
+        device.close()

@@ -56,15 +56,19 @@ class BlobReader(Protocol):
 
 @dataclass
 class Fetched:
-    """One fetched chunk: its stored payload and its verified plain bytes."""
+    """One fetched chunk: its stored payload and its verified plain bytes (None when nobody needs
+    them: a prefetch into a cache that stores payloads, without verification)."""
 
     chunk: ChunkInfo
     payload: memoryview
-    plain: bytes
+    plain: bytes | None
 
 
 class BlobCache(ABC):
     """The cache of one blob. See the module docstring for the fetch protocol."""
+
+    #: whether local state keeps the stored (compressed) payload rather than plain bytes
+    stores_payload = False
 
     def __init__(self, blob: BlobInfo, manager: BlobCacheManager) -> None:
         self.blob = blob
@@ -210,7 +214,8 @@ class BlobCache(ABC):
     # ------------------------------------------------------------------ shared fetch
     def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool,
                      limit: int | None = None) -> dict[int, bytes]:
-        """Fetch chunks this caller leads; every flight is resolved or failed before returning."""
+        """Fetch chunks this caller leads; every flight is resolved or failed before returning.
+        Returns the plain bytes of the chunks that were decoded (all of them on demand)."""
         result: dict[int, bytes] = {}
         pending = {chunk_key(c) for c in chunks}
         try:
@@ -219,7 +224,8 @@ class BlobCache(ABC):
                 self._store(fetched)
                 for item in fetched:
                     key = chunk_key(item.chunk)
-                    result[key] = item.plain
+                    if item.plain is not None:
+                        result[key] = item.plain
                     self._flights.resolve(key, item.plain)
                     pending.discard(key)
                 if failed:
@@ -260,6 +266,11 @@ class BlobCache(ABC):
         verify = self.manager.verify_fetched
         fetched: list[Fetched] = []
         failed: NydusError | None = None
+        if prefetch and self.stores_payload and not verify:
+            # Prefetch into a payload cache: store as fetched; a reader decodes (and on a bad
+            # payload refetches) when it loads the chunk. Waiters are told to look again.
+            return [Fetched(c, data[c.compressed_offset - start:][:c.compressed_size], None)
+                    for c in group], None
         for chunk in group:
             payload = data[chunk.compressed_offset - start:][:chunk.compressed_size]
             try:

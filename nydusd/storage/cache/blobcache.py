@@ -70,6 +70,7 @@ class FileCache(BlobCache):
         super().__init__(blob, manager)
         _check_blob_id(blob.blob_id)
         self.compressed = manager.compressed
+        self.stores_payload = self.compressed
         self.verify_cached = manager.verify_cached
         base = os.path.join(manager.work_dir, blob.blob_id)
         self.data_path = base + (RAW_SUFFIX if self.compressed else DATA_SUFFIX)
@@ -150,6 +151,7 @@ class FileCache(BlobCache):
             if self.compressed:
                 _pwrite_all(self._fd, item.payload, chunk.compressed_offset)
             else:
+                assert item.plain is not None  # plain caches always decode
                 _pwrite_all(self._fd, item.plain, chunk.uncompressed_offset)
         indexed = [it.chunk.index for it in items if self._indexed(it.chunk)]
         new = self._mem.set_ready(chunk_key(it.chunk) for it in items if not self._indexed(it.chunk))
