@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse-dev pkg-config gcc python3-dev docker-registry apache2-utils tinyproxy
-  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git)
+  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
