@@ -17,7 +17,7 @@ import shlex
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from nydusd import __version__
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     c = sub.add_parser("check", help="validate RAFS filesystem metadata (and data with --blob-dir)")
     _common(c)
     c.add_argument("--blob-dir", "-D", help="directory of data blobs: also verify every chunk")
-    c.add_argument("--config", "-C", help="storage config (not supported: use --blob-dir)")
+    c.add_argument("--config", "-C", help="nydusd config whose backend holds the blobs: verify data")
     c.add_argument("--verbose", "-v", action="store_true", help="print every path")
     c.add_argument("--output-json", "-J", help="write result JSON here")
     c.set_defaults(func=cmd_check)
@@ -106,16 +106,21 @@ def _output_json(path: str | None, doc: Any, *, compact: bool) -> None:
 # ---- check ------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     _setup(args)
-    if args.config:
-        raise Unsupported("check --config is not supported; use --blob-dir")
+    if args.config and args.blob_dir:
+        raise InvalidArgument("--blob-dir conflicts with --config")
     path = _bootstrap_path(args)
     with _open(path) as sb:
-        source = LocalBlobs(args.blob_dir) if args.blob_dir else None
+        source: BlobSource | None = None
+        close: Callable[[], None] = lambda: None  # noqa: E731
+        if args.blob_dir:
+            local = LocalBlobs(args.blob_dir)
+            source, close = local, local.close
+        elif args.config:
+            source, close = _config_source(args.config)
         try:
             check_image(sb, source)
         finally:
-            if source is not None:
-                source.close()
+            close()
         if args.verbose:
             for p, inode in sb.walk():
                 print(f"{os.fsdecode(p)}\tino {inode.ino} mode {inode.mode:o} size {inode.size}")
@@ -256,33 +261,16 @@ def cmd_stat(args: argparse.Namespace) -> int:
         paths = [args.bootstrap]
     if not paths:
         raise InvalidArgument("stat needs --bootstrap or --blob-dir")
-    base = [image_stats_doc(p) for p in paths]
-    doc: dict[str, Any] = {"dedup_enabled": bool(args.blob_dir), "target_enabled": bool(args.target),
-                           "base_image": base[0] if len(base) == 1 else _merge_docs(base)}
-    if args.target:
-        with _open(paths[0]) as b, _open(args.target) as t:
-            doc["target_image"] = compare_stats(b, t).as_dict()
+    with ExitStack() as stack:
+        sbs = [stack.enter_context(_open(p)) for p in paths]
+        doc: dict[str, Any] = {"dedup_enabled": bool(args.blob_dir), "target_enabled": bool(args.target),
+                               "base_image": image_stats(*sbs).as_dict()}
+        if args.target:
+            target = stack.enter_context(_open(args.target))
+            doc["target_image"] = compare_stats(sbs[0], target).as_dict()
     _print_stats(doc["base_image"])
     _output_json(args.output_json, doc, compact=False)
     return 0
-
-
-def image_stats_doc(path: str) -> dict[str, Any]:
-    with _open(path) as sb:
-        return image_stats(sb).as_dict()
-
-
-def _merge_docs(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for d in docs:
-        for k, v in d.items():
-            if isinstance(v, int):
-                out[k] = out.get(k, 0) + v
-            elif isinstance(v, list):
-                out[k] = [a + b for a, b in zip(out.get(k, [0] * len(v)), v, strict=True)]
-            else:
-                out.setdefault(k, {}).update(v)
-    return out
 
 
 def _print_stats(d: dict[str, Any]) -> None:
@@ -295,6 +283,19 @@ def _print_stats(d: dict[str, Any]) -> None:
 
 
 # ---- unpack -------------------------------------------------------------------------------------
+def _config_source(path: str) -> tuple[BlobSource, Callable[[], None]]:
+    """A BlobSource over the backend of a nydusd config file (``-C``)."""
+    from nydusd.config import load_config_file
+    from nydusd.errors import ConfigError
+    from nydusd.storage.backend import create_backend
+
+    cfg = load_config_file(path)
+    if cfg.backend is None:
+        raise ConfigError("the config has no backend section", field="backend")
+    backend = create_backend(cfg.backend)
+    return (lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
+
+
 def _backend_source(args: argparse.Namespace) -> tuple[BlobSource, Callable[[], None]]:
     try:
         from nydusd.storage.backend import create_backend

@@ -3,6 +3,8 @@
 Reading::
 
     load_bootstrap(path | bytes) -> RafsSuper        # mmap, lazy; raises NotFound / CorruptMetadata
+    load_from_blob(path) -> RafsSuper                # bootstrap inlined in a data blob (image.boot)
+    load_image(path) -> RafsSuper                    # a bootstrap, else a blob with an inlined one
     RafsSuper attributes: version (5|6), root_ino, blobs: list[BlobInfo], chunk_size, compressor,
         digester, flags, inode_count, explicit_uid_gid, has_xattr, source
     RafsSuper methods (thread-safe, no shared cursor; every one may raise CorruptMetadata):
@@ -21,6 +23,7 @@ Reading::
     in upstream images; hardlinks share the nid).
 
 File data: ``nydusd.rafs.content`` (LocalBlobs: read chunks/files from local blob files).
+Tools: ``nydusd.rafs.stats`` (check_image, image_stats), ``nydusd.rafs.unpack`` (write_tar).
 Writing: ``nydusd.rafs.model`` (Node, Bootstrap) + ``nydusd.rafs.writer`` (write_bootstrap,
 bootstrap_bytes, blob_trailer). Blob trailers / ToC / inlined bootstrap: ``nydusd.rafs.blobmeta``.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from nydusd.rafs.model import Bootstrap, Node
 from nydusd.rafs.rafs_super import Inode, RafsSuper
-from nydusd.rafs.reader import detect_version, load_bootstrap, open_buffer
+from nydusd.rafs.reader import detect_version, load_bootstrap, load_from_blob, load_image, open_buffer
 
-__all__ = ["Bootstrap", "Inode", "Node", "RafsSuper", "detect_version", "load_bootstrap", "open_buffer"]
+__all__ = ["Bootstrap", "Inode", "Node", "RafsSuper", "detect_version", "load_bootstrap", "load_from_blob",
+           "load_image", "open_buffer"]

@@ -58,10 +58,11 @@ class ImageStats:
         return self.uncomp_size / self.dedup_uncomp_size if self.dedup_uncomp_size else 1.0
 
 
-def _unique_chunks(sb: RafsSuper) -> tuple[ImageStats, dict[tuple[bytes, int], ChunkInfo]]:
-    st = ImageStats()
+def _collect(sb: RafsSuper, st: ImageStats,
+             unique: dict[tuple[bytes, str], ChunkInfo]) -> None:
+    """Add ``sb``'s entries to ``st`` and its chunks to ``unique`` (keyed by digest and blob id,
+    so the same chunk in several images counts once)."""
     seen_inodes: set[int] = set()
-    unique: dict[tuple[bytes, int], ChunkInfo] = {}
     for _path, inode in sb.walk():
         if inode.is_dir:
             st.dirs += 1
@@ -81,20 +82,29 @@ def _unique_chunks(sb: RafsSuper) -> tuple[ImageStats, dict[tuple[bytes, int], C
             st.uncomp_size += c.uncompressed_size
             st.padding_size += -c.uncompressed_size % L.V6_BLOCK_SIZE if sb.version == 6 else 0
             st.chunk_sizes[_bucket(c.uncompressed_size, 12, 9)] += 1
-            unique.setdefault((c.digest, c.blob_index), c)
-    return st, unique
+            unique.setdefault((c.digest, sb.blobs[c.blob_index].blob_id), c)
 
 
-def image_stats(sb: RafsSuper) -> ImageStats:
-    """Counts and sizes of ``sb`` (hard-linked files counted once; dedup = unique chunks)."""
-    st, unique = _unique_chunks(sb)
-    for b in sb.blobs:
-        st.blobs[b.blob_id] = {"chunks": 0, "comp_size": 0, "uncomp_size": 0}
-    for c in unique.values():
+def _unique(sb: RafsSuper) -> dict[tuple[bytes, str], ChunkInfo]:
+    unique: dict[tuple[bytes, str], ChunkInfo] = {}
+    _collect(sb, ImageStats(), unique)
+    return unique
+
+
+def image_stats(*sbs: RafsSuper) -> ImageStats:
+    """Counts and sizes of one image, or of several together (``stat --blob-dir``): hard-linked
+    files count once per image; dedup_* = chunks unique by (digest, blob id) across all of them."""
+    st = ImageStats()
+    unique: dict[tuple[bytes, str], ChunkInfo] = {}
+    for sb in sbs:
+        for b in sb.blobs:
+            st.blobs.setdefault(b.blob_id, {"chunks": 0, "comp_size": 0, "uncomp_size": 0})
+        _collect(sb, st, unique)
+    for (_digest, blob_id), c in unique.items():
         st.dedup_chunks += 1
         st.dedup_comp_size += c.compressed_size
         st.dedup_uncomp_size += c.uncompressed_size
-        per = st.blobs[sb.blobs[c.blob_index].blob_id]
+        per = st.blobs[blob_id]
         per["chunks"] += 1
         per["comp_size"] += c.compressed_size
         per["uncomp_size"] += c.uncompressed_size
@@ -104,8 +114,8 @@ def image_stats(sb: RafsSuper) -> ImageStats:
 def compare_stats(base: RafsSuper, target: RafsSuper) -> ImageStats:
     """``target``'s stats with own_* (chunks not in ``base``) and ref_* (chunks found in ``base``)."""
     st = image_stats(target)
-    base_digests = {d for d, _ in _unique_chunks(base)[1]}
-    for (digest, _b), c in _unique_chunks(target)[1].items():
+    base_digests = {d for d, _ in _unique(base)}
+    for (digest, _b), c in _unique(target).items():
         if digest in base_digests:
             st.ref_chunks += 1
             st.ref_comp_size += c.compressed_size

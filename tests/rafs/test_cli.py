@@ -214,3 +214,26 @@ def test_inspect_prompt_reads_requests_from_stdin(capsys: pytest.CaptureFixture[
     assert '"inodes_count": 3' in out and '"name": "lib.rs"' in out
     assert "error: no such entry" in out and "requests: " in out
     assert "decompressed_size" not in out  # nothing after "exit" is answered
+
+
+def test_check_with_backend_config_and_stat_blob_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     upstream: Path) -> None:
+    cfg = tmp_path / "nydusd.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {
+        "dir": str(upstream / "blobs")}}}, "mode": "direct"}))
+    rc, out, err = run(capsys, "check", str(upstream / V6_BOOT), "-C", str(cfg))
+    assert rc == 0, err
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path)}}}}))
+    rc, _, err = run(capsys, "check", str(upstream / V6_BOOT), "-C", str(cfg))
+    assert rc != 0
+    # both repeatable bootstraps (links, read in place): same blob, different digesters
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, name in enumerate(V5_IMAGES):
+        (images / f"boot{i}").symlink_to(upstream / name)
+    out_json = tmp_path / "stat.json"
+    rc, _, err = run(capsys, "stat", "-D", str(images), "-J", str(out_json))
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["dedup_enabled"] and doc["base_image"]["dedup_chunks"] == 46
+    assert doc["base_image"]["chunks"] == 54 and doc["base_image"]["dirs"] == 48
