@@ -335,21 +335,8 @@ def blob_trailer(chunks: Sequence[ChunkInfo], *, data_size: int, compressor: Com
         digests = b"".join(c.digest for c in chunks)
         dig_range = (len(out), len(out) + len(digests))
         out += digests + tar_header("blob.digest", len(digests))
-        h = data_hasher.copy()
-        h.update(out[:L.TAR_BLOCK])
-        uncompressed = sum(L.align(c.uncompressed_size, L.V6_BLOCK_SIZE) for c in chunks)
-        entries = [
-            ("image.blob", Compressor.NONE, h.digest(), 0, data_size, uncompressed),
-            ("blob.meta", ci_comp, hashlib.sha256(ci_raw).digest(), ci_offset, len(ci_data),
-             len(ci_raw)),
-            ("blob.meta.header", Compressor.NONE, hashlib.sha256(header).digest(),
-             ci_offset + len(ci_data), len(header), len(header)),
-            ("blob.digest", Compressor.NONE, hashlib.sha256(digests).digest(),
-             data_size + dig_range[0], len(digests), len(digests)),
-        ]
-        toc = b"".join(L.TOC_ENTRY.pack(comp.toc_flag, 0, name.encode(), digest, off, csize, usize)
-                       for name, comp, digest, off, csize, usize in entries)
-        toc_bytes = toc + tar_header("rafs.blob.toc", len(toc))
+        toc_bytes = _toc(out, chunks, data_size, data_hasher, ci_comp, ci_raw, len(ci_data),
+                         ci_offset, header, dig_range)
         out += toc_bytes
         toc_size, toc_digest = len(toc_bytes), hashlib.sha256(toc_bytes).digest()
     blob_id = None
@@ -360,3 +347,24 @@ def blob_trailer(chunks: Sequence[ChunkInfo], *, data_size: int, compressor: Com
         blob_id = h.hexdigest()
     return BlobTrailer(bytes(out), features, ci_comp, ci_offset, len(ci_data), len(ci_raw), toc_size,
                        toc_digest, dig_range, blob_id)
+
+
+def _toc(out: bytearray, chunks: Sequence[ChunkInfo], data_size: int, data_hasher: Any,
+         ci_comp: Compressor, ci_raw: bytes, ci_csize: int, ci_offset: int, header: bytes,
+         dig_range: tuple[int, int]) -> bytes:
+    """ToC entries + their tar header for a trailer ``out`` written so far (§4.4)."""
+    h = data_hasher.copy()
+    h.update(out[:L.TAR_BLOCK])  # image.blob's digest covers the data and its tar header
+    digests = bytes(out[dig_range[0]:dig_range[1]])
+    uncompressed = sum(L.align(c.uncompressed_size, L.V6_BLOCK_SIZE) for c in chunks)
+    entries = [
+        ("image.blob", Compressor.NONE, h.digest(), 0, data_size, uncompressed),
+        ("blob.meta", ci_comp, hashlib.sha256(ci_raw).digest(), ci_offset, ci_csize, len(ci_raw)),
+        ("blob.meta.header", Compressor.NONE, hashlib.sha256(header).digest(), ci_offset + ci_csize,
+         len(header), len(header)),
+        ("blob.digest", Compressor.NONE, hashlib.sha256(digests).digest(), data_size + dig_range[0],
+         len(digests), len(digests)),
+    ]
+    toc = b"".join(L.TOC_ENTRY.pack(comp.toc_flag, 0, name.encode(), digest, off, csize, usize)
+                   for name, comp, digest, off, csize, usize in entries)
+    return toc + tar_header("rafs.blob.toc", len(toc))

@@ -58,20 +58,8 @@ class RafsV6Super(RafsSuper):
         if len(buf) < L.V6_DEVT_OFFSET:
             raise corrupt("v6 bootstrap shorter than its superblocks", 0, "file_size", size=len(buf))
         sb = L.EROFS_SB_OFFSET
-        (magic, checksum, compat, blkszbits, extslots, root_nid, inos, _bt, _btn, _blocks,
-         meta_blkaddr, xattr_blkaddr, _uuid, _vol, incompat, _u, extra_devices,
-         devt_slotoff) = unpack_at(L.EROFS_SUPER, buf, sb, "erofs_superblock")
-        checks = [(magic == L.EROFS_MAGIC, 0, "s_magic", magic),
-                  (checksum == 0, 4, "s_checksum", checksum),
-                  (compat & L.EROFS_COMPAT_RAFS_V6, 8, "s_feature_compat", compat),
-                  (blkszbits == L.V6_BLOCK_BITS, 12, "s_blkszbits", blkszbits),
-                  (extslots == 0, 13, "s_extslots", extslots),
-                  (xattr_blkaddr == 0, 44, "s_xattr_blkaddr", xattr_blkaddr),
-                  (incompat == L.EROFS_INCOMPAT_RAFS_V6, 80, "s_feature_incompat", incompat),
-                  (devt_slotoff == L.V6_DEVT_SLOTOFF, 88, "s_devt_slotoff", devt_slotoff)]
-        for ok, off, field, value in checks:
-            if not ok:
-                raise corrupt("invalid EROFS superblock field", sb + off, field, value=hex(value))
+        (_magic, _sum, _compat, _bits, _slots, root_nid, inos, _bt, _btn, _blocks, meta_blkaddr, _xattr,
+         _uuid, _vol, _incompat, _u, extra_devices, _slotoff) = self._check_erofs_super()
         ext = L.V6_EXT_SB_OFFSET
         (flags, bt_off, bt_size, chunk_size, ct_off, ct_size, pf_off, pf_size,
          _pad) = unpack_at(L.V6_EXT_SUPER, buf, ext, "ext_superblock")
@@ -110,6 +98,24 @@ class RafsV6Super(RafsSuper):
         self._ct_off, self._ct_n = ct_off, ct_size // L.CHUNK.size
         self._pf_off, self._pf_n = pf_off, (pf_size // 4 if pf_off else 0)
         self.blobs = [self._parse_blob(bt_off + i * L.V6_BLOB.size, i) for i in range(nblobs)]
+
+    def _check_erofs_super(self) -> tuple[Any, ...]:
+        sb = L.EROFS_SB_OFFSET
+        fields = unpack_at(L.EROFS_SUPER, self._buf, sb, "erofs_superblock")
+        (magic, checksum, compat, blkszbits, extslots, _root, _inos, _bt, _btn, _blocks, _meta,
+         xattr_blkaddr, _uuid, _vol, incompat, _u, _devs, devt_slotoff) = fields
+        checks = [(magic == L.EROFS_MAGIC, 0, "s_magic", magic),
+                  (checksum == 0, 4, "s_checksum", checksum),
+                  (compat & L.EROFS_COMPAT_RAFS_V6, 8, "s_feature_compat", compat),
+                  (blkszbits == L.V6_BLOCK_BITS, 12, "s_blkszbits", blkszbits),
+                  (extslots == 0, 13, "s_extslots", extslots),
+                  (xattr_blkaddr == 0, 44, "s_xattr_blkaddr", xattr_blkaddr),
+                  (incompat == L.EROFS_INCOMPAT_RAFS_V6, 80, "s_feature_incompat", incompat),
+                  (devt_slotoff == L.V6_DEVT_SLOTOFF, 88, "s_devt_slotoff", devt_slotoff)]
+        for ok, off, field, value in checks:
+            if not ok:
+                raise corrupt("invalid EROFS superblock field", sb + off, field, value=hex(value))
+        return fields
 
     @staticmethod
     def _check_ext_flags(flags: int) -> None:
