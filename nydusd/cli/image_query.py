@@ -11,6 +11,7 @@ Threading: runs in the main thread.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -78,6 +79,18 @@ def _setup(args: argparse.Namespace) -> None:
     configure_logging(args.log_level)
 
 
+def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a failing file operation of the command line (output path, --blob-dir, config file)
+    into an InvalidArgument naming the path, so the dispatcher prints one error line."""
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except OSError as e:
+            raise InvalidArgument(f"{e.strerror or e}", path=e.filename) from None
+    return wrapper
+
+
 def _bootstrap_path(args: argparse.Namespace, *, allow_blob: bool = False) -> str:
     path = getattr(args, "bootstrap_pos", None) or args.bootstrap
     if path:
@@ -104,6 +117,7 @@ def _output_json(path: str | None, doc: Any, *, compact: bool) -> None:
 
 
 # ---- check ------------------------------------------------------------------------------------------
+@_os_errors
 def cmd_check(args: argparse.Namespace) -> int:
     _setup(args)
     if args.config and args.blob_dir:
@@ -222,6 +236,7 @@ def run_request(sb: RafsSuper, line: str) -> Any:
     return handler(sb, " ".join(words[1:]))
 
 
+@_os_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
     _setup(args)
     with _open(_bootstrap_path(args)) as sb:
@@ -251,6 +266,7 @@ def _prompt(sb: RafsSuper) -> int:
 
 
 # ---- stat ---------------------------------------------------------------------------------------
+@_os_errors
 def cmd_stat(args: argparse.Namespace) -> int:
     _setup(args)
     paths = []
@@ -319,6 +335,7 @@ def _backend_source(args: argparse.Namespace) -> tuple[BlobSource, Callable[[], 
     return (lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
 
 
+@_os_errors
 def cmd_unpack(args: argparse.Namespace) -> int:
     _setup(args)
     chosen = [x for x in (args.blob, args.blob_dir, args.backend_config or args.backend_config_file) if x]

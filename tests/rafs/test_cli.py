@@ -237,3 +237,12 @@ def test_check_with_backend_config_and_stat_blob_dir(capsys: pytest.CaptureFixtu
     doc = json.loads(out_json.read_text())
     assert doc["dedup_enabled"] and doc["base_image"]["dedup_chunks"] == 46
     assert doc["base_image"]["chunks"] == 54 and doc["base_image"]["dirs"] == 48
+
+
+def test_bad_paths_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, upstream: Path) -> None:
+    missing = str(tmp_path / "no" / "such")
+    for argv in (["unpack", str(upstream / V6_BOOT), "-D", str(upstream / "blobs"), "--output", missing],
+                 ["stat", "-D", missing],
+                 ["check", str(upstream / V6_BOOT), "-J", missing]):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and err.startswith("error: ") and missing in err
