@@ -239,7 +239,8 @@ def test_check_with_backend_config_and_stat_blob_dir(capsys: pytest.CaptureFixtu
     assert doc["base_image"]["chunks"] == 54 and doc["base_image"]["dirs"] == 48
 
 
-def test_bad_paths_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, upstream: Path) -> None:
+def test_bad_paths_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    upstream: Path) -> None:
     missing = str(tmp_path / "no" / "such")
     for argv in (["unpack", str(upstream / V6_BOOT), "-D", str(upstream / "blobs"), "--output", missing],
                  ["stat", "-D", missing],
