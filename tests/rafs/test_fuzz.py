@@ -13,6 +13,7 @@ import pytest
 from nydusd.errors import CorruptMetadata
 from nydusd.rafs import load_bootstrap
 from nydusd.rafs.blobmeta import decode_ci_array, parse_meta_header, parse_toc, tar_segments
+from nydusd.rafs.stats import check_image
 from tests.rafs.imagegen import Spec, build_image
 
 CASE_SECONDS = 3.0  # generous: the machine may be busy; a hang would blow far past it
@@ -53,6 +54,7 @@ def _exercise(buf: bytes) -> None:
             assert path
         sb.prefetch_inodes()
         sb.to_model()
+        check_image(sb)  # the nydus-image check path (v5: Merkle digests)
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:
