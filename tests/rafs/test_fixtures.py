@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nydusd.errors import CorruptMetadata
 from nydusd.rafs import load_bootstrap
 from nydusd.rafs.blobmeta import (
     blob_trailer,
@@ -180,3 +181,24 @@ def test_inlined_bootstrap_extraction(tmp_path: Path, upstream: Path) -> None:
     with load_from_blob(path) as sb:
         assert [b.blob_id for b in sb.blobs] == ["abc123"]
         assert sb.resolve("/hardlink-test/foo").size == 944
+
+
+def test_inlined_bootstrap_through_toc(upstream: Path) -> None:
+    """Current builders: image.boot is zstd-compressed and found through the ToC."""
+    from nydusd.compress import Compressor, compress
+    from nydusd.rafs import layout as L
+    from nydusd.rafs.blobmeta import tar_header
+    from nydusd.rafs.reader import open_buffer
+
+    boot = (upstream / V6_BOOT).read_bytes()
+    packed, compressed = compress(boot, Compressor.ZSTD)
+    assert compressed
+    blob = b"chunk data" + packed + tar_header("image.boot", len(packed))
+    entry = L.TOC_ENTRY.pack(0x2, 0, b"image.boot", hashlib.sha256(boot).digest(), 10, len(packed), len(boot))
+    blob += entry + tar_header("rafs.blob.toc", len(entry))
+    read = lambda o, n: blob[o:o + n]  # noqa: E731
+    assert extract_inlined_bootstrap(read, len(blob)) == boot
+    assert open_buffer(extract_inlined_bootstrap(read, len(blob))).resolve("/lib.rs").size == 16931
+    broken = blob.replace(packed[-8:], bytes(8))
+    with pytest.raises(CorruptMetadata):
+        extract_inlined_bootstrap(lambda o, n: broken[o:o + n], len(broken))
