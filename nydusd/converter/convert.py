@@ -146,6 +146,8 @@ class Converter:
             self._pool = None
             for b in self._cleanup:
                 b.cleanup()
+            if chunk_dict is not None and chunk_dict.remote is not None:
+                chunk_dict.remote.close()
         log.info("image_converted", source=str(self.source.ref), target=str(self.target.ref),
                  digest=final[0], manifests=len(results), source_size=self.metrics.source_image_size,
                  target_size=self.metrics.target_image_size)
@@ -277,7 +279,7 @@ class Converter:
         if out.blob_id and self.opts.blob_store is None:
             self._submit(self._push_blob_file, out.blob_id, builder.blob_path(out.blob_id), out.blob_size)
         elif out.blob_id and self.opts.blob_store is not None:
-            self._submit(self.opts.blob_store.put, out.blob_id, builder.blob_path(out.blob_id))
+            self._submit(self._store_blob, out.blob_id, builder.blob_path(out.blob_id), out.blob_size)
         return out
 
     def _blob_layers(self, outputs: list[LayerOutput], referenced: list[str],
@@ -322,6 +324,17 @@ class Converter:
         self.metrics.add(target_push_ns=time.monotonic_ns() - t, bytes_pushed=size if pushed else 0)
         task.update(size if pushed else 0)
         task.finish(skipped=not pushed)
+
+    def _store_blob(self, blob_id: str, path: Path, size: int) -> None:
+        store = self.opts.blob_store
+        assert store is not None
+        task = self.progress.task("push", blob_id[:12], size)
+        t = time.monotonic_ns()
+        with_retry(f"{store.type} blob {blob_id}", lambda: store.put(blob_id, path),
+                   count=self.opts.push_retry_count, delay=self.opts.push_retry_delay)
+        self.metrics.add(target_push_ns=time.monotonic_ns() - t, bytes_pushed=size)
+        task.update(size)
+        task.finish(backend=store.type)
 
     def _push_bytes(self, digest: str, data: bytes) -> None:
         t = time.monotonic_ns()

@@ -59,7 +59,7 @@ class Progress:
         from tqdm import tqdm  # imported lazily: only interactive runs draw bars
 
         with self._lock:
-            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False, file=sys.stderr)
+            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=True, file=sys.stderr)
 
     def task(self, phase: str, layer: str, total: int | None = None) -> Task:
         return Task(self, phase, layer, total)
