@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from typing import Any
 
-from nydusd.errors import CorruptMetadata, NotFound
+from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound
 from nydusd.log import get_logger
 from nydusd.rafs import layout as L
 from nydusd.rafs.rafs_super import RafsSuper
@@ -43,8 +44,9 @@ def open_buffer(buf: Any, source: str = "<bytes>") -> RafsSuper:
 
 
 def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview) -> RafsSuper:
-    """Open a bootstrap file (mapped) or buffer. Raises NotFound for a missing file and
-    CorruptMetadata for anything that is not a valid RAFS v5/v6 bootstrap."""
+    """Open a bootstrap file (mapped) or buffer. Raises NotFound for a missing file,
+    InvalidArgument for one that cannot be opened or is not a regular file, and CorruptMetadata
+    for anything that is not a valid RAFS v5/v6 bootstrap."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return open_buffer(bytes(src))
     path = os.fspath(src)
@@ -52,11 +54,15 @@ def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview)
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NotFound("bootstrap not found", path=path) from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot open bootstrap: {e.strerror}", path=path) from None
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument("bootstrap is not a regular file", path=path)
+        if st.st_size == 0:
             raise CorruptMetadata("empty bootstrap", offset=0, field="file_size", path=path)
-        buf = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        buf = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
     try:
@@ -72,7 +78,7 @@ def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview)
 def load_from_blob(path: str | os.PathLike[str]) -> RafsSuper:
     """Open the bootstrap inlined in data blob ``path`` (§4.6). Blob entries with INLINED_FS_META,
     or without CAP_TAR_TOC, get the blob file's own name (extensions stripped) as id.
-    Raises NotFound / CorruptMetadata."""
+    Raises NotFound / InvalidArgument / CorruptMetadata."""
     from dataclasses import replace
 
     from nydusd.rafs.blobmeta import extract_inlined_bootstrap
@@ -82,9 +88,13 @@ def load_from_blob(path: str | os.PathLike[str]) -> RafsSuper:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NotFound("blob not found", path=path) from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot open blob: {e.strerror}", path=path) from None
     try:
         size = os.fstat(fd).st_size
         data = extract_inlined_bootstrap(lambda off, n: os.pread(fd, n, off), size)
+    except OSError as e:
+        raise InvalidArgument(f"cannot read blob: {e.strerror}", path=path) from None
     finally:
         os.close(fd)
     sb = open_buffer(data, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.compress import Compressor
-from nydusd.errors import CorruptMetadata, IntegrityError, NotFound
+from nydusd.errors import CorruptMetadata, IntegrityError, InvalidArgument, NotFound
 from nydusd.rafs import layout as L
 from nydusd.rafs import load_bootstrap
 from nydusd.rafs.stats import check_image
@@ -84,6 +84,8 @@ def test_check_cross_checks_blob_meta_and_digests() -> None:
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         load_bootstrap(tmp_path / "missing")
+    with pytest.raises(InvalidArgument):
+        load_bootstrap(tmp_path)  # a directory
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(CorruptMetadata):
         load_bootstrap(tmp_path / "empty")
