@@ -93,3 +93,18 @@ def test_load_errors(tmp_path: Path) -> None:
         with pytest.raises(CorruptMetadata) as e:
             load_bootstrap(junk)
         assert e.value.field == "magic"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_superblock_flags_follow_the_model(version: int) -> None:
+    spec = Spec("dir", perm=0o755, children={b"f": Spec("file", data=b"x", uid=5, gid=6)})
+    image = build_image(spec, version=version, compressor=Compressor.LZ4_BLOCK)
+    with load_bootstrap(image.bootstrap) as sb:
+        assert sb.explicit_uid_gid and not sb.has_xattr
+        assert sb.compressor is Compressor.LZ4_BLOCK and (sb.resolve("/f").uid, sb.resolve("/f").gid) == (5, 6)
+    image.model.explicit_uid_gid = False  # --repeatable: owners are not recorded
+    image.model.root.children[0].xattrs = {b"user.k": b"v"}
+    with load_bootstrap(bootstrap_bytes(image.model, version=version)) as sb:
+        assert not sb.explicit_uid_gid and sb.has_xattr
+        assert (sb.resolve("/f").uid, sb.resolve("/f").gid) == (0, 0)
+        assert sb.xattrs(sb.resolve("/f").ino) == {b"user.k": b"v"}
