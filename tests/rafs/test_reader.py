@@ -101,7 +101,8 @@ def test_superblock_flags_follow_the_model(version: int) -> None:
     image = build_image(spec, version=version, compressor=Compressor.LZ4_BLOCK)
     with load_bootstrap(image.bootstrap) as sb:
         assert sb.explicit_uid_gid and not sb.has_xattr
-        assert sb.compressor is Compressor.LZ4_BLOCK and (sb.resolve("/f").uid, sb.resolve("/f").gid) == (5, 6)
+        f = sb.resolve("/f")
+        assert sb.compressor is Compressor.LZ4_BLOCK and (f.uid, f.gid) == (5, 6)
     image.model.explicit_uid_gid = False  # --repeatable: owners are not recorded
     image.model.root.children[0].xattrs = {b"user.k": b"v"}
     with load_bootstrap(bootstrap_bytes(image.model, version=version)) as sb:
