@@ -25,6 +25,8 @@ from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 Reader = Callable[[int, int], bytes]  # (offset, size) -> bytes of one blob
+MAX_TOC_SIZE = 1 << 20  # upstream's limit
+MAX_INLINED_BOOTSTRAP = 1 << 29  # refuse to inflate more than 512 MiB of metadata
 _MASK20 = (1 << 20) - 1
 
 
@@ -242,6 +244,8 @@ def read_toc(read: Reader, blob_size: int) -> list[TocEntry]:
     seg = tar_segments(read, blob_size).get(L.TOC_NAME.decode())
     if seg is None:
         return []
+    if seg[1] > MAX_TOC_SIZE:
+        raise corrupt("ToC larger than 1 MiB", seg[0], "rafs.blob.toc", value=seg[1])
     return parse_toc(read(*seg), seg[0])
 
 
@@ -252,7 +256,7 @@ def extract_inlined_bootstrap(read: Reader, blob_size: int) -> bytes:
     entry = toc.get("image.boot")
     if entry is not None:
         if entry.compressed_offset + entry.compressed_size > blob_size or \
-                entry.uncompressed_size > 1 << 32:
+                entry.uncompressed_size > MAX_INLINED_BOOTSTRAP:
             raise corrupt("image.boot ToC entry outside the blob", entry.compressed_offset, "image.boot")
         data = read(entry.compressed_offset, entry.compressed_size)
         if entry.compressor is not Compressor.NONE:
@@ -267,6 +271,8 @@ def extract_inlined_bootstrap(read: Reader, blob_size: int) -> bytes:
     seg = tar_segments(read, blob_size).get("image.boot")
     if seg is None:
         raise CorruptMetadata("blob has no inlined bootstrap (image.boot)", field="image.boot")
+    if seg[1] > MAX_INLINED_BOOTSTRAP:
+        raise corrupt("inlined bootstrap too large", seg[0], "image.boot", value=seg[1])
     return read(*seg)  # without a ToC the bootstrap is stored raw (§4.4)
 
 
