@@ -12,6 +12,7 @@ are read afterwards by the push pool (read-only).
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,23 @@ class LayerBuilder:
             prefetch_patterns=self.opts.prefetch_patterns,
             parent_bootstrap=str(self._parent) if self._parent else None,
             chunk_dict=str(self.chunk_dict) if self.chunk_dict else None,
-            bootstrap_path=str(self.dir / f"layer-{index}.boot"), blob_dir=str(self.dir))
+            bootstrap_path=str(self.dir / f"layer-{index}.boot" if index >= 0 else self.dir / "base.boot"),
+            blob_dir=str(self.dir))
+
+    def _empty_base(self) -> Path:
+        """An empty image to stack the bottom layer on: a builder keeps whiteouts of a layer that
+        has no parent as ordinary files (upstream's merge quirk), while an OCI runtime drops them."""
+        opts = self._options(-1).model_copy(update={"prefetch_patterns": ()})
+        out = build(io.BytesIO(b"\0" * 1024), opts)
+        if out.bootstrap_path is None or out.blob_id is not None:
+            raise BuildError("empty base layer did not build as expected")
+        return Path(out.bootstrap_path)
 
     def build_layer(self, index: int, stream: Any, *, label: str = "") -> LayerOutput:
         """Build one layer from its uncompressed tar ``stream``. Raises BuildError for entries the
         builder refuses (path traversal, bad links ...), IntegrityError for a corrupt stream."""
+        if self._parent is None:
+            self._parent = self._empty_base()
         opts = self._options(index)
         out = build(stream, opts)
         if out.bootstrap_path is None:

@@ -24,7 +24,7 @@ from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
 from tests.converter.images import skopeo_push
 from tests.converter.registry import Registry
-from tests.converter.test_bad_input import layer_tar
+from tests.converter.test_bad_input import layer_tar, push_image
 from tests.converter.test_convert import check, convert, get_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,3 +214,12 @@ def test_cli_target_suffix_localfs_and_bad_flags(registry: Registry, source_imag
     proc = subprocess.run([*cmd[:8], "--target", "UPPER/case:x"], capture_output=True, text=True, cwd=ROOT,
                           timeout=60, check=False)
     assert proc.returncode == 1 and "invalid image reference" in proc.stderr
+
+
+def test_bottom_layer_whiteouts_are_dropped(registry: Registry, tmp_path: Path) -> None:
+    """A runtime ignores whiteouts in the first layer; so does the nydus image (the builder alone
+    would keep them as files, upstream's merge quirk)."""
+    push_image(registry, "src/wh", "v1", [layer_tar([("a", b"1", ""), (".wh.ghost", b"", ""), ("d/", b"", ""),
+                                                     ("d/.wh..wh..opq", b"", ""), ("d/x", b"x", "")])])
+    convert(f"{registry.host}/src/wh:v1", f"{registry.host}/dst/wh:v1", tmp_path / "w")
+    assert check(f"{registry.host}/dst/wh:v1", f"{registry.host}/src/wh:v1", tmp_path / "c") == []
