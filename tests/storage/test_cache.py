@@ -191,7 +191,9 @@ def test_restart_on_same_work_dir_reads_nothing_from_the_backend(tmp_path: Path,
     for chunks, content in zip(blob.files, blob.contents, strict=True):
         assert first.read(chunks, 0, len(content)) == content
     snap = first.metrics()
+    assert any(t.name == "nydus-cache-flush" for t in threading.enumerate())
     first.close()
+    assert not any(t.name == "nydus-cache-flush" for t in threading.enumerate())  # joined at close
     assert backend.bytes_read == len(blob.data)
     assert snap["data_all_ready"] is True and snap["entries_count"] == blob.info.chunk_count
 
