@@ -1,17 +1,26 @@
 """A real docker-registry (CNCF distribution 2.8) on 127.0.0.1, state in a tmp dir, stopped by PID.
 
 Used by the converter tests and the convert benchmark until/unless ``tests/servers`` provides an
-equivalent fixture. Auth: ``none`` or ``htpasswd`` (bcrypt file made with ``htpasswd -Bbn``).
+equivalent fixture. Auth: ``none`` or ``htpasswd`` (bcrypt file made with ``htpasswd -Bbn``);
+``tls=True`` serves https with a fresh self-signed certificate.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def free_port() -> int:
@@ -22,13 +31,18 @@ def free_port() -> int:
 
 class Registry:
     def __init__(self, root: Path, *, auth: str = "none", user: str = "user",
-                 password: str = "pass") -> None:
+                 password: str = "pass", tls: bool = False) -> None:
         self.root = root
         self.auth = auth
+        self.tls = tls
         self.user, self.password = user, password
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def creds(self) -> str | None:
@@ -39,6 +53,12 @@ class Registry:
                  "storage:", "  filesystem:", f"    rootdirectory: {self.root / 'data'}",
                  "  delete:", "    enabled: true",
                  "http:", f"  addr: {self.host}", "  secret: nydus-test"]
+        if self.tls:
+            cert, key = self.root / "cert.pem", self.root / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(key), "-out", str(cert)], capture_output=True, check=True)
+            lines += ["  tls:", f"    certificate: {cert}", f"    key: {key}"]
         if self.auth == "htpasswd":
             htpasswd = self.root / "htpasswd"
             out = subprocess.run(["htpasswd", "-Bbn", self.user, self.password], capture_output=True,
@@ -60,7 +80,8 @@ class Registry:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
+                urllib.request.urlopen(f"{self.scheme}://{self.host}/v2/", timeout=1,
+                                       context=_unverified()).close()
                 return self
             except urllib.error.HTTPError as e:
                 e.close()

@@ -172,3 +172,34 @@ def test_htpasswd_registry_with_docker_config(auth_registry: Registry, source_im
         convert(src, f"{auth_registry.host}/dst/texture:bad", tmp_path / "w2", env=bad)
     with pytest.raises(AuthError, match="requires credentials"):
         convert(src, f"{auth_registry.host}/dst/texture:anon", tmp_path / "w3", env={})
+
+
+def test_tls_registry_needs_insecure(source_image: Image, tmp_path: Path) -> None:
+    """A registry with a self-signed certificate: refused with a TLS error unless insecure."""
+    from nydusd.converter.convert import Converter, ConvertOptions
+    from nydusd.converter.remote import open_remote
+    from nydusd.errors import BackendError
+    from tests.converter.images import skopeo_push
+
+    with Registry(tmp_path / "tls-registry", tls=True) as reg:
+        src = f"{reg.host}/src/texture:v1"
+        skopeo_push(source_image.tmp, source_image.layout, "v1", src)
+        with pytest.raises(BackendError, match="tls|certificate|SSL"):
+            open_remote(src)
+        source = open_remote(src, insecure=True)
+        target = open_remote(f"{reg.host}/dst/texture:v1", insecure=True)
+        try:
+            assert source.client.scheme == "https"
+            Converter(source, target, ConvertOptions(work_dir=tmp_path / "w")).convert()
+        finally:
+            source.close()
+            target.close()
+        target = open_remote(f"{reg.host}/dst/texture:v1", insecure=True)
+        source = open_remote(src, insecure=True)
+        try:
+            from nydusd.converter.check import Checker, CheckOptions
+
+            assert Checker(target, source, CheckOptions(work_dir=tmp_path / "c")).check().problems == []
+        finally:
+            source.close()
+            target.close()
