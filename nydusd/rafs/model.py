@@ -43,6 +43,8 @@ Rules a builder follows when filling the model:
 * ``xattrs``: name -> value bytes (names with prefix user./security./trusted. or exactly
   system.posix_acl_access / system.posix_acl_default).
 * ``Bootstrap.prefetch``: absolute paths (bytes, e.g. ``b"/usr/bin"``) to list in the prefetch table.
+* v6 blobs must carry the ALIGNED feature bit (``BlobTrailer.apply`` sets it) and at most 254 blobs
+  and 2^24 chunks per blob are addressable; the writer raises BuildError otherwise.
 
 Must not import: anything above ``nydusd.storage.device`` and the leaf modules.
 Threading: plain mutable containers built by one thread; hand them over, don't share while mutating.
