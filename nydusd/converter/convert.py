@@ -46,6 +46,15 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc
          "s390x": "s390x", "riscv64": "riscv64"}
 
 
+def platform_of(config: dict[str, Any]) -> m.Platform | None:
+    """The platform an image config declares (None when it lacks os/architecture)."""
+    os_name, arch = config.get("os"), config.get("architecture")
+    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+        return None
+    variant = config.get("variant")
+    return m.Platform(os=os_name, architecture=arch, variant=variant if isinstance(variant, str) else None)
+
+
 def host_platform_spec() -> str:
     machine = host_platform.machine()
     return f"linux/{_ARCH.get(machine, machine)}"
@@ -217,7 +226,7 @@ class Converter:
             blob_layers = self._blob_layers(outputs, merged.blob_ids, chunk_dict)
         self.metrics.add(target_image_size=own_blobs + len(boot_tar))
         config_desc = self._push_config(config, blob_layers, boot_diff, docker=docker)
-        return self._manifest_result(desc, manifest, config_desc, blob_layers, boot_desc)
+        return self._manifest_result(desc, manifest, config, config_desc, blob_layers, boot_desc)
 
     def _manifest_dir(self, desc: m.Descriptor) -> Path:
         mdir = self.opts.work_dir / desc.digest.replace(":", "-")
@@ -235,8 +244,9 @@ class Converter:
         self._push_bytes(config_desc.digest, config_bytes)
         return config_desc
 
-    def _manifest_result(self, desc: m.Descriptor, manifest: m.Manifest, config_desc: m.Descriptor,
-                         blob_layers: list[m.Descriptor], boot_desc: m.Descriptor) -> ManifestResult:
+    def _manifest_result(self, desc: m.Descriptor, manifest: m.Manifest, config: dict[str, Any],
+                         config_desc: m.Descriptor, blob_layers: list[m.Descriptor],
+                         boot_desc: m.Descriptor) -> ManifestResult:
         subject = None
         if self.opts.with_referrer:
             subject = m.Descriptor(mediaType=desc.mediaType, digest=desc.digest, size=desc.size)
@@ -246,7 +256,8 @@ class Converter:
                                  builder_version=self.opts.builder_version, oci=self.opts.oci,
                                  subject=subject)
         data = m.encode(nydus)
-        ndesc = m.descriptor_for(nydus.mediaType or m.OCI_MANIFEST, data, platform=desc.platform)
+        ndesc = m.descriptor_for(nydus.mediaType or m.OCI_MANIFEST, data,
+                                 platform=desc.platform or platform_of(config))
         return ManifestResult(desc, nydus, data, ndesc, [b.digest for b in blob_layers])
 
     def _pull_config(self, desc: m.Descriptor) -> dict[str, Any]:
@@ -351,24 +362,29 @@ class Converter:
     def _push_top(self, doc: m.Manifest | m.Index, source_desc: m.Descriptor,
                   results: list[ManifestResult]) -> tuple[str, str]:
         tag = self.target.ref.reference
-        if isinstance(doc, m.Manifest) or (len(results) == 1 and not self.opts.merge_platform):
+        if not self.opts.merge_platform and (isinstance(doc, m.Manifest) or len(results) == 1):
             r = results[0]
             self._put_manifest(tag, r.data, r.descriptor.mediaType)
             return r.descriptor.digest, r.descriptor.mediaType
         entries: list[m.Descriptor] = []
         if self.opts.merge_platform:
-            entries += [d for d in doc.manifests if not m.is_nydus_descriptor(d)]
+            if isinstance(doc, m.Manifest):
+                # a single-platform source: the index pairs it with its nydus manifest
+                entries.append(source_desc.model_copy(update={"platform": results[0].descriptor.platform}))
+            else:
+                entries += [d for d in doc.manifests if not m.is_nydus_descriptor(d)]
             for d in entries:
                 self._copy_manifest(d)
         for r in results:
             self._put_manifest(r.descriptor.digest, r.data, r.descriptor.mediaType)
             entries.append(r.descriptor.model_copy(update={"artifactType": m.NYDUS_ARTIFACT})
                            if self.opts.merge_platform else r.descriptor)
-        media_type = doc.mediaType or m.OCI_INDEX
-        if self.opts.oci or any(e.artifactType for e in entries):
-            media_type = m.OCI_INDEX
+        media_type = m.OCI_INDEX
+        if isinstance(doc, m.Index) and doc.mediaType and not self.opts.oci \
+                and not any(e.artifactType for e in entries):
+            media_type = doc.mediaType
         index = m.Index(schemaVersion=2, mediaType=media_type, manifests=entries,
-                        annotations=doc.annotations)
+                        annotations=doc.annotations if isinstance(doc, m.Index) else None)
         data = m.encode(index)
         self._put_manifest(tag, data, media_type)
         return m.digest_of(data), media_type

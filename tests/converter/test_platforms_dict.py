@@ -136,3 +136,16 @@ def test_local_chunk_dict_and_cross_registry_merge(registry: Registry, multi: tu
                 assert client.blob_exists(layer.digest)
     finally:
         client.close()
+
+
+def test_merge_platform_of_a_single_manifest(registry: Registry, tmp_path: Path) -> None:
+    src_mf = push_image(registry, "src/single", "v1", [layer_tar([("f", b"data", "")])], arch="arm64")
+    dst = f"{registry.host}/dst/single:merged"
+    res = convert(f"{registry.host}/src/single:v1", dst, tmp_path / "w", merge_platform=True)
+    raw, ctype = get_manifest(registry, "dst/single", "merged")
+    idx = m.parse_document(raw)
+    assert ctype == m.OCI_INDEX and isinstance(idx, m.Index) and res.digest == m.digest_of(raw)
+    assert [d.digest for d in idx.manifests][0] == m.digest_of(m.encode(src_mf))
+    assert [(d.platform.spec() if d.platform else None, d.artifactType) for d in idx.manifests] == [
+        ("linux/arm64", None), ("linux/arm64", m.NYDUS_ARTIFACT)]
+    assert check(dst, f"{registry.host}/src/single:v1", tmp_path / "c") == []
