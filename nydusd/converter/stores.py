@@ -162,12 +162,15 @@ class S3Store(_HttpObjectStore):
     type = "s3"
 
     def __init__(self, config: dict[str, Any], *, force: bool = False) -> None:
-        if not config.get("region"):
-            raise ConfigError("s3 backend config needs 'region'", field="backend-config.region")
+        if not config.get("region") and not config.get("endpoint"):
+            raise ConfigError("s3 backend config needs 'endpoint' or 'region'", field="backend-config.region")
         cfg = dict(config)
-        cfg.setdefault("endpoint", f"s3.{config['region']}.amazonaws.com")
+        # AWS proper is found by region; S3-compatible servers (minio, ceph) accept any region name.
+        cfg.setdefault("region", "us-east-1")
+        if not cfg.get("endpoint"):
+            cfg["endpoint"] = f"s3.{cfg['region']}.amazonaws.com"
         super().__init__(cfg, force=force)
-        self.region = str(config["region"])
+        self.region = str(cfg["region"])
 
     def _headers(self, method: str, blob_id: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
         if not self.access_key_id:
