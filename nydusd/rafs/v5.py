@@ -12,6 +12,7 @@ from __future__ import annotations
 import stat
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
@@ -219,7 +220,7 @@ class RafsV5Super(RafsSuper):
             mid = (lo + hi) // 2
             rec = self._by_index(mid)
             if rec.name == name:
-                return rec
+                return self._link_target(rec)
             if rec.name < name:
                 lo = mid + 1
             else:
@@ -234,8 +235,19 @@ class RafsV5Super(RafsSuper):
         if offset <= 1:
             yield b"..", inode.parent or self.root_ino, 2
         for k in range(max(offset - 2, 0), inode.child_count):
-            rec = self._by_index(inode.child_index + k)
+            rec = self._link_target(self._by_index(inode.child_index + k))
             yield rec.name, rec.ino, k + 3
+
+    def _link_target(self, rec: Inode) -> Inode:
+        """``rec`` itself, or for a later name of a hardlink group the group's first record
+        (must be a regular file too, else the numbering is corrupt)."""
+        if rec.ino == rec.index:
+            return rec
+        first = self.get_inode(rec.ino)
+        if not (rec.is_reg and first.is_reg):
+            raise corrupt("hard link to a non-regular inode", rec.meta_offset + 40, "i_ino",
+                          value=rec.ino, index=rec.index)
+        return replace(first, name=rec.name, parent=rec.parent)
 
     def readlink(self, ino: int) -> bytes:
         inode = self.get_inode(ino)
