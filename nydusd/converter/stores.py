@@ -2,12 +2,13 @@
 
 Owns: ``BlobStore`` (put / exists / get / the backend config nydusd needs to read the blobs back),
 ``LocalFsStore`` (a directory: temp file + rename), ``S3Store`` (path-style PUT/HEAD/GET signed with
-botocore's SigV4) and ``OssStore`` (PUT/HEAD/GET signed with the OSS v1 HMAC-SHA1 scheme, written
-here because oss2 has its one home in the read-only storage backend), and ``create_store`` (the
+AWS SigV4) and ``OssStore`` (PUT/HEAD/GET signed with the OSS v1 HMAC-SHA1 scheme) -- both signers are
+written here because botocore and oss2 have their one home in the read-only storage backends --,
+and ``create_store`` (the
 ``--backend-type`` / ``--backend-config`` JSON, upstream's key names). Objects are named
 ``<object_prefix><blob id>``, as nydusd's s3/oss backends read them.
 
-Must not import requests or oss2 (HTTP goes through ``nydusd.oci.client.HttpClient``).
+Must not import requests, botocore or oss2 (HTTP goes through ``nydusd.oci.client.HttpClient``).
 Threading: stores are used by the converter's push pool; each request is independent and the
 HTTP client pools connections thread-safely.
 """
@@ -15,6 +16,7 @@ HTTP client pools connections thread-safely.
 from __future__ import annotations
 
 import base64
+import datetime
 import email.utils
 import hashlib
 import hmac
@@ -23,11 +25,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
+from urllib.parse import quote, urlsplit
 
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
 from nydusd.oci.client import HttpClient
@@ -175,9 +173,37 @@ class S3Store(_HttpObjectStore):
     def _headers(self, method: str, blob_id: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
         if not self.access_key_id:
             return headers
-        req = AWSRequest(method=method, url=self.url(blob_id), headers=headers, data=body or None)
-        S3SigV4Auth(Credentials(self.access_key_id, self.secret), "s3", self.region).add_auth(req)
-        return dict(req.headers.items())
+        return sigv4_headers(method, self.url(blob_id), headers, body, access_key_id=self.access_key_id,
+                             secret=self.secret, region=self.region)
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def sigv4_headers(method: str, url: str, headers: dict[str, str], body: bytes, *, access_key_id: str,
+                  secret: str, region: str, service: str = "s3",
+                  now: datetime.datetime | None = None) -> dict[str, str]:
+    """``headers`` plus AWS Signature V4 (``Authorization``, ``x-amz-date``, ``x-amz-content-sha256``,
+    ``Host``) for a request without query string. (botocore has its one home in the read-only s3
+    backend, so the converter signs its uploads itself.)"""
+    now = now or datetime.datetime.now(datetime.UTC)
+    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    parts = urlsplit(url)
+    out = dict(headers)
+    out.update({"Host": parts.netloc, "x-amz-date": amz_date,
+                "x-amz-content-sha256": hashlib.sha256(body).hexdigest()})
+    signed = sorted((k.lower(), " ".join(v.split())) for k, v in out.items()
+                    if k.lower() in ("host", "x-amz-date", "x-amz-content-sha256", "content-type"))
+    canonical = "\n".join([method, parts.path or "/", "", "".join(f"{k}:{v}\n" for k, v in signed),
+                           ";".join(k for k, _ in signed), out["x-amz-content-sha256"]])
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + secret).encode(), day), region), service), "aws4_request")
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, "
+                            f"SignedHeaders={';'.join(k for k, _ in signed)}, Signature={signature}")
+    return out
 
 
 class OssStore(_HttpObjectStore):
