@@ -149,3 +149,25 @@ def test_merge_platform_of_a_single_manifest(registry: Registry, tmp_path: Path)
     assert [(d.platform.spec() if d.platform else None, d.artifactType) for d in idx.manifests] == [
         ("linux/arm64", None), ("linux/arm64", m.NYDUS_ARTIFACT)]
     assert check(dst, f"{registry.host}/src/single:v1", tmp_path / "c") == []
+
+
+def test_registry_chunk_dict_from_another_registry(registry: Registry, registry_server,  # type: ignore[no-untyped-def]
+                                                   tmp_path: Path) -> None:
+    rng = random.Random(9)
+    shared = rng.randbytes(3 << 20)
+    push_image(registry, "src/xd-a", "v1", [layer_tar([("s", shared, "")])])
+    push_image(registry, "src/xd-b", "v1", [layer_tar([("t", shared, ""), ("v", b"v", "")])])
+    dict_ref = f"{registry.host}/xd/dict:nydus"
+    d = convert(f"{registry.host}/src/xd-a:v1", dict_ref, tmp_path / "a")
+    dst = f"{registry_server.host}/nydusify-xd/b:nydus"
+    res = convert(f"{registry.host}/src/xd-b:v1", dst, tmp_path / "b",
+                  chunk_dict=f"bootstrap:registry:{dict_ref}")
+    dict_blob = d.manifests[0].manifest.layers[0]
+    layers = res.manifests[0].manifest.layers
+    assert layers[1].digest == dict_blob.digest and layers[1].size == dict_blob.size
+    client = RegistryClient(registry_server.host, "nydusify-xd/b", scheme="http")
+    try:
+        assert client.head_blob(dict_blob.digest) == dict_blob.size  # copied over
+    finally:
+        client.close()
+    assert check(dst, f"{registry.host}/src/xd-b:v1", tmp_path / "c") == []
