@@ -33,7 +33,7 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
 from nydusd.converter.rootfs import Entry, compare, dir_rootfs, nydus_rootfs, oci_rootfs
 from nydusd.converter.stores import BlobStore, create_store
-from nydusd.errors import NotFound, NydusError, Unsupported
+from nydusd.errors import NotFound, NydusError
 from nydusd.log import get_logger
 from nydusd.rafs import load_bootstrap
 
@@ -138,13 +138,7 @@ class Checker:
     def _config(self, remote: Remote, desc: m.Descriptor, dump: str) -> dict[str, Any]:
         raw = remote.get_blob_bytes(desc.digest, expected_size=desc.size)
         self._dump(dump, raw)
-        try:
-            config = json.loads(raw)
-        except ValueError:
-            raise Unsupported("image config is not JSON", digest=desc.digest) from None
-        if not isinstance(config, dict):
-            raise Unsupported("image config is not a JSON object", digest=desc.digest)
-        return config
+        return m.parse_config(raw, desc.digest)[1]
 
     # ---- one platform -------------------------------------------------------------------------
     def _check_one(self, p: str, desc: m.Descriptor, manifest: m.Manifest, platform: str) -> None:

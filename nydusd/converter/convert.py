@@ -14,7 +14,6 @@ small private thread pool (``push_workers``) that is joined before the manifest 
 
 from __future__ import annotations
 
-import json
 import os
 import platform as host_platform
 import shutil
@@ -48,11 +47,10 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc
 
 def platform_of(config: dict[str, Any]) -> m.Platform | None:
     """The platform an image config declares (None when it lacks os/architecture)."""
-    os_name, arch = config.get("os"), config.get("architecture")
-    if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+    try:
+        return m.ImageConfig.model_validate(config).platform()
+    except ValueError:
         return None
-    variant = config.get("variant")
-    return m.Platform(os=os_name, architecture=arch, variant=variant if isinstance(variant, str) else None)
 
 
 def host_platform_spec() -> str:
@@ -264,13 +262,7 @@ class Converter:
         t = time.monotonic_ns()
         raw = self.source.get_blob_bytes(desc.digest, expected_size=desc.size)
         self.metrics.add(source_pull_ns=time.monotonic_ns() - t, bytes_pulled=len(raw))
-        try:
-            config = json.loads(raw)
-        except ValueError:
-            raise Unsupported("image config is not JSON", digest=desc.digest) from None
-        if not isinstance(config, dict):
-            raise Unsupported("image config is not a JSON object", digest=desc.digest)
-        return config
+        return m.parse_config(raw, desc.digest)[1]
 
     def _convert_layer(self, builder: LayerBuilder, index: int, layer: m.Descriptor,
                        diff_id: str) -> LayerOutput:

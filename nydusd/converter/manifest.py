@@ -119,6 +119,54 @@ class Index(_Doc):
     annotations: dict[str, str] | None = None
 
 
+class RootFS(_Doc):
+    type: str = "layers"
+    diff_ids: list[str] = Field(default_factory=list)
+
+
+class History(_Doc):
+    created: str | None = None
+    created_by: str | None = None
+    author: str | None = None
+    comment: str | None = None
+    empty_layer: bool | None = None
+
+
+class ImageConfig(_Doc):
+    """The image config (OCI / docker). Used to validate what a registry returned; the converter
+    re-encodes the original JSON object so that fields it does not model survive unchanged."""
+
+    created: str | None = None
+    author: str | None = None
+    architecture: str = ""
+    variant: str | None = None
+    os: str = ""
+    os_version: str | None = Field(default=None, alias="os.version")
+    os_features: list[str] | None = Field(default=None, alias="os.features")
+    config: dict[str, Any] | None = None
+    rootfs: RootFS
+    history: list[History] | None = None
+
+    def platform(self) -> Platform | None:
+        if not self.os or not self.architecture:
+            return None
+        return Platform(architecture=self.architecture, os=self.os, variant=self.variant)
+
+
+def parse_config(data: bytes, digest: str = "") -> tuple[ImageConfig, dict[str, Any]]:
+    """``(model, raw JSON object)`` of an image config. Raises Unsupported when it is not one."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise Unsupported("image config is not JSON", digest=digest) from None
+    if not isinstance(raw, dict):
+        raise Unsupported("image config is not a JSON object", digest=digest)
+    try:
+        return ImageConfig.model_validate(raw), raw
+    except ValueError as e:
+        raise Unsupported(f"malformed image config: {e}", digest=digest) from None
+
+
 def encode(doc: BaseModel | dict[str, Any]) -> bytes:
     """Canonical compact JSON of a document: Go's ``json.Marshal`` shape (struct field order, maps
     sorted by key, ``<``/``>``/``&`` escaped as ``\\u003c`` ...), so that equal inputs give equal

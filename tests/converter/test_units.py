@@ -205,3 +205,16 @@ def test_credentials_lookup(tmp_path: Path) -> None:
     (other / "config.json").write_text("{")
     with pytest.raises(ConfigError, match="cannot read docker config"):
         credentials.lookup("x", {"DOCKER_CONFIG": str(other)})
+
+
+def test_parse_config() -> None:
+    raw = json.dumps({"architecture": "arm64", "os": "linux", "variant": "v8", "unknown": {"kept": 1},
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]},
+                      "history": [{"created_by": "x", "empty_layer": True}]}).encode()
+    model, obj = m.parse_config(raw)
+    assert model.rootfs.diff_ids == ["sha256:" + "a" * 64] and obj["unknown"] == {"kept": 1}
+    assert model.platform() is not None and model.platform().spec() == "linux/arm64/v8"  # type: ignore[union-attr]
+    for bad in (b"{", b"[]", b'{"architecture": "amd64", "os": "linux"}',
+                b'{"rootfs": {"diff_ids": "nope"}}'):
+        with pytest.raises(Unsupported):
+            m.parse_config(bad)
