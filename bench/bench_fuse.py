@@ -136,40 +136,63 @@ def random_iops(path: Path, seconds: float, workers: int = 4) -> float:
 
 
 def passthrough_server(mountpoint: str, backing: str) -> int:
-    """The llfuse ceiling: a minimal read-only passthrough of one file (no metadata, no cache, no
-    checks), run as ``bench_fuse.py --passthrough MNT FILE`` in its own process."""
+    """The llfuse ceiling: a minimal read-only passthrough of a file or a directory tree (no cache,
+    no checks, same 1 h entry/attr timeouts as nydusd), run as ``bench_fuse.py --passthrough MNT
+    SRC`` in its own process. For a file SRC the mount shows it as ``/f``."""
     import errno
     import stat
 
     import llfuse
 
+    root = backing if os.path.isdir(backing) else os.path.dirname(backing)
+
     class Ops(llfuse.Operations):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
-            self.fd = os.open(backing, os.O_RDONLY)
-            self.size = os.fstat(self.fd).st_size
+            self.paths: dict[int, str] = {1: root}
+            self.fds: dict[int, int] = {}
 
-        def _attr(self, ino: int) -> llfuse.EntryAttributes:
+        def _attr(self, path: str) -> llfuse.EntryAttributes:
+            st = os.lstat(path)
             e = llfuse.EntryAttributes()
+            ino = 1 if path == root else st.st_ino
+            self.paths[ino] = path
             e.st_ino, e.entry_timeout, e.attr_timeout = ino, 3600, 3600
-            e.st_mode = stat.S_IFDIR | 0o755 if ino == 1 else stat.S_IFREG | 0o644
-            e.st_size = 0 if ino == 1 else self.size
+            e.st_mode, e.st_size, e.st_nlink = st.st_mode, st.st_size, st.st_nlink
+            e.st_mtime_ns = st.st_mtime_ns
             return e
 
         def getattr(self, ino: int, ctx: object = None) -> llfuse.EntryAttributes:
-            return self._attr(ino)
+            return self._attr(self.paths[ino])
 
         def lookup(self, parent: int, name: bytes, ctx: object = None) -> llfuse.EntryAttributes:
-            if name != b"f":
-                raise llfuse.FUSEError(errno.ENOENT)
-            return self._attr(2)
+            if root != backing and parent == 1:
+                if name != b"f":
+                    raise llfuse.FUSEError(errno.ENOENT)
+                return self._attr(backing)
+            try:
+                return self._attr(os.path.join(self.paths[parent], os.fsdecode(name)))
+            except FileNotFoundError:
+                raise llfuse.FUSEError(errno.ENOENT) from None
+
+        def opendir(self, ino: int, ctx: object) -> int:
+            return ino
+
+        def readdir(self, fh: int, off: int):  # type: ignore[no-untyped-def]
+            entries = sorted(os.scandir(self.paths[fh]), key=lambda e: e.name)
+            for i, entry in enumerate(entries[off:], start=off + 1):
+                e = llfuse.EntryAttributes()
+                e.st_ino, e.st_mode = entry.inode(), stat.S_IFDIR if entry.is_dir() else stat.S_IFREG
+                yield os.fsencode(entry.name), e, i
 
         def open(self, ino: int, flags: int, ctx: object) -> int:
-            return 1
+            self.fds[ino] = self.fds.get(ino) or os.open(self.paths[ino], os.O_RDONLY)
+            return ino
 
         def read(self, fh: int, off: int, size: int) -> bytes:
+            fd = self.fds[fh]
             with llfuse.lock_released:
-                return os.pread(self.fd, size, off)
+                return os.pread(fd, size, off)
 
     llfuse.init(Ops(), mountpoint, {"fsname=passthrough", "ro", "allow_other", *llfuse.default_options})
     try:
@@ -179,26 +202,50 @@ def passthrough_server(mountpoint: str, backing: str) -> int:
     return 0
 
 
-def measure_passthrough(work: Path, backing: Path, reps: int) -> float:
-    """Median seconds to read ``backing`` through the minimal llfuse passthrough (page cache dropped)."""
-    mnt = work / "pt_mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(mnt), str(backing)])
-    try:
+class Passthrough:
+    """A running passthrough server (see ``passthrough_server``)."""
+
+    def __init__(self, work: Path, name: str, backing: Path) -> None:
+        self.mnt = work / name
+        self.mnt.mkdir()
+        self.proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(self.mnt),
+                                      str(backing)])
         deadline = time.monotonic() + 15
-        while not os.path.ismount(mnt):
-            if time.monotonic() > deadline or proc.poll() is not None:
+        while not os.path.ismount(self.mnt):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
                 raise RuntimeError("passthrough server did not mount")
             time.sleep(0.05)
 
+    def close(self) -> None:
+        subprocess.run(["fusermount", "-u", "-z", str(self.mnt)], check=False)
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def measure_passthrough(work: Path, backing: Path, reps: int) -> float:
+    """Median seconds to read ``backing`` through the minimal llfuse passthrough (page cache dropped)."""
+    server = Passthrough(work, "pt_file", backing)
+    try:
         def one() -> None:
-            drop_file_cache(mnt / "f")
-            read_all(mnt / "f")
+            drop_file_cache(server.mnt / "f")
+            read_all(server.mnt / "f")
         return median_time(one, reps)
     finally:
-        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
-        proc.terminate()
-        proc.wait(10)
+        server.close()
+
+
+def measure_passthrough_find(work: Path, tree: Path, reps: int) -> tuple[float, float]:
+    """``find`` first pass (a fresh server each time) and second pass through the passthrough."""
+    firsts, seconds = [], []
+    for i in range(reps):
+        server = Passthrough(work, f"pt_tree{i}", tree)
+        try:
+            firsts.append(find_sizes(server.mnt))
+            seconds.append(min(find_sizes(server.mnt) for _ in range(2)))
+        finally:
+            server.close()
+    return statistics.median(firsts), statistics.median(seconds)
 
 
 def rss_mb(pid: int) -> float:
@@ -213,6 +260,117 @@ def row(name: str, fuse: str, native: str, ratio: str, target: str) -> None:
     print(f"{name:<38} {fuse:>14} {native:>14} {ratio:>9}  {target}")
 
 
+class Bench:
+    """One benchmark run: the images, the daemon, and one method per measurement (results in ``r``)."""
+
+    def __init__(self, work: Path, size: int, reps: int, quick: bool) -> None:
+        self.work, self.size, self.reps, self.quick = work, size, reps, quick
+        self.r: dict[str, float] = {}
+        self.daemon: Nydusd | None = None
+
+    def build(self) -> None:
+        print(f"building images in {self.work} ...", flush=True)
+        self.big = make_big_tree(self.work / "big_src", self.size)
+        self.big_img = build_image(self.work / "big_src", self.work / "big_img", version=6)
+        self.tree_src = make_rootfs_like(self.work / "tree_src")
+        self.tree_img = build_image(self.tree_src, self.work / "tree_img", version=6)
+        self.entries = sum(1 for _ in self.tree_src.rglob("*"))
+
+    def start(self) -> None:
+        self.mnt = self.work / "mnt"
+        self.mnt.mkdir()
+        sock = str(self.work / "api.sock")
+        t0 = time.perf_counter()
+        self.daemon = Nydusd(["--mountpoint", str(self.mnt), "--apisock", sock, "--thread-num", "4",
+                              "--log-level", "warn"], self.mnt, log_path=self.work / "nydusd.log",
+                             apisock=sock).start()
+        self.r["startup"] = time.perf_counter() - t0
+        self.api = ApiClient(sock)
+
+    def mount(self, img: Image, mp: str) -> float:
+        t = time.perf_counter()
+        status, body = self.api.mount(mp, img.bootstrap, img.config_text(self.work / "cache",
+                                                                         digest_validate=False))
+        assert status == 204, body
+        return time.perf_counter() - t
+
+    def sequential(self) -> None:
+        self.mount(self.big_img, "/big")
+        self.fuse_big = fuse_big = self.mnt / "big" / "big.bin"
+        read_all(fuse_big)  # fills the blob cache (first fetch from the backend)
+        big = self.big
+        self.r["native_seq"] = median_time(lambda: read_all(big), self.reps)
+
+        def cold(path: Path) -> None:
+            drop_file_cache(path)
+            read_all(path)
+        self.r["native_cold_seq"] = median_time(lambda: cold(big), self.reps)
+        self.r["ceiling_seq"] = measure_passthrough(self.work, big, self.reps)
+        self.r["fuse_seq"] = median_time(lambda: cold(fuse_big), self.reps)
+
+    def iops(self) -> None:
+        drop_file_cache(self.fuse_big)
+        secs = 2.0 if self.quick else 4.0
+        self.r["fuse_iops"] = statistics.median(
+            [random_iops(self.fuse_big, secs) for _ in range(1 if self.quick else 3)])
+        self.r["native_iops"] = random_iops(self.big, secs)
+
+    def find(self) -> None:
+        tree = self.tree_src
+        self.r["native_find"] = median_time(lambda: find_sizes(tree), self.reps)
+
+        def native_cold_find() -> float:
+            # drop dentries and inodes (not data pages): what a first walk of a fresh tree costs
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")
+            return find_sizes(tree)
+        self.r["native_cold_find"] = statistics.median(native_cold_find() for _ in range(self.reps))
+        firsts, seconds, mounts = [], [], []
+        for i in range(self.reps):
+            mounts.append(self.mount(self.tree_img, f"/tree{i}"))
+            firsts.append(find_sizes(self.mnt / f"tree{i}"))
+            seconds.append(min(find_sizes(self.mnt / f"tree{i}") for _ in range(2)))
+        self.r.update(first=statistics.median(firsts), second=statistics.median(seconds),
+                      mount=statistics.median(mounts))
+        self.r["pt_first"], self.r["pt_second"] = measure_passthrough_find(self.work, tree, self.reps)
+        assert self.daemon is not None
+        self.r["rss"] = rss_mb(self.daemon.proc.pid)
+
+    def report(self) -> None:
+        r, size = self.r, self.size
+        mbs = size / r["fuse_seq"] / 1e6
+        print()
+        row("benchmark", "nydusd", "native", "ratio", "target")
+        row(f"sequential read {size // MiB} MiB (MB/s)", f"{mbs:.0f}", f"{size / r['native_seq'] / 1e6:.0f}",
+            f"{r['native_seq'] / r['fuse_seq']:.2f}x", "(native page cache)")
+        row("  vs native read from disk (MB/s)", f"{mbs:.0f}", f"{size / r['native_cold_seq'] / 1e6:.0f}",
+            f"{r['native_cold_seq'] / r['fuse_seq']:.2f}x", ">= 0.6x")
+        row("  minimal llfuse passthrough (MB/s)", f"{mbs:.0f}", f"{size / r['ceiling_seq'] / 1e6:.0f}",
+            f"{r['ceiling_seq'] / r['fuse_seq']:.2f}x", "(llfuse ceiling)")
+        row("random 4 KiB O_DIRECT pread, 4 thr (IOPS)", f"{r['fuse_iops']:.0f}",
+            f"{r['native_iops']:.0f}", f"{r['fuse_iops'] / r['native_iops']:.3f}x", ">= 15000 IOPS")
+        row(f"find -printf %s, {self.entries} entries, 1st (s)", f"{r['first']:.3f}",
+            f"{r['native_find']:.3f}", f"{r['first'] / r['native_find']:.1f}x", "(native dentries cached)")
+        row("  vs native with dentries dropped (s)", f"{r['first']:.3f}", f"{r['native_cold_find']:.3f}",
+            f"{r['first'] / r['native_cold_find']:.1f}x", "<= 5x")
+        row("  minimal llfuse passthrough (s)", f"{r['first']:.3f}", f"{r['pt_first']:.3f}",
+            f"{r['first'] / r['pt_first']:.1f}x", "(llfuse ceiling)")
+        row("find -printf %s, 2nd pass (s)", f"{r['second']:.3f}", f"{r['native_find']:.3f}",
+            f"{r['second'] / r['native_find']:.1f}x", "<= 2x")
+        row("  minimal llfuse passthrough (s)", f"{r['second']:.3f}", f"{r['pt_second']:.3f}",
+            f"{r['second'] / r['pt_second']:.1f}x", "(llfuse ceiling)")
+        row("API mount of the tree image (ms)", f"{r['mount'] * 1000:.1f}", "-", "-", "")
+        row("daemon start to RUNNING socket (ms)", f"{r['startup'] * 1000:.0f}", "-", "-", "")
+        row("daemon RSS after the run (MB)", f"{r['rss']:.1f}", "-", "-", "<= 100 MB")
+        print(json.dumps({k: round(v, 4) for k, v in r.items()}))
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            self.daemon.terminate()
+            self.daemon.cleanup()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="256 MiB file, fewer repetitions")
@@ -223,106 +381,18 @@ def main() -> int:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench_fuse: needs root and /dev/fuse", file=sys.stderr)
         return 2
-    size = (256 if args.quick else 1024) * MiB
-    reps = 3 if args.quick else 5
-    work = Path(tempfile.mkdtemp(prefix="bench-fuse-"))
-    d = None
+    bench = Bench(Path(tempfile.mkdtemp(prefix="bench-fuse-")),
+                  (256 if args.quick else 1024) * MiB, 3 if args.quick else 5, args.quick)
     try:
-        print(f"building images in {work} ...", flush=True)
-        big_src = work / "big_src"
-        big = make_big_tree(big_src, size)
-        big_img = build_image(big_src, work / "big_img", version=6, compressor="zstd")
-        tree_src = make_rootfs_like(work / "tree_src")
-        tree_img = build_image(tree_src, work / "tree_img", version=6)
-        n_entries = sum(1 for _ in tree_src.rglob("*"))
-
-        mnt = work / "mnt"
-        mnt.mkdir()
-        sock = str(work / "api.sock")
-        t0 = time.perf_counter()
-        d = Nydusd(["--mountpoint", str(mnt), "--apisock", sock, "--thread-num", "4",
-                    "--log-level", "warn"], mnt, log_path=work / "nydusd.log", apisock=sock).start()
-        startup = time.perf_counter() - t0
-        api = ApiClient(sock)
-
-        def mount(img: Image, mp: str) -> float:
-            t = time.perf_counter()
-            status, body = api.mount(mp, img.bootstrap, img.config_text(work / "cache",
-                                                                       digest_validate=False))
-            assert status == 204, body
-            return time.perf_counter() - t
-
-        mount(big_img, "/big")
-        fuse_big = mnt / "big" / "big.bin"
-        read_all(fuse_big)  # fills the blob cache (first fetch from the backend)
-
-        native_seq = median_time(lambda: read_all(big), reps)
-
-        def native_cold_pass() -> None:
-            drop_file_cache(big)
-            read_all(big)
-        native_cold_seq = median_time(native_cold_pass, reps)
-        ceiling_seq = measure_passthrough(work, big, reps)
-
-        def fuse_pass() -> None:
-            drop_file_cache(fuse_big)
-            read_all(fuse_big)
-        fuse_seq = median_time(fuse_pass, reps)
-
-        drop_file_cache(fuse_big)
-        iops_secs = 2.0 if args.quick else 4.0
-        fuse_iops = statistics.median(
-            [random_iops(fuse_big, iops_secs) for _ in range(1 if args.quick else 3)])
-        native_iops = random_iops(big, iops_secs)
-
-        native_find = median_time(lambda: find_sizes(tree_src), reps)
-
-        def native_cold_find() -> float:
-            # drop dentries and inodes (not data pages): what a first walk of a fresh tree costs
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("2\n")
-            return find_sizes(tree_src)
-        native_cold_find_t = statistics.median(native_cold_find() for _ in range(reps))
-        firsts, seconds, mounts = [], [], []
-        for i in range(reps):
-            mounts.append(mount(tree_img, f"/tree{i}"))
-            firsts.append(find_sizes(mnt / f"tree{i}"))
-            seconds.append(min(find_sizes(mnt / f"tree{i}") for _ in range(2)))
-        first, second = statistics.median(firsts), statistics.median(seconds)
-        rss = rss_mb(d.proc.pid)
-
-        print()
-        row("benchmark", "nydusd", "native", "ratio", "target")
-        row(f"sequential read {size // MiB} MiB (MB/s)", f"{size / fuse_seq / 1e6:.0f}",
-            f"{size / native_seq / 1e6:.0f}", f"{native_seq / fuse_seq:.2f}x", "(native page cache)")
-        row("  vs native read from disk (MB/s)", f"{size / fuse_seq / 1e6:.0f}",
-            f"{size / native_cold_seq / 1e6:.0f}", f"{native_cold_seq / fuse_seq:.2f}x", ">= 0.6x")
-        row("  minimal llfuse passthrough (MB/s)", f"{size / fuse_seq / 1e6:.0f}",
-            f"{size / ceiling_seq / 1e6:.0f}", f"{ceiling_seq / fuse_seq:.2f}x", "(llfuse ceiling)")
-        row("random 4 KiB O_DIRECT pread, 4 thr (IOPS)", f"{fuse_iops:.0f}", f"{native_iops:.0f}",
-            f"{fuse_iops / native_iops:.3f}x", ">= 15000 IOPS")
-        row(f"find -printf %s, {n_entries} entries, 1st (s)", f"{first:.3f}", f"{native_find:.3f}",
-            f"{first / native_find:.1f}x", "(native dentries cached)")
-        row("  vs native with dentries dropped (s)", f"{first:.3f}", f"{native_cold_find_t:.3f}",
-            f"{first / native_cold_find_t:.1f}x", "<= 5x")
-        row("find -printf %s, 2nd pass (s)", f"{second:.3f}", f"{native_find:.3f}",
-            f"{second / native_find:.1f}x", "<= 2x")
-        row("API mount of the tree image (ms)", f"{statistics.median(mounts) * 1000:.1f}", "-", "-", "")
-        row("daemon start to RUNNING socket (ms)", f"{startup * 1000:.0f}", "-", "-", "")
-        row("daemon RSS after the run (MB)", f"{rss:.1f}", "-", "-", "<= 100 MB")
-        print(json.dumps({"seq_ratio": round(native_seq / fuse_seq, 3),
-                          "seq_ratio_vs_disk": round(native_cold_seq / fuse_seq, 3),
-                          "seq_ratio_vs_llfuse_passthrough": round(ceiling_seq / fuse_seq, 3),
-                          "iops": round(fuse_iops),
-                          "find_first_ratio": round(first / native_find, 2),
-                          "find_first_ratio_vs_cold": round(first / native_cold_find_t, 2),
-                          "find_second_ratio": round(second / native_find, 2), "rss_mb": round(rss, 1)}))
+        bench.build()
+        bench.start()
+        bench.sequential()
+        bench.iops()
+        bench.find()
+        bench.report()
         return 0
     finally:
-        if d is not None:
-            d.terminate()
-            d.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        bench.close()
 
 
 if __name__ == "__main__":
