@@ -40,6 +40,10 @@ from nydusd.rafs import load_bootstrap
 log = get_logger(__name__)
 
 
+WORK_ENTRIES = ("nydus_bootstrap", "blobs", "nydusd", "nydus_index.json", "nydus_manifest.json",
+                "nydus_config.json", "oci_index.json", "oci_manifest.json", "oci_config.json")
+
+
 @dataclass(frozen=True)
 class CheckOptions:
     work_dir: Path = Path("./output")
@@ -83,8 +87,14 @@ class Checker:
         """Run every rule. Raises NotFound / AuthError / BackendError when an image cannot be read
         at all; rule violations are collected in the report instead."""
         work = self.opts.work_dir
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work.mkdir(parents=True, exist_ok=True)
+        # Only what a previous check left here is removed: the work dir may be shared (./output).
+        for name in WORK_ENTRIES:
+            path = work / name
+            if path.is_dir() and not path.is_mount():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
         try:
             targets = self._nydus_manifests()
             for platform, (desc, manifest) in targets.items():

@@ -153,8 +153,10 @@ class Converter:
             self._pool = None
             for b in self._cleanup:
                 b.cleanup()
-            if chunk_dict is not None and chunk_dict.remote is not None:
-                chunk_dict.remote.close()
+            if chunk_dict is not None:
+                chunk_dict.bootstrap.unlink(missing_ok=True)
+                if chunk_dict.remote is not None:
+                    chunk_dict.remote.close()
         log.info("image_converted", source=str(self.source.ref), target=str(self.target.ref),
                  digest=final[0], manifests=len(results), source_size=self.metrics.source_image_size,
                  target_size=self.metrics.target_image_size)

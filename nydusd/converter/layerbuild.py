@@ -61,6 +61,7 @@ def _sha256_file(path: Path) -> str:
 class LayerBuilder:
     def __init__(self, opts: ConvertOptions, work: Path, chunk_dict: Path | None) -> None:
         self.opts = opts
+        self.work = work
         self.dir = work / "layers"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.chunk_dict = chunk_dict
@@ -131,4 +132,4 @@ class LayerBuilder:
             return [b.blob_id for b in rs.blobs]
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -223,3 +223,16 @@ def test_bottom_layer_whiteouts_are_dropped(registry: Registry, tmp_path: Path) 
                                                      ("d/.wh..wh..opq", b"", ""), ("d/x", b"x", "")])])
     convert(f"{registry.host}/src/wh:v1", f"{registry.host}/dst/wh:v1", tmp_path / "w")
     assert check(f"{registry.host}/dst/wh:v1", f"{registry.host}/src/wh:v1", tmp_path / "c") == []
+
+
+def test_work_dirs_are_cleaned_but_not_wiped(registry: Registry, source_image: Image, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("keep")
+    convert(source_image.ref, f"{registry.host}/dst/clean:v1", work)
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+    check(f"{registry.host}/dst/clean:v1", source_image.ref, work)
+    check(f"{registry.host}/dst/clean:v1", None, work)
+    assert (work / "mine.txt").read_text() == "keep"
+    assert (work / "nydus_bootstrap/image/image.boot").is_file() and (work / "nydus_manifest.json").is_file()
+    assert not (work / "oci_manifest.json").exists()  # the second check had no source
