@@ -119,10 +119,9 @@ class LayerStream:
                  expected_digest: str | None = None, expected_diff_id: str | None = None) -> None:
         head = raw.read(4)
         self.compressed = HashingReader(raw, prefix=head)
-        comp = compression or sniff_compression(head)
-        # A media type may lie (tar+gzip that is plain): trust the magic bytes when they disagree.
-        if comp != "none" and sniff_compression(head) == "none" and head:
-            comp = "none"
+        # A media type may lie (a "tar+gzip" that is plain, a "tar" that is gzip): the magic bytes
+        # decide; the media type only matters for an empty stream. Digests catch real corruption.
+        comp = sniff_compression(head) if head else (compression or "none")
         self.compression = comp
         self.expected_digest = expected_digest
         self.expected_diff_id = expected_diff_id

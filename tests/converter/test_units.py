@@ -218,3 +218,12 @@ def test_parse_config() -> None:
                 b'{"rootfs": {"diff_ids": "nope"}}'):
         with pytest.raises(Unsupported):
             m.parse_config(bad)
+
+
+def test_layer_stream_trusts_magic_when_media_type_says_plain() -> None:
+    plain = _tar({"a": b"z" * 1000})
+    blob = gzip.compress(plain, mtime=0)
+    stream = layers.LayerStream(io.BytesIO(blob), "none", expected_diff_id=_sha(plain))
+    assert stream.compression == "gzip" and stream.finish()[1] == _sha(plain)
+    with pytest.raises(Unsupported):
+        layers.LayerStream(io.BytesIO(b""), "lzma")
