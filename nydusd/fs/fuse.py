@@ -59,24 +59,25 @@ _unique = itertools.count(1)
 class Inflight:
     """Requests being handled right now, one slot per worker thread (for hung-I/O detection).
 
-    Each worker writes only its own slot; readers take a snapshot of the dict (GIL-atomic copy).
+    Each worker writes only its own slot (a tuple: cheap on the hot path); readers copy the dict
+    (GIL-atomic) and build the JSON objects.
     """
 
     def __init__(self) -> None:
-        self.slots: dict[int, dict[str, int]] = {}
+        self.slots: dict[int, tuple[int, int, int, int]] = {}
 
     def enter(self, op: str, inode: Any) -> int:
         ident = threading.get_ident()
-        self.slots[ident] = {"inode": inode if isinstance(inode, int) else 0,
-                             "opcode": OPCODES.get(op, 0), "unique": next(_unique),
-                             "timestamp_secs": int(time.time())}
+        self.slots[ident] = (inode if isinstance(inode, int) else 0, OPCODES.get(op, 0),
+                             next(_unique), int(time.time()))
         return ident
 
     def leave(self, ident: int) -> None:
         self.slots.pop(ident, None)
 
     def snapshot(self) -> list[dict[str, int]]:
-        return [dict(v) for v in list(self.slots.values())]
+        return [{"inode": ino, "opcode": opcode, "unique": unique, "timestamp_secs": ts}
+                for ino, opcode, unique, ts in list(self.slots.values())]
 
 
 def _inflight_of(args: tuple[Any, ...]) -> Inflight | None:
