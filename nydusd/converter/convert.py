@@ -270,17 +270,21 @@ class Converter:
                        diff_id: str) -> LayerOutput:
         label = layer.digest.split(":")[-1][:12]
         compression = m.layer_compression(layer)
-        task = self.progress.task("convert", label, layer.size)
+        # Download and build run as one stream: the pull bar counts compressed bytes fetched, the
+        # build bar uncompressed tar bytes consumed by the builder.
+        pull = self.progress.task("pull", label, layer.size)
+        build = self.progress.task("build", label, None)
         t0 = time.monotonic_ns()
         with self.source.open_blob(layer.digest, layer.size) as raw:
-            timed = _TimedReader(raw, task)
+            timed = _TimedReader(raw, pull)
             stream = LayerStream(timed, compression, expected_digest=layer.digest,
                                  expected_diff_id=diff_id)
-            out = builder.build_layer(index, stream, label=layer.digest)
+            out = builder.build_layer(index, _CountingReader(stream, build), label=layer.digest)
             stream.finish()
         self.metrics.add(source_pull_ns=timed.ns, bytes_pulled=stream.bytes_in,
                          conversion_ns=time.monotonic_ns() - t0 - timed.ns)
-        task.finish(blob_id=out.blob_id, blob_size=out.blob_size)
+        pull.finish(digest=layer.digest)
+        build.finish(blob_id=out.blob_id, blob_size=out.blob_size)
         if out.blob_id and self.opts.blob_store is None:
             self._submit(self._push_blob_file, out.blob_id, builder.blob_path(out.blob_id), out.blob_size)
         elif out.blob_id and self.opts.blob_store is not None:
@@ -446,6 +450,21 @@ def _pull_nydus_bootstrap(remote: Remote) -> bytes:
         raise Unsupported("not a nydus image (no bootstrap layer)", image=str(remote.ref))
     layer = doc.layers[-1]
     return extract_bootstrap(remote.get_blob_bytes(layer.digest, expected_size=layer.size))
+
+
+class _CountingReader:
+    """Feeds a progress task with the bytes read through it."""
+
+    def __init__(self, raw: Any, task: Any) -> None:
+        self._raw, self._task = raw, task
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self._task.update(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
 
 
 class _TimedReader:
