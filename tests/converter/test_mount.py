@@ -23,11 +23,12 @@ from tests.servers.registry import PASSWORD, USER
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _mount_and_compare(target: str, rootfs: Path, tmp_path: Path, env: dict[str, str]) -> int:
+def _mount_and_compare(target: str, rootfs: Path, tmp_path: Path, env: dict[str, str],
+                       extra: tuple[str, ...] = ()) -> int:
     mnt = tmp_path / "mnt"
     cmd = [sys.executable, "-m", "nydusd.cli.convert", "--log-level", "warn", "mount", "--target", target,
            "--plain-http", "--mount-path", str(mnt), "--work-dir", str(tmp_path / "work"),
-           "--nydusd", f"{sys.executable} -m nydusd"]
+           "--nydusd", f"{sys.executable} -m nydusd", *extra]
     log = open(tmp_path / "nydusify.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
@@ -96,3 +97,17 @@ def test_check_through_a_nydusd_mount(registry: Registry, source_image: Image, t
     problems = check(target, other, tmp_path / "c2", nydusd=nydusd)
     assert "filesystem: /only-here: missing in nydus image" in problems
     assert "filesystem: /bin/tool: only in nydus image" in problems
+
+
+@pytest.mark.fuse
+def test_mount_with_localfs_backend(registry: Registry, source_image: Image, oci_rootfs_dir: Path,
+                                    tmp_path: Path) -> None:
+    import json
+
+    from nydusd.converter.stores import LocalFsStore
+
+    blobs = tmp_path / "blobs"
+    target = f"{registry.host}/mount/localfs:v6"
+    convert(source_image.ref, target, tmp_path / "conv", blob_store=LocalFsStore({"dir": str(blobs)}))
+    extra = ("--backend-type", "localfs", "--backend-config", json.dumps({"dir": str(blobs)}))
+    assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, {"HOME": str(tmp_path)}, extra) >= 25
