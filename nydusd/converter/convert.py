@@ -311,6 +311,11 @@ class Converter:
     # ---- pushing -------------------------------------------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> None:
         assert self._pool is not None
+        # Fail fast: a push that already failed (bad target credentials ...) stops the conversion
+        # before more layers are built.
+        for fut in self._pending:
+            if fut.done() and fut.exception() is not None:
+                raise fut.exception()  # type: ignore[misc]
         self._pending.append(self._pool.submit(fn, *args))
 
     def _join_pushes(self) -> None:
