@@ -75,11 +75,13 @@ class Mount:
 
 @dataclass(frozen=True)
 class _PseudoDir:
-    """A directory of the pseudo filesystem; ``entries`` maps a name to ("dir", ino) or ("mount", index)."""
+    """A directory of the pseudo filesystem; ``entries`` maps a name to a pseudo directory inode or
+    to the ``Mount`` itself, so a reader holding any version of the table can resolve the entry
+    without consulting the (separately published) mount table."""
 
     ino: int
     parent: int
-    entries: dict[bytes, tuple[str, int]] = field(default_factory=dict)
+    entries: dict[bytes, int | Mount] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +158,15 @@ class Vfs:
             if not parts:
                 if self._pseudo[ROOT_INO].entries:
                     raise AlreadyExists("pseudo root is not empty", mountpoint=path)
+                self._publish_mount(mount)
                 self._root_mount = mount
             else:
                 if self._root_mount is not None:
                     raise InvalidArgument("an image is mounted at /", mountpoint=path)
-                self._link_pseudo(parts, ("mount", mount.index), path)
-            self._publish_mount(mount)
+                pseudo = self._with_entry(parts, mount, path)
+                # the mount must be resolvable before any entry can lead a lookup to it
+                self._publish_mount(mount)
+                self._pseudo = pseudo
         log.info("vfs_attached", mountpoint=path, index=mount.index)
         return mount
 
@@ -172,25 +177,52 @@ class Vfs:
         by_path[mount.path] = mount.index
         self._mounts, self._by_path = mounts, by_path
 
-    def _link_pseudo(self, parts: list[bytes], target: tuple[str, int], path: str) -> None:
+    def _with_entry(self, parts: list[bytes], target: Mount, path: str,
+                    replace: bool = False) -> dict[int, _PseudoDir]:
+        """A new pseudo table with ``target`` at ``parts`` (intermediate directories created);
+        the current table is left untouched. Raises AlreadyExists, InvalidArgument."""
         pseudo = dict(self._pseudo)
         dir_ino = int(ROOT_INO)
         for name in parts[:-1]:
-            kind, ref = pseudo[dir_ino].entries.get(name, ("", 0))
-            if kind == "mount":
+            child = pseudo[dir_ino].entries.get(name)
+            if isinstance(child, Mount):
                 raise InvalidArgument("a filesystem is mounted on a parent path", mountpoint=path)
-            if not kind:
-                ref = next(self._pseudo_ino)
-                pseudo[ref] = _PseudoDir(ref, dir_ino)
+            if child is None:
+                child = next(self._pseudo_ino)
+                pseudo[child] = _PseudoDir(child, dir_ino)
                 parent = pseudo[dir_ino]
-                entries = {**parent.entries, name: ("dir", ref)}
-                pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
-            dir_ino = ref
+                pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, {**parent.entries, name: child})
+            dir_ino = child
         parent = pseudo[dir_ino]
-        if parts[-1] in parent.entries:
+        if (parts[-1] in parent.entries) != replace:
+            if replace:
+                raise NotFound("no filesystem mounted here", mountpoint=path)
             raise AlreadyExists("object or filesystem already exists", mountpoint=path)
         pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, {**parent.entries, parts[-1]: target})
-        self._pseudo = pseudo
+        return pseudo
+
+    def _without_entry(self, parts: list[bytes]) -> tuple[dict[int, _PseudoDir], Ino, bytes]:
+        """A new pseudo table without the entry at ``parts``, plus that entry's parent and name."""
+        pseudo = dict(self._pseudo)
+        dir_ino = int(ROOT_INO)
+        for name in parts[:-1]:
+            child = pseudo[dir_ino].entries[name]
+            assert isinstance(child, int)  # mountpoints are never below another mount
+            dir_ino = child
+        parent = pseudo[dir_ino]
+        entries = dict(parent.entries)
+        del entries[parts[-1]]
+        pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
+        return pseudo, Ino(dir_ino), parts[-1]
+
+    def _drop_mount(self, index: int, path: str | None) -> None:
+        mounts = dict(self._mounts)
+        del mounts[index]
+        by_path = self._by_path
+        if path is not None:
+            by_path = dict(by_path)
+            del by_path[path]
+        self._mounts, self._by_path = mounts, by_path
 
     def detach(self, path: str) -> tuple[Mount, Ino, bytes]:
         """Remove the mount at ``path``.
@@ -206,15 +238,12 @@ class Vfs:
                 raise NotFound("no filesystem mounted here", mountpoint=path)
             mount = self._mounts[index]
             parent_ino, name = ROOT_INO, b""
+            # unlink first: no new lookup can reach the mount once it is being dropped
             if parts:
-                parent_ino, name = self._unlink_pseudo(parts)
+                self._pseudo, parent_ino, name = self._without_entry(parts)
             else:
                 self._root_mount = None
-            mounts = dict(self._mounts)
-            del mounts[index]
-            by_path = dict(self._by_path)
-            del by_path[path]
-            self._mounts, self._by_path = mounts, by_path
+            self._drop_mount(index, path)
         log.info("vfs_detached", mountpoint=path, index=index)
         return mount, parent_ino, name
 
@@ -226,28 +255,17 @@ class Vfs:
         pseudo = self._pseudo
         dir_ino = int(ROOT_INO)
         for name in parts[:-1]:
-            kind, ref = pseudo[dir_ino].entries.get(name, ("", 0))
-            if kind != "dir":
+            child = pseudo[dir_ino].entries.get(name)
+            if not isinstance(child, int):
                 raise NotFound("no such pseudo directory", mountpoint=path)
-            dir_ino = ref
-        return Ino(dir_ino), parts[-1]
-
-    def _unlink_pseudo(self, parts: list[bytes]) -> tuple[Ino, bytes]:
-        pseudo = dict(self._pseudo)
-        dir_ino = int(ROOT_INO)
-        for name in parts[:-1]:
-            dir_ino = pseudo[dir_ino].entries[name][1]
-        parent = pseudo[dir_ino]
-        entries = dict(parent.entries)
-        del entries[parts[-1]]
-        pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
-        self._pseudo = pseudo
+            dir_ino = child
         return Ino(dir_ino), parts[-1]
 
     def replace(self, path: str, fs: RafsFs, stats: FsIoStats) -> tuple[Mount, Mount]:
         """Swap the image at ``path`` atomically; returns ``(old, new)``. Raises NotFound.
 
-        The new image gets a fresh mount index, so no kernel inode of the old one aliases it.
+        Lookups see either the old image or the new one, never a missing entry. The new image gets
+        a fresh mount index, so no kernel inode of the old one aliases it.
         """
         path = normalize_path(path)
         parts = split_path(path)
@@ -257,15 +275,13 @@ class Vfs:
                 raise NotFound("no filesystem mounted here", mountpoint=path)
             old = self._mounts[index]
             new = Mount(self._alloc_index(), path, fs, stats)
-            if parts:
-                self._unlink_pseudo(parts)
-                self._link_pseudo(parts, ("mount", new.index), path)
+            pseudo = self._with_entry(parts, new, path, replace=True) if parts else None
+            self._publish_mount(new)
+            if pseudo is not None:
+                self._pseudo = pseudo
             else:
                 self._root_mount = new
-            mounts = dict(self._mounts)
-            del mounts[index]
-            self._mounts = mounts
-            self._publish_mount(new)
+            self._drop_mount(index, None)
         log.info("vfs_replaced", mountpoint=path, old_index=old.index, index=new.index)
         return old, new
 
@@ -294,16 +310,13 @@ class Vfs:
                     atime_ns=self._created_ns, mtime_ns=self._created_ns, ctime_ns=self._created_ns,
                     entry_timeout=PSEUDO_TIMEOUT, attr_timeout=PSEUDO_TIMEOUT)
 
-    def _entry_attr(self, entry: tuple[str, int], *, full: bool = True) -> Attr:
+    def _entry_attr(self, entry: int | Mount, *, full: bool = True) -> Attr:
         """Attributes of a pseudo directory entry; ``full=False`` (readdir) needs only ino and type,
         which for a mounted image's root are known without touching the image -- so one broken
         image cannot break the listing of the pseudo directory it is mounted in."""
-        kind, ref = entry
-        if kind == "dir":
-            return self._pseudo_attr(ref)
-        mount = self._mounts.get(ref)
-        if mount is None:
-            raise StaleInode("filesystem no longer mounted", index=ref)
+        if not isinstance(entry, Mount):
+            return self._pseudo_attr(entry)
+        mount = entry
         if not full:
             return Attr(mount.kernel_ino(mount.fs.root_ino, False), stat.S_IFDIR | 0o755)
         return self._call(mount, StatsFop.GETATTR, None, lambda: self._expose(
@@ -362,8 +375,8 @@ class Vfs:
         mount, local = self._resolve(ino)
         if mount is None:
             pseudo = self._pseudo[local]
-            dots = [(b".", ("dir", local)), (b"..", ("dir", pseudo.parent))]
-            entries = dots + sorted(pseudo.entries.items())
+            dots: list[tuple[bytes, int | Mount]] = [(b".", local), (b"..", pseudo.parent)]
+            entries = dots + sorted(pseudo.entries.items(), key=lambda item: item[0])
             for i, (name, target) in enumerate(entries[offset:], start=offset + 1):
                 try:
                     attr = self._entry_attr(target, full=False)

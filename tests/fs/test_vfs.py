@@ -233,3 +233,37 @@ def test_broken_image_does_not_break_the_pseudo_listing():
         vfs.lookup(ROOT_INO, b"bad")
     assert exc.value.errno == errno.EIO
     assert good.stats.snapshot()["fop_errors"][StatsFop.GETATTR] == 0
+
+
+def test_replace_never_shows_a_missing_entry_to_concurrent_lookups():
+    import threading
+
+    vfs = Vfs()
+    attach(vfs, "/a/m")
+    parent = walk(vfs, ROOT_INO, "a")
+    stop = threading.Event()
+    failures = []
+
+    def looker():
+        while not stop.is_set():
+            try:
+                vfs.lookup(parent, b"m")
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                failures.append(repr(e))
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible to expose any window
+    t = threading.Thread(target=looker)
+    t.start()
+    try:
+        for _ in range(1000):
+            vfs.replace("/a/m", make_fs(), FsIoStats("/a/m"))
+            attach(vfs, "/a/other")
+            vfs.detach("/a/other")
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert failures == []
