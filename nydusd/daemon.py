@@ -25,6 +25,7 @@ Threading model:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import email.utils
 import os
@@ -34,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -138,16 +140,22 @@ class RafsInstance:
     mounted_time: _dt.datetime = field(default_factory=lambda: _dt.datetime.now().astimezone())
     closers: list[Callable[[], None]] = field(default_factory=list)
 
-    def close(self) -> None:
-        """Stop prefetch, close device/cache/backend. Never raises (logs instead)."""
-        for closer in [*self.closers, self.fs.close,
-                       getattr(self.cache, "close", None), getattr(self.backend, "close", None)]:
-            if closer is None:
-                continue
-            try:
-                closer()
-            except Exception as e:  # noqa: BLE001 - unmount must finish
-                log.warning("instance_close_failed", mountpoint=self.mountpoint, error=repr(e))
+    def close(self, metadata_guard: AbstractContextManager[None] | None = None) -> None:
+        """Stop prefetch, close device/cache/backend, then the image metadata -- the last step under
+        ``metadata_guard`` (the FUSE session's quiesce lock) so no handler is reading it. Never
+        raises (logs instead)."""
+        for closer in [*self.closers, getattr(self.cache, "close", None),
+                       getattr(self.backend, "close", None)]:
+            if closer is not None:
+                self._safely(closer)
+        with metadata_guard or contextlib.nullcontext():
+            self._safely(self.fs.close)
+
+    def _safely(self, closer: Callable[[], None]) -> None:
+        try:
+            closer()
+        except Exception as e:  # noqa: BLE001 - unmount must finish
+            log.warning("instance_close_failed", mountpoint=self.mountpoint, error=repr(e))
 
     def summary(self) -> dict[str, Any]:
         """The ``backend_collection`` entry of DaemonInfo."""
@@ -462,7 +470,7 @@ class Daemon:
             self.vfs.replace(path, inst.fs, inst.stats)
             self._instances = {**self._instances, path: inst}
         self._invalidate(path, old_root_names)
-        old.close()
+        old.close(self._quiesced())
         log.info("instance_remounted", mountpoint=path, source=source)
 
     def umount(self, mountpoint: str) -> None:
@@ -481,8 +489,12 @@ class Daemon:
             else:
                 self._invalidate(path, root_names)
             self.session.settle()
-        inst.close()
+        inst.close(self._quiesced())
         log.info("instance_umounted", mountpoint=path)
+
+    def _quiesced(self) -> AbstractContextManager[None]:
+        session = self.session
+        return session.quiesced() if session is not None else contextlib.nullcontext()
 
     def _invalidate(self, path: str, root_names: list[bytes]) -> None:
         session = self.session

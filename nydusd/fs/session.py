@@ -15,10 +15,12 @@ be waiting for a worker) -- the deadlock libfuse warns about cannot happen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import llfuse
 
@@ -89,6 +91,19 @@ class FuseSession:
         """Ask the kernel to forget ``name`` in ``parent`` (asynchronous; never blocks)."""
         if self.running and name:
             llfuse.invalidate_entry(parent, name)
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold llfuse's global lock (from a non-worker thread): no metadata handler runs inside.
+
+        Used to release an unmounted image's metadata while a worker that resolved it just before
+        the unmount might still touch it. Never invalidate or wait on workers inside.
+        """
+        if not self.running:
+            yield
+            return
+        with llfuse.lock:
+            yield
 
     def settle(self) -> None:
         """Give llfuse's notify thread a moment to hand queued invalidations to the kernel, so a
