@@ -344,3 +344,47 @@ def test_remount_of_the_root_image(tmp_path, images):
         assert (mnt / "small.txt").read_bytes() == b"second image\n"
         assert not (mnt / "dir").exists()
         assert sorted(os.listdir(mnt)) == ["small.txt"]
+
+
+def test_mount_churn_under_read_load(tmp_path, images):
+    """Readers hammer two mounts while a third is mounted, read and unmounted over and over (also
+    under the readers' feet): the steady mounts never see an error, the churned one only ENOENT /
+    ESTALE / EIO, and no handler ever crashes."""
+    d, api = shared_daemon(tmp_path)
+    mnt = Path(d.mountpoint)
+    src = images["src"]
+    files = [(str(p.relative_to(src)), p.read_bytes()) for p in sorted((src / "dir" / "sub").glob("f*"))]
+    cfg = images["v6"].config_text(None)
+    with d:
+        for mp in ("/s0", "/s1"):
+            assert api.mount(mp, images["v6"].bootstrap, cfg)[0] == 204
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def reader(seed: int, roots: list[str], tolerated: tuple[int, ...]) -> None:
+            rnd = random.Random(seed)
+            while not stop.is_set():
+                rel, data = rnd.choice(files)
+                try:
+                    with open(mnt / rnd.choice(roots) / rel, "rb") as f:
+                        if f.read() != data:
+                            errors.append(f"wrong bytes in {rel}")
+                except OSError as e:
+                    if e.errno not in tolerated:
+                        errors.append(repr(e))
+
+        steady = [threading.Thread(target=reader, args=(i, ["s0", "s1"], ())) for i in range(6)]
+        churn = [threading.Thread(target=reader, args=(100 + i, ["c"], (2, 5, 116))) for i in range(2)]
+        for t in steady + churn:
+            t.start()
+        try:
+            for _ in range(40):
+                assert api.mount("/c", images["v6"].bootstrap, cfg)[0] == 204
+                time.sleep(0.02)
+                assert api.umount("/c")[0] == 204
+        finally:
+            stop.set()
+            for t in steady + churn:
+                t.join(30)
+        assert errors == []
+        assert d.alive() and "fuse_handler_crashed" not in (tmp_path / "nydusd.log").read_text()
