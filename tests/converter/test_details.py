@@ -236,3 +236,22 @@ def test_work_dirs_are_cleaned_but_not_wiped(registry: Registry, source_image: I
     assert (work / "mine.txt").read_text() == "keep"
     assert (work / "nydus_bootstrap/image/image.boot").is_file() and (work / "nydus_manifest.json").is_file()
     assert not (work / "oci_manifest.json").exists()  # the second check had no source
+
+
+def test_check_without_source_detects_rotten_blobs(registry: Registry, source_image: Image,
+                                                   tmp_path: Path) -> None:
+    dst = f"{registry.host}/dst/rot:v1"
+    res = convert(source_image.ref, dst, tmp_path / "w", compressor="none")
+    assert check(dst, None, tmp_path / "ok") == []
+    # Rot one byte of a stored blob behind the registry's back (same size, so HEAD still agrees).
+    digest = res.manifests[0].manifest.layers[0].digest
+    hexd = digest.split(":")[1]
+    path = registry.root / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+    good = path.read_bytes()
+    path.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    try:
+        problems = check(dst, None, tmp_path / "bad")
+    finally:
+        path.write_bytes(good)
+    assert len(problems) == 1 and problems[0].startswith(f"bootstrap: blob {hexd} cannot be read")
+    assert "digest mismatch" in problems[0]
