@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -227,3 +228,24 @@ def test_layer_stream_trusts_magic_when_media_type_says_plain() -> None:
     assert stream.compression == "gzip" and stream.finish()[1] == _sha(plain)
     with pytest.raises(Unsupported):
         layers.LayerStream(io.BytesIO(b""), "lzma")
+
+
+def test_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs) -> None:  # type: ignore[no-untyped-def]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-fake"
+    helper.write_text('#!/bin/sh\nread host\nif [ "$host" = "reg.example:5000" ]; then\n'
+                      '  echo \'{"ServerURL":"reg.example:5000","Username":"hu","Secret":"hs"}\'\n'
+                      'else\n  echo "credentials not found in native keychain"; exit 1\nfi\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    cfg = tmp_path / ".docker"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"credHelpers": {"reg.example:5000": "fake"},
+                                                 "credsStore": "fake"}))
+    env = {"HOME": str(tmp_path)}
+    assert credentials.lookup("reg.example:5000", env) == ("hu", "hs")
+    assert credentials.lookup("other.example", env) is None  # the store has nothing for it
+    (cfg / "config.json").write_text(json.dumps({"credsStore": "missing"}))
+    with logs.expect("credential_helper_failed"):
+        assert credentials.lookup("x.example", env) is None
