@@ -2,10 +2,13 @@
 
 Owns: ``ConvertOptions`` and ``Converter``. For each selected platform manifest of the source: fetch
 the config, stream every layer blob (gzip/zstd/plain) through ``LayerStream`` straight into the tar
-builder (no unpacking to disk), verify the layer digest and diff_id, push each nydus blob (HEAD
-first; blob media type + annotations), merge the per-layer bootstraps, push the bootstrap layer, the
-rewritten config and finally the manifest (or index) -- the manifest is always pushed last, so a
-failure leaves nothing referenced that is half pushed.
+builder with the previous layer's bootstrap as parent (no unpacking to disk; the top layer's
+bootstrap is the merged image), verify the layer digest and diff_id, push each nydus blob (HEAD
+first; blob media type + annotations) or store it in the ``--backend-type`` store, push the
+bootstrap layer, the rewritten config and finally the manifest (or index) -- the manifest is always
+pushed last, so a failure leaves nothing referenced that is half pushed. A chunk dictionary
+(``bootstrap:registry:<ref>`` / ``bootstrap:local:<path>``) dedups against another image; its blobs
+used by the result are appended to the manifest and made available in the target repository.
 
 Must not import requests (registry access goes through ``converter.remote.Remote``), fs/daemon or
 the API. Threading: one ``Converter.convert`` call runs in the caller's thread; blob pushes run in a
