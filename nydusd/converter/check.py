@@ -160,7 +160,11 @@ class Checker:
         boot_layer = manifest.layers[-1]
         boot_dir = self.opts.work_dir / "nydus_bootstrap" / "image"
         boot_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = extract_bootstrap(self.target.get_blob_bytes(boot_layer.digest, boot_layer.size))
+        try:
+            bootstrap = extract_bootstrap(self.target.get_blob_bytes(boot_layer.digest, boot_layer.size))
+        except NydusError as e:
+            self._problem(f"{p}bootstrap: layer {boot_layer.digest} cannot be used: {e}")
+            return
         (boot_dir / "image.boot").write_bytes(bootstrap)
         blob_layers = {layer.digest.split(":", 1)[1]: layer for layer in manifest.layers[:-1]
                        if layer.mediaType == m.NYDUS_BLOB}

@@ -255,3 +255,21 @@ def test_check_without_source_detects_rotten_blobs(registry: Registry, source_im
         path.write_bytes(good)
     assert len(problems) == 1 and problems[0].startswith(f"bootstrap: blob {hexd} cannot be read")
     assert "digest mismatch" in problems[0]
+
+
+def test_check_reports_a_broken_bootstrap_layer(registry: Registry, tmp_path: Path) -> None:
+    """A manifest that claims a bootstrap layer which is not a gzip tar with image/image.boot."""
+    client = RegistryClient(registry.host, "dst/fake", scheme="http")
+    try:
+        junk = gzip.compress(b"not a tar at all" * 10, mtime=0)
+        cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                          "rootfs": {"type": "layers", "diff_ids": [m.digest_of(junk)]}}).encode()
+        for data in (junk, cfg):
+            client.push_blob(data, m.digest_of(data))
+        mf = m.Manifest(mediaType=m.OCI_MANIFEST, config=m.descriptor_for(m.OCI_CONFIG, cfg),
+                        layers=[m.bootstrap_layer(m.digest_of(junk), len(junk), 6, docker=False)])
+        client.put_manifest("v1", m.encode(mf), m.OCI_MANIFEST)
+    finally:
+        client.close()
+    problems = check(f"{registry.host}/dst/fake:v1", None, tmp_path / "c")
+    assert len(problems) == 1 and "bootstrap: layer" in problems[0] and "cannot be used" in problems[0]
