@@ -233,3 +233,19 @@ def test_shared_daemon_pseudo_mounts(tmp_path):
         assert a != b and a >> 56 != b >> 56
         assert not (mnt / "nothing").exists()
     assert d.proc.returncode == 0
+
+
+def test_sequential_read_without_cache_fetches_each_chunk_once(tmp_path):
+    """No blob cache: the kernel's 128 KiB requests must not refetch the same 1 MiB chunk eight
+    times (the ChunkBuffer keeps it); the backend moves about the file's size, not 8x."""
+    from tests.integration.apiclient import ApiClient
+
+    src = sample_tree(tmp_path / "src")
+    image = build_image(src, tmp_path / "img", version=6, compressor="none")
+    sock = str(tmp_path / "api.sock")
+    with start_dedicated(tmp_path, image, cache=False, extra=["--apisock", sock]) as d:
+        data = (Path(d.mountpoint) / "dir" / "multi_chunk").read_bytes()
+        status, backend = ApiClient(sock).request("GET", "/api/v1/metrics/backend")
+        assert status == 200
+        assert backend["read_count"] <= 5
+        assert len(data) <= backend["read_amount_total"] <= len(data) + (1 << 20)
