@@ -1,17 +1,23 @@
 """Chunk compression: the algorithms of RAFS and their three on-disk encodings.
 
 Owns: ``Compressor`` (none, lz4_block, gzip, zstd) with its superblock flag bit, its v6 blob-table /
-blob-meta enum value and its ToC flag; ``compress`` (store-raw rule) and ``decompress`` (exact size
-check). The only importer of ``lz4`` and ``zstandard``. Must not import the project beyond ``errors``.
+blob-meta enum value and its ToC flag; ``compress`` (store-raw rule), ``decompress`` (exact size
+check) and ``decompress_into`` (the same into a caller's buffer: bulk readers reuse one buffer
+instead of faulting in fresh memory for every chunk; lz4 goes through the system liblz4 via
+``ctypes`` when present, because the ``lz4`` package cannot write into a buffer). The only
+importer of ``lz4`` and ``zstandard``. Must not import the project beyond ``errors``.
 Thread-safe: codecs are created per call (zstd contexts are not shareable across threads) and all
-release the GIL while working.
+release the GIL while working (``ctypes`` calls too).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import gzip
 import zlib
+from typing import Any
 
 import lz4.block
 import zstandard
@@ -114,6 +120,71 @@ def decompress(data: bytes | memoryview, algo: Compressor, size: int) -> bytes:
         raise IntegrityError(f"chunk decompressed to {len(out)} bytes, expected {size}",
                              compressor=algo.value)
     return out
+
+
+def _load_liblz4() -> Any:
+    """``LZ4_decompress_safe`` of the system liblz4, or None (then ``decompress_into`` copies)."""
+    name = ctypes.util.find_library("lz4")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name).LZ4_decompress_safe
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    return fn
+
+
+_LZ4_DECOMPRESS_SAFE = _load_liblz4()
+
+
+def _address(buf: bytes | memoryview | bytearray, writable: bool) -> tuple[Any, int]:
+    """A ctypes object over ``buf`` (kept alive by the caller) and its address."""
+    if isinstance(buf, bytes):
+        holder: Any = ctypes.c_char_p(buf)
+        return holder, ctypes.cast(holder, ctypes.c_void_p).value or 0
+    if not writable and isinstance(buf, memoryview) and buf.readonly:
+        raw = bytes(buf)
+        return _address(raw, False)
+    holder = (ctypes.c_char * len(buf)).from_buffer(buf)
+    return holder, ctypes.addressof(holder)
+
+
+def decompress_into(data: bytes | memoryview, algo: Compressor, out: memoryview) -> None:
+    """Decompress one chunk payload into ``out``, which must come out exactly full (its length is
+    the chunk's uncompressed size). ``out`` must be writable and contiguous.
+
+    Raises IntegrityError when the payload is not valid for ``algo`` or yields another size.
+    """
+    size = len(out)
+    if algo is Compressor.LZ4_BLOCK and _LZ4_DECOMPRESS_SAFE is not None and 0 < size < 1 << 31:
+        src_ref, src = _address(data, False)
+        dst_ref, dst = _address(out, True)
+        # capacity ``size``: a payload yielding more fails (negative result) instead of overflowing
+        got = _LZ4_DECOMPRESS_SAFE(src, dst, len(data), size)
+        del src_ref, dst_ref
+        if got != size:
+            raise IntegrityError(f"chunk does not decompress with lz4_block to {size} bytes (got {got})",
+                                 compressor=algo.value)
+        return
+    if algo is Compressor.ZSTD:
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+            pos = 0
+            while pos < size:
+                n = reader.readinto(out[pos:])
+                if not n:
+                    break
+                pos += n
+            extra = reader.read(1) if pos == size else b""
+        except (zstandard.ZstdError, ValueError) as e:
+            raise IntegrityError(f"chunk does not decompress with zstd: {e}") from None
+        if pos != size or extra:
+            raise IntegrityError(f"chunk decompressed to {'more than ' if extra else ''}{pos} bytes, "
+                                 f"expected {size}", compressor=algo.value)
+        return
+    out[:] = decompress(data, algo, size)
 
 
 def stream_decompressor(name: str):  # type: ignore[no-untyped-def]

@@ -6,7 +6,11 @@ Owns:
   fallback to the origin, reads the whole body with a single buffered read and turns every
   transport failure into a ``BackendError`` (``transient=True``) carrying the cause. Other modules
   (the s3 backend, the proxy health checker) use it as their HTTP layer.
-- ``RegistryClient``: the registry API v2 -- blob HEAD and ranged GET, following redirects to blob
+  With ``stream=True`` a successful (2xx) GET comes back as a ``StreamingResponse`` whose body is
+  left on the wire: ``BodyStream.readinto`` copies it straight into the caller's buffer (no
+  intermediate ``bytes``), so a large range can be consumed piece by piece as it arrives.
+- ``RegistryClient``: the registry API v2 -- blob HEAD and ranged GET (whole, or streamed with
+  ``open_blob``), following redirects to blob
   storage without leaking the registry's ``Authorization`` to other hosts (and caching the
   redirect), anonymous / Basic / Bearer-token auth (tokens cached, refreshed before expiry and on a
   401); manifests, uploads (monolithic and chunked) and cross-repository mount come from
@@ -27,6 +31,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
@@ -50,6 +55,8 @@ from nydusd.oci.content import ContentMixin
 from nydusd.oci.response import REDIRECT_STATUSES, Response, parse_content_range, status_error
 
 log = get_logger(__name__)
+
+_STREAM_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 MAX_REDIRECTS = 5
 POOL_SIZE = 32
@@ -155,6 +162,65 @@ def _peer_closed(exc: BaseException) -> bool:
     return False
 
 
+class BodyStream:
+    """The body of a successful streamed response, read in place (see ``HttpClient.request``).
+
+    ``readinto(view)`` fills ``view`` completely or raises a transient BackendError (the body was
+    cut short or the connection failed); ``close()`` returns a fully read connection to the pool
+    and drops a partly read one. Not thread-safe: one reader at a time.
+    """
+
+    def __init__(self, raw: Any, url: str) -> None:
+        self._raw = raw
+        self.url = url
+        # http.client's response reads straight into the caller's buffer; urllib3's own readinto
+        # would allocate and copy each piece.
+        fp = getattr(raw, "_fp", None)
+        self._readinto = fp.readinto if fp is not None and hasattr(fp, "readinto") else raw.readinto
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` with the next ``len(view)`` bytes of the body."""
+        pos, want = 0, len(view)
+        while pos < want:
+            try:
+                n = self._readinto(view[pos:])
+            except _STREAM_ERRORS as exc:
+                raise _transport_error("GET", self.url, exc) from exc
+            if not n:
+                raise BackendError(f"GET {self.url}: body ended after {pos} of {want} more bytes",
+                                   transient=True, kind="short_body")
+            pos += n
+
+    def skip(self, size: int) -> None:
+        """Discard the next ``size`` bytes (a server that ignored Range sends the blob's head)."""
+        buf = memoryview(bytearray(min(size, 1 << 20)))
+        while size > 0:
+            n = min(size, len(buf))
+            self.readinto(buf[:n])
+            size -= n
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            release = getattr(self._raw, "release_conn", None)
+            if release is not None:
+                release()
+
+    def __enter__(self) -> BodyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class StreamingResponse(Response):
+    """A 2xx answer whose body is still on the wire: read it through ``stream`` (then close it)."""
+
+    stream: BodyStream | None = None
+
+
 class HttpClient:
     """A pooled HTTP session with the TLS, timeout and proxy policy of one backend config."""
 
@@ -203,8 +269,11 @@ class HttpClient:
 
     def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                 data: bytes | BinaryIO | None = None, params: Any = None, use_proxy: bool = True,
-                prefetch: bool = False) -> Response:
+                prefetch: bool = False, stream: bool = False) -> Response:
         """Send one request (no redirects followed) and read its whole body.
+
+        ``stream``: a 2xx answer to a GET comes back as a ``StreamingResponse`` with its body
+        unread (the caller must close its ``stream``); other answers are read as usual.
 
         Through the proxy when one is configured and healthy; on a proxy transport failure, or a
         proxy-side error answer, the request goes straight to the origin if fallback is on.
@@ -216,7 +285,7 @@ class HttpClient:
             hdrs = dict(headers or {})
             hdrs.update(route.headers(prefetch))
             try:
-                resp = self._send(method, route.rewrite(url), hdrs, data, params, purl)
+                resp = self._send(method, route.rewrite(url), hdrs, data, params, purl, stream)
             except BackendError as exc:
                 route.report_failure(str(exc))
                 if not route.fallback:
@@ -233,10 +302,10 @@ class HttpClient:
                 if resp.status != 429:
                     route.report_failure(f"proxy error HTTP {resp.status}")
                 log.info("proxy_request_fell_back", proxy=purl, url=url, status=resp.status)
-        return self._send(method, url, dict(headers or {}), data, params, None)
+        return self._send(method, url, dict(headers or {}), data, params, None, stream)
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any, params: Any,
-              proxy: str | None) -> Response:
+              proxy: str | None, stream: bool = False) -> Response:
         proxies = {"http": proxy, "https": proxy} if proxy else None
         for attempt in (0, 1):
             try:
@@ -250,6 +319,9 @@ class HttpClient:
                 if attempt or method not in ("GET", "HEAD") or not _peer_closed(exc):
                     raise _transport_error(method, url, exc) from exc
                 log.debug("http_request_resent", method=method, url=url, cause=str(exc))
+        if stream and method == "GET" and 200 <= resp.status_code < 300:
+            return StreamingResponse(resp.status_code, resp.headers, b"", url,
+                                     stream=BodyStream(resp.raw, url))
         try:
             # One buffered read of the exact Content-Length: no Python loop over chunks, and urllib3
             # raises IncompleteRead when the body is cut short.
@@ -365,7 +437,8 @@ class RegistryClient(ContentMixin):
         return token_from_response(resp.json())
 
     def _request(self, method: str, url: str, *, scopes: tuple[str, ...], headers: Mapping[str, str]
-                 | None = None, data: Any = None, params: Any = None, prefetch: bool = False) -> Response:
+                 | None = None, data: Any = None, params: Any = None, prefetch: bool = False,
+                 stream: bool = False) -> Response:
         """One registry API request with auth: learn the challenge on a 401, (re)fetch a token and
         retry once; a second 401 is an AuthError."""
         for attempt in range(2):
@@ -377,11 +450,11 @@ class RegistryClient(ContentMixin):
                 data.seek(0)
             try:
                 resp = self.http.request(method, url, headers=hdrs, data=data, params=params,
-                                         prefetch=prefetch)
+                                         prefetch=prefetch, stream=stream)
             except BackendError as exc:
                 url = self._maybe_downgrade(url, exc)
                 resp = self.http.request(method, url, headers=hdrs, data=data, params=params,
-                                         prefetch=prefetch)
+                                         prefetch=prefetch, stream=stream)
             if resp.status != 401 or attempt:
                 return resp
             self._on_unauthorized(resp, used)
@@ -423,13 +496,13 @@ class RegistryClient(ContentMixin):
                            p.path, p.query, p.fragment))
 
     def _blob_request(self, method: str, digest: str, headers: dict[str, str], *,
-                      prefetch: bool = False) -> Response:
+                      prefetch: bool = False, stream: bool = False) -> Response:
         """GET/HEAD a blob, following redirects; the registry's Authorization stays at the registry."""
         with self._lock:
             cached = self._redirects.get(digest) if method == "GET" else None
         if cached:
             try:
-                resp = self.http.request(method, cached, headers=headers, prefetch=prefetch)
+                resp = self.http.request(method, cached, headers=headers, prefetch=prefetch, stream=stream)
             except BackendError:
                 # The blob store behind the redirect is unreachable: the next attempt asks the
                 # registry again (it may hand out another location).
@@ -443,7 +516,7 @@ class RegistryClient(ContentMixin):
                 self._redirects.pop(digest, None)
             log.debug("registry_redirect_expired", digest=digest, status=resp.status)
         resp = self._request(method, self.blob_url(digest), scopes=(self._scope(),), headers=headers,
-                             prefetch=prefetch)
+                             prefetch=prefetch, stream=stream)
         origin = _origin(self.base_url)
         url = self.blob_url(digest)
         for _ in range(MAX_REDIRECTS):
@@ -459,7 +532,7 @@ class RegistryClient(ContentMixin):
                 auth, _ = self._auth_header((self._scope(),))
                 if auth:
                     hdrs["Authorization"] = auth
-            resp = self.http.request(method, url, headers=hdrs, prefetch=prefetch)
+            resp = self.http.request(method, url, headers=hdrs, prefetch=prefetch, stream=stream)
         raise BackendError(f"too many redirects for blob {digest}", digest=digest)
 
     # ------------------------------------------------------------------ blobs
@@ -518,3 +591,28 @@ class RegistryClient(ContentMixin):
         if resp.status == 416:
             return b""
         raise status_error(resp, f"GET blob {digest}", digest=digest, offset=offset, size=size)
+
+    def open_blob(self, digest: str, offset: int, size: int, *, prefetch: bool = False) -> BodyStream | None:
+        """Bytes ``[offset, offset+size)`` of a blob as an unread body: the caller reads it with
+        ``readinto`` and closes it. None when the range starts at or past the end of the blob; a
+        range running past the end yields a stream whose reads fail when the body ends. Raises
+        BlobNotFound, AuthError, BackendError."""
+        headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+        resp = self._blob_request("GET", digest, headers, prefetch=prefetch, stream=True)
+        if resp.status == 416:
+            return None
+        if not isinstance(resp, StreamingResponse) or resp.stream is None:
+            raise status_error(resp, f"GET blob {digest}", digest=digest, offset=offset, size=size)
+        body = resp.stream
+        try:
+            if resp.status == 206:
+                cr = parse_content_range(resp.headers.get("Content-Range"))
+                if cr is not None and cr[0] != offset:
+                    raise BackendError(f"registry answered range starting at {cr[0]}, asked {offset}",
+                                       transient=True, digest=digest)
+            elif offset:
+                body.skip(offset)  # the server ignored Range and sends the whole blob
+        except BaseException:
+            body.close()
+            raise
+        return body

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nydusd.compress import Compressor, decompress
+from nydusd.compress import Compressor, decompress, decompress_into
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata, IntegrityError
 from nydusd.storage.prefetch import Prefetcher
@@ -111,6 +111,31 @@ def decode_chunk(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo,
         raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
                              offset=chunk.compressed_offset, chunk_index=chunk.index)
     return data
+
+
+def decode_chunk_into(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo, out: memoryview,
+                      verify: bool = True) -> None:
+    """``decode_chunk`` into ``out`` (writable, exactly ``uncompressed_size`` bytes) instead of new
+    bytes. Raises IntegrityError like ``decode_chunk`` (``out`` then holds garbage)."""
+    if len(payload) != chunk.compressed_size:
+        raise IntegrityError(f"short chunk payload: {len(payload)} of {chunk.compressed_size} bytes",
+                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
+    if len(out) != chunk.uncompressed_size:
+        raise ValueError("output buffer does not match the chunk's uncompressed size")
+    if chunk.is_compressed:
+        try:
+            decompress_into(payload, blob.compressor, out)
+        except IntegrityError as exc:
+            raise IntegrityError(exc.message, blob_id=blob.blob_id, offset=chunk.compressed_offset,
+                                 **exc.context) from None
+    elif len(payload) != chunk.uncompressed_size:
+        raise IntegrityError("raw chunk size differs from its uncompressed size",
+                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
+    else:
+        out[:] = payload
+    if verify and blob.digester.hash(out) != chunk.digest:
+        raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
+                             offset=chunk.compressed_offset, chunk_index=chunk.index)
 
 
 def chunk_key(chunk: ChunkInfo) -> int:

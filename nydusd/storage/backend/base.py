@@ -5,6 +5,10 @@ Owns: ``BlobBackend`` (ABC), ``RetryPolicy``. A subclass implements one attempt 
 ``is_transient(exc)``; the concrete ``blob_size``/``read`` here own retry with exponential backoff
 and jitter, the exact-length check (a read may come back short only where the blob ends), the
 on-demand vs prefetch retry budget, error context (blob id, range, cause, attempts) and metrics.
+``RangeReader`` (from ``open_range``) consumes a long range front to back into caller buffers; a
+backend that can stream (``streams_ranges``, ``try_open_range``) sends one request and the reader
+resumes it at the current position after a transient failure; other backends read the whole range
+with ``read`` on first use.
 
 Must not import rafs, fs, daemon, cache or any HTTP library: transports live in the subclasses.
 
@@ -109,6 +113,15 @@ class BlobBackend(ABC):
             return exc.transient
         return isinstance(exc, (ConnectionError, TimeoutError, InterruptedError))
 
+    #: whether ``try_open_range`` streams a range (else ``open_range`` falls back to ``read``)
+    streams_ranges: ClassVar[bool] = False
+
+    def try_open_range(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> Any:
+        """One attempt to start streaming ``size`` bytes at ``offset``: an object with
+        ``readinto(view)`` (fills ``view`` or raises a transient BackendError) and ``close()``; None
+        when the range starts at or past the end of the blob. Only for ``streams_ranges`` backends."""
+        raise Unsupported(f"the {self.type} backend cannot stream ranges", blob_id=blob_id)
+
     def try_put(self, blob_id: str, path: str) -> None:
         """One attempt to store the file at ``path`` as blob ``blob_id`` (writable backends:
         localfs, oss, s3 -- what nydusify uploads to). Raises Unsupported here."""
@@ -157,6 +170,14 @@ class BlobBackend(ABC):
             raise
         self._metrics.record_read(len(data), time.monotonic() - start)
         return data
+
+    def open_range(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> RangeReader:
+        """A reader of ``[offset, offset+size)`` to be consumed in order with ``readinto`` (one
+        backend request for the whole range where the backend streams). Close it (or use ``with``).
+        """
+        if offset < 0 or size <= 0:
+            raise BackendError("empty or negative read range", blob_id=blob_id, offset=offset, size=size)
+        return RangeReader(self, blob_id, offset, size, prefetch)
 
     def blob_exists(self, blob_id: str) -> bool:
         """Whether the backend holds the blob. Raises AuthError, BackendError (after retries)."""
@@ -260,3 +281,91 @@ def clamp_range(offset: int, size: int, total: int) -> int:
     """How many bytes of ``[offset, offset+size)`` lie inside a blob of ``total`` bytes."""
     return max(0, min(size, total - offset))
 
+
+class RangeReader:
+    """A blob range consumed front to back (see ``BlobBackend.open_range``). ``readinto(view)``
+    fills ``view`` with the next ``len(view)`` bytes, retrying transient failures by reopening the
+    range at the current position (the backend's retry policy, per call). Accounts one backend
+    request (of the bytes consumed) in the metrics when closed. Not thread-safe."""
+
+    def __init__(self, backend: BlobBackend, blob_id: str, offset: int, size: int, prefetch: bool) -> None:
+        self.backend = backend
+        self.blob_id = blob_id
+        self.pos = offset
+        self.end = offset + size
+        self.prefetch = prefetch
+        self._stream: Any = None
+        self._whole: memoryview | None = None  # non-streaming backends: the range, read at once
+        self._start = time.monotonic()
+        self._done = 0
+        self._failed = False
+        self._closed = False
+
+    def readinto(self, view: memoryview) -> None:
+        n = len(view)
+        if self.pos + n > self.end:
+            raise BackendError("read past the end of the opened range", blob_id=self.blob_id,
+                               offset=self.pos, size=n)
+        try:
+            if not self.backend.streams_ranges:
+                self._read_whole(view)
+            else:
+                self.backend._with_retry(lambda: self._fill(view), blob_id=self.blob_id, op="read",
+                                         prefetch=self.prefetch, offset=self.pos, size=n)
+        except BaseException:
+            self._failed = True
+            raise
+        self.pos += n
+        self._done += n
+
+    def _read_whole(self, view: memoryview) -> None:
+        if self._whole is None:
+            data = self.backend._with_retry(
+                lambda: self.backend._read_checked(self.blob_id, self.pos, self.end - self.pos,
+                                                   self.prefetch),
+                blob_id=self.blob_id, op="read", prefetch=self.prefetch, offset=self.pos,
+                size=self.end - self.pos)
+            self._whole = memoryview(data)
+            self._base = self.pos
+        got = self._whole[self.pos - self._base:][:len(view)]
+        if len(got) != len(view):
+            raise BackendError("read starts beyond the end of the blob", blob_id=self.blob_id,
+                               offset=self.pos, size=len(view))
+        view[:] = got
+
+    def _fill(self, view: memoryview) -> None:
+        if self._stream is None:
+            stream = self.backend.try_open_range(self.blob_id, self.pos, self.end - self.pos,
+                                                 prefetch=self.prefetch)
+            if stream is None:
+                raise BackendError("read starts beyond the end of the blob", transient=False)
+            self._stream = stream
+        try:
+            self._stream.readinto(view)
+        except BaseException:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Release the connection (returned to the pool only when fully read). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop()
+        self._whole = None
+        self.backend._metrics.record_read(self._done, time.monotonic() - self._start,
+                                          error=self._failed)
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

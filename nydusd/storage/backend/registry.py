@@ -49,6 +49,11 @@ class RegistryBackend(BlobBackend):
     def try_read(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> bytes:
         return self.client.get_blob(blob_digest(blob_id), offset, size, prefetch=prefetch)
 
+    streams_ranges: ClassVar[bool] = True
+
+    def try_open_range(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> Any:
+        return self.client.open_blob(blob_digest(blob_id), offset, size, prefetch=prefetch)
+
     def is_transient(self, exc: BaseException) -> bool:
         return isinstance(exc, BackendError) and exc.transient
 

@@ -15,6 +15,9 @@ Threading: all methods may be called concurrently from FUSE workers (llfuse lock
 prefetch threads. No lock is held across backend I/O: chunk fetches are coordinated per chunk by
 ``SingleFlight`` (claim -> fetch -> persist -> mark ready -> resolve); local files use
 ``pread``/``pwrite`` at fixed offsets; the manager's locks guard only its dict and counters.
+Prefetch streams each merged range (``backend.open_range``) in pieces of ``STREAM_PIECE`` bytes
+into a buffer owned by the calling thread (``threading.local``), decoding, storing and resolving
+each piece's chunks while the rest of the range is still on the wire.
 A chunk key is the chunk's ``compressed_offset`` (unique inside a blob; deduplicated chunks share it).
 """
 
@@ -38,12 +41,28 @@ from nydusd.storage.device import (
     ChunkInfo,
     chunk_key,
     decode_chunk,
+    decode_chunk_into,
 )
 
 log = get_logger(__name__)
 
 DEFAULT_BATCH_SIZE = 1 << 20
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
+#: payload bytes a prefetch reads from a streamed range before decoding and storing them
+STREAM_PIECE = 2 << 20
+#: plain bytes one piece may decode to (a piece holds at least one chunk whatever its size)
+STREAM_PLAIN = 4 << 20
+_tls = threading.local()
+
+
+def _thread_buffer(name: str, size: int, floor: int) -> memoryview:
+    """A writable buffer of ``size`` bytes owned by the calling thread, reused across pieces (fresh
+    memory costs page faults on every use). Valid until this thread's next call for ``name``."""
+    buf: memoryview | None = getattr(_tls, name, None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(max(size, floor)))
+        setattr(_tls, name, buf)
+    return buf[:size]
 
 
 class BlobReader(Protocol):
@@ -61,7 +80,7 @@ class Fetched:
 
     chunk: ChunkInfo
     payload: memoryview
-    plain: bytes | None
+    plain: bytes | memoryview | None
 
 
 class BlobCache(ABC):
@@ -218,16 +237,15 @@ class BlobCache(ABC):
         Returns the plain bytes of the chunks that were decoded (all of them on demand)."""
         result: dict[int, bytes] = {}
         pending = {chunk_key(c) for c in chunks}
+        stream = prefetch and hasattr(self.backend, "open_range")
         try:
             for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
+                if stream:
+                    self._stream_group(group, pending)
+                    continue
                 fetched, failed = self._fetch_group(group, prefetch)
-                self._store(fetched)
-                for item in fetched:
-                    key = chunk_key(item.chunk)
-                    if item.plain is not None:
-                        result[key] = item.plain
-                    self._flights.resolve(key, item.plain)
-                    pending.discard(key)
+                self._settle(fetched, pending)
+                result.update((chunk_key(it.chunk), it.plain) for it in fetched if it.plain is not None)
                 if failed:
                     raise failed
         except BaseException as exc:
@@ -258,11 +276,95 @@ class BlobCache(ABC):
             groups.append([chunk])
         return groups
 
+    def _settle(self, fetched: list[Fetched], pending: set[int], publish: bool = True) -> None:
+        """Store fetched chunks, then resolve their flights (ready before resolved). Without
+        ``publish`` waiters get None and read the chunks back from the cache."""
+        self._store(fetched)
+        for item in fetched:
+            key = chunk_key(item.chunk)
+            self._flights.resolve(key, item.plain if publish else None)
+            pending.discard(key)
+
+    def _stream_group(self, group: list[ChunkInfo], pending: set[int]) -> None:
+        """Prefetch one merged run with a single streamed request: read ``STREAM_PIECE`` bytes at a
+        time into this thread's buffer, decode, store and resolve them, then read on. Plain bytes
+        are not kept (the caller reads them back from the cache). Raises the first chunk failure
+        after the whole run was tried, or the backend's error."""
+        start = group[0].compressed_offset
+        size = group[-1].compressed_offset + group[-1].compressed_size - start
+        failed: NydusError | None = None
+        raw = self.stores_payload and not self.manager.verify_fetched
+        with self.backend.open_range(self.blob.blob_id, start, size, prefetch=True) as stream:
+            i = 0
+            while i < len(group):
+                j, nbytes = i + 1, group[i].compressed_size
+                plain = group[i].uncompressed_size
+                while (j < len(group) and nbytes + group[j].compressed_size <= STREAM_PIECE
+                       and (raw or plain + group[j].uncompressed_size <= STREAM_PLAIN)):
+                    nbytes += group[j].compressed_size
+                    plain += group[j].uncompressed_size
+                    j += 1
+                view = _thread_buffer("payload", nbytes, STREAM_PIECE)
+                stream.readinto(view)
+                piece, base = group[i:j], group[i].compressed_offset
+                if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
+                    fetched = [Fetched(c, view[c.compressed_offset - base:][:c.compressed_size], None)
+                               for c in piece]
+                    bad = None
+                else:
+                    fetched, bad = self._decode_piece(piece, view, base)
+                self._settle(fetched, pending, publish=False)
+                failed = failed or bad
+                i = j
+        if failed:
+            raise failed
+
+    def _decode_piece(self, piece: list[ChunkInfo], data: memoryview,
+                      start: int) -> tuple[list[Fetched], NydusError | None]:
+        """``_decode`` into this thread's plain buffer, laid out as in the cache's plain file, so
+        that adjacent chunks leave as one write. Falls back to ``_decode`` for chunks whose plain
+        ranges are out of order."""
+        ustart = piece[0].uncompressed_offset
+        uend = ustart
+        for chunk in piece:
+            if chunk.uncompressed_offset < uend:
+                return self._decode(piece, data, start, True)
+            uend = chunk.uncompressed_offset + chunk.uncompressed_size
+        out = _thread_buffer("plain", uend - ustart, STREAM_PLAIN)
+        verify = self.manager.verify_fetched
+        fetched: list[Fetched] = []
+        failed: NydusError | None = None
+        for chunk in piece:
+            payload = data[chunk.compressed_offset - start:][:chunk.compressed_size]
+            slot = out[chunk.uncompressed_offset - ustart:][:chunk.uncompressed_size]
+            try:
+                decode_chunk_into(payload, chunk, self.blob, slot, verify)
+            except IntegrityError as exc:
+                log.warning("chunk_refetched", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                            offset=chunk.compressed_offset, cause=str(exc))
+                try:
+                    payload = memoryview(self._backend_read(chunk.compressed_offset, chunk.compressed_size,
+                                                            True))
+                    decode_chunk_into(payload, chunk, self.blob, slot, verify)
+                except NydusError as again:
+                    log.error("chunk_corrupted", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                              offset=chunk.compressed_offset, cause=str(again))
+                    failed = failed or again
+                    continue
+            fetched.append(Fetched(chunk, payload, slot))
+        return fetched, failed
+
     def _fetch_group(self, group: list[ChunkInfo], prefetch: bool) -> tuple[list[Fetched], NydusError | None]:
         start = group[0].compressed_offset
         last = group[-1]
         data = memoryview(self._backend_read(start, last.compressed_offset + last.compressed_size - start,
                                              prefetch))
+        return self._decode(group, data, start, prefetch)
+
+    def _decode(self, group: list[ChunkInfo], data: memoryview, start: int,
+                prefetch: bool) -> tuple[list[Fetched], NydusError | None]:
+        """Decode the chunks of ``group`` from ``data`` (which begins at blob offset ``start``); a
+        chunk that fails is fetched alone once more. Returns the good ones and the first failure."""
         verify = self.manager.verify_fetched
         fetched: list[Fetched] = []
         failed: NydusError | None = None
