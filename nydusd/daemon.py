@@ -66,6 +66,8 @@ log = get_logger(__name__)
 
 INIT, READY, RUNNING, STOPPED = "INIT", "READY", "RUNNING", "STOPPED"
 MAX_EVENTS = 500
+#: keys ``PUT /api/v1/config`` accepts (spec §3.1)
+RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
 MAX_EVENTS_SIZE = 50 * 1024
 
 
@@ -302,6 +304,7 @@ class Daemon:
         self._instances: dict[str, RafsInstance] = {}
         self._events: deque[str] = deque(maxlen=MAX_EVENTS)
         self._events_lock = threading.Lock()
+        self._runtime_config: dict[str, dict[str, str]] = {}
         self._total_errors = 0
         self._keep_mount = False
         self._stop = threading.Event()
@@ -375,6 +378,40 @@ class Daemon:
         if self._set_log_level is not None:
             self._set_log_level(level.lower())
         log.info("log_level_changed", level=level.lower())
+
+    # -- runtime configuration (/api/v1/config) --------------------------------------------------
+
+    def get_config(self, id: str | None = None) -> dict[str, str]:
+        """Stored runtime values: ``{key: value}`` for ``id``, or ``{"<id>:<key>": value}`` for all."""
+        with self._events_lock:
+            store = {k: dict(v) for k, v in self._runtime_config.items()}
+        if id is not None:
+            return store.get(id, {})
+        return {f"{i}:{k}": v for i, values in store.items() for k, v in values.items()}
+
+    def update_config(self, id: str, values: dict[str, Any]) -> None:
+        """``PUT /api/v1/config``: store ``registry_auth``/``proxy_url``/``dragonfly_scheduler_endpoint``
+        for ``id`` (a mountpoint or config id); a new ``registry_auth`` reaches the registry backend
+        of the matching mounts at once (their next request). Raises NydusError for an unknown key
+        or a non-string value (HTTP 500, as upstream)."""
+        for key, value in values.items():
+            if key not in RUNTIME_CONFIG_KEYS:
+                raise NydusError(f"unknown configuration key {key!r}", id=id)
+            if not isinstance(value, str):
+                raise NydusError(f"configuration value of {key!r} must be a string", id=id)
+        with self._events_lock:
+            self._runtime_config.setdefault(id, {}).update(values)
+        for inst in self._instances.values():
+            if id in (inst.mountpoint, inst.config.id) or id == "":
+                self._apply_runtime_config(inst, values)
+        log.info("runtime_config_updated", id=id, keys=sorted(values))
+
+    @staticmethod
+    def _apply_runtime_config(inst: RafsInstance, values: dict[str, str]) -> None:
+        auth = values.get("registry_auth")
+        setter = getattr(inst.backend, "set_credentials", None)
+        if auth is not None and setter is not None:
+            setter(auth or None)
 
     def backend_info(self, mountpoint: str | None = None) -> dict[str, Any]:
         """Superblock summary of the image at ``mountpoint`` (``GET /api/v1/daemon/backend``)."""
@@ -454,6 +491,8 @@ class Daemon:
                 inst.close()
                 raise
             self._instances = {**self._instances, path: inst}
+        for key in dict.fromkeys(("", inst.config.id, path)):  # most specific last: it wins
+            self._apply_runtime_config(inst, self.get_config(key))
         log.info("instance_mounted", mountpoint=path, source=source)
 
     def remount(self, mountpoint: str, source: str, config: str | ConfigV2, *, fs_type: str = "rafs",

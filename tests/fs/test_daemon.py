@@ -43,6 +43,10 @@ CONFIG = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir":
 class FakeBackend:
     def __init__(self) -> None:
         self.closed = False
+        self.auth = None
+
+    def set_credentials(self, auth):
+        self.auth = auth
 
     def metrics(self):
         return {"backend_type": "localfs", "read_count": 0}
@@ -199,3 +203,21 @@ def test_read_failures_reach_the_events_ring(logs):
     events = d.events()
     assert events["total_errors"] == 1 and "read of inode" in events["errors"][0]
     assert events["errors"][0].split(" - ")[0].endswith("GMT")
+
+
+def test_runtime_config_store_and_registry_auth():
+    d = Daemon(instance_factory=fake_factory)
+    d.mount("/a", "boot", CONFIG)
+    d.mount("/b", "boot", CONFIG)
+    assert d.get_config() == {} and d.get_config("/a") == {}
+    d.update_config("/a", {"registry_auth": "dXNlcjpwYXNz", "proxy_url": "http://127.0.0.1:1"})
+    assert d._instances["/a"].backend.auth == "dXNlcjpwYXNz"
+    assert d._instances["/b"].backend.auth is None
+    assert d.get_config("/a") == {"registry_auth": "dXNlcjpwYXNz", "proxy_url": "http://127.0.0.1:1"}
+    assert d.get_config()["/a:proxy_url"] == "http://127.0.0.1:1"
+    with pytest.raises(NydusError) as exc:
+        d.update_config("/a", {"bogus": "x"})
+    assert exc.value.http_status == 500
+    d.update_config("/c", {"registry_auth": "bmV3OnBhc3M="})
+    d.mount("/c", "boot", CONFIG)
+    assert d._instances["/c"].backend.auth == "bmV3OnBhc3M="

@@ -90,3 +90,42 @@ def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fau
         fault_shim.inject("500")  # one transient failure: retried, invisible
         assert (mnt / "dir" / "multi_chunk").read_bytes() == (src / "dir" / "multi_chunk").read_bytes()
         assert d.alive()
+
+
+def test_registry_auth_renewed_through_the_config_api(tmp_path, registry_htpasswd):
+    """The snapshotter's credential renewal: PUT /api/v1/config {"registry_auth"} reaches the
+    registry backend of the running mount; a later mount under that id starts with it."""
+    from tests.integration.apiclient import ApiClient
+    from tests.servers.registry import basic_auth
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"renewed credentials\n" * 3000)
+    image = build_image(src, tmp_path / "img", version=6)
+    repo = "nydus/renew"
+    for blob in Path(image.blob_dir).iterdir():
+        registry_htpasswd.push_blob(repo, blob.read_bytes())
+    backend = registry_htpasswd.backend_config(repo, auth=basic_auth("nydus", "wrong-password"),
+                                               retry_limit=0)
+    cfg = json.dumps({"device": {"backend": {"type": "registry", "config": backend},
+                                 "cache": {"type": ""}}, "mode": "direct"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    with Nydusd(["--mountpoint", str(mnt), "--apisock", sock], mnt, log_path=tmp_path / "log",
+                apisock=sock):
+        api = ApiClient(sock)
+        assert api.mount("/snap1", image.bootstrap, cfg)[0] == 204
+        with pytest.raises(OSError) as exc:
+            (mnt / "snap1" / "hello").read_bytes()
+        assert exc.value.errno == 5
+        status, _ = api.request("PUT", "/api/v1/config", {"registry_auth": basic_auth()}, id="/snap1")
+        assert status == 204
+        assert (mnt / "snap1" / "hello").read_bytes() == (src / "hello").read_bytes()
+        assert api.request("GET", "/api/v1/config", id="/snap1") == (200, {"registry_auth": basic_auth()})
+        assert api.request("GET", "/api/v1/config")[1] == {"/snap1:registry_auth": basic_auth()}
+        assert api.request("PUT", "/api/v1/config", {"nonsense": "x"}, id="/snap1")[0] == 500
+        # a new mount under a stored id starts with the renewed credentials
+        assert api.request("PUT", "/api/v1/config", {"registry_auth": basic_auth()}, id="/snap2")[0] == 204
+        assert api.mount("/snap2", image.bootstrap, cfg)[0] == 204
+        assert (mnt / "snap2" / "hello").read_bytes() == (src / "hello").read_bytes()
