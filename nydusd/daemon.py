@@ -303,7 +303,7 @@ class Daemon:
         self._mount_lock = threading.Lock()
         self._instances: dict[str, RafsInstance] = {}
         self._events: deque[str] = deque(maxlen=MAX_EVENTS)
-        self._events_lock = threading.Lock()
+        self._info_lock = threading.Lock()  # guards the events ring and the runtime config store
         self._runtime_config: dict[str, dict[str, str]] = {}
         self._total_errors = 0
         self._keep_mount = False
@@ -353,7 +353,7 @@ class Daemon:
         """Add one entry to the events ring (``GET /api/v1/daemon/events``). Thread-safe (FUSE
         workers report read failures here with llfuse's lock released)."""
         stamp = email.utils.formatdate(time.time(), usegmt=True)
-        with self._events_lock:
+        with self._info_lock:
             self._events.append(f"{stamp} - {message}")
             self._total_errors += 1
             while sum(len(e) for e in self._events) > MAX_EVENTS_SIZE:
@@ -361,7 +361,7 @@ class Daemon:
 
     def events(self) -> dict[str, Any]:
         """``GET /daemon/events``: ``{max_errors, total_errors, max_size, total_size, errors}``."""
-        with self._events_lock:
+        with self._info_lock:
             errors = list(self._events)
         return {"max_errors": MAX_EVENTS, "total_errors": self._total_errors,
                 "max_size": MAX_EVENTS_SIZE, "total_size": sum(len(e) for e in errors),
@@ -383,7 +383,7 @@ class Daemon:
 
     def get_config(self, id: str | None = None) -> dict[str, str]:
         """Stored runtime values: ``{key: value}`` for ``id``, or ``{"<id>:<key>": value}`` for all."""
-        with self._events_lock:
+        with self._info_lock:
             store = {k: dict(v) for k, v in self._runtime_config.items()}
         if id is not None:
             return store.get(id, {})
@@ -399,7 +399,7 @@ class Daemon:
                 raise NydusError(f"unknown configuration key {key!r}", id=id)
             if not isinstance(value, str):
                 raise NydusError(f"configuration value of {key!r} must be a string", id=id)
-        with self._events_lock:
+        with self._info_lock:
             self._runtime_config.setdefault(id, {}).update(values)
         for inst in self._instances.values():
             if id in (inst.mountpoint, inst.config.id) or id == "":
