@@ -27,6 +27,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -119,6 +120,10 @@ class BlobCache(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook; caches without local state keep nothing
         """Release local resources. Idempotent."""
+
+    def bulk_write(self) -> AbstractContextManager[None]:
+        """Context of a bulk (streamed prefetch) write: a cache may defer its syncs meanwhile."""
+        return nullcontext()
 
     # ------------------------------------------------------------------ on-demand path
     def read_chunks(self, chunks: Iterable[ChunkInfo], *,
@@ -241,7 +246,8 @@ class BlobCache(ABC):
         try:
             for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
                 if stream:
-                    self._stream_group(group, pending)
+                    with self.bulk_write():
+                        self._stream_group(group, pending)
                     continue
                 fetched, failed = self._fetch_group(group, prefetch)
                 self._settle(fetched, pending)
