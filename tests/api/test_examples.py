@@ -1,5 +1,5 @@
-"""Runs every ``$ command`` of docs/api-examples.md, in order, against a real nydusd and checks the
-output shown under it (``...`` matches any text). Keeps the README's curl examples true."""
+"""Runs every ``$ command`` of the README's "HTTP API" section, in order, against a real nydusd and
+checks the output shown under it (``...`` matches any text). Keeps the README's curl examples true."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import pytest
 from tests.api.live import LiveDaemon, build_image, make_files
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "api-examples.md"
+README = ROOT / "README.md"
+
+
+def api_section() -> str:
+    """The README text from its "## HTTP API" heading to the next level-2 heading."""
+    text = README.read_text()
+    start = text.index("\n## HTTP API\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
 
 
 def examples(text: str) -> list[tuple[str, str]]:
@@ -44,7 +52,7 @@ def matches(expected: str, actual: str) -> bool:
 
 
 def test_the_page_has_examples() -> None:
-    cmds = [c for c, _ in examples(DOC.read_text())]
+    cmds = [c for c, _ in examples(api_section())]
     assert len(cmds) >= 15
     assert all("$SOCK" in c for c in cmds if c.startswith("curl"))
     assert matches('{"a":...,"b":2}', '{"a":[1, 2],"b":2}') and not matches('{"a":1}', '{"a":2}')
@@ -68,7 +76,7 @@ def test_examples_run(tmp_path: Path) -> None:
     env = {**os.environ, "SOCK": str(sock), "BOOT": str(boot), "CONFIG": str(config), "MNT": str(mnt)}
     try:
         daemon.start()
-        for cmd, expected in examples(DOC.read_text()):
+        for cmd, expected in examples(api_section()):
             proc = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=30)
             assert proc.returncode == 0, f"{cmd}\n{proc.stderr}"
             assert matches(expected, proc.stdout), f"{cmd}\nexpected:\n{expected}\ngot:\n{proc.stdout}"
