@@ -12,6 +12,7 @@ patterns) and passes everything down explicitly. Single-threaded apart from the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -177,21 +178,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
         platform=args.platform, all_platforms=args.all_platforms, merge_platform=args.merge_platform,
         push_retry_count=args.push_retry_count, push_retry_delay=args.push_retry_delay, blob_store=store)
     env = dict(os.environ)
-    source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
-    try:
+    with contextlib.ExitStack() as stack:
+        if store is not None:
+            stack.callback(store.close)
+        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+        stack.callback(source.close)
         target = open_remote(target_text, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
-        try:
-            progress = Progress(None if args.progress == "auto" else args.progress == "always")
+        stack.callback(target.close)
+        progress = Progress(None if args.progress == "auto" else args.progress == "always")
 
-            def factory(ref: str) -> object:
-                return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http,
-                                   env=env)
+        def factory(ref: str) -> object:
+            return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http, env=env)
 
-            result = Converter(source, target, opts, progress=progress, remote_factory=factory).convert()
-        finally:
-            target.close()
-    finally:
-        source.close()
+        result = Converter(source, target, opts, progress=progress, remote_factory=factory).convert()
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result.metrics.to_json(), indent=2) + "\n")
     print(f"converted {args.source} -> {result.target} ({result.digest})")

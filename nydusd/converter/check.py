@@ -19,7 +19,6 @@ Must not import requests. Threading: one Checker per thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -220,12 +219,9 @@ class Checker:
             if not self._store.exists(blob_id):
                 self._problem(f"{p}bootstrap: blob {blob_id} missing from the {where}")
                 return
-            if download:
-                data = self._store.get(blob_id)
-                if hashlib.sha256(data).hexdigest() != blob_id:
-                    self._problem(f"{p}bootstrap: blob {blob_id} in the {where} does not match its digest")
-                    return
-                path.write_bytes(data)
+            if download and self._store.download(blob_id, path) != blob_id:
+                self._problem(f"{p}bootstrap: blob {blob_id} in the {where} does not match its digest")
+                return
         except NydusError as e:
             self._problem(f"{p}bootstrap: blob {blob_id} cannot be read from the {where}: {e}")
             return

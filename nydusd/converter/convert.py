@@ -347,11 +347,11 @@ class Converter:
         assert store is not None
         task = self.progress.task("push", blob_id[:12], size)
         t = time.monotonic_ns()
-        with_retry(f"{store.type} blob {blob_id}", lambda: store.put(blob_id, path),
-                   count=self.opts.push_retry_count, delay=self.opts.push_retry_delay)
-        self.metrics.add(target_push_ns=time.monotonic_ns() - t, bytes_pushed=size)
-        task.update(size)
-        task.finish(backend=store.type)
+        stored = with_retry(f"{store.type} blob {blob_id}", lambda: store.put(blob_id, path),
+                            count=self.opts.push_retry_count, delay=self.opts.push_retry_delay)
+        self.metrics.add(target_push_ns=time.monotonic_ns() - t, bytes_pushed=size if stored else 0)
+        task.update(size if stored else 0)
+        task.finish(backend=store.type, skipped=not stored)
 
     def _push_bytes(self, digest: str, data: bytes) -> None:
         t = time.monotonic_ns()

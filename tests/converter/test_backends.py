@@ -4,6 +4,7 @@ mounts the image through its own s3/oss backend."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from nydusd.converter import manifest as m
 from nydusd.converter.stores import create_store
-from nydusd.errors import AuthError
+from nydusd.errors import AuthError, BlobNotFound, ConfigError
 from tests.converter.conftest import Image
 from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert, get_manifest
@@ -66,3 +67,54 @@ def test_check_mount_with_object_storage_backend(request: pytest.FixtureRequest,
         store.close()
     assert check(dst, source_image.ref, tmp_path / "c", backend=(kind, json.dumps(cfg)),
                  nydusd=f"{sys.executable} -m nydusd") == []
+
+
+@pytest.mark.parametrize("kind", ["localfs", "s3", "oss"])
+def test_store_put_skips_existing_blobs_unless_forced(request: pytest.FixtureRequest, kind: str,
+                                                     tmp_path: Path) -> None:
+    """The store writes through the storage backend (oss2 / botocore signatures checked by the
+    servers): an existing object is not uploaded again unless forced, a download hashes the bytes."""
+    if kind == "localfs":
+        cfg: dict[str, Any] = {"dir": str(tmp_path / "blobs")}
+    else:
+        cfg = _store_config(request, kind, f"nydusify-put-{kind}")
+    data = bytes(range(256)) * 40000  # > one download piece
+    blob_id = hashlib.sha256(data).hexdigest()
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    with create_store(kind, json.dumps(cfg)) as store:
+        assert not store.exists(blob_id)
+        assert store.put(blob_id, src) is True
+        assert store.exists(blob_id)
+        assert store.put(blob_id, src) is False
+        assert store.download(blob_id, tmp_path / "back") == blob_id
+        assert (tmp_path / "back").read_bytes() == data
+        assert store.backend_config() == cfg
+        with pytest.raises(BlobNotFound):
+            store.download("0" * 64, tmp_path / "missing")
+        assert not (tmp_path / "missing").exists()
+    src.write_bytes(b"replaced")
+    with create_store(kind, json.dumps(cfg), force=True) as forced:
+        assert forced.put(blob_id, src) is True
+        assert forced.download(blob_id, tmp_path / "again") == hashlib.sha256(b"replaced").hexdigest()
+
+
+@pytest.mark.parametrize(("kind", "cfg", "field"), [
+    ("s3", {"bucket_name": "b", "endpoint": "127.0.0.1:1"}, "backend.s3.region"),
+    ("s3", {"region": "r"}, "backend.s3.bucket_name"),
+    ("oss", {"endpoint": "127.0.0.1:1"}, "backend.oss.bucket_name"),
+    ("localfs", {}, "backend.localfs.dir"),
+    ("localfs", {"dir": 5}, "backend.localfs.dir"),
+    ("registry", {}, "backend-type"),
+    ("s3", [], "backend-config"),
+])
+def test_store_config_errors_name_the_field(kind: str, cfg: Any, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_store(kind, json.dumps(cfg))
+    assert info.value.context["field"] == field
+
+
+def test_s3_store_without_endpoint_means_aws() -> None:
+    with create_store("s3", json.dumps({"bucket_name": "b", "region": "eu-west-1"})) as store:
+        assert store.backend.base_url == "https://s3.eu-west-1.amazonaws.com"  # type: ignore[attr-defined]
+        assert store.backend_config()["endpoint"] == ""

@@ -20,7 +20,7 @@ from nydusd.converter.convert import Converter, ConvertOptions, ConvertResult
 from nydusd.converter.layers import LayerStream
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
-from nydusd.converter.stores import LocalFsStore
+from nydusd.converter.stores import create_store
 from tests.converter.conftest import Image
 from tests.converter.images import run, skopeo_push, tool_env
 from tests.converter.registry import Registry
@@ -210,9 +210,9 @@ def test_with_referrer_sets_subject(registry: Registry, source_image: Image, tmp
 def test_localfs_backend_keeps_only_the_bootstrap_layer(registry: Registry, source_image: Image,
                                                         tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
-    store = LocalFsStore({"dir": str(blobs)})
     dst = f"{registry.host}/dst/localfs:nydus"
-    convert(source_image.ref, dst, tmp_path / "w", blob_store=store)
+    with create_store("localfs", json.dumps({"dir": str(blobs)})) as store:
+        convert(source_image.ref, dst, tmp_path / "w", blob_store=store)
     raw, _ = get_manifest(registry, "dst/localfs", "nydus")
     mf = m.parse_document(raw)
     assert isinstance(mf, m.Manifest) and len(mf.layers) == 1 and m.is_nydus_manifest(mf)

@@ -104,10 +104,11 @@ def test_mount_with_localfs_backend(registry: Registry, source_image: Image, oci
                                     tmp_path: Path) -> None:
     import json
 
-    from nydusd.converter.stores import LocalFsStore
+    from nydusd.converter.stores import create_store
 
     blobs = tmp_path / "blobs"
     target = f"{registry.host}/mount/localfs:v6"
-    convert(source_image.ref, target, tmp_path / "conv", blob_store=LocalFsStore({"dir": str(blobs)}))
+    with create_store("localfs", json.dumps({"dir": str(blobs)})) as store:
+        convert(source_image.ref, target, tmp_path / "conv", blob_store=store)
     extra = ("--backend-type", "localfs", "--backend-config", json.dumps({"dir": str(blobs)}))
     assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, {"HOME": str(tmp_path)}, extra) >= 25
