@@ -172,7 +172,7 @@ def _prefetch_first(files: list[PendingFile], patterns: tuple[str, ...]) -> list
 
 
 def _read_source(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions,
-                 pipeline: ChunkPipeline) -> Node:
+                 pipeline: ChunkPipeline, lower: Node | None) -> Node:
     if opts.source_type is SourceType.DIRECTORY:
         if not isinstance(source, (str, os.PathLike)):
             raise InvalidArgument("a directory source must be a path", field="source")
@@ -182,7 +182,8 @@ def _read_source(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions,
                 pipeline.add_stream(pending.data, f, os.fsdecode(pending.path))
         return src.root
     with open_tar_stream(source) as stream:
-        return read_tarball(stream, pipeline.add_stream)
+        # hard links of a tar layer may name files of the parent image it is stacked on
+        return read_tarball(stream, pipeline.add_stream, lower=lower, whiteout_spec=opts.whiteout_spec)
 
 
 @contextlib.contextmanager
@@ -234,7 +235,7 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
     with _timed(stats, "dump_blob"), ChunkPipeline(
             chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
             writer=writer, new_blob=new_blob, chunk_dict=known, workers=opts.worker_count) as pipe:
-        upper = _read_source(source, opts, pipe)
+        upper = _read_source(source, opts, pipe, parent.root if parent is not None else None)
         pipe.finish()
     stats.update(pipe.stats.as_dict())
     if parent is not None:

@@ -11,8 +11,15 @@ Entry rules (documented divergences from upstream in ``nydus-image create --help
 * a name longer than 255 bytes in any component is rejected;
 * a duplicate name is rejected, except a directory listed again as a directory (its attributes
   are updated, as tar extraction would);
-* a hard link must name an earlier entry; a link to a missing or later entry or to a directory is
-  rejected; a link to a non-regular entry copies it (RAFS groups only regular files);
+* a hard link must name an earlier entry of the tar or, when the layer is built on a parent image
+  (``lower``), a file of that image: a later layer may re-link a file of a lower one (docker save
+  produces such layers). That is applied as containerd applies it on overlayfs (``link(2)`` to the
+  copied-up lower file): the new name joins the lower file's hard-link group (same inode, same
+  data, nlink + 1; the lower name stays as it is). Entries already read take precedence, so a link
+  that precedes a replacement of its target in the same tar keeps the lower file, and a target this
+  tar already deleted (whiteout, opaque directory, an ancestor replaced by a non-directory) is gone.
+  A link to a missing entry or to a directory is rejected; a link to a non-regular entry copies
+  it (RAFS groups only regular files);
 * symlink targets are stored verbatim (they may point anywhere) and never followed;
 * missing parent directories are created 0755 root:root with mtime 0 (as upstream), marked
   ``implicit`` so that, stacked on a parent, they do not reset the parent's directory attributes.
@@ -32,7 +39,20 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from nydusd.builder.tree import FileData, Node, check_name, check_xattr, keep_xattr, new_dir
+from nydusd.builder.options import WhiteoutSpec
+from nydusd.builder.tree import (
+    OCI_OPAQUE,
+    OCI_WHITEOUT_PREFIX,
+    FileData,
+    Node,
+    check_name,
+    check_xattr,
+    is_overlay_opaque,
+    is_whiteout,
+    keep_xattr,
+    lookup_path,
+    new_dir,
+)
 from nydusd.compress import stream_decompressor
 from nydusd.errors import BuildError
 from nydusd.log import get_logger
@@ -194,10 +214,15 @@ def _node_for(info: tarfile.TarInfo, name: bytes) -> Node:
 
 
 class _TarTree:
-    def __init__(self) -> None:
+    def __init__(self, lower: Node | None = None, whiteout_spec: WhiteoutSpec = WhiteoutSpec.OCI) -> None:
         self.root = new_dir(b"/")
         self.root.implicit = True
         self.seen: dict[tuple[bytes, ...], Node] = {(): self.root}
+        self.lower = lower
+        self.spec = whiteout_spec
+        # what this tar has deleted from the lower image so far (hard links must not reach it)
+        self.whiteouts: set[tuple[bytes, ...]] = set()
+        self.opaque: set[tuple[bytes, ...]] = set()
 
     def parent_of(self, parts: list[bytes], name: str) -> Node:
         node = self.root
@@ -238,11 +263,52 @@ class _TarTree:
         old.mtime, old.mtime_nsec, old.xattrs = new.mtime, new.mtime_nsec, new.xattrs
         old.implicit = False
 
-    def hardlink(self, info: tarfile.TarInfo, parts: list[bytes]) -> Node:
-        target = self.seen.get(tuple(_split_name(info.linkname)))
-        if target is None:
+    def note_whiteout(self, parts: list[bytes], node: Node) -> None:
+        """Remember what a whiteout marker of this tar removes from the lower image."""
+        key = tuple(parts)
+        if self.spec is WhiteoutSpec.OCI and parts and parts[-1] == OCI_OPAQUE:
+            self.opaque.add(key[:-1])
+        elif self.spec is WhiteoutSpec.OCI and parts and parts[-1].startswith(OCI_WHITEOUT_PREFIX):
+            self.whiteouts.add(key[:-1] + (parts[-1][len(OCI_WHITEOUT_PREFIX):],))
+        elif is_whiteout(node, self.spec):
+            self.whiteouts.add(key)
+        elif self.spec is WhiteoutSpec.OVERLAYFS and is_overlay_opaque(node):
+            self.opaque.add(key)
+
+    def _deleted_below(self, target: tuple[bytes, ...]) -> bool:
+        """Whether the entries read so far hide the lower image's ``target``."""
+        for i in range(len(target) + 1):
+            prefix = target[:i]
+            if prefix in self.whiteouts:
+                return True
+            if i < len(target):
+                if prefix in self.opaque:
+                    return True
+                mine = self.seen.get(prefix)
+                if mine is not None and not mine.is_dir:
+                    return True
+        return False
+
+    def _link_target(self, info: tarfile.TarInfo) -> Node:
+        key = tuple(_split_name(info.linkname))
+        target = self.seen.get(key)
+        if target is not None:
+            return target
+        if self.lower is None:
             raise BuildError("hard link to a missing or later tar entry", path=info.name,
                              target=info.linkname)
+        if self._deleted_below(key):
+            raise BuildError("hard link to a lower-layer file this layer deleted", path=info.name,
+                             target=info.linkname)
+        target = lookup_path(self.lower, b"/".join(key)) if key else self.lower
+        if target is None:
+            raise BuildError("hard link to a missing or later tar entry (not in the parent image "
+                             "either)", path=info.name, target=info.linkname)
+        log.debug("tar_hardlink_to_lower_layer", path=info.name, target=info.linkname)
+        return target
+
+    def hardlink(self, info: tarfile.TarInfo, parts: list[bytes]) -> Node:
+        target = self._link_target(info)
         if target.is_dir:
             raise BuildError("hard link to a directory", path=info.name, target=info.linkname)
         if target.is_reg:
@@ -254,13 +320,17 @@ class _TarTree:
                     xattrs=dict(target.xattrs), symlink=target.symlink)
 
 
-def read_tarball(stream: BinaryIO, on_file: FileCallback) -> Node:
+def read_tarball(stream: BinaryIO, on_file: FileCallback, *, lower: Node | None = None,
+                 whiteout_spec: WhiteoutSpec = WhiteoutSpec.OCI) -> Node:
     """Read every entry of the (uncompressed) tar ``stream``; returns the tree root.
 
     ``on_file(data, reader, path)`` must consume exactly ``data.size`` bytes of each regular file.
-    Raises BuildError for a malformed tar or an entry breaking the rules in the module docstring.
+    ``lower`` is the parent image's tree the layer will be stacked on (read only here): hard links
+    may name its files, and the returned nodes then share their ``FileData`` (``whiteout_spec`` says
+    which entries of this tar delete lower files). Raises BuildError for a malformed tar or an entry
+    breaking the rules in the module docstring.
     """
-    tree = _TarTree()
+    tree = _TarTree(lower, whiteout_spec)
     try:
         tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)  # noqa: SIM115 - closed below
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -285,6 +355,8 @@ def _add_entry(tree: _TarTree, tf: tarfile.TarFile, info: tarfile.TarInfo, on_fi
         tree.add(parts, tree.hardlink(info, parts), info.name)
         return
     node = _node_for(info, parts[-1] if parts else b"/")
+    if tree.lower is not None:
+        tree.note_whiteout(parts, node)
     if node.data is not None:
         if not parts:
             raise BuildError("tar root entry is not a directory", path=info.name)

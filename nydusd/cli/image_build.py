@@ -29,6 +29,9 @@ Differences from upstream nydus-image (and why):
   * tar entries: a leading '/' is stripped (GNU tar extraction rule); a '..' component, a
     duplicate non-directory name, a hard link to a missing/later entry or to a directory is a
     build error instead of being silently resolved, so a malicious layer cannot alias files.
+  * tar hard links with --parent-bootstrap may name a file of the parent image (upstream fails
+    with "unknown target"): the new name joins the lower file's inode, as containerd's link(2)
+    on overlayfs does; a lower file this layer deleted before the link is an error.
   * --batch-size, --encrypt, --blob-cache-dir, --attributes, --external-blob are accepted for
     feature detection but only their default (off) is supported; other values fail with an error.
   * with --prefetch-policy fs, a tar source keeps its blob in tar order (it is never buffered

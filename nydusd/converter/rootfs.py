@@ -95,12 +95,39 @@ def _ensure_parents(tree: dict[str, Entry], path: str) -> None:
         tree[p] = Entry(mode=stat.S_IFDIR | 0o755)
 
 
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while path != "/":
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+def _link_target(tree: dict[str, Entry], layer: dict[str, Entry], whiteouts: list[str],
+                 opaque: list[str], path: str, target: str) -> Entry:
+    """What a hard link names, at its place in the tar: an entry of this layer read before it, else
+    a lower file this layer has not deleted so far (as containerd applies a layer, in order)."""
+    found = layer.get(target)
+    if found is None:
+        above = _ancestors(target)
+        gone = set(whiteouts)
+        hidden = (target in gone or any(a in gone or a in opaque for a in above)
+                  or any(a in layer and not layer[a].is_dir for a in above))
+        found = None if hidden else tree.get(target)
+    if found is None or found.is_dir:
+        raise BuildError("hard link to a missing or non-regular file", path=path, target=target)
+    return found
+
+
 def apply_layer(tree: dict[str, Entry], tar_stream: IO[bytes] | Any) -> None:
-    """Apply one uncompressed layer tar to ``tree`` (path -> Entry, root ``/``). Raises BuildError
-    for entries leaving the root and IntegrityError for a corrupt tar."""
+    """Apply one uncompressed layer tar to ``tree`` (path -> Entry, root ``/``). Whiteouts act on
+    the lower layers only; hard links may name entries of this layer read before them or files
+    of the layers below. Raises BuildError for entries leaving the root or a dangling hard link,
+    IntegrityError for a corrupt tar."""
     whiteouts: list[str] = []
     opaque: list[str] = []
-    entries: list[tuple[str, Entry | str]] = []  # str = hard link target path
+    layer: dict[str, Entry] = {}
+    entries: list[tuple[str, Entry]] = []
     try:
         with tarfile.open(fileobj=tar_stream, mode="r|") as tar:
             for ti in tar:
@@ -108,12 +135,17 @@ def apply_layer(tree: dict[str, Entry], tar_stream: IO[bytes] | Any) -> None:
                 base = os.path.basename(path)
                 if base == WH_OPAQUE:
                     opaque.append(os.path.dirname(path))
-                elif base.startswith(WH_PREFIX):
+                    continue
+                if base.startswith(WH_PREFIX):
                     whiteouts.append(os.path.join(os.path.dirname(path), base[len(WH_PREFIX):]))
-                elif ti.type == tarfile.LNKTYPE:
-                    entries.append((path, "/" + safe_member_name(ti.linkname)))
+                    continue
+                if ti.type == tarfile.LNKTYPE:
+                    entry = _link_target(tree, layer, whiteouts, opaque, path,
+                                         "/" + safe_member_name(ti.linkname))
                 else:
-                    entries.append((path, _entry(ti, tar)))
+                    entry = _entry(ti, tar)
+                entries.append((path, entry))
+                layer[path] = entry
     except tarfile.TarError as e:
         raise IntegrityError(f"layer is not a valid tar: {e}") from None
     for d in opaque:
@@ -121,11 +153,6 @@ def apply_layer(tree: dict[str, Entry], tar_stream: IO[bytes] | Any) -> None:
     for w in whiteouts:
         _remove_subtree(tree, w)
     for path, entry in entries:
-        if isinstance(entry, str):
-            target = tree.get(entry)
-            if target is None or target.is_dir:
-                raise BuildError("hard link to a missing or non-regular file", path=path, target=entry)
-            entry = target
         old = tree.get(path)
         if old is not None and not (old.is_dir and entry.is_dir):
             _remove_subtree(tree, path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.builder.merge import MergeOptions, merge
-from nydusd.errors import InvalidArgument
+from nydusd.errors import BuildError, InvalidArgument
 from nydusd.rafs import load_bootstrap
 from tests.images import Entry, build_image, make_tree, snapshot_dir, snapshot_image
 
@@ -286,3 +286,130 @@ def test_merged_image_mounts_in_kernel_erofs(tmp_path: Path, layers: list[Path],
     finally:
         for lp in loops:
             subprocess.run(["losetup", "-d", lp], check=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# hard links from a layer to files of the layers below it
+
+A_DATA = os.urandom(70_000)
+G_DATA = b"group" * 5000
+C_OLD, C_NEW = b"old c" * 100, b"new c"
+
+
+def _layer_tar(dest: Path, members: list[tuple]) -> Path:
+    """(name, data) regular files (mode 0640, uid 1000), (name, None) directories, (name, "->",
+    target) hard links, in this order."""
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, *link in members:
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.uid, ti.gid, ti.mode = 1_700_000_000, 1000, 100, 0o640
+            if link:
+                ti.type, ti.linkname = tarfile.LNKTYPE, link[0]
+                tf.addfile(ti)
+            elif data is None:
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return dest
+
+
+BASE_MEMBERS = [("a", A_DATA), ("dir", None), ("dir/c", C_OLD), ("dir/g1", G_DATA),
+                ("dir/g2", "->", "dir/g1")]
+UPPER_MEMBERS = [
+    ("b", "->", "a"),                 # a file of the base layer gets a second name
+    ("dir/g3", "->", "dir/g1"),      # joins a hard-link group of the base layer
+    ("x", "->", "dir/c"),            # links the base's dir/c, which this layer replaces afterwards
+    ("dir/c", C_NEW),
+    ("new", b"n"), ("new2", "->", "new"),  # an ordinary link inside the layer
+]
+
+
+def _stack(tmp_path: Path, upper: list[tuple]) -> tuple[Path, Path]:
+    base = build_image(_layer_tar(tmp_path / "base.tar", BASE_MEMBERS), tmp_path / "o0", tar=True,
+                       chunk_size=0x10000)
+    top = build_image(_layer_tar(tmp_path / "upper.tar", upper), tmp_path / "o1", tar=True,
+                      parent=base.bootstrap, chunk_size=0x10000)
+    return top.bootstrap, _all_blobs([tmp_path / "o0", tmp_path / "o1"], tmp_path / "blobs")
+
+
+def test_hard_link_to_a_parent_layer_file(tmp_path: Path) -> None:
+    """A tar layer built with --parent-bootstrap may hard-link files of the parent image: the new
+    name shares the lower file's inode and data (nlink grows), as linking the copied-up lower file
+    on overlayfs does; no data is stored again."""
+    boot, blobs = _stack(tmp_path, UPPER_MEMBERS)
+    got = snapshot_image(boot, blobs)
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in
+           {"a": A_DATA, "g": G_DATA, "old": C_OLD, "new": C_NEW}.items()}
+    assert got[b"/b"].sha256 == got[b"/a"].sha256 == sha["a"]
+    assert got[b"/b"].link_group == got[b"/a"].link_group == b"/a"
+    assert {got[p].link_group for p in (b"/dir/g1", b"/dir/g2", b"/dir/g3")} == {b"/dir/g1"}
+    assert got[b"/x"].sha256 == sha["old"] and got[b"/x"].link_group is None
+    assert got[b"/dir/c"].sha256 == sha["new"] and got[b"/dir/c"].link_group is None
+    assert got[b"/new2"].link_group == b"/new"
+    with load_bootstrap(str(boot)) as sb:
+        a, b = sb.resolve("/a"), sb.resolve("/b")
+        assert a.ino == b.ino and a.nlink == 2 and stat.S_IMODE(b.mode) == 0o640 and b.uid == 1000
+        assert sb.resolve("/dir/g3").nlink == 3 and sb.resolve("/x").nlink == 1
+        # the linked names read the base layer's blob: the upper blob holds only the new files
+        assert {c.blob_index for c in sb.chunks(b.ino)} == {sb.blobs.index(
+            next(x for x in sb.blobs if x.blob_id == _base_blob(tmp_path)))}
+        assert sum(c.uncompressed_size for c in sb.chunks(b.ino)) == len(A_DATA)
+
+
+def _base_blob(tmp_path: Path) -> str:
+    with load_bootstrap(str(tmp_path / "o0" / "image.boot")) as sb:
+        return sb.blobs[0].blob_id
+
+
+@pytest.mark.parametrize(("upper", "why"), [
+    ([(".wh.a", b""), ("b", "->", "a")], "deleted"),
+    ([("dir", None), ("dir/.wh..wh..opq", b""), ("b", "->", "dir/c")], "deleted"),
+    ([("dir", b"now a file"), ("b", "->", "dir/c")], "deleted"),
+    ([("b", "->", "nowhere")], "not in the parent image"),
+    ([("b", "->", "dir")], "directory"),
+])
+def test_hard_link_to_a_parent_layer_file_errors(tmp_path: Path, upper: list[tuple], why: str) -> None:
+    with pytest.raises(BuildError, match=why):
+        _stack(tmp_path, upper)
+    assert not (tmp_path / "o1" / "image.boot").exists()
+
+
+def test_hard_link_to_a_parent_file_then_whiteout_keeps_the_data(tmp_path: Path) -> None:
+    """Entries act in tar order (as containerd applies a layer): the link made before ``.wh.a``
+    keeps a's data under the new name."""
+    boot, blobs = _stack(tmp_path, [("b", "->", "a"), (".wh.a", b"")])
+    got = snapshot_image(boot, blobs)
+    assert b"/a" not in got and got[b"/b"].sha256 == hashlib.sha256(A_DATA).hexdigest()
+    with load_bootstrap(str(boot)) as sb:
+        assert sb.resolve("/b").nlink == 1
+
+
+@pytest.mark.root
+def test_hard_link_to_a_parent_layer_file_matches_overlayfs(tmp_path: Path) -> None:
+    """Oracle: the base tar extracted into an overlayfs lower dir, the upper tar extracted by GNU tar
+    into the mounted overlay (link(2) copies the lower file up; -U replaces files as container
+    runtimes do). Every non-directory entry, link groups included, equals the nydus image's.
+    ``index=on`` makes copy-up keep the lower hard-link group whole (dir/g1, g2 and the new g3 stay
+    one inode), the semantics of link(2) on one filesystem; without it overlayfs splits g2 off."""
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    boot, blobs = _stack(tmp_path, UPPER_MEMBERS)
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    subprocess.run(["tar", "-x", "-p", "--numeric-owner", "-f", str(tmp_path / "base.tar"), "-C", str(lower)],
+                   check=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work},index=on", str(mnt)], check=True)
+    try:
+        subprocess.run(["tar", "-x", "-p", "-U", "--numeric-owner", "-f", str(tmp_path / "upper.tar"),
+                        "-C", str(mnt)], check=True)
+        want = snapshot_dir(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    got = snapshot_image(boot, blobs)
+    files = {k for k, v in want.items() if not stat.S_ISDIR(v.mode)}
+    assert files == {k for k, v in got.items() if not stat.S_ISDIR(v.mode)}
+    assert not _diff({k: got[k] for k in files}, {k: want[k] for k in files})

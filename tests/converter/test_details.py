@@ -18,7 +18,8 @@ from nydusd.converter import manifest as m
 from nydusd.converter.progress import Progress
 from nydusd.converter.publish import BLOB_META_HEADER_SIZE, bootstrap_layer_tar, with_retry
 from nydusd.converter.remote import open_remote
-from nydusd.errors import BackendError, Unsupported
+from nydusd.converter.rootfs import oci_rootfs
+from nydusd.errors import BackendError, BuildError, Unsupported
 from nydusd.oci.client import RegistryClient
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
@@ -274,3 +275,51 @@ def test_check_reports_a_broken_bootstrap_layer(registry: Registry, tmp_path: Pa
         client.close()
     problems = check(f"{registry.host}/dst/fake:v1", None, tmp_path / "c")
     assert len(problems) == 1 and "bootstrap: layer" in problems[0] and "cannot be used" in problems[0]
+
+
+HARDLINK_LAYERS = [
+    [("a", b"lower file a" * 3000, ""), ("dir/", b"", ""), ("dir/c", b"c" * 5000, ""),
+     ("dir/g1", b"group", ""), ("dir/g2", b"", "hard:dir/g1")],
+    # links into the layer below: a new name for a, a third member for the g1/g2 group, and a link
+    # made before this layer replaces its target (keeps the old content)
+    [("b", b"", "hard:a"), ("dir/g3", b"", "hard:dir/g1"), ("x", b"", "hard:dir/c"),
+     ("dir/c", b"replaced", "")],
+]
+
+
+def test_hard_links_into_a_lower_layer(registry: Registry, tmp_path: Path) -> None:
+    """`nydusify convert` + `check` (CLI) of an image whose upper layer hard-links files of its base
+    layer (docker save produces such layers): the links share the lower file's inode and data."""
+    push_image(registry, "src/xlink", "v1", [layer_tar(t) for t in HARDLINK_LAYERS])
+    src, dst = f"{registry.host}/src/xlink:v1", f"{registry.host}/dst/xlink:v1"
+    cmd = [sys.executable, "-m", "nydusd.cli.convert", "-l", "warn"]
+    for args in (["convert", "--source", src, "--target", dst, "--work-dir", str(tmp_path / "w")],
+                 ["check", "--source", src, "--target", dst, "--work-dir", str(tmp_path / "c")]):
+        proc = subprocess.run([*cmd, *args, "--plain-http"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    with load_bootstrap(str(tmp_path / "c/nydus_bootstrap/image/image.boot")) as rs:
+        a, b = rs.resolve("/a"), rs.resolve("/b")
+        assert (a.ino, a.nlink, b.size) == (b.ino, 2, len(HARDLINK_LAYERS[0][0][1]))
+        assert {rs.resolve(f"/dir/g{i}").ino for i in (1, 2, 3)} == {rs.resolve("/dir/g1").ino}
+        assert rs.resolve("/dir/g3").nlink == 3
+        x, c = rs.resolve("/x"), rs.resolve("/dir/c")
+        assert x.ino != c.ino and (x.size, c.size, x.nlink) == (5000, len(b"replaced"), 1)
+
+
+@pytest.mark.fuse
+def test_hard_links_into_a_lower_layer_read_through_nydusd(registry: Registry, tmp_path: Path) -> None:
+    push_image(registry, "src/xlink-fuse", "v1", [layer_tar(t) for t in HARDLINK_LAYERS])
+    src, dst = f"{registry.host}/src/xlink-fuse:v1", f"{registry.host}/dst/xlink-fuse:v1"
+    convert(src, dst, tmp_path / "w")
+    assert check(dst, src, tmp_path / "c", nydusd=f"{sys.executable} -m nydusd") == []
+
+
+def test_check_reads_hard_links_in_tar_order(tmp_path: Path) -> None:
+    """check's OCI reference applies a layer as containerd does: a link made before the layer's
+    whiteout of its lower target keeps the data; one made after it dangles."""
+    base = layer_tar([("a", b"lower", "")])
+    tree = oci_rootfs([io.BytesIO(base), io.BytesIO(layer_tar([("b", b"", "hard:a"), (".wh.a", b"", "")]))])
+    assert "/a" not in tree and tree["/b"].size == 5
+    with pytest.raises(BuildError, match="hard link"):
+        oci_rootfs([io.BytesIO(base), io.BytesIO(layer_tar([(".wh.a", b"", ""), ("b", b"", "hard:a")]))])
