@@ -280,6 +280,8 @@ class _Flusher:
         with self._cond:
             if self._closed:
                 return False
+            if id(cache) in self._dirty:
+                return True  # already queued: no need to wake the flusher again
             self._dirty[id(cache)] = cache
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="nydus-cache-flush", daemon=True)
