@@ -582,6 +582,12 @@ def _unknown_keys(model: type[BaseModel], data: Mapping[str, Any], path: tuple[s
             yield from _unknown_keys(sub, value, path + (key,), inner)
 
 
+def _sub_dict(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` when it is an object, else an empty dict (shape errors are reported elsewhere)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _unknown_v1_keys(data: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], bool]]:
     for key in data:
         if key not in _V1_TOP:
@@ -592,15 +598,16 @@ def _unknown_v1_keys(data: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...],
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             yield from (((*where, k), k in _QUIET_KEYS) for k in node if k not in known)
-    device = data.get("device") if isinstance(data.get("device"), dict) else {}
-    backend = device.get("backend") if isinstance(device.get("backend"), dict) else {}
-    cache = device.get("cache") if isinstance(device.get("cache"), dict) else {}
-    bmodel = {"localfs": LocalFsConfig, "localdisk": LocalDiskConfig, "oss": OssConfig, "s3": S3Config,
-              "registry": RegistryConfig}.get(str(backend.get("type")))
+    device = _sub_dict(data, "device")
+    backend = _sub_dict(device, "backend")
+    cache = _sub_dict(device, "cache")
+    models: dict[str, type[BaseModel]] = {"localfs": LocalFsConfig, "localdisk": LocalDiskConfig,
+                                          "oss": OssConfig, "s3": S3Config, "registry": RegistryConfig}
+    bmodel = models.get(str(backend.get("type")))
     if bmodel is not None and isinstance(backend.get("config"), dict):
         yield from _unknown_keys(bmodel, backend["config"], ("device", "backend", "config"),
                                  _ALL_BACKEND_KEYS)
-    cmodel = FsCacheConfig if cache.get("type") == "fscache" else FileCacheConfig
+    cmodel: type[BaseModel] = FsCacheConfig if cache.get("type") == "fscache" else FileCacheConfig
     if isinstance(cache.get("config"), dict):
         yield from _unknown_keys(cmodel, cache["config"], ("device", "cache", "config"))
 

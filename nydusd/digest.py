@@ -65,7 +65,7 @@ class DigestAlgorithm(enum.Enum):
 
     def hasher(self) -> Hasher:
         if self is DigestAlgorithm.BLAKE3:
-            return blake3.blake3(max_threads=1)  # type: ignore[no-any-return]
+            return blake3.blake3(max_threads=1)
         return hashlib.sha256()
 
     def hash(self, data: bytes | memoryview) -> ChunkDigest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -19,7 +19,7 @@ LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
           "off": logging.CRITICAL + 10}
 
-_log_file: IO[str] | None = None
+_log_file: TextIO | None = None
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
@@ -48,7 +48,7 @@ def configure_logging(level: str = "info", log_file: str | None = None,
     """
     global _log_file
     lvl = level_number(level)
-    stream: IO[str] = sys.stderr
+    stream: TextIO = sys.stderr
     if log_file:
         try:
             stream = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - process-lived
