@@ -164,10 +164,11 @@ class BlobWriter:
         return {"ci_compressor": ci_comp, "ci_offset": ci_offset, "ci_compressed_size": len(payload),
                 "ci_uncompressed_size": len(raw)}
 
-    def finish(self, inline_bootstrap: bytes | None = None) -> str:
+    def finish(self, inline_bootstrap: bytes | None = None, *, whole_file_id: bool = False) -> str:
         """Write the inlined bootstrap (if any) and the ToC; returns the blob id: spec §4.1 for a
         blob with a separate bootstrap; for a blob carrying its bootstrap, whose id readers take
-        from its file name, the SHA-256 of the whole file (= its registry layer digest)."""
+        from its file name, or with ``whole_file_id``, the SHA-256 of the whole file (= its
+        registry layer digest)."""
         if inline_bootstrap is not None:
             if self.blob_toc:
                 boot, _ = compress(inline_bootstrap, Compressor.ZSTD)
@@ -184,4 +185,5 @@ class BlobWriter:
             self._write(entries)
             self._write(tar_header(L.TOC_NAME, len(entries)))
             self.toc_digest = hashlib.sha256(entries + tar_header(L.TOC_NAME, len(entries))).digest()
-        return (self._file_hash if inline_bootstrap is not None else self._id_hash).hexdigest()
+        whole = whole_file_id or inline_bootstrap is not None
+        return (self._file_hash if whole else self._id_hash).hexdigest()

@@ -272,7 +272,7 @@ def _seal_blob(writer: BlobWriter, new_blob: BlobRef, opts: BuildOptions) -> str
         # the inlined bootstrap names its own blob with upstream's placeholder (spec §4.1)
         new_blob.info = writer.blob_info(INLINE_PLACEHOLDER_ID)
         return None
-    blob_id = writer.finish()
+    blob_id = writer.finish(whole_file_id=opts.blob_id_from_file)
     new_blob.info = writer.blob_info(opts.blob_id or blob_id)
     if opts.blob_toc:
         new_blob.info = replace(new_blob.info, blob_toc_digest=writer.toc_digest)

@@ -106,6 +106,10 @@ class BuildOptions(BaseModel):
     blob_inline_meta: bool = False
     blob_toc: bool = False
     blob_id: str | None = None
+    #: name the data blob by the SHA-256 of the whole file even with ``blob_toc`` (whose spec
+    #: §4.1 id leaves the blob.digest payload out): the id nydusify gives a layer blob, its
+    #: registry digest. Upstream's converter gets the same ids through --blob-inline-meta + merge.
+    blob_id_from_file: bool = False
     prefetch_patterns: tuple[str, ...] = ()
     parent_bootstrap: str | None = None
     chunk_dict: str | None = None

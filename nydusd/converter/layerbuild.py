@@ -4,7 +4,11 @@ Owns: ``LayerBuilder`` -- builds each layer's tar stream with the previous layer
 parent (so OCI whiteouts and opaque markers are applied as layers stack, and chunks already stored in
 lower layers or in the chunk dictionary are not stored again), keeps every layer's blob under
 ``<work>/layers/<blob id>`` and yields the merged image bootstrap (the top layer's bootstrap is the
-merge of all layers below it). Must not import requests or the registry client.
+merge of all layers below it). v6 blobs carry chunk digests and a ToC, as upstream nydusify's
+``--features blob-toc``; every blob id is the SHA-256 of the whole blob file (the registry layer
+digest; upstream reaches the same ids by naming each layer's bootstrap after the layer digest
+for ``merge``), not the builder's own id that leaves out the ``blob.digest`` payload (spec §4.1).
+Must not import requests or the registry client.
 Threading: one LayerBuilder per converted manifest, used by one thread; the blob files it leaves
 are read afterwards by the push pool (read-only).
 """
@@ -78,6 +82,9 @@ class LayerBuilder:
             source_type=SourceType.TARBALL, fs_version=self.opts.fs_version,  # type: ignore[arg-type]
             compressor=Compressor.parse(self.opts.compressor), chunk_size=self.opts.chunk_size,
             whiteout_spec=WhiteoutSpec.OCI, aligned_chunk=self.opts.aligned_chunk,
+            # as upstream nydusify (--features blob-toc for v6): chunk digests and a ToC in the blob;
+            # the blob is named by the SHA-256 of the whole file, the layer digest it is pushed as
+            blob_toc=self.opts.fs_version == 6, blob_id_from_file=True,
             prefetch_patterns=self.opts.prefetch_patterns,
             parent_bootstrap=str(self._parent) if self._parent else None,
             chunk_dict=str(self.chunk_dict) if self.chunk_dict else None,

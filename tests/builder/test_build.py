@@ -113,6 +113,14 @@ def test_blob_toc_and_id_excludes_digest_payload(tmp_path: Path, source_tree: Pa
     start = info.ci_offset + info.ci_compressed_size + 4096 + 512
     assert hashlib.sha256(blob[:start] + blob[start + 32 * n:]).hexdigest() == img.blob_id
     assert hashlib.sha256(blob[-info.blob_toc_size:]).digest() == info.blob_toc_digest
+    # nydusify's naming: the same bytes, named by the SHA-256 of the whole file (its layer digest)
+    whole = build_image(source_tree, tmp_path / "whole", blob_toc=True, chunk_size=0x10000,
+                        blob_id_from_file=True)
+    assert whole.blob_path is not None and whole.blob_path.read_bytes() == blob
+    assert whole.blob_id == hashlib.sha256(blob).hexdigest() != img.blob_id
+    with load_bootstrap(str(whole.bootstrap)) as sb:
+        assert sb.blobs[0].blob_id == whole.blob_id
+    _compare(whole.bootstrap, whole.blob_dir, source_tree)
 
 
 def _tar_of(src: Path, dest: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -21,6 +22,8 @@ from nydusd.converter.layers import LayerStream
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
 from nydusd.converter.stores import create_store
+from nydusd.rafs import layout as L
+from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
 from tests.converter.images import run, skopeo_push, tool_env
 from tests.converter.registry import Registry
@@ -96,6 +99,20 @@ def test_convert_then_check_compares_every_file(registry: Registry, source_image
     boot = tmp_path / "check" / "nydus_bootstrap" / "image" / "image.boot"
     assert boot.is_file()
     assert res.metrics.source_image_size > 0 and res.metrics.target_image_size > 0
+    # v6 blobs carry chunk digests and a ToC (upstream's --features blob-toc) and are still named by
+    # the SHA-256 of the whole file, their layer digest
+    with load_bootstrap(str(boot)) as rs:
+        assert [f"sha256:{b.blob_id}" for b in rs.blobs] == [d.digest for d in mf.layers[:-1]]
+        for b in rs.blobs:
+            toc = bool(b.features & L.BLOB_HAS_TOC) and bool(b.features & L.BLOB_INLINED_CHUNK_DIGEST)
+            assert toc == (fs_version == 6)
+            if toc:
+                url = f"http://{registry.host}/v2/dst/texture/blobs/sha256:{b.blob_id}"
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    data = resp.read()
+                assert hashlib.sha256(data).hexdigest() == b.blob_id
+                assert data[-512:-512 + len(L.TOC_NAME)] == L.TOC_NAME
+                assert hashlib.sha256(data[-b.blob_toc_size:]).digest() == b.blob_toc_digest
 
 
 def test_check_sees_the_texture(source_image: Image, registry: Registry) -> None:
