@@ -42,6 +42,10 @@ log = get_logger(__name__)
 
 DEFAULT_THREADS = 8
 DEFAULT_BATCH_SIZE = 1 << 20
+#: merge limit worth using for whole-blob prefetch (``prefetch_all``): requests are streamed in
+#: pieces, so a large request costs no more memory or first-chunk latency than a small one, while
+#: registries charge several milliseconds per request whatever its size
+BULK_MERGE_SIZE = 32 << 20
 #: longest a worker defers to running on-demand fetches before issuing its next request anyway
 ONDEMAND_YIELD_SECONDS = 0.5
 
@@ -92,8 +96,8 @@ class Prefetcher:
         self.metrics = metrics or BlobcacheMetrics()
         self._wait_ondemand_idle = wait_ondemand_idle
         self._cond = threading.Condition()
-        # (blob_index, run, urgent); urgent runs (readahead for a reader) sit at the front
-        self._queue: deque[tuple[int, list[ChunkInfo], bool]] = deque()
+        # (blob_index, run, urgent, merge limit); urgent runs (readahead) sit at the front
+        self._queue: deque[tuple[int, list[ChunkInfo], bool, int]] = deque()
         self._pending = 0  # queued + running requests
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -146,7 +150,7 @@ class Prefetcher:
         exempt from the bandwidth limit and from stepping aside for on-demand fetches.
         ``merge_limit``: largest request for these chunks (default ``batch_size``)."""
         limit = self.batch_size if merge_limit is None else merge_limit
-        runs = [(blob_index, run, urgent) for blob_index, run in self._split(chunks, limit)]
+        runs = [(blob_index, run, urgent, limit) for blob_index, run in self._split(chunks, limit)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
@@ -204,13 +208,14 @@ class Prefetcher:
         """Pop the next run and merge queued runs that continue it in the same blob (callers such
         as the daemon submit file by file; adjacent small files become one request). Called with
         the condition held. Returns the run and how many queued requests it absorbed."""
-        blob_index, run, urgent = self._queue.popleft()
+        blob_index, run, urgent, limit = self._queue.popleft()
         taken = 1
         while self._queue:
-            next_blob, next_run, _ = self._queue[0]
+            next_blob, next_run, _, next_limit = self._queue[0]
             end = run[-1].compressed_offset + run[-1].compressed_size
             span = next_run[-1].compressed_offset + next_run[-1].compressed_size - run[0].compressed_offset
-            if next_blob != blob_index or next_run[0].compressed_offset != end or span > self.batch_size:
+            if (next_blob != blob_index or next_run[0].compressed_offset != end
+                    or span > min(limit, next_limit)):
                 break
             self._queue.popleft()
             run = run + next_run

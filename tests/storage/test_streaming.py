@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nydusd.storage.cache.base import STREAM_PIECE
 from nydusd.storage.cache.blobcache import WRITE_SLICE
 from nydusd.storage.cache.chunkmap import HEADER_SIZE
 from nydusd.storage.device import BlobDevice
+from nydusd.storage.prefetch import BULK_MERGE_SIZE as PREFETCH_BULK
 from tests.fakes.backends import FlakyBackend, MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob, mixed_content
 from tests.servers.fault_shim import FaultShim
@@ -257,3 +259,27 @@ def test_big_runs_are_written_in_slices(tmp_path: Path) -> None:
         device.close()
     data = (tmp_path / f"{blob.blob_id}.blob.data").read_bytes()
     assert data[:len(blob.contents[0])] == blob.contents[0]
+
+
+def test_files_prefetched_with_a_bulk_merge_limit_merge_beyond_batch_size(tmp_path: Path) -> None:
+    """What the daemon's prefetch_all can ask for: file-by-file submissions merge into requests of
+    up to ``merge_limit`` bytes, past the prefetch ``batch_size``; others keep ``batch_size``."""
+    contents = [mixed_content(300_000 + i, seed=i) for i in range(12)]
+    blob = build_blob(contents, chunk_size=65536)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    cfg = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(tmp_path)))
+    device = BlobDevice([blob.info], create_cache(cfg, backend),
+                        prefetch_config=PrefetchConfig(threads=1, batch_size=65536))
+    try:
+        backend.gate = threading.Event()
+        device.prefetch(blob.files[0][:1])  # the worker takes this one and waits at the gate
+        time.sleep(0.1)
+        for chunks in blob.files:
+            device.prefetch(chunks, merge_limit=PREFETCH_BULK)
+        backend.gate.set()
+        assert device.wait_prefetch(10)
+        sizes = [r[2] for r in backend.requests]
+        assert len(sizes) == 2 and sizes[0] <= 65536 and sum(sizes) == len(blob.data)
+        assert device.read(blob.files[5], 0, len(contents[5])) == contents[5]
+    finally:
+        device.close()

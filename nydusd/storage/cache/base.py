@@ -23,6 +23,7 @@ A chunk key is the chunk's ``compressed_offset`` (unique inside a blob; deduplic
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,10 @@ STREAM_PIECE = 2 << 20
 #: plain bytes one piece may decode to (a piece holds at least one chunk whatever its size)
 STREAM_PLAIN = 4 << 20
 _tls = threading.local()
+#: streamed prefetches decode and store at most this many pieces at once (process-wide): more
+#: threads than CPUs doing that work only trade places on the CPUs, the GIL and the file's write
+#: lock, while their connections can keep streaming (the socket buffers absorb the wait)
+_CPU_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 
 def _thread_buffer(name: str, size: int, floor: int) -> memoryview:
@@ -313,13 +318,14 @@ class BlobCache(ABC):
                 view = _thread_buffer("payload", nbytes, STREAM_PIECE)
                 stream.readinto(view)
                 piece, base = group[i:j], group[i].compressed_offset
-                if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
-                    fetched = [Fetched(c, view[c.compressed_offset - base:][:c.compressed_size], None)
-                               for c in piece]
-                    bad = None
-                else:
-                    fetched, bad = self._decode_piece(piece, view, base)
-                self._settle(fetched, pending, publish=False)
+                with _CPU_SLOTS:
+                    if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
+                        fetched = [Fetched(c, view[c.compressed_offset - base:][:c.compressed_size], None)
+                                   for c in piece]
+                        bad = None
+                    else:
+                        fetched, bad = self._decode_piece(piece, view, base)
+                    self._settle(fetched, pending, publish=False)
                 failed = failed or bad
                 i = j
         if failed:
