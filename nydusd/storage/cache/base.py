@@ -64,9 +64,11 @@ _CPU_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 def _thread_buffer(name: str, size: int, floor: int) -> memoryview:
     """A writable buffer of ``size`` bytes owned by the calling thread, reused across pieces (fresh
     memory costs page faults on every use). Valid until this thread's next call for ``name``."""
+    if size > floor:  # an unusually large chunk: a one-off buffer, so idle workers stay small
+        return memoryview(bytearray(size))
     buf: memoryview | None = getattr(_tls, name, None)
-    if buf is None or len(buf) < size:
-        buf = memoryview(bytearray(max(size, floor)))
+    if buf is None:
+        buf = memoryview(bytearray(floor))
         setattr(_tls, name, buf)
     return buf[:size]
 
