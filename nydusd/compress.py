@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import enum
 import gzip
+import threading
 import zlib
 from typing import Any
 
@@ -139,6 +140,54 @@ def _load_liblz4() -> Any:
 _LZ4_DECOMPRESS_SAFE = _load_liblz4()
 
 
+def _load_libzstd() -> Any:
+    """The system libzstd with the prototypes ``decompress_into`` uses, or None. Used because
+    ``zstandard`` decodes chunks of concurrent prefetch streams one at a time (and allocates a
+    fresh context per call); ``ctypes`` calls release the GIL and each thread keeps one context."""
+    name = ctypes.util.find_library("zstd")
+    if not name:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_createDCtx.argtypes = ()
+        lib.ZSTD_freeDCtx.restype = ctypes.c_size_t
+        lib.ZSTD_freeDCtx.argtypes = (ctypes.c_void_p,)
+        lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+        lib.ZSTD_decompressDCtx.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_void_p, ctypes.c_size_t)
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_isError.argtypes = (ctypes.c_size_t,)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_ZSTD = _load_libzstd()
+_tls = threading.local()
+
+
+class _ZstdContext:
+    """One thread's libzstd decompression context, freed with the thread's locals."""
+
+    def __init__(self) -> None:
+        self.ptr = _ZSTD.ZSTD_createDCtx()
+        if not self.ptr:
+            raise MemoryError("ZSTD_createDCtx failed")
+
+    def __del__(self) -> None:
+        if self.ptr and _ZSTD is not None:
+            _ZSTD.ZSTD_freeDCtx(self.ptr)
+            self.ptr = None
+
+
+def _zstd_context() -> Any:
+    ctx = getattr(_tls, "zstd", None)
+    if ctx is None:
+        ctx = _tls.zstd = _ZstdContext()
+    return ctx.ptr
+
+
 def _address(buf: bytes | memoryview | bytearray, writable: bool) -> tuple[Any, int]:
     """A ctypes object over ``buf`` (kept alive by the caller) and its address."""
     if isinstance(buf, bytes):
@@ -166,6 +215,15 @@ def decompress_into(data: bytes | memoryview, algo: Compressor, out: memoryview)
         del src_ref, dst_ref
         if got != size:
             raise IntegrityError(f"chunk does not decompress with lz4_block to {size} bytes (got {got})",
+                                 compressor=algo.value)
+        return
+    if algo is Compressor.ZSTD and _ZSTD is not None and size > 0:
+        src_ref, src = _address(data, False)
+        dst_ref, dst = _address(out, True)
+        got = _ZSTD.ZSTD_decompressDCtx(_zstd_context(), dst, size, src, len(data))
+        del src_ref, dst_ref
+        if _ZSTD.ZSTD_isError(got) or got != size:
+            raise IntegrityError(f"chunk does not decompress with zstd to {size} bytes",
                                  compressor=algo.value)
         return
     if algo is Compressor.ZSTD:
