@@ -10,7 +10,12 @@ Must not import: the API (``api/``), llfuse (only ``fs/fuse.py``/``fs/session.py
 
 Threading model:
 - Main thread: ``Daemon.run`` -> ``FuseSession.mount`` (llfuse.init) -> ``llfuse.main(workers=N)``
-  -> ``llfuse.close``. It must be the main thread because ``llfuse.main`` installs signal handlers.
+  -> ``llfuse.close``.
+- Signals: SIGTERM/SIGINT/SIGHUP are blocked in every thread (``block_stop_signals``, called by the
+  CLI before any thread exists, so all later threads inherit the mask) and taken by one
+  ``nydusd-signals`` thread with ``sigwait``, which calls ``request_stop``. So a signal is never lost
+  to whichever thread the kernel picks, never kills the process half-way through start-up (the API
+  socket appears before the FUSE loop runs), and a second one during shutdown is harmless.
 - API thread: uvicorn on the unix socket (started by the CLI through ``run(on_running=...)`` once the
   daemon is RUNNING, so the socket appears only then -- the snapshotter relies on that order).
 - FUSE workers: run handlers with llfuse's global lock held; ``fs/fuse.py`` releases it around
@@ -19,8 +24,8 @@ Threading model:
   lock held except ``_mount_lock`` (serialises mount-table changes between API requests); the
   ``Vfs`` then swaps its copy-on-write table under its own small lock and the kernel's cache of a
   removed entry is invalidated (asynchronously, never blocking on a worker).
-- ``exit()``: llfuse has no ``stop()``; the daemon marks "keep the mount" and signals itself with
-  SIGTERM, ``llfuse.main`` returns and ``close(unmount=False)`` leaves the kernel mount in place.
+- ``exit()``: the daemon marks "keep the mount" and stops the session (``FuseSession.stop``, which
+  may come before, during or after the loop); ``close(unmount=False)`` leaves the kernel mount.
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ MAX_EVENTS = 500
 #: keys ``PUT /api/v1/config`` accepts (spec §3.1)
 RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
 MAX_EVENTS_SIZE = 50 * 1024
+#: signals that stop the daemon (llfuse's set: SIGHUP too)
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def block_stop_signals() -> None:
+    """Block the stop signals in the calling thread -- call it in the main thread before any other
+    thread starts, so every thread inherits the mask and only ``sigwait`` receives them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 #: the superblock summary fields of ``GET /api/v1/daemon/backend`` (spec §3.1)
@@ -308,6 +321,7 @@ class Daemon:
         self._total_errors = 0
         self._keep_mount = False
         self._stop = threading.Event()
+        self._stop_reason = "unmounted"
 
     # -- state machine --------------------------------------------------------------------------
 
@@ -330,16 +344,35 @@ class Daemon:
         """``PUT /daemon/exit``: stop serving and leave the process WITHOUT unmounting FUSE."""
         self._transition((INIT, READY, RUNNING), STOPPED, "Exit")
         self._keep_mount = True
-        self._stop.set()
-        if self.session is not None and self.session.running:
-            # Let the HTTP reply go out before llfuse.main returns and the process leaves.
-            timer = threading.Timer(0.05, FuseSession.stop_from_thread)
-            timer.daemon = True
-            timer.start()
+        # Let the HTTP reply go out before the loop ends and the process leaves.
+        timer = threading.Timer(0.05, self.request_stop, args=("exit",))
+        timer.daemon = True
+        timer.start()
 
-    def request_stop(self) -> None:
-        """Signal path (SIGTERM/SIGINT) outside the FUSE loop: stop, unmount, exit."""
-        self._stop.set()
+    def request_stop(self, reason: str = "stop") -> None:
+        """Stop serving: ``run`` returns (unmounting unless ``exit()`` asked to keep the mount).
+        Thread-safe and idempotent; valid before, during and after the FUSE loop."""
+        with self._state_lock:
+            if self._stop.is_set():
+                return
+            self._stop_reason = reason
+            self._stop.set()
+        session = self.session
+        if session is not None:
+            session.stop(reason)
+
+    def _watch_signals(self) -> None:
+        """Thread: turn each stop signal into ``request_stop`` (the signals are blocked everywhere,
+        so ``sigwait`` here is the only receiver)."""
+        while True:
+            signum = signal.sigwait(STOP_SIGNALS)
+            name = signal.Signals(signum).name
+            log.info("signal_received", signal=name)
+            self.request_stop(f"signal {name}")
+
+    def _start_signal_watcher(self) -> None:
+        block_stop_signals()
+        threading.Thread(target=self._watch_signals, name="nydusd-signals", daemon=True).start()
 
     # -- info -----------------------------------------------------------------------------------
 
@@ -593,43 +626,42 @@ class Daemon:
         Normal start: FUSE mount -> READY -> RUNNING -> ``on_running`` (the API server) -> serve.
         Upgrade mode: stay INIT, start the API, wait for exit or a signal.
         """
+        self._start_signal_watcher()
         if self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
-        self.session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
-                                   writable=self.writable)
+        session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
+                              writable=self.writable)
         try:
-            self.session.mount()
+            session.mount()
         except NydusError:
             self.close_instances()
             raise
+        with self._state_lock:
+            self.session = session
+            if self._stop.is_set():  # a stop that came before the session existed
+                session.stop(self._stop_reason)
         self._transition((INIT,), READY, "Mount")
         self._transition((READY,), RUNNING, "Start")
         try:
             if on_running is not None:
                 on_running()
-            reason = self.session.run()
+            reason = session.run()
         finally:
             keep = self._keep_mount
-            if self._state != STOPPED:
-                with self._state_lock:
-                    self._state = STOPPED
-            self.session.close(unmount=not keep)
+            with self._state_lock:
+                self._state = STOPPED
+            session.close(unmount=not keep)
             self.close_instances()
-        log.info("daemon_stopped", reason="unmounted" if reason is None else f"signal {reason}",
-                 kept_mount=keep)
+        log.info("daemon_stopped", reason=reason or "unmounted", kept_mount=keep)
         return 0
 
     def _run_idle(self, on_running: Callable[[], None] | None) -> int:
-        previous = {sig: signal.signal(sig, lambda *_: self._stop.set())
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if on_running is not None:
                 on_running()
             while not self._stop.wait(0.5):
                 pass
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             with self._state_lock:
                 self._state = STOPPED
             self.close_instances()

@@ -227,8 +227,11 @@ class _ApiStarter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nydusd.daemon import Daemon
+    from nydusd.daemon import Daemon, block_stop_signals
 
+    # Before any thread exists (the startup mount may start prefetch threads): every thread
+    # inherits the mask, and the daemon's signal thread alone receives SIGTERM/SIGINT/SIGHUP.
+    block_stop_signals()
     log_file = _log_file(args.log_file)
     configure_logging(args.log_level, log_file)
     _limit_malloc_arenas()

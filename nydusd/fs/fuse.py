@@ -37,6 +37,12 @@ log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class SessionStop(BaseException):
+    """Raised by ``lookup`` for the session's private stop name: the one exception allowed to leave
+    a handler. llfuse answers that request EIO, marks the session exited and re-raises this from
+    ``llfuse.main``, which is how ``FuseSession.stop`` ends the loop (llfuse has no ``stop()``)."""
+
+
 def _translate(exc: BaseException, op: str) -> llfuse.FUSEError:
     if isinstance(exc, llfuse.FUSEError):
         return exc
@@ -105,6 +111,8 @@ def fuse_op(fn: F) -> F:
         ident = inflight.enter(op, args[1] if len(args) > 1 else 0) if inflight is not None else 0
         try:
             return fn(*args, **kwargs)
+        except SessionStop:
+            raise
         except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
             raise _translate(e, op) from None
         finally:
@@ -168,9 +176,13 @@ class FuseOperations(llfuse.Operations):  # type: ignore[misc]  # llfuse ships n
         super().__init__()
         self.vfs = vfs
         self.inflight = Inflight()
+        #: set by ``FuseSession.stop``: looking this name up ends the main loop
+        self.stop_name: bytes | None = None
 
     @fuse_op
     def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        if name == self.stop_name:
+            raise SessionStop
         return entry_attributes(self.vfs.lookup(parent_inode, name))
 
     @fuse_op

@@ -7,25 +7,38 @@ detach or remount (``invalidate_entry``/``invalidate_inode``).
 
 Must not import: the daemon, the API. Only this module and ``fs/fuse.py`` import llfuse.
 
-Threading: ``mount``/``run``/``close`` belong to the main thread (``llfuse.main`` installs signal
-handlers). ``invalidate_*`` may be called from any thread without llfuse's lock: llfuse queues the
-notification and a thread of its own sends it, so the caller never waits for the kernel (which could
-be waiting for a worker) -- the deadlock libfuse warns about cannot happen.
+Threading: ``mount``/``run``/``close`` belong to the main thread. ``stop`` may be called from any
+thread, at any time (before, during or after ``run``). ``invalidate_*`` may be called from any
+thread without llfuse's lock: llfuse queues the notification and a thread of its own sends it, so
+the caller never waits for the kernel (which could be waiting for a worker) -- the deadlock libfuse
+warns about cannot happen.
+
+Stopping (see README "Exit paths"): ``llfuse.main`` runs with ``handle_signals=False`` -- the daemon
+owns SIGTERM/SIGINT/SIGHUP. llfuse's own handlers only work when the signal lands on the main
+thread, and its shutdown (SIGUSR1 to each worker, then join) loses the wake-up of a worker that is
+between its "exited?" check and its blocking read, so the loop hung about 1 in 15 stops. ``stop``
+instead ends the loop from inside: it looks up a private name, the ``lookup`` handler raises
+``SessionStop`` (llfuse marks the session exited and re-raises it from ``main``), and until ``main``
+has returned a helper thread keeps interrupting the workers' reads with SIGUSR1 (a no-op handler
+is installed for it), so no wake-up can be lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from types import FrameType
 
 import llfuse
 
 from nydusd.errors import NydusError
-from nydusd.fs.fuse import FuseOperations
+from nydusd.fs.fuse import FuseOperations, SessionStop
 from nydusd.log import get_logger
 
 log = get_logger(__name__)
@@ -44,7 +57,9 @@ class FuseSession:
         self.mounted = False
         self.running = False
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards running / _stop_reason / _closed
+        self._stop_reason: str | None = None
+        self._loop_done = threading.Event()
 
     def options(self) -> set[str]:
         opts = set(llfuse.default_options)
@@ -64,14 +79,48 @@ class FuseSession:
         self.mounted = True
         log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads)
 
-    def run(self) -> int | None:
-        """Serve requests until unmounted (returns None) or a signal arrives (returns its number)."""
-        self.running = True
+    def run(self) -> str | None:
+        """Serve requests until unmounted from outside (returns None) or ``stop`` (returns its
+        reason). Returns at once if ``stop`` came first. Main thread only."""
+        with self._lock:
+            if self._stop_reason is not None:
+                return self._stop_reason
+            self.running = True
+        # SIGUSR1 interrupts a worker's read of /dev/fuse; its default action would kill us.
+        previous = signal.signal(signal.SIGUSR1, _ignore_signal)
         try:
-            reason: int | None = llfuse.main(workers=self.threads)
-            return reason
+            llfuse.main(workers=self.threads, handle_signals=False)
+        except SessionStop:
+            pass
         finally:
-            self.running = False
+            self._loop_done.set()
+            with self._lock:
+                self.running = False
+            signal.signal(signal.SIGUSR1, previous)
+        return self._stop_reason
+
+    def stop(self, reason: str) -> None:
+        """Make ``run`` return ``reason`` (or not start serving). Thread-safe, idempotent, never
+        blocks."""
+        with self._lock:
+            if self._stop_reason is not None:
+                return
+            self._stop_reason = reason
+            running = self.running
+        if running:
+            threading.Thread(target=self._end_loop, name="fuse-stop", daemon=True).start()
+
+    def _end_loop(self) -> None:
+        """Thread: ask the loop to end through a request, then interrupt the workers' reads until
+        ``llfuse.main`` has returned (each worker re-checks "exited" after an interrupted read)."""
+        name = b".nydusd-stop-" + secrets.token_hex(8).encode()
+        self.ops.stop_name = name
+        request = threading.Thread(target=_lookup_quietly, args=(self.mountpoint, name),
+                                   name="fuse-stop-request", daemon=True)
+        request.start()
+        request.join(1.0)  # answered as soon as a worker is free; then the loop is ending
+        while not self._loop_done.wait(0.02):
+            _interrupt_fuse_threads()
 
     def close(self, unmount: bool = True) -> None:
         """Tear the session down; with ``unmount`` also unmount the kernel filesystem. Idempotent."""
@@ -81,11 +130,6 @@ class FuseSession:
             self._closed = True
         llfuse.close(unmount=unmount)
         log.info("fuse_closed", mountpoint=self.mountpoint, unmounted=unmount)
-
-    @staticmethod
-    def stop_from_thread() -> None:
-        """Make ``run`` return from another thread (llfuse has no stop(): signal ourselves)."""
-        os.kill(os.getpid(), signal.SIGTERM)
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Ask the kernel to forget ``name`` in ``parent`` (asynchronous; never blocks)."""
@@ -115,3 +159,33 @@ class FuseSession:
         """Ask the kernel to drop cached attributes and data of ``ino`` (asynchronous)."""
         if self.running:
             llfuse.invalidate_inode(ino)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGUSR1 exists only to interrupt a blocking read; nothing to do."""
+
+
+def _lookup_quietly(mountpoint: str, name: bytes) -> None:
+    """The request that ends the loop: its ``lookup`` raises SessionStop, the reply is EIO."""
+    with contextlib.suppress(OSError):
+        os.lstat(os.path.join(os.fsencode(mountpoint), name))
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _interrupt_fuse_threads() -> None:
+    """SIGUSR1 to llfuse's worker threads and the main thread (by kernel thread id: a tid that has
+    exited answers ESRCH, where pthread_kill on a joined thread would be undefined)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    tgkill = getattr(_libc, "tgkill", None)
+    if tgkill is None:  # glibc < 2.30: llfuse's own SIGUSR1 is all there is
+        return
+    pid = os.getpid()
+    tids = [t.native_id for t in threading.enumerate()
+            if t.name.startswith("fuse-worker-") or t is threading.main_thread()]
+    for tid in tids:
+        if tid:
+            tgkill(pid, tid, signal.SIGUSR1)
