@@ -24,6 +24,7 @@ variable guards the queue and the pending count; workers hold it only to take a 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -46,6 +47,10 @@ DEFAULT_BATCH_SIZE = 1 << 20
 #: pieces, so a large request costs no more memory or first-chunk latency than a small one, while
 #: registries charge several milliseconds per request whatever its size
 BULK_MERGE_SIZE = 32 << 20
+#: background requests in flight at once, process-wide: streamed prefetch is CPU-bound on a
+#: fast network (decode + page-cache copy), and more streams than CPUs only contend for them,
+#: the GIL and the cache file's write lock. Urgent readahead does not wait for a slot.
+_BACKGROUND_STREAMS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 #: longest a worker defers to running on-demand fetches before issuing its next request anyway
 ONDEMAND_YIELD_SECONDS = 0.5
 
@@ -236,7 +241,12 @@ class Prefetcher:
                     return
             # one request per run: runs were cut to their merge limit when queued or taken
             span = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
-            chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=max(span, self.batch_size))
+            limit = max(span, self.batch_size)
+            if urgent:
+                chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
+            else:
+                with _BACKGROUND_STREAMS:
+                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))
