@@ -174,23 +174,23 @@ class Prefetcher:
             return self._cond.wait_for(lambda: self._pending <= 0, timeout)
 
     def _split(self, chunks: Iterable[ChunkInfo], limit: int) -> list[tuple[int, list[ChunkInfo]]]:
-        """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= batch_size."""
+        """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= ``limit``. A
+        contiguous stretch longer than ``limit`` is cut into that many runs of even size (not
+        greedily, which leaves a short tail run and one worker doing twice the work)."""
         per_blob: dict[int, dict[int, ChunkInfo]] = {}
         for chunk in chunks:
             per_blob.setdefault(chunk.blob_index, {}).setdefault(chunk.compressed_offset, chunk)
         runs: list[tuple[int, list[ChunkInfo]]] = []
         for blob_index, by_offset in per_blob.items():
-            run: list[ChunkInfo] = []
+            stretch: list[ChunkInfo] = []
             for chunk in sorted(by_offset.values(), key=lambda c: c.compressed_offset):
-                if run:
-                    end = run[-1].compressed_offset + run[-1].compressed_size
-                    span = chunk.compressed_offset + chunk.compressed_size - run[0].compressed_offset
-                    if chunk.compressed_offset != end or span > limit:
-                        runs.append((blob_index, run))
-                        run = []
-                run.append(chunk)
-            if run:
-                runs.append((blob_index, run))
+                last = stretch[-1] if stretch else None
+                if last and chunk.compressed_offset != last.compressed_offset + last.compressed_size:
+                    runs.extend((blob_index, run) for run in _cut(stretch, limit))
+                    stretch = []
+                stretch.append(chunk)
+            if stretch:
+                runs.extend((blob_index, run) for run in _cut(stretch, limit))
         return runs
 
     def _run(self) -> None:
@@ -266,3 +266,24 @@ class Prefetcher:
         while not self._stop.is_set() and time.monotonic() < deadline:
             if self._wait_ondemand_idle(0.02):
                 return
+
+
+def _cut(stretch: list[ChunkInfo], limit: int) -> list[list[ChunkInfo]]:
+    """Cut chunks adjacent in their blob into runs of at most ``limit`` bytes (a chunk larger than
+    ``limit`` is a run of its own) of about even size: ``ceil(total / limit)`` runs whose starts
+    sit near multiples of ``total / runs``, rather than full runs and a short tail."""
+    base = stretch[0].compressed_offset
+    total = stretch[-1].compressed_offset + stretch[-1].compressed_size - base
+    count = -(-total // limit) if limit > 0 else 1
+    runs: list[list[ChunkInfo]] = []
+    run: list[ChunkInfo] = []
+    for chunk in stretch:
+        start = chunk.compressed_offset - base
+        if run and (chunk.compressed_offset + chunk.compressed_size - run[0].compressed_offset > limit
+                    or start * count >= (len(runs) + 1) * total):
+            runs.append(run)
+            run = []
+        run.append(chunk)
+    if run:
+        runs.append(run)
+    return runs

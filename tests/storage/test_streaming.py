@@ -187,7 +187,7 @@ def test_streamed_prefetch_fills_the_cache_with_one_request_per_run(
     try:
         runs = device.prefetch(big.files[0])
         assert device.wait_prefetch(30)
-        assert runs == -(-len(big.data) // merge) if merge > 16 * MIB else runs >= 2
+        assert runs == -(-len(big.data) // merge)  # even runs: no short tail run
         assert backend.metrics()["read_count"] == runs
         assert backend.metrics()["read_amount_total"] == len(big.data)
         before = backend.metrics()["read_count"]
@@ -281,5 +281,21 @@ def test_files_prefetched_with_a_bulk_merge_limit_merge_beyond_batch_size(tmp_pa
         sizes = [r[2] for r in backend.requests]
         assert len(sizes) == 2 and sizes[0] <= 65536 and sum(sizes) == len(blob.data)
         assert device.read(blob.files[5], 0, len(contents[5])) == contents[5]
+    finally:
+        device.close()
+
+
+def test_long_stretches_are_cut_into_even_runs(tmp_path: Path) -> None:
+    """10 adjacent chunks with a 4-chunk limit: three runs of 4/3/3, not 4/4/2 (a short tail
+    keeps one worker busy for two full runs)."""
+    blob = build_blob([os.urandom(10 * 65536)], chunk_size=65536, compressor=Compressor.NONE)
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    cfg = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(tmp_path)))
+    device = BlobDevice([blob.info], create_cache(cfg, backend),
+                        prefetch_config=PrefetchConfig(threads=1, batch_size=4 * 65536))
+    try:
+        assert device.prefetch(blob.files[0]) == 3
+        assert device.wait_prefetch(10)
+        assert sorted(r[2] // 65536 for r in backend.requests) == [3, 3, 4]
     finally:
         device.close()
