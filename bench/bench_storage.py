@@ -31,6 +31,7 @@ Run: ``.venv/bin/python bench/bench_storage.py [--quick] [--size-mb N] [--runs N
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
 import shutil
@@ -76,6 +77,12 @@ def _rss_mb() -> float:
 
 
 def _reset_peak() -> bool:
+    """Return freed heap to the OS (else earlier runs' memory is reused unseen), then reset the
+    peak RSS to the current RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
@@ -126,8 +133,8 @@ class Scenario:
         device = BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch,
                             readahead=readahead)
         try:
-            base = _rss_mb()
             _reset_peak()
+            base = _rss_mb()
             start = time.perf_counter()
             job(device)
             elapsed = time.perf_counter() - start
