@@ -43,6 +43,11 @@ from nydusd.log import get_logger
 
 log = get_logger(__name__)
 
+#: kernel readahead window of the mount (KiB). FUSE requests stay 128 KiB (libfuse2), but a 1 MiB
+#: window keeps 8 of them in flight instead of 1: sequential reads measured 2.1 -> 3.4 GB/s with one
+#: worker, 1.5 -> 2.0 GB/s with four; 4 MiB was slower again (bench/bench_fuse.py).
+READAHEAD_KB = 1024
+
 
 class FuseSession:
     """One FUSE mount served by llfuse (a process can hold only one: llfuse is a singleton)."""
@@ -79,6 +84,23 @@ class FuseSession:
         self.mounted = True
         log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads)
 
+    def _set_readahead(self, kib: int) -> None:
+        """Thread: widen the mount's readahead (``/sys/class/bdi/<dev>/read_ahead_kb``) once the
+        kernel has processed FUSE INIT, whose reply sets it to at most 128 KiB: the stat below is
+        answered only after INIT. Best effort (needs root)."""
+        dev = _mount_device(self.mountpoint)
+        try:
+            os.stat(self.mountpoint)
+        except OSError:
+            return
+        if dev is None or self._loop_done.is_set():
+            return
+        try:
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+                f.write(f"{kib}\n")
+        except OSError as e:
+            log.info("fuse_readahead_unchanged", mountpoint=self.mountpoint, error=str(e))
+
     def run(self) -> str | None:
         """Serve requests until unmounted from outside (returns None) or ``stop`` (returns its
         reason). Returns at once if ``stop`` came first. Main thread only."""
@@ -88,6 +110,8 @@ class FuseSession:
             self.running = True
         # SIGUSR1 interrupts a worker's read of /dev/fuse; its default action would kill us.
         previous = signal.signal(signal.SIGUSR1, _ignore_signal)
+        threading.Thread(target=self._set_readahead, args=(READAHEAD_KB,), name="fuse-readahead",
+                         daemon=True).start()
         try:
             llfuse.main(workers=self.threads, handle_signals=False)
         except SessionStop:
@@ -189,3 +213,17 @@ def _interrupt_fuse_threads() -> None:
     for tid in tids:
         if tid:
             tgkill(pid, tid, signal.SIGUSR1)
+
+
+def _mount_device(mountpoint: str) -> str | None:
+    """``major:minor`` of the newest mount at ``mountpoint`` (from /proc/self/mountinfo)."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == mountpoint:
+                    found = fields[2]
+    except OSError:
+        return None
+    return found

@@ -50,6 +50,25 @@ def test_mounted_tree_matches_source(tmp_path, version):
     assert not is_mounted(tmp_path / "mnt")
 
 
+def test_mount_readahead_is_widened(tmp_path):
+    """The FUSE INIT reply caps the kernel readahead at 128 KiB; the session widens it afterwards
+    (sequential reads keep several 128 KiB requests in flight)."""
+    import time
+
+    from nydusd.fs.session import READAHEAD_KB
+
+    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img", version=6)
+    with start_dedicated(tmp_path, image) as d:
+        dev = os.stat(d.mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 5
+        while path.read_text().strip() != str(READAHEAD_KB) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.read_text().strip() == str(READAHEAD_KB)
+        assert (Path(d.mountpoint) / "small.txt").read_bytes() == b"hello nydus\n"
+    assert d.proc.returncode == 0
+
+
 def test_no_xattr_config_hides_xattrs(tmp_path):
     src = sample_tree(tmp_path / "src", big=False)
     image = build_image(src, tmp_path / "img", version=6)
