@@ -112,6 +112,8 @@ def _write_runs(fd: int, pieces: Sequence[tuple[int, bytes | memoryview]]) -> No
 
 #: longest the flusher holds a sync back while streamed prefetches write (``bulk_write``)
 BULK_SYNC_DELAY = 0.5
+#: how long after a bulk write ends the flusher still holds back (see ``_Flusher._hold_for_bulk``)
+BULK_QUIET = 0.05
 #: largest single write to a cache file (see ``_pwrite_sliced``)
 WRITE_SLICE = 256 << 10
 #: runs at least this long are fallocate-d before they are written (see ``_write_run``)
@@ -148,6 +150,7 @@ class FileCache(BlobCache):
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self.bulk_writers = 0  # streamed prefetches writing now (see ``bulk_write``)
+        self.bulk_ended = 0.0  # monotonic time the last one ended
         self._volatile: set[int] = set()   # written, not yet durable (indexed chunks)
         self._unsynced: list[int] = []
         self._flusher = manager.flusher
@@ -232,6 +235,7 @@ class FileCache(BlobCache):
         finally:
             with self._lock:
                 self.bulk_writers -= 1
+                self.bulk_ended = time.monotonic()
             self._flusher.kick()
 
     def flush(self) -> None:
@@ -310,12 +314,18 @@ class _Flusher:
                     self._cond.notify_all()
 
     def _hold_for_bulk(self) -> None:
-        """Wait (condition held) while a dirty cache has bulk writers, at most BULK_SYNC_DELAY."""
+        """Wait (condition held) while a dirty cache has bulk writers or had one within
+        ``BULK_QUIET`` (the next streamed run of a prefetch usually starts right away), at most
+        ``BULK_SYNC_DELAY`` in all."""
         deadline = time.monotonic() + BULK_SYNC_DELAY
-        while not self._closed and any(c.bulk_writers for c in self._dirty.values()):
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while not self._closed:
+            now = time.monotonic()
+            busy = [c for c in self._dirty.values() if c.bulk_writers or now - c.bulk_ended < BULK_QUIET]
+            left = deadline - now
+            if not busy or left <= 0:
                 return
+            if not any(c.bulk_writers for c in busy):
+                left = min(left, BULK_QUIET)
             self._cond.wait(left)
 
     def kick(self) -> None:
