@@ -212,7 +212,7 @@ class FuseOperations(llfuse.Operations):  # type: ignore[misc]  # llfuse ships n
         return self.vfs.open(inode, flags)
 
     @fuse_op
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         # Storage I/O may block on the network: let other workers run meanwhile (design R13).
         with llfuse.lock_released:
             return self.vfs.read(fh, off, size)

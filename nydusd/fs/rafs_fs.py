@@ -183,8 +183,9 @@ class RafsFs:
         return attr, chunks
 
     def read(self, chunks: Sequence[Any], file_size: int, offset: int, size: int,
-             ino: int | None = None) -> bytes:
-        """Up to ``size`` bytes of a file at ``offset`` (short at EOF).
+             ino: int | None = None) -> bytes | memoryview:
+        """Up to ``size`` bytes of a file at ``offset`` (short at EOF): ``bytes``, or a read-only
+        ``memoryview`` into a buffered chunk (llfuse replies from any buffer; no 128 KiB copy).
 
         With ``ino``, a request inside one chunk that does not cover all of it is served from the
         chunk buffer (see ``ChunkBuffer``), which a request starting at the chunk's first byte
@@ -211,7 +212,7 @@ class RafsFs:
                     data = self.device.read(chunks, start, length)
                     self.buffer.put(key, data)
                 if data is not None:
-                    return data[offset - start:end - start]
+                    return memoryview(data)[offset - start:end - start]
         return self.device.read(chunks, offset, end - offset)
 
     def statfs(self) -> StatFs:

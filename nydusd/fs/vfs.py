@@ -438,8 +438,9 @@ class Vfs:
         self._handles[fh] = _OpenFile(mount, local, attr.size, chunks)
         return FileHandle(fh)
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
-        """File data; runs with llfuse's lock RELEASED. Raises BackendError/IntegrityError (EIO)."""
+    def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        """File data (bytes-like, see ``RafsFs.read``); runs with llfuse's lock RELEASED. Raises
+        BackendError/IntegrityError (EIO)."""
         handle = self._handles.get(fh)
         if handle is None:
             raise InvalidArgument("bad file handle", fh=fh)
