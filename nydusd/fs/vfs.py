@@ -58,14 +58,27 @@ class StaleInode(NydusError):
     code = "STALE"
 
 
+#: bound of a mount's directory listing cache, in entries (~300 bytes each); cleared when exceeded
+DIR_CACHE_ENTRIES = 16384
+
+
 @dataclass(eq=False)
 class Mount:
-    """One attached image. ``fs`` and ``stats`` are shared with the daemon's instance record."""
+    """One attached image. ``fs`` and ``stats`` are shared with the daemon's instance record.
+
+    ``listings`` caches whole directory listings with kernel inode numbers (image inode -> entries):
+    the image is immutable and libfuse2 has no kernel readdir cache, so every ``ls``/``find`` of a
+    directory asks again (twice: the second READDIR finds the end). Plain dict operations only
+    (atomic under the GIL; a race costs a recomputation, never a wrong entry); dropped with the
+    mount, so a remount never sees another image's entries.
+    """
 
     index: int
     path: str
     fs: RafsFs
     stats: FsIoStats
+    listings: dict[int, tuple[DirEntry, ...]] = field(default_factory=dict)
+    listed: int = 0  # entries held in ``listings``
 
     def kernel_ino(self, ino: int, is_root_mount: bool) -> Ino:
         if is_root_mount and ino == self.fs.root_ino:
@@ -385,10 +398,28 @@ class Vfs:
                 yield DirEntry(name, attr, i)
             return
         start = time.perf_counter_ns()
-        for item in mount.fs.readdir(local, offset):
-            yield DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
+        listing = mount.listings.get(local) or self._list_dir(mount, local)
+        if listing is not None:
+            yield from listing[offset:]  # entry i (0-based) carries next_offset i + 1
+        else:
+            for item in mount.fs.readdir(local, offset):
+                yield DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
+
+    def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...] | None:
+        """The whole listing of image directory ``local``, cached; None if its offsets are not
+        positions (then it cannot be sliced by offset and is read lazily instead)."""
+        listing = tuple(DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
+                        for item in mount.fs.readdir(local, 0))
+        if any(e.next_offset != i for i, e in enumerate(listing, start=1)):
+            return None
+        if mount.listed + len(listing) > DIR_CACHE_ENTRIES:
+            mount.listings = {}
+            mount.listed = 0
+        mount.listings[local] = listing
+        mount.listed += len(listing)
+        return listing
 
     def listxattr(self, ino: int) -> list[bytes]:
         mount, local = self._resolve(ino)

@@ -267,3 +267,32 @@ def test_replace_never_shows_a_missing_entry_to_concurrent_lookups():
         t.join()
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+def test_directory_listings_are_cached_per_mount_and_sliced_by_offset(monkeypatch):
+    import nydusd.fs.vfs as vfs_mod
+
+    vfs = Vfs()
+    mount = attach(vfs, "/m", tree={f"f{i:02d}": b"x" for i in range(30)} | {"d": {"a": b""}})
+    calls = []
+    real = mount.fs.readdir
+    monkeypatch.setattr(mount.fs, "readdir", lambda ino, off=0: calls.append(ino) or real(ino, off))
+    d = walk(vfs, ROOT_INO, "m")
+    full = list(vfs.readdir(d, 0))
+    assert [e.name for e in full[:3]] == [b".", b"..", b"d"] and len(full) == 33
+    assert [e.next_offset for e in full] == list(range(1, 34))
+    for off in (0, 1, 5, 32, 33, 40):  # resuming anywhere gives the same entries as one pass
+        assert list(vfs.readdir(d, off)) == full[off:]
+    assert len(calls) == 1  # the image was asked once
+    assert all(e.attr.ino == vfs.lookup(d, e.name).ino for e in full[2:])  # kernel inode numbers
+    # a remount serves the new image's listing, not the cached one
+    vfs.replace("/m", make_fs({"new": b"n"}), FsIoStats("/m"))
+    assert [e.name for e in vfs.readdir(walk(vfs, ROOT_INO, "m"), 0)] == [b".", b"..", b"new"]
+    # the cache is bounded: past DIR_CACHE_ENTRIES it starts over
+    monkeypatch.setattr(vfs_mod, "DIR_CACHE_ENTRIES", 40)
+    other = attach(vfs, "/o", tree={"x": {f"f{i}": b"" for i in range(30)}, "y": {"g": b""}})
+    root = walk(vfs, ROOT_INO, "o")
+    list(vfs.readdir(root, 0))
+    list(vfs.readdir(walk(vfs, root, "x"), 0))
+    assert other.listed <= 40
+    assert [e.name for e in vfs.readdir(walk(vfs, root, "y"), 0)] == [b".", b"..", b"g"]
