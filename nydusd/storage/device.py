@@ -3,9 +3,10 @@ the blob device that reads file data through the cache.
 
 Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record), ``BlobInfo``
 (one entry of a bootstrap's blob table, v5 or v6), ``decode_chunk`` (payload -> verified plain
-bytes) and ``BlobDevice`` (read a file range across the file's chunks through a cache manager:
-a warm fast path that reads just the requested bytes from plain cache files, else whole chunks
-through the cache's fetch path; optional sequential readahead; background prefetch). Must not
+bytes; ``decode_chunk_into`` the same into a caller's buffer) and ``BlobDevice`` (read a file
+range across the file's chunks through a cache manager: a warm fast path that reads just the
+requested bytes from plain cache files, else whole chunks through the cache's fetch path;
+optional sequential readahead; background prefetch). Must not
 import rafs, fs or daemon, nor ``storage.cache`` at import time (the cache imports this module;
 the device receives a manager object).
 

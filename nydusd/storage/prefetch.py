@@ -4,8 +4,11 @@ Owns: ``Prefetcher`` (a queue of chunk runs served by ``threads`` workers) and `
 (``bandwidth_limit`` in bytes per second). The daemon maps the image's prefetch-table files (or,
 with ``prefetch_all``, every file) to chunks and calls ``submit``; runs of chunks adjacent in
 their blob are merged up to ``batch_size`` bytes per backend request, also across separately
-submitted files. The blob device's sequential readahead submits *urgent* runs, served before
-background prefetch and exempt from the bandwidth limit.
+submitted files (``submit(..., merge_limit=)`` raises the limit for one submission, e.g.
+``BULK_MERGE_SIZE`` for whole-blob prefetch; long stretches are cut into even runs). The blob
+device's sequential readahead submits *urgent* runs, served before background prefetch and exempt
+from the bandwidth limit. At most one background run per CPU streams at a time, process-wide
+(``_BACKGROUND_STREAMS``): on a fast network streamed prefetch is CPU-bound.
 
 Priority rules (on-demand reads always go first):
 - a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
