@@ -58,7 +58,8 @@ class StaleInode(NydusError):
     code = "STALE"
 
 
-#: bound of a mount's directory listing cache, in entries (~300 bytes each); cleared when exceeded
+#: bound of the directory listing caches of all mounts together, in entries (~300 bytes each);
+#: when exceeded every mount's cache starts over
 DIR_CACHE_ENTRIES = 16384
 
 
@@ -414,9 +415,10 @@ class Vfs:
                         for item in mount.fs.readdir(local, 0))
         if any(e.next_offset != i for i, e in enumerate(listing, start=1)):
             return None
-        if mount.listed + len(listing) > DIR_CACHE_ENTRIES:
-            mount.listings = {}
-            mount.listed = 0
+        if sum(m.listed for m in self._mounts.values()) + len(listing) > DIR_CACHE_ENTRIES:
+            for m in self._mounts.values():
+                m.listings = {}
+                m.listed = 0
         mount.listings[local] = listing
         mount.listed += len(listing)
         return listing
