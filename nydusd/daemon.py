@@ -473,18 +473,22 @@ class Daemon:
         return {mp: inst.summary() for mp, inst in self._instances.items()}
 
     def _instance(self, mountpoint: str | None) -> RafsInstance:
+        """The instance at ``mountpoint`` (None: the only one). Raises NotFound -- the API renders
+        it per route: ``Metrics(Stats(NoCounter))`` for the metrics routes whose callers match on
+        that text, ``Other("object or filesystem doesn't exist: ...")`` for /daemon/backend."""
         instances = self._instances
         if mountpoint is None:
             if len(instances) != 1:
-                raise NotFound("Metrics(Stats(NoCounter))", reason="no or several filesystems")
+                raise NotFound("no filesystem mounted" if not instances else
+                               "several filesystems mounted: name one", mounts=len(instances))
             return next(iter(instances.values()))
         try:
             path = normalize_path(mountpoint)
         except InvalidArgument:
-            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=mountpoint) from None
+            raise NotFound("no filesystem mounted here", mountpoint=mountpoint) from None
         inst = instances.get(path)
         if inst is None:
-            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=mountpoint)
+            raise NotFound("no filesystem mounted here", mountpoint=mountpoint)
         return inst
 
     def _check_fs_type(self, fs_type: str) -> None:
@@ -599,7 +603,7 @@ class Daemon:
     def metrics_backend(self, id: str | None = None) -> dict[str, Any]:
         inst = self._instance(id)
         if inst.backend is None:
-            raise NotFound("Metrics(Stats(NoCounter))", mountpoint=id)
+            raise NotFound("this filesystem has no backend", mountpoint=inst.mountpoint)
         return dict(inst.backend.metrics())
 
     def metrics_blobcache(self, id: str | None = None) -> dict[str, Any]:
@@ -610,7 +614,7 @@ class Daemon:
         if inst is None:
             inst = self._instance(id)
         if inst.cache is None:
-            raise NotFound("Metrics(Stats(NoCounter))", id=id)
+            raise NotFound("this filesystem has no blob cache", mountpoint=inst.mountpoint)
         return dict(inst.cache.metrics())
 
     def metrics_inflight(self) -> list[dict[str, Any]]:

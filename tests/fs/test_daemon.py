@@ -152,9 +152,32 @@ def test_metrics_by_mountpoint():
     assert d.metrics_files("/m1", latest=True) == []  # read-and-clear
     assert d.metrics_pattern("/m1")[0]["nr_read"] == 1
     assert d.metrics_backend("/m1")["backend_type"] == "localfs"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match="no filesystem mounted here") as e:
         d.metrics_fs("/nope")
+    assert e.value.context["mountpoint"] == "/nope"
+    with pytest.raises(NotFound, match="no filesystem mounted here"):
+        d.backend_info("/nope")  # the API shows this text (FsBackendInfo ... Other(...))
+    with pytest.raises(NotFound, match="several filesystems mounted"):
+        d.metrics_fs()
     assert d.metrics_inflight() == []
+
+
+def test_unknown_mountpoint_messages_through_the_api():
+    """Metrics routes keep upstream's ``Metrics(Stats(NoCounter))`` (callers match on it);
+    /daemon/backend names what is missing."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    d = Daemon(instance_factory=fake_factory)
+    d.mount("/m1", "boot", CONFIG)
+    client = TestClient(create_app(d))
+    r = client.get("/api/v1/metrics", params={"id": "/nope"})
+    assert r.status_code == 404 and r.json()["message"] == "GlobalMetrics(Metrics(Stats(NoCounter)))"
+    r = client.get("/api/v1/daemon/backend", params={"mountpoint": "/nope"})
+    assert r.status_code == 500
+    assert "no filesystem mounted here" in r.json()["message"]
+    assert "NoCounter" not in r.json()["message"]
 
 
 def test_set_config_validates_log_level():
