@@ -232,3 +232,19 @@ def test_http_backends_reuse_connections(tmp_path: Path, unix: bool) -> None:
         assert len(server.paths) == 40 and server.connections == 1
     finally:
         server.stop()
+
+
+def test_localfs_put_replacing_an_open_blob_serves_the_new_bytes(tmp_path: Path) -> None:
+    store = tmp_path / "blobs"
+    store.mkdir()
+    (store / "b").write_bytes(b"old content")
+    backend = LocalFsBackend(SimpleNamespace(dir=str(store), blob_file="", alt_dirs=[]))
+    try:
+        assert backend.read("b", 0, 3) == b"old"  # opens and keeps a descriptor
+        new = tmp_path / "new"
+        new.write_bytes(b"NEW CONTENT!")
+        backend.put_blob("b", str(new))
+        assert backend.blob_size("b") == 12
+        assert backend.read("b", 0, 12) == b"NEW CONTENT!"
+    finally:
+        backend.close()

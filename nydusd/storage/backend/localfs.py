@@ -106,6 +106,11 @@ class LocalFsBackend(BlobBackend):
                 os.unlink(tmp)
             raise BackendError(f"cannot store blob file: {exc.strerror or exc}", path=target,
                                blob_id=blob_id) from exc
+        # A descriptor opened before the replace still reads the old file: drop it.
+        with self._lock:
+            stale = self._fds.pop(blob_id, None)
+        if stale is not None:
+            os.close(stale)
 
     def is_transient(self, exc: BaseException) -> bool:
         # Local files do not heal by waiting, except for an interrupted system call.
