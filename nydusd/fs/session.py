@@ -86,11 +86,12 @@ class FuseSession:
 
     def _set_readahead(self, kib: int) -> None:
         """Thread: widen the mount's readahead (``/sys/class/bdi/<dev>/read_ahead_kb``) once the
-        kernel has processed FUSE INIT, whose reply sets it to at most 128 KiB: the stat below is
-        answered only after INIT. Best effort (needs root)."""
+        kernel has processed FUSE INIT, whose reply sets it to at most 128 KiB: the statfs below
+        (never cached by the kernel, not counted in any image's metrics) is answered only after
+        INIT. Best effort (needs root)."""
         dev = _mount_device(self.mountpoint)
         try:
-            os.stat(self.mountpoint)
+            os.statvfs(self.mountpoint)
         except OSError:
             return
         if dev is None or self._loop_done.is_set():
