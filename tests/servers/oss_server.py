@@ -11,6 +11,13 @@ Strict on what the backend relies on:
 - ranged GET: ``bytes=a-b``, ``bytes=a-``, ``bytes=-n``; 206 with ``Content-Range``; a range
   starting past the end is 416 under ``x-oss-range-behavior: standard`` and ignored (200, whole
   object) otherwise, as OSS does; a malformed Range header is ignored (200);
+- multipart uploads: InitiateMultipartUpload ``POST ?uploads``, UploadPart
+  ``PUT ?partNumber=&uploadId=`` (1..10000, ``Content-MD5`` checked), CompleteMultipartUpload
+  ``POST ?uploadId=`` with the XML part list (at least one part, ascending part numbers, each ETag
+  equal to the uploaded part's, every part but the last at least 100 KiB: else InvalidPart /
+  InvalidPartOrder / EntityTooSmall), AbortMultipartUpload ``DELETE ?uploadId=``; an unknown
+  upload (or one of another key) is 404 NoSuchUpload. ``uploads`` holds the pending uploads;
+  ``fail_parts`` makes UploadPart of those part numbers answer 500 InternalError;
 - errors are OSS XML bodies with ``x-oss-request-id``.
 """
 
@@ -20,9 +27,12 @@ import base64
 import email.utils
 import hashlib
 import hmac
+import itertools
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.servers.base import QuietHandler, ThreadedServer
@@ -30,6 +40,23 @@ from tests.servers.base import QuietHandler, ThreadedServer
 SUBRESOURCES = {"acl", "uploads", "location", "cors", "logging", "website", "referer", "lifecycle",
                 "delete", "append", "tagging", "objectMeta", "uploadId", "partNumber", "security-token",
                 "position", "symlink", "restore", "versionId", "versioning", "stat"}
+
+#: OSS's smallest part, except the last one
+MIN_PART = 100 << 10
+MAX_PART_NUMBER = 10000
+
+
+@dataclass
+class Upload:
+    """A pending multipart upload: its object and the parts received (number -> bytes)."""
+
+    bucket: str
+    key: str
+    parts: dict[int, bytes] = field(default_factory=dict)
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest().upper()
 
 
 def _error_xml(code: str, message: str, request_id: str) -> bytes:
@@ -55,9 +82,13 @@ class _OssHandler(QuietHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._handle("DELETE")
 
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle("POST")
+
     def _handle(self, method: str) -> None:
         self.request_id = uuid.uuid4().hex.upper()
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "PUT" else b""
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method in ("PUT", "POST") \
+            else b""
         parts = urlsplit(self.path)
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
         bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
@@ -68,6 +99,9 @@ class _OssHandler(QuietHandler):
             return
         if not key:
             self._bucket_op(method, bucket)
+            return
+        if "uploads" in params or "uploadId" in params or method == "POST":
+            self._multipart_op(method, bucket, key, params, body)
             return
         self._object_op(method, bucket, key, body)
 
@@ -139,6 +173,79 @@ class _OssHandler(QuietHandler):
             return
         self._serve(data, head)
 
+    # --------------------------------------------------------------- multipart
+    def _ok(self, status: int, body: bytes = b"", etag: str | None = None) -> None:
+        headers = {"x-oss-request-id": self.request_id}
+        if body:
+            headers["Content-Type"] = "application/xml"
+        if etag:
+            headers["ETag"] = f'"{etag}"'
+        self.send_body(status, body, headers)
+
+    def _multipart_op(self, method: str, bucket: str, key: str, params: dict[str, str],
+                      body: bytes) -> None:
+        if bucket not in self.oss.buckets:
+            self._error(404, "NoSuchBucket", "The specified bucket does not exist")
+            return
+        if method == "POST" and "uploads" in params:
+            upload_id = uuid.uuid4().hex.upper()
+            with self.oss._lock:
+                self.oss.uploads[upload_id] = Upload(bucket, key)
+            self._ok(200, (f'<?xml version="1.0" encoding="UTF-8"?>\n<InitiateMultipartUploadResult>'
+                           f"<Bucket>{bucket}</Bucket><Key>{key}</Key><UploadId>{upload_id}</UploadId>"
+                           f"</InitiateMultipartUploadResult>").encode())
+            return
+        upload = self.oss.uploads.get(params.get("uploadId", ""))
+        if upload is None or (upload.bucket, upload.key) != (bucket, key):
+            self._error(404, "NoSuchUpload", "The specified upload does not exist.")
+            return
+        if method == "PUT":
+            self._upload_part(upload, params.get("partNumber", ""), body)
+        elif method == "POST":
+            self._complete(params["uploadId"], upload, body)
+        elif method == "DELETE":
+            with self.oss._lock:
+                self.oss.uploads.pop(params["uploadId"], None)
+            self._ok(204)
+        else:
+            self._error(405, "MethodNotAllowed", "not a multipart operation", head=method == "HEAD")
+
+    def _upload_part(self, upload: Upload, number_text: str, body: bytes) -> None:
+        if not number_text.isdigit() or not 1 <= int(number_text) <= MAX_PART_NUMBER:
+            self._error(400, "InvalidArgument", "Part number must be an integer between 1 and 10000")
+            return
+        number = int(number_text)
+        if number in self.oss.fail_parts:
+            self._error(500, "InternalError", "injected part failure")
+            return
+        md5 = self.headers.get("Content-MD5")
+        if md5 and base64.b64encode(hashlib.md5(body).digest()).decode() != md5:
+            self._error(400, "InvalidDigest", "Content-MD5 mismatch")
+            return
+        with self.oss._lock:
+            upload.parts[number] = body
+        self._ok(200, etag=_etag(body))
+
+    def _complete(self, upload_id: str, upload: Upload, body: bytes) -> None:
+        try:
+            listed = [(int(p.findtext("PartNumber") or ""), (p.findtext("ETag") or "").strip('"'))
+                      for p in ET.fromstring(body).findall("Part")]
+        except (ET.ParseError, ValueError):
+            self._error(400, "MalformedXML", "The XML you provided was not well-formed")
+            return
+        problem = _check_parts(listed, upload.parts)
+        if problem:
+            self._error(400, *problem)
+            return
+        data = b"".join(upload.parts[n] for n, _ in listed)
+        with self.oss._lock:
+            self.oss.uploads.pop(upload_id, None)
+            self.oss.buckets[upload.bucket][upload.key] = data
+        etag = f"{_etag(b''.join(bytes.fromhex(e) for _, e in listed))}-{len(listed)}"
+        self._ok(200, (f'<?xml version="1.0" encoding="UTF-8"?>\n<CompleteMultipartUploadResult>'
+                       f"<Bucket>{upload.bucket}</Bucket><Key>{upload.key}</Key><ETag>\"{etag}\"</ETag>"
+                       f"</CompleteMultipartUploadResult>").encode(), etag=etag)
+
     def _serve(self, data: bytes, head: bool) -> None:
         headers = {"ETag": f'"{hashlib.md5(data).hexdigest().upper()}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream", "x-oss-request-id": self.request_id,
@@ -156,6 +263,21 @@ class _OssHandler(QuietHandler):
         start, end = rng  # type: ignore[misc]
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         self.send_body(206, data[start:end + 1], headers, head=head)
+
+
+def _check_parts(listed: list[tuple[int, str]], parts: dict[int, bytes]) -> tuple[str, str] | None:
+    """Why a CompleteMultipartUpload part list is refused (code, message), None if it is fine."""
+    if not listed:
+        return ("MalformedXML", "The part list is empty")
+    numbers = [n for n, _ in listed]
+    if any(a >= b for a, b in itertools.pairwise(numbers)):
+        return ("InvalidPartOrder", "The list of parts was not in ascending order")
+    for n, etag in listed:
+        if n not in parts or _etag(parts[n]) != etag:
+            return ("InvalidPart", f"Part {n} was not uploaded or its ETag does not match")
+    if any(len(parts[n]) < MIN_PART for n in numbers[:-1]):
+        return ("EntityTooSmall", "A part other than the last is smaller than 100 KiB")
+    return None
 
 
 def _parse_range(value: str | None, total: int) -> tuple[int, int] | str | None:
@@ -185,6 +307,8 @@ class OssServer(ThreadedServer):
         self.secret = secret
         self.buckets: dict[str, dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, str, dict[str, str]]] = []
+        self.uploads: dict[str, Upload] = {}
+        self.fail_parts: set[int] = set()
         self.bad_signatures = 0
         self._lock = threading.Lock()
         super().__init__(_OssHandler)

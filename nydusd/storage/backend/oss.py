@@ -6,6 +6,12 @@ with ``access_key_id``/``access_key_secret``; anonymous without keys). Ranged GE
 silently sending the whole object. With a Dragonfly ``proxy``, a second ``oss2.Bucket`` shares the
 connection pool but routes through the proxy; ``DragonflyProxy.call`` picks one per request.
 
+Uploads (``put_blob``, what nydusify pushes layer blobs with) go straight to OSS: one signed PUT up
+to ``MULTIPART_THRESHOLD`` bytes, above it an oss2 multipart upload (init, one ``upload_part`` per
+``PART_SIZE`` window streamed from the file through ``oss2.utils.SizedFileAdapter`` with its
+``Content-MD5``, complete), each step under the backend's retry policy; any failure aborts the
+upload so that no parts stay behind. Upstream nydusify uses 200 MiB parts.
+
 Must not import ``requests`` directly (oss2 uses it internally), cache, rafs or fs.
 
 Threading: ``oss2.Bucket`` objects are thread-safe for concurrent requests; nothing else is shared.
@@ -13,18 +19,53 @@ Threading: ``oss2.Bucket`` objects are thread-safe for concurrent requests; noth
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import oss2
 from oss2 import exceptions as oss_exc
+from oss2.models import PartInfo
+from oss2.utils import SizedFileAdapter
 
-from nydusd.errors import AuthError, BackendError, BlobNotFound, ConfigError
+from nydusd.errors import AuthError, BackendError, BlobNotFound, ConfigError, NydusError
+from nydusd.log import get_logger
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
 T = TypeVar("T")
+log = get_logger(__name__)
 POOL_SIZE = 32
+#: blobs larger than this are uploaded in parts (one OSS PUT is capped at 5 GiB)
+MULTIPART_THRESHOLD = 200 << 20
+#: bytes per uploaded part (upstream nydusify's 200 MiB); grown to stay within MAX_PARTS
+PART_SIZE = 200 << 20
+#: OSS's smallest part (all but the last) and most parts per upload
+MIN_PART_SIZE = 100 << 10
+MAX_PARTS = 10000
+#: read granularity when hashing a part
+HASH_CHUNK = 1 << 20
+
+
+def part_size_for(total: int) -> int:
+    """The part size for a blob of ``total`` bytes (``PART_SIZE``, more beyond ``MAX_PARTS``)."""
+    return max(PART_SIZE, MIN_PART_SIZE, -(-total // MAX_PARTS))
+
+
+def _part_md5(file: IO[bytes], offset: int, length: int) -> str:
+    """base64 MD5 of ``length`` bytes at ``offset`` (the part's ``Content-MD5``), read in chunks."""
+    digest = hashlib.md5()
+    file.seek(offset)
+    left = length
+    while left:
+        chunk = file.read(min(HASH_CHUNK, left))
+        if not chunk:
+            raise BackendError("blob file shrank while being uploaded", transient=False, offset=offset)
+        digest.update(chunk)
+        left -= len(chunk)
+    return base64.b64encode(digest.digest()).decode()
 
 
 def _is_proxy_failure(exc: BaseException) -> bool:
@@ -121,6 +162,93 @@ class OssBackend(BlobBackend):
             self.bucket.put_object_from_file(key, path)
         except (oss_exc.OssError, OSError) as exc:
             raise self._error(exc, "PUT", key) from exc
+
+    def put_blob(self, blob_id: str, path: str) -> None:
+        """Store the file as blob ``blob_id``: one PUT up to ``MULTIPART_THRESHOLD`` bytes, a
+        multipart upload above it (aborted on failure). Raises AuthError, BackendError."""
+        try:
+            total = os.path.getsize(path)
+        except OSError:
+            total = 0  # the single PUT reports the unreadable file
+        if total <= MULTIPART_THRESHOLD:
+            super().put_blob(blob_id, path)
+            return
+        self._put_multipart(blob_id, path, total)
+        with self._sizes_lock:
+            self._sizes.pop(blob_id, None)
+
+    def _oss(self, op: str, key: str, call: Callable[[], T]) -> T:
+        """One oss2 call, its failures mapped to backend errors."""
+        try:
+            return call()
+        except (oss_exc.OssError, OSError) as exc:
+            raise self._error(exc, op, key) from exc
+
+    def _put_multipart(self, blob_id: str, path: str, total: int) -> None:
+        key = self._key(blob_id)
+        part = part_size_for(total)
+        upload_id: str = self._with_retry(
+            lambda: self._oss("init multipart upload", key,
+                              lambda: self.bucket.init_multipart_upload(key).upload_id),
+            blob_id=blob_id, op="create_multipart_upload", prefetch=False)
+        try:
+            parts: list[PartInfo] = []
+            with open(path, "rb") as file:
+                for offset in range(0, total, part):
+                    length = min(part, total - offset)
+                    etag = self._upload_part(blob_id, key, upload_id, len(parts) + 1, file, offset, length)
+                    parts.append(PartInfo(len(parts) + 1, etag, size=length))
+            self._with_retry(lambda: self._try_complete(key, upload_id, parts, total),
+                             blob_id=blob_id, op="complete_multipart_upload", prefetch=False)
+        except (NydusError, OSError) as exc:
+            self._abort(blob_id, key, upload_id, cause=str(exc))
+            if isinstance(exc, OSError):
+                raise BackendError(f"oss multipart upload of {path} failed: {exc}", transient=False,
+                                   blob_id=blob_id) from exc
+            raise
+        except BaseException as exc:  # interrupted: still leave no parts behind
+            self._abort(blob_id, key, upload_id, cause=repr(exc))
+            raise
+        log.debug("oss_multipart_upload_completed", blob_id=blob_id, size=total, parts=len(parts))
+
+    def _upload_part(self, blob_id: str, key: str, upload_id: str, number: int, file: IO[bytes],
+                     offset: int, length: int) -> str:
+        md5 = _part_md5(file, offset, length)
+
+        def attempt() -> str:
+            file.seek(offset)
+            result = self._oss(f"upload part {number}", key, lambda: self.bucket.upload_part(
+                key, upload_id, number, SizedFileAdapter(file, length), headers={"Content-MD5": md5}))
+            if not result.etag:
+                raise BackendError(f"oss upload part {number}: answer without ETag", transient=True)
+            return str(result.etag)
+
+        return self._with_retry(attempt, blob_id=blob_id, op="upload_part", prefetch=False,
+                                offset=offset, size=length)
+
+    def _try_complete(self, key: str, upload_id: str, parts: list[PartInfo], total: int) -> None:
+        try:
+            self.bucket.complete_multipart_upload(key, upload_id, parts)
+        except oss_exc.NoSuchUpload as exc:
+            # an earlier attempt completed it and its answer was lost?
+            if int(self._oss("HEAD", key, lambda: self.bucket.head_object(key)).content_length) == total:
+                return
+            raise self._error(exc, "complete multipart upload", key) from exc
+        except (oss_exc.OssError, OSError) as exc:
+            raise self._error(exc, "complete multipart upload", key) from exc
+
+    def _abort(self, blob_id: str, key: str, upload_id: str, cause: str) -> None:
+        def attempt() -> None:
+            self._oss("abort multipart upload", key,
+                      lambda: self.bucket.abort_multipart_upload(key, upload_id))
+
+        try:
+            self._with_retry(attempt, blob_id=blob_id, op="abort_multipart_upload", prefetch=False)
+        except NydusError as exc:
+            log.warning("oss_multipart_abort_failed", blob_id=blob_id, upload_id=upload_id,
+                        cause=str(exc), upload_error=cause)
+            return
+        log.info("oss_multipart_upload_aborted", blob_id=blob_id, upload_id=upload_id, cause=cause)
 
     def _error(self, exc: BaseException, op: str, key: str) -> BackendError:
         where = f"oss {op} {self.bucket_name}/{key}"
