@@ -270,3 +270,58 @@ def test_oss_server_is_strict_about_parts(oss: tuple[BlobBackend, Any, str]) -> 
     assert server.buckets[bucket][key] == big + small
     assert not _pending(server, bucket)
     assert code(lambda: b.abort_multipart_upload(key, upload_id)) == "NoSuchUpload"
+
+
+# --------------------------------------------------------------------------- edge cases
+def test_part_size_grows_for_huge_blobs() -> None:
+    for mod, default in ((s3_mod, PART), (oss_mod, PART)):
+        assert mod.part_size_for(3 * default) == default
+        huge = 10_000 * default + 1  # would need 10001 parts
+        size = mod.part_size_for(huge)
+        assert size > default and -(-huge // size) <= mod.MAX_PARTS
+
+
+def test_s3_lost_complete_answer_is_success(s3: tuple[BlobBackend, Any, str], blob_file: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """CompleteMultipartUpload went through but its answer was lost: the retry succeeds (moto, like
+    S3 for a while, completes an already completed upload again; a NoSuchUpload answer would be
+    recognised by the object's size -- the oss test below takes that path)."""
+    backend, client, bucket = s3
+    real = backend.http.request  # type: ignore[attr-defined]
+    completes: list[int] = []
+
+    def lossy(method: str, url: str, **kw: Any) -> Any:
+        resp = real(method, url, **kw)
+        if method == "POST" and "uploadId=" in url:
+            completes.append(resp.status)
+            if len(completes) == 1:
+                raise BackendError("connection reset while reading the answer", transient=True)
+        return resp
+
+    monkeypatch.setattr(backend, "http", _Wrapped(backend.http, lossy))  # type: ignore[attr-defined]
+    backend.put_blob(BLOB_ID, str(blob_file))
+    assert len(completes) == 2 and completes[0] == 200 and completes[1] in (200, 404)
+    assert client.head_object(Bucket=bucket, Key=f"blobs/{BLOB_ID}")["ContentLength"] == len(DATA)
+    assert backend.read(BLOB_ID, 0, len(DATA)) == DATA
+
+
+def test_oss_lost_complete_answer_is_success(oss: tuple[BlobBackend, Any, str], blob_file: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, server, bucket = oss
+    b = backend.bucket  # type: ignore[attr-defined]
+    real = b.complete_multipart_upload
+    calls: list[str] = []
+
+    def lossy(*args: Any, **kw: Any) -> Any:
+        calls.append("complete")
+        result = real(*args, **kw)
+        if len(calls) == 1:
+            result.resp.response.close()
+            raise ConnectionResetError("connection reset while reading the answer")
+        return result
+
+    monkeypatch.setattr(b, "complete_multipart_upload", lossy)
+    backend.put_blob(BLOB_ID, str(blob_file))
+    assert calls == ["complete", "complete"]
+    assert server.buckets[bucket][f"nydus/{BLOB_ID}"] == DATA
+    assert _calls(server, bucket)[-3:] == ["POST", "POST", "HEAD"]

@@ -73,6 +73,12 @@ def _is_proxy_failure(exc: BaseException) -> bool:
     return isinstance(exc, (oss_exc.RequestError, OSError))
 
 
+def _release(result: Any) -> None:
+    """Read the rest of an oss2 answer and give its connection back to the pool."""
+    result.resp.read()
+    result.resp.response.close()
+
+
 class OssBackend(BlobBackend):
     """Read blobs from OSS with signed ranged GETs."""
 
@@ -219,6 +225,7 @@ class OssBackend(BlobBackend):
             file.seek(offset)
             result = self._oss(f"upload part {number}", key, lambda: self.bucket.upload_part(
                 key, upload_id, number, SizedFileAdapter(file, length), headers={"Content-MD5": md5}))
+            _release(result)
             if not result.etag:
                 raise BackendError(f"oss upload part {number}: answer without ETag", transient=True)
             return str(result.etag)
@@ -228,7 +235,7 @@ class OssBackend(BlobBackend):
 
     def _try_complete(self, key: str, upload_id: str, parts: list[PartInfo], total: int) -> None:
         try:
-            self.bucket.complete_multipart_upload(key, upload_id, parts)
+            _release(self.bucket.complete_multipart_upload(key, upload_id, parts))
         except oss_exc.NoSuchUpload as exc:
             # an earlier attempt completed it and its answer was lost?
             if int(self._oss("HEAD", key, lambda: self.bucket.head_object(key)).content_length) == total:
