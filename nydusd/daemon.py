@@ -66,6 +66,7 @@ from nydusd.rafs import load_bootstrap
 from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
+from nydusd.storage.prefetch import BULK_MERGE_SIZE
 
 log = get_logger(__name__)
 
@@ -247,10 +248,14 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
                         log.info("prefetch_file_skipped", path=path)
             else:
                 roots = [int(i) for i in sb.prefetch_inodes()]
+            seen: set[int] = set()
+            queued = _queue_prefetch(sb, device, roots, stop, seen)
             if prefetch.prefetch_all:
-                # upstream: the hinted files first, then everything else
-                roots.append(int(sb.root_ino))
-            queued = _queue_prefetch(sb, device, roots, stop)
+                # upstream: the hinted files first, then everything else. The whole-image pass
+                # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
+                # the on-demand merging size: per-request latency dominates small ranges.
+                queued += _queue_prefetch(sb, device, [int(sb.root_ino)], stop, seen,
+                                          merge_limit=BULK_MERGE_SIZE)
             log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
         except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
             log.warning("prefetch_failed", mountpoint=inst.mountpoint, error=repr(e))
@@ -265,10 +270,11 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
     inst.closers.append(halt)
 
 
-def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event) -> int:
-    """Submit the chunks of every regular file under ``roots`` (files or directories)."""
+def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event, seen: set[int],
+                    merge_limit: int | None = None) -> int:
+    """Submit the chunks of every regular file under ``roots`` (files or directories) not in ``seen``
+    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size)."""
     queued = 0
-    seen: set[int] = set()
     pending = deque(roots)  # breadth first, in hint order
     while pending and not stop.is_set():
         ino = pending.popleft()
@@ -279,7 +285,7 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
         if stat.S_ISDIR(inode.mode):
             pending.extend(int(child) for _name, child in sb.children(ino))
         elif stat.S_ISREG(inode.mode) and inode.size:
-            queued += device.prefetch(sb.chunks(ino))
+            queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit)
     return queued
 
 

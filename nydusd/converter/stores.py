@@ -4,7 +4,8 @@ Owns: ``BlobStore`` (put / exists / download / the backend config nydusd needs t
 back) and ``create_store`` (the ``--backend-type`` / ``--backend-config`` JSON, upstream nydusify's
 key names). A store is a thin policy layer over the storage backend of the same type
 (``nydusd.storage.backend.create_backend``): the localfs, s3 and oss backends already know how to
-write (``put_blob``: temp file + rename; botocore SigV4 PUT; oss2 signed PUT) and to check for an
+write (``put_blob``: temp file + rename; botocore SigV4 PUT, multipart above 64 MiB; oss2 PUT,
+multipart above 200 MiB) and to check for an
 object (``blob_exists``), so nydusify and nydusd share one implementation per protocol -- the objects
 the converter writes are exactly the ones nydusd reads (``<object_prefix><blob id>``).
 

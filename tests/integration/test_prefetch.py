@@ -90,3 +90,25 @@ def test_image_prefetch_table_is_used_by_default(tmp_path):
         assert (mnt / leaf).read_bytes() == (src / leaf).read_bytes()
         with pytest.raises(OSError):
             (mnt / "dir" / "multi_chunk").read_bytes()
+
+
+def test_prefetch_all_streams_the_blob_in_few_large_requests(tmp_path):
+    # 48 incompressible files of 256 KiB: 12 MiB of chunks, adjacent in the blob. With the 1 MiB
+    # merging size that is >= 12 requests; the whole-image pass must use long streamed runs.
+    import random
+    rnd = random.Random(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(48):
+        (src / f"f{i:02d}").write_bytes(rnd.randbytes(256 << 10))
+    image = build_image(src, tmp_path / "img", version=6)
+    d, api = start(tmp_path, image, prefetch_all=True, merging_size=1 << 20)
+    with d:
+        wait_prefetched(api, 48 * (256 << 10))
+        status, backend = api.request("GET", "/api/v1/metrics/backend")
+        assert status == 200, backend
+        assert backend["read_amount_total"] >= 48 * (256 << 10)
+        assert backend["read_count"] <= 4, backend
+        mnt = Path(d.mountpoint)
+        for i in (0, 23, 47):
+            assert (mnt / f"f{i:02d}").read_bytes() == (src / f"f{i:02d}").read_bytes()
