@@ -106,6 +106,7 @@ def decompress(data: bytes | memoryview, algo: Compressor, size: int) -> bytes:
 
     Raises IntegrityError when the payload is not valid for ``algo`` or yields another size.
     """
+    out: bytes
     try:
         if algo is Compressor.LZ4_BLOCK:
             out = lz4.block.decompress(bytes(data), uncompressed_size=size)

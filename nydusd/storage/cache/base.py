@@ -258,7 +258,9 @@ class BlobCache(ABC):
                     continue
                 fetched, failed = self._fetch_group(group, prefetch)
                 self._settle(fetched, pending)
-                result.update((chunk_key(it.chunk), it.plain) for it in fetched if it.plain is not None)
+                # bytes(): free for bytes; a view into a reusable thread buffer must never escape
+                result.update((chunk_key(it.chunk), bytes(it.plain)) for it in fetched
+                              if it.plain is not None)
                 if failed:
                     raise failed
         except BaseException as exc:
@@ -295,7 +297,7 @@ class BlobCache(ABC):
         self._store(fetched)
         for item in fetched:
             key = chunk_key(item.chunk)
-            self._flights.resolve(key, item.plain if publish else None)
+            self._flights.resolve(key, bytes(item.plain) if publish and item.plain is not None else None)
             pending.discard(key)
 
     def _stream_group(self, group: list[ChunkInfo], pending: set[int]) -> None:
@@ -307,7 +309,8 @@ class BlobCache(ABC):
         size = group[-1].compressed_offset + group[-1].compressed_size - start
         failed: NydusError | None = None
         raw = self.stores_payload and not self.manager.verify_fetched
-        with self.backend.open_range(self.blob.blob_id, start, size, prefetch=True) as stream:
+        backend: Any = self.backend  # streams_ranges backends (checked by the caller) have open_range
+        with backend.open_range(self.blob.blob_id, start, size, prefetch=True) as stream:
             i = 0
             while i < len(group):
                 j, nbytes = i + 1, group[i].compressed_size
