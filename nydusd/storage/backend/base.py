@@ -19,6 +19,7 @@ under small locks; subclasses must be thread-safe in ``try_*``.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -188,13 +189,31 @@ class BlobBackend(ABC):
         return True
 
     def put_blob(self, blob_id: str, path: str) -> None:
-        """Store the file at ``path`` as blob ``blob_id``, retrying transient failures.
+        """Store the file at ``path`` as blob ``blob_id``, retrying transient failures: one
+        ``try_put`` up to ``multipart_threshold()`` bytes, ``put_multipart`` above it.
 
         Raises Unsupported for read-only backends, AuthError, BackendError.
         """
-        self._with_retry(lambda: self.try_put(blob_id, path), blob_id=blob_id, op="put", prefetch=False)
+        threshold = self.multipart_threshold()
+        try:
+            total = os.path.getsize(path)
+        except OSError:
+            total = 0  # the single PUT reports the unreadable file
+        if threshold is not None and total > threshold:
+            self.put_multipart(blob_id, path, total)
+        else:
+            self._with_retry(lambda: self.try_put(blob_id, path), blob_id=blob_id, op="put",
+                             prefetch=False)
         with self._sizes_lock:
             self._sizes.pop(blob_id, None)
+
+    def multipart_threshold(self) -> int | None:
+        """Largest blob ``put_blob`` sends in one request; None: no multipart upload."""
+        return None
+
+    def put_multipart(self, blob_id: str, path: str, total: int) -> None:
+        """Upload a ``total``-byte file in parts (backends with a ``multipart_threshold``)."""
+        raise Unsupported(f"{self.type} backend has no multipart upload", blob_id=blob_id)
 
     def metrics(self) -> dict[str, Any]:
         """Backend metrics, field names exactly as ``/api/v1/metrics/backend`` (spec §8.3)."""

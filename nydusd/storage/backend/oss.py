@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Callable
 from typing import IO, Any, ClassVar, TypeVar
 
@@ -169,19 +168,8 @@ class OssBackend(BlobBackend):
         except (oss_exc.OssError, OSError) as exc:
             raise self._error(exc, "PUT", key) from exc
 
-    def put_blob(self, blob_id: str, path: str) -> None:
-        """Store the file as blob ``blob_id``: one PUT up to ``MULTIPART_THRESHOLD`` bytes, a
-        multipart upload above it (aborted on failure). Raises AuthError, BackendError."""
-        try:
-            total = os.path.getsize(path)
-        except OSError:
-            total = 0  # the single PUT reports the unreadable file
-        if total <= MULTIPART_THRESHOLD:
-            super().put_blob(blob_id, path)
-            return
-        self._put_multipart(blob_id, path, total)
-        with self._sizes_lock:
-            self._sizes.pop(blob_id, None)
+    def multipart_threshold(self) -> int | None:
+        return MULTIPART_THRESHOLD
 
     def _oss(self, op: str, key: str, call: Callable[[], T]) -> T:
         """One oss2 call, its failures mapped to backend errors."""
@@ -190,7 +178,8 @@ class OssBackend(BlobBackend):
         except (oss_exc.OssError, OSError) as exc:
             raise self._error(exc, op, key) from exc
 
-    def _put_multipart(self, blob_id: str, path: str, total: int) -> None:
+    def put_multipart(self, blob_id: str, path: str, total: int) -> None:
+        """Multipart upload, aborted on any failure so no parts are left behind."""
         key = self._key(blob_id)
         part = part_size_for(total)
         upload_id: str = self._with_retry(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import xml.etree.ElementTree as ET
 from typing import IO, Any, ClassVar
 from urllib.parse import quote
@@ -190,19 +189,8 @@ class S3Backend(BlobBackend):
         with self._sizes_lock:
             self._sizes.pop(blob_id, None)
 
-    def put_blob(self, blob_id: str, path: str) -> None:
-        """Store the file as blob ``blob_id``: one PUT up to ``MULTIPART_THRESHOLD`` bytes, a
-        multipart upload above it (aborted on failure). Raises AuthError, BackendError."""
-        try:
-            total = os.path.getsize(path)
-        except OSError:
-            total = 0  # the single PUT reports the unreadable file
-        if total <= MULTIPART_THRESHOLD:
-            super().put_blob(blob_id, path)
-            return
-        self._put_multipart(blob_id, path, total)
-        with self._sizes_lock:
-            self._sizes.pop(blob_id, None)
+    def multipart_threshold(self) -> int | None:
+        return MULTIPART_THRESHOLD
 
     def _signed_body(self, method: str, url: str, headers: dict[str, str], body: Any) -> dict[str, str]:
         """Headers signed over a seekable body (its SHA-256 is read in chunks; body rewound)."""
@@ -225,7 +213,8 @@ class S3Backend(BlobBackend):
             raise self._error(resp, op, blob_id)
         return resp
 
-    def _put_multipart(self, blob_id: str, path: str, total: int) -> None:
+    def put_multipart(self, blob_id: str, path: str, total: int) -> None:
+        """Multipart upload, aborted on any failure so no parts are left behind."""
         part = part_size_for(total)
         upload_id = self._with_retry(lambda: self._try_create_upload(blob_id), blob_id=blob_id,
                                      op="create_multipart_upload", prefetch=False)
