@@ -83,6 +83,21 @@ class ChunkBuffer:
             self._items.clear()
 
 
+_I64_MAX = (1 << 63) - 1
+_I64_MIN = -(1 << 63)
+
+
+def _mtime_ns(mtime: int, mtime_nsec: int) -> int:
+    """Nanoseconds since the epoch for an on-disk u64 ``mtime`` (seconds) + ``mtime_nsec``.
+
+    Upstream stores the seconds as u64 and hands them to the kernel cast to i64, so a value with the
+    top bit set is a time before 1970; the result is clamped to the signed 64-bit nanosecond range
+    ``stat`` (and llfuse) can carry. Integer arithmetic only: floats lose precision here.
+    """
+    secs = mtime - (1 << 64) if mtime >= 1 << 63 else mtime
+    return max(_I64_MIN, min(_I64_MAX, secs * 1_000_000_000 + mtime_nsec))
+
+
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
@@ -103,13 +118,13 @@ class RafsFs:
         size = inode.size
         if size == 0 and stat.S_ISLNK(mode):
             size = len(self.sb.readlink(inode.ino))
-        mtime_ns = inode.mtime * 1_000_000_000 + inode.mtime_nsec
+        mtime_ns = _mtime_ns(inode.mtime, inode.mtime_nsec)
         blocks = getattr(inode, "blocks", None)
         if blocks is None:
             blocks = (size + 511) // 512 if stat.S_ISREG(mode) else 0
         t = self.timeout
-        return Attr(inode.ino, mode, inode.nlink, inode.uid, inode.gid, inode.rdev, size, blocks,
-                    BLOCK_SIZE, mtime_ns, mtime_ns, mtime_ns, t, t)
+        return Attr(inode.ino, mode, inode.nlink, inode.uid, inode.gid, inode.rdev, min(size, _I64_MAX),
+                    min(blocks, _I64_MAX), BLOCK_SIZE, mtime_ns, mtime_ns, mtime_ns, t, t)
 
     def getattr(self, ino: int) -> Attr:
         """Attributes of image inode ``ino``. Raises NotFound for an unknown inode."""
