@@ -25,7 +25,7 @@ from nydusd import __version__
 from nydusd.errors import InvalidArgument, NotFound, Unsupported
 from nydusd.log import configure_logging
 from nydusd.rafs import RafsSuper
-from nydusd.rafs.content import BlobSource, LocalBlobs
+from nydusd.rafs.content import BlobSource, LocalBlobs, bounded
 from nydusd.rafs.reader import load_image
 from nydusd.rafs.stats import check_image, compare_stats, image_stats
 from nydusd.rafs.unpack import write_tar
@@ -309,7 +309,7 @@ def _config_source(path: str) -> tuple[BlobSource, Callable[[], None]]:
     if cfg.backend is None:
         raise ConfigError("the config has no backend section", field="backend")
     backend = create_backend(cfg.backend)
-    return (lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
+    return bounded(lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
 
 
 def _backend_source(args: argparse.Namespace) -> tuple[BlobSource, Callable[[], None]]:
@@ -332,7 +332,7 @@ def _backend_source(args: argparse.Namespace) -> tuple[BlobSource, Callable[[], 
     cfg = load_config(json.dumps({"version": 2, "backend": {"type": args.backend_type,
                                                              args.backend_type.replace("-", "_"): section}}))
     backend = create_backend(cfg.backend)
-    return (lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
+    return bounded(lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
 
 
 @_os_errors

@@ -2,8 +2,10 @@
 
 Owns: ``BlobSource`` (the "read ``size`` bytes at ``offset`` of blob X" callable the readers take),
 ``LocalBlobs`` (a source over local blob files: a blob directory and/or explicit files, ``os.pread``,
-no shared cursor) and ``read_chunk`` / ``iter_file`` / ``read_file`` which decode and verify chunks
-with ``nydusd.storage.device.decode_chunk``. The daemon reads through storage's BlobDevice instead.
+no shared cursor, every range checked against the file size), ``check_range`` / ``bounded`` (the
+sanity bound on a requested blob range, for sources over a backend) and ``read_chunk`` /
+``iter_file`` / ``read_file`` which decode and verify chunks with
+``nydusd.storage.device.decode_chunk``. The daemon reads through storage's BlobDevice instead.
 
 Must not import fs, daemon, builder, storage.backend (callers adapt a backend into a BlobSource).
 Threading: LocalBlobs opens each blob file once under a lock; ``os.pread`` is thread-safe.
@@ -15,11 +17,28 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from nydusd.errors import BlobNotFound, IntegrityError
+from nydusd.errors import BlobNotFound, CorruptMetadata, IntegrityError
 from nydusd.rafs.rafs_super import RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo, decode_chunk
 
 BlobSource = Callable[[BlobInfo, int, int], bytes]
+
+#: the largest byte position a blob file can have (``off_t``); metadata pointing beyond it is corrupt
+MAX_BLOB_END = (1 << 63) - 1
+
+
+def check_range(blob: BlobInfo, offset: int, size: int) -> None:
+    """Raise CorruptMetadata unless ``[offset, offset + size)`` is a range a blob file can hold."""
+    if offset < 0 or size < 0 or offset + size > MAX_BLOB_END:
+        raise CorruptMetadata("blob range out of bounds", blob_id=blob.blob_id, offset=offset, size=size)
+
+
+def bounded(source: BlobSource) -> BlobSource:
+    """``source`` with every requested range checked by ``check_range`` first."""
+    def read(blob: BlobInfo, offset: int, size: int) -> bytes:
+        check_range(blob, offset, size)
+        return source(blob, offset, size)
+    return read
 
 
 class LocalBlobs:
@@ -27,7 +46,8 @@ class LocalBlobs:
 
     ``files`` maps a blob id to a path; a path given under the key ``"*"`` serves every blob not
     found otherwise (``--blob FILE`` of single-blob images). Raises BlobNotFound for a missing
-    blob and IntegrityError for a short read.
+    blob, CorruptMetadata for a range no file can hold and IntegrityError for a range beyond the
+    end of the blob file or a short read.
     """
 
     def __init__(self, blob_dir: str | None = None, files: dict[str, str] | None = None) -> None:
@@ -61,7 +81,17 @@ class LocalBlobs:
             return fd
 
     def __call__(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        data = os.pread(self._fd(blob.blob_id), size, offset)
+        check_range(blob, offset, size)
+        fd = self._fd(blob.blob_id)
+        file_size = os.fstat(fd).st_size
+        if offset + size > file_size:
+            raise IntegrityError("blob range beyond the end of the blob file", blob_id=blob.blob_id,
+                                 offset=offset, size=size, blob_size=file_size)
+        try:
+            data = os.pread(fd, size, offset)
+        except (OverflowError, ValueError) as e:
+            raise CorruptMetadata(f"blob range not readable: {e}", blob_id=blob.blob_id, offset=offset,
+                                  size=size) from None
         if len(data) != size:
             raise IntegrityError("short read from blob file", blob_id=blob.blob_id, offset=offset,
                                  size=size, got=len(data))
@@ -81,7 +111,9 @@ class LocalBlobs:
 
 
 def read_chunk(source: BlobSource, chunk: ChunkInfo, blob: BlobInfo, verify: bool = True) -> bytes:
-    """The plain bytes of ``chunk``. Raises IntegrityError / BackendError / BlobNotFound."""
+    """The plain bytes of ``chunk``. Raises CorruptMetadata (a range no blob can hold) /
+    IntegrityError / BackendError / BlobNotFound."""
+    check_range(blob, chunk.compressed_offset, chunk.compressed_size)
     payload = source(blob, chunk.compressed_offset, chunk.compressed_size)
     return decode_chunk(payload, chunk, blob, verify)
 

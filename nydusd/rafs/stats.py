@@ -18,7 +18,7 @@ from typing import Any
 from nydusd.errors import CorruptMetadata
 from nydusd.rafs import layout as L
 from nydusd.rafs.blobmeta import load_chunk_infos, read_toc
-from nydusd.rafs.content import BlobSource, read_chunk
+from nydusd.rafs.content import MAX_BLOB_END, BlobSource, read_chunk
 from nydusd.rafs.rafs_super import RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
@@ -128,14 +128,15 @@ def compare_stats(base: RafsSuper, target: RafsSuper) -> ImageStats:
 
 
 def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, int]:
-    """Decode every record of ``sb`` (tree, symlinks, xattrs, chunk lists, prefetch table); for v5
-    also verify every inode's Merkle digest; with ``source`` read and verify every unique chunk.
+    """Decode every record of ``sb`` (tree, symlinks, xattrs, chunk lists, prefetch table), check
+    every chunk lies inside its blob (by the blob table's size); for v5 also verify every inode's
+    Merkle digest; with ``source`` read and verify every unique chunk.
 
     Returns counters; raises CorruptMetadata (or IntegrityError/BackendError for chunk data).
     """
     entries = files = chunks_read = 0
     verified: set[tuple[bytes, int]] = set()
-    for _path, inode in sb.walk():
+    for path, inode in sb.walk():
         entries += 1
         if inode.has_xattr:
             sb.xattrs(inode.ino)
@@ -144,6 +145,7 @@ def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, in
         if inode.is_reg:
             files += 1
             for c in sb.chunks(inode.ino):
+                _check_chunk_range(c, sb.blobs[c.blob_index], path)
                 if source is not None and (c.digest, c.blob_index) not in verified:
                     read_chunk(source, c, sb.blobs[c.blob_index], verify=True)
                     verified.add((c.digest, c.blob_index))
@@ -154,6 +156,18 @@ def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, in
     elif source is not None:
         _verify_blob_meta(sb, source, verified)
     return {"entries": entries, "files": files, "chunks_verified": chunks_read}
+
+
+def _check_chunk_range(c: ChunkInfo, blob: BlobInfo, path: bytes) -> None:
+    """A chunk's stored range must fit a file (``off_t``) and, when the blob table records the
+    blob's size (non-zero), lie inside it."""
+    end = c.compressed_offset + c.compressed_size
+    limit = blob.compressed_size or MAX_BLOB_END
+    if end > min(limit, MAX_BLOB_END):
+        raise CorruptMetadata("chunk lies beyond the end of its blob", field="compressed_offset",
+                              blob_id=blob.blob_id, offset=c.compressed_offset, size=c.compressed_size,
+                              blob_size=blob.compressed_size or None,
+                              path=path.decode(errors="replace"))
 
 
 def _verify_blob_meta(sb: RafsSuper, source: BlobSource, used: set[tuple[bytes, int]]) -> None:
