@@ -9,8 +9,9 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,36 +54,54 @@ def test_socket_is_0600_and_serves(served: ApiServer, sock_path: Path) -> None:
     assert not [p for p in sock_path.parent.iterdir() if p.name.startswith(".nydusd-api-")]
 
 
+def _spy_publish(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool, int]]:
+    """Records (call, socket mode, destination existed, private dir mode) at publication time."""
+    seen: list[tuple[str, int, bool, int]] = []
+
+    def wrap(name: str) -> None:
+        real = getattr(os, name)
+
+        def spy(src: str, dst: str, **kw: Any) -> None:
+            src_fd = kw["src_dir_fd"]
+            seen.append((name, stat.S_IMODE(os.stat(src, dir_fd=src_fd).st_mode), os.path.lexists(dst),
+                         stat.S_IMODE(os.fstat(src_fd).st_mode)))
+            real(src, dst, **kw)
+
+        monkeypatch.setattr(server_mod.os, name, spy)
+
+    wrap("rename")
+    wrap("link")
+    return seen
+
+
 def test_socket_never_visible_with_other_permissions(sock_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, bool, int]] = []
-    real_rename = os.rename
-
-    def spy(src: str, dst: str, **kw: int) -> None:
-        src_fd = kw["src_dir_fd"]
-        seen.append((stat.S_IMODE(os.stat(src, dir_fd=src_fd).st_mode), os.path.lexists(dst),
-                     stat.S_IMODE(os.fstat(src_fd).st_mode)))
-        real_rename(src, dst, **kw)
-
-    monkeypatch.setattr(server_mod.os, "rename", spy)
+    seen = _spy_publish(monkeypatch)
     sock = server_mod.bind_unix_socket(str(sock_path))
     try:
         # at the moment it appears at the final path it is already 0600, inside a 0700 directory
-        assert seen == [(0o600, False, 0o700)]
+        assert seen == [("link", 0o600, False, 0o700)]
         assert mode(sock_path) == 0o600
         assert probe_socket(str(sock_path)) is True  # already listening when it appears
     finally:
         sock.close()
         sock_path.unlink()
+    assert sorted(p.name for p in sock_path.parent.iterdir()) == []  # no private dir, no lock file
 
 
-def test_stale_socket_is_replaced(sock_path: Path, logs: object) -> None:
+def _stale_socket(path: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dead.bind(str(sock_path))
+    dead.bind(str(path))
     dead.close()  # a dead daemon's leftover: the file stays, nobody listens
+
+
+def test_stale_socket_is_replaced(sock_path: Path, logs: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stale_socket(sock_path)
     assert probe_socket(str(sock_path)) is False
+    seen = _spy_publish(monkeypatch)
     handle = start_api_server(FakeDaemon(), str(sock_path))
     try:
+        assert seen == [("rename", 0o600, True, 0o700)]  # replaced in one step, already 0600
         assert mode(sock_path) == 0o600
         with ApiClient(str(sock_path)) as c:
             assert c.info()["state"] == "RUNNING"
@@ -92,13 +111,72 @@ def test_stale_socket_is_replaced(sock_path: Path, logs: object) -> None:
     assert not sock_path.exists()
 
 
-def test_regular_file_is_replaced(sock_path: Path) -> None:
-    sock_path.write_text("junk")
-    handle = start_api_server(FakeDaemon(), str(sock_path))
-    try:
-        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
-    finally:
-        handle.stop()
+def test_regular_file_is_refused_and_left_intact(sock_path: Path) -> None:
+    sock_path.write_text("precious data\n")
+    with pytest.raises(InvalidArgument, match="not a socket") as e:
+        start_api_server(FakeDaemon(), str(sock_path))
+    assert e.value.context["path"] == str(sock_path)
+    assert sock_path.read_text() == "precious data\n"
+    assert sorted(p.name for p in sock_path.parent.iterdir()) == ["api.sock"]
+
+
+def test_directory_and_symlink_are_refused(sock_path: Path, tmp_path: Path) -> None:
+    sock_path.mkdir()
+    (sock_path / "keep").write_text("x")
+    with pytest.raises(InvalidArgument, match="is a directory"):
+        start_api_server(FakeDaemon(), str(sock_path))
+    assert (sock_path / "keep").read_text() == "x"
+    link = tmp_path / "link.sock"
+    link.symlink_to(sock_path / "keep")
+    with pytest.raises(InvalidArgument, match="not a socket"):
+        server_mod.bind_unix_socket(str(link))
+    assert link.is_symlink() and link.read_text() == "x"
+
+
+def _bind_pair(path: Path) -> list[socket.socket | BaseException | None]:
+    """Two threads call bind_unix_socket(path) at the same moment; their results."""
+    results: list[socket.socket | BaseException | None] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def bind(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = server_mod.bind_unix_socket(str(path))
+        except BaseException as e:  # noqa: BLE001 - inspected by the caller
+            results[i] = e
+
+    threads = [threading.Thread(target=bind, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def _race(path: Path, trials: int, prepare: Callable[[], None]) -> list[tuple[int, list[str]]]:
+    """``trials`` rounds of _bind_pair; per round (number of winners, the losers' error types)."""
+    outcomes = []
+    for _ in range(trials):
+        prepare()
+        results = _bind_pair(path)
+        socks = [r for r in results if isinstance(r, socket.socket)]
+        outcomes.append((len(socks), [type(r).__name__ for r in results if not isinstance(r, socket.socket)]))
+        if socks:
+            assert probe_socket(str(path)) is True  # the winner is the one reachable at the path
+        for s in socks:
+            s.close()
+        path.unlink()
+    return outcomes
+
+
+def test_concurrent_binds_on_a_fresh_path_have_one_winner(sock_path: Path) -> None:
+    outcomes = _race(sock_path, 50, lambda: None)
+    assert outcomes == [(1, ["AlreadyExists"])] * 50
+
+
+def test_concurrent_binds_over_a_stale_socket_have_one_winner(sock_path: Path) -> None:
+    outcomes = _race(sock_path, 50, lambda: _stale_socket(sock_path))
+    assert outcomes == [(1, ["AlreadyExists"])] * 50
 
 
 def test_live_socket_is_refused(sock_path: Path) -> None:
