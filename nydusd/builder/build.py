@@ -132,6 +132,9 @@ def write_atomic(data: bytes, dest: str) -> str:
     except OSError as e:
         out.discard()
         raise BuildError(f"cannot write output: {e.strerror}", path=dest) from None
+    except BaseException:  # e.g. KeyboardInterrupt: never leave the temp file behind
+        out.discard()
+        raise
     return out.commit()
 
 

@@ -8,7 +8,9 @@ the chunk pipeline, while the tar is read).
 Entry rules (documented divergences from upstream in ``nydus-image create --help``):
 * names are normalised like GNU tar extraction: leading ``/`` and ``./`` and empty / ``.``
   components are dropped; a ``..`` component is rejected (BuildError);
-* a name longer than 255 bytes in any component is rejected;
+* a name longer than 255 bytes in any component is rejected, and so is a normalised path whose
+  absolute form ``/a/b`` does not fit Linux PATH_MAX (4096 bytes with the NUL): no real rootfs can
+  hold it, and refusing it bounds the path depth (tar names are otherwise unbounded in PAX);
 * a duplicate name is rejected, except a directory listed again as a directory (its attributes
   are updated, as tar extraction would);
 * a hard link must name an earlier entry of the tar or, when the layer is built on a parent image
@@ -62,6 +64,7 @@ log = get_logger(__name__)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
+PATH_MAX = 4096  # Linux, including the terminating NUL
 
 FileCallback = Callable[[FileData, BinaryIO, str], None]
 
@@ -167,6 +170,10 @@ def _split_name(name: str) -> list[bytes]:
         raise BuildError("tar entry name contains '..'", path=name)
     for p in parts:
         check_name(p, name)
+    # "/" + components joined by "/" + NUL must fit PATH_MAX
+    if sum(len(p) + 1 for p in parts) + 1 > PATH_MAX:
+        raise BuildError(f"tar entry path longer than PATH_MAX ({PATH_MAX} bytes)", path=name[:256] + "...",
+                         depth=len(parts))
     return parts
 
 
@@ -217,30 +224,39 @@ class _TarTree:
     def __init__(self, lower: Node | None = None, whiteout_spec: WhiteoutSpec = WhiteoutSpec.OCI) -> None:
         self.root = new_dir(b"/")
         self.root.implicit = True
-        self.seen: dict[tuple[bytes, ...], Node] = {(): self.root}
         self.lower = lower
         self.spec = whiteout_spec
         # what this tar has deleted from the lower image so far (hard links must not reach it)
         self.whiteouts: set[tuple[bytes, ...]] = set()
         self.opaque: set[tuple[bytes, ...]] = set()
 
+    def find(self, parts: tuple[bytes, ...] | list[bytes]) -> Node | None:
+        """The entry this tar has read (or implied) at ``parts``, walking the tree (linear in depth)."""
+        node = self.root
+        for p in parts:
+            if node.children is None:
+                return None
+            child = node.children.get(p)
+            if child is None:
+                return None
+            node = child
+        return node
+
     def parent_of(self, parts: list[bytes], name: str) -> Node:
         node = self.root
-        for i, p in enumerate(parts[:-1]):
+        for p in parts[:-1]:
             assert node.children is not None
             child = node.children.get(p)
             if child is None:
                 child = new_dir(p)
                 child.implicit = True
                 node.children[p] = child
-                self.seen.setdefault(tuple(parts[:i + 1]), child)
             elif not child.is_dir:
                 raise BuildError("tar entry lies below a non-directory", path=name)
             node = child
         return node
 
     def add(self, parts: list[bytes], node: Node, name: str) -> None:
-        key = tuple(parts)
         if not parts:  # the root entry ("./"): attributes only
             if not node.is_dir:
                 raise BuildError("tar root entry is not a directory", path=name)
@@ -255,7 +271,6 @@ class _TarTree:
                 return
             raise BuildError("duplicate tar entry", path=name)
         parent.children[parts[-1]] = node
-        self.seen[key] = node
 
     @staticmethod
     def _update_dir(old: Node, new: Node) -> None:
@@ -277,21 +292,23 @@ class _TarTree:
 
     def _deleted_below(self, target: tuple[bytes, ...]) -> bool:
         """Whether the entries read so far hide the lower image's ``target``."""
+        mine: Node | None = self.root
         for i in range(len(target) + 1):
-            prefix = target[:i]
+            prefix = target[:i]  # paths are bounded by PATH_MAX, so these slices stay small
             if prefix in self.whiteouts:
                 return True
             if i < len(target):
                 if prefix in self.opaque:
                     return True
-                mine = self.seen.get(prefix)
-                if mine is not None and not mine.is_dir:
-                    return True
+                if mine is not None:
+                    if mine.children is None:  # this tar replaced the ancestor by a non-directory
+                        return True
+                    mine = mine.children.get(target[i])
         return False
 
     def _link_target(self, info: tarfile.TarInfo) -> Node:
         key = tuple(_split_name(info.linkname))
-        target = self.seen.get(key)
+        target = self.find(key)
         if target is not None:
             return target
         if self.lower is None:
