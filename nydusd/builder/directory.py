@@ -3,7 +3,9 @@
 Owns: ``walk_directory`` (sorted, iterative, never follows symlinks) and ``DirectorySource`` (the
 walked tree plus the regular files whose content still has to be chunked, in blob order).
 Must not import rafs; reads files only through ``open_file`` so the chunk pipeline streams them in
-``chunk_size`` pieces (never whole). Threading: single-threaded walk.
+``chunk_size`` pieces (never whole). A file dated before 1970 gets mtime 0 (RAFS's mtime is
+unsigned; debug event ``file_mtime_clamped``); stat's uid, gid and size are always in range.
+Threading: single-threaded walk.
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
 
 def _make_node(path: bytes, rel: bytes, name: bytes, st: os.stat_result,
                links: dict[tuple[int, int], FileData], files: list[PendingFile]) -> Node:
+    mtime_ns = st.st_mtime_ns
+    if mtime_ns < 0:  # dated before 1970: RAFS stores an unsigned mtime, so clamp (as tar sources do)
+        log.debug("file_mtime_clamped", path=os.fsdecode(path), mtime_ns=mtime_ns)
+        mtime_ns = 0
     node = Node(name=name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
-                mtime=st.st_mtime_ns // 1_000_000_000, mtime_nsec=st.st_mtime_ns % 1_000_000_000,
+                mtime=mtime_ns // 1_000_000_000, mtime_nsec=mtime_ns % 1_000_000_000,
                 xattrs=_read_xattrs(path))
     fmt = stat.S_IFMT(st.st_mode)
     if fmt == stat.S_IFDIR:

@@ -11,6 +11,9 @@ Entry rules (documented divergences from upstream in ``nydus-image create --help
 * a name longer than 255 bytes in any component is rejected, and so is a normalised path whose
   absolute form ``/a/b`` does not fit Linux PATH_MAX (4096 bytes with the NUL): no real rootfs can
   hold it, and refusing it bounds the path depth (tar names are otherwise unbounded in PAX);
+* uid and gid must be 0..2^32-1 and a size must not be negative (BuildError naming the entry and
+  field). A negative mtime (a file dated before 1970) is clamped to 0 and one beyond 2^64-1 to
+  2^64-1, as RAFS stores an unsigned 64-bit mtime (debug event ``tar_mtime_clamped``);
 * a duplicate name is rejected, except a directory listed again as a directory (its attributes
   are updated, as tar extraction would);
 * a hard link must name an earlier entry of the tar or, when the layer is built on a parent image
@@ -65,6 +68,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 PATH_MAX = 4096  # Linux, including the terminating NUL
+ID_MAX = (1 << 32) - 1
+MTIME_MAX = (1 << 64) - 1
 
 FileCallback = Callable[[FileData, BinaryIO, str], None]
 
@@ -177,18 +182,40 @@ def _split_name(name: str) -> list[bytes]:
     return parts
 
 
-def _mtime(info: tarfile.TarInfo) -> tuple[int, int]:
+def _raw_mtime(info: tarfile.TarInfo) -> tuple[int, int]:
     text = info.pax_headers.get("mtime")
     if text:
         sec, _, frac = text.partition(".")
         try:
+            if frac and sec.startswith("-"):  # "-1.25" is 1.25 s before the epoch
+                ns = int((frac + "000000000")[:9])
+                return (int(sec) - 1, 1_000_000_000 - ns) if ns else (int(sec), 0)
             return int(sec), int((frac + "000000000")[:9]) if frac else 0
         except ValueError:
             pass
     return int(info.mtime), 0
 
 
+def _mtime(info: tarfile.TarInfo) -> tuple[int, int]:
+    """Seconds and nanoseconds, clamped into RAFS's unsigned 64-bit range."""
+    sec, nsec = _raw_mtime(info)
+    if 0 <= sec <= MTIME_MAX:
+        return sec, nsec
+    log.debug("tar_mtime_clamped", path=info.name, mtime=sec)
+    return (0, 0) if sec < 0 else (MTIME_MAX, 0)
+
+
+def _check_numbers(info: tarfile.TarInfo) -> None:
+    for field, value in (("uid", info.uid), ("gid", info.gid)):
+        if not 0 <= value <= ID_MAX:
+            raise BuildError(f"tar entry {field} {value} out of range 0..{ID_MAX}", path=info.name,
+                             field=field)
+    if info.size < 0:
+        raise BuildError(f"tar entry size {info.size} is negative", path=info.name, field="size")
+
+
 def _node_for(info: tarfile.TarInfo, name: bytes) -> Node:
+    _check_numbers(info)
     mtime, nsec = _mtime(info)
     perm = info.mode & 0o7777
     node = Node(name=name, mode=perm, uid=info.uid, gid=info.gid, mtime=mtime, mtime_nsec=nsec)

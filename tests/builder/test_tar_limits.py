@@ -1,9 +1,11 @@
-"""Hostile tar headers: path depth / PATH_MAX (bounded memory, clean BuildError).
-Every tar is made here with tarfile."""
+"""Hostile tar headers: path depth / PATH_MAX (bounded memory, clean BuildError), out-of-range
+uid / gid / size (BuildError naming the field), mtimes outside RAFS's u64 (clamped, built for v5
+and v6), and a directory source with a pre-1970 file. Every tar is made here with tarfile."""
 
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -15,6 +17,7 @@ import pytest
 from nydusd.builder.tarball import read_tarball
 from nydusd.builder.tree import FileData, Node
 from nydusd.errors import BuildError
+from tests.images import build_image, snapshot_image
 
 NYDUS_IMAGE = str(Path(sys.executable).parent / "nydus-image")
 
@@ -100,3 +103,65 @@ def test_cli_rejects_deep_tar_and_leaves_no_output(tmp_path: Path) -> None:
     assert res.returncode != 0 and "longer than PATH_MAX" in res.stderr
     assert "Traceback" not in res.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("field, value, fmt", [
+    ("uid", -1, tarfile.PAX_FORMAT), ("gid", -1, tarfile.PAX_FORMAT),
+    ("uid", 99_999_999_999, tarfile.PAX_FORMAT), ("gid", 1 << 32, tarfile.PAX_FORMAT),
+    ("uid", -2, tarfile.GNU_FORMAT),  # base-256 header field
+])
+def test_out_of_range_ids_are_build_errors(tmp_path: Path, field: str, value: int, fmt: int) -> None:
+    tar = tmp_path / "bad.tar"
+    tar.write_bytes(_tar([_file("ok"), _file("dir/f", **{field: value})], fmt))
+    with pytest.raises(BuildError, match=f"{field} {value} out of range") as ei:
+        build_image(tar, tmp_path / "out", tar=True)
+    assert ei.value.context == {"path": "dir/f", "field": field}
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_negative_size_is_a_build_error(tmp_path: Path) -> None:
+    raw = _tar([_file("neg", size=-1)], tarfile.GNU_FORMAT)
+    assert raw[124:136] == b"\xff" * 12  # GNU base-256 -1 in the size field
+    tar = tmp_path / "neg.tar"
+    tar.write_bytes(raw)
+    res = subprocess.run([NYDUS_IMAGE, "create", "-t", "tar-rafs", "-B", str(tmp_path / "b"),
+                          "-D", str(tmp_path), str(tar)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "size -1 is negative" in res.stderr and "field=size" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["neg.tar"]
+
+
+@pytest.mark.parametrize("fs_version", [5, 6])
+def test_mtimes_outside_u64_are_clamped(tmp_path: Path, fs_version: int) -> None:
+    infos = [
+        _file("before_1970", mtime=-5),
+        _file("half_second_before", mtime=0, pax_headers={"mtime": "-0.5"}),
+        _file("far_future", mtime=10 ** 22),
+        _file("u64_max", mtime=(1 << 64) - 1),
+        _file("normal", mtime=0, pax_headers={"mtime": "1600000000.25"}),
+    ]
+    tar = tmp_path / "t.tar"
+    tar.write_bytes(_tar(infos))
+    img = build_image(tar, tmp_path / "out", tar=True, fs_version=fs_version)
+    got = snapshot_image(img.bootstrap, img.blob_dir)
+    assert got[b"/before_1970"].mtime == (0, 0)
+    assert got[b"/half_second_before"].mtime == (0, 0)
+    assert got[b"/far_future"].mtime == ((1 << 64) - 1, 0)
+    assert got[b"/u64_max"].mtime == ((1 << 64) - 1, 0)
+    assert got[b"/normal"].mtime == (1_600_000_000, 250_000_000)
+
+
+def test_directory_with_pre_1970_file_builds(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(b"old")
+    (src / "new").write_bytes(b"new")
+    os.utime(src / "old", ns=(0, -86_400 * 1_000_000_000 - 5))
+    os.utime(src / "new", ns=(0, 1_600_000_000_123_456_789))
+    if os.stat(src / "old").st_mtime_ns >= 0:
+        pytest.skip("this filesystem cannot store a pre-1970 mtime")
+    img = build_image(src, tmp_path / "out")
+    got = snapshot_image(img.bootstrap, img.blob_dir)
+    assert got[b"/old"].mtime == (0, 0)
+    assert got[b"/new"].mtime == (1_600_000_000, 123_456_789)
+    assert got[b"/old"].size == 3
