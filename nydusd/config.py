@@ -21,6 +21,8 @@ Decisions (tested in tests/test_config.py):
 - The serialised form redacts ``s3`` keys and ``encryption_key`` as well (upstream: ``oss`` only).
 - ``IMAGE_PULL_AUTH`` must be base64 of "user:password" (upstream copies any value); an empty value
   counts as unset. A config file's own ``auth`` is not checked (placeholders in samples, as upstream).
+- No string value may contain a NUL byte (``<path>: must not contain a NUL byte``): checked first,
+  so a NUL in a path or name is a config error, not a failure at the first file-system call.
 - Semantic errors raise ``ConfigError`` from the ``ConfigV2`` after-validator (so models built in code
   are checked too); type errors are pydantic's, converted by ``_from_validation_error``.
 """
@@ -288,6 +290,7 @@ Loc = tuple[str | int, ...]
 
 def _problems(cfg: ConfigV2) -> Iterator[tuple[Loc, str]]:
     """Upstream's ``validate()`` rules (§2.6), each with the v2 location it concerns."""
+    yield from _nul_problems(cfg, ())
     if cfg.version != 2:
         yield ("version",), f"must be 2, got {cfg.version}"
     if cfg.backend is not None:
@@ -308,6 +311,20 @@ def _problems(cfg: ConfigV2) -> Iterator[tuple[Loc, str]]:
             yield ("rafs", "batch_size"), f"must be <= {MAX_BATCH_SIZE:#x}, got {cfg.rafs.batch_size}"
         yield from _prefetch_problems(("rafs", "prefetch"), cfg.rafs.prefetch)
     yield from _prefetch_problems(("cache", "prefetch"), cache.prefetch)
+
+
+def _nul_problems(value: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
+    """Every string anywhere in the model (paths, names, hosts, secrets) must be free of NUL: no
+    file name, URL or header can carry one (upstream's Rust strings reach C paths the same way)."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield loc, "must not contain a NUL byte"
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            yield from _nul_problems(getattr(value, name), loc + (field.alias or name,))
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            yield from _nul_problems(item, loc + (i,))
 
 
 def _backend_problems(backend: BackendConfig) -> Iterator[tuple[Loc, str]]:
@@ -462,6 +479,9 @@ def load_config_file(path: str | os.PathLike[str]) -> ConfigV2:
     except OSError as e:
         raise ConfigError(f"config: cannot read {os.fspath(path)}: {e.strerror}", field="config",
                           path=os.fspath(path)) from None
+    except ValueError:  # a NUL byte in the path
+        raise ConfigError(f"config: cannot read {os.fspath(path)!r}: path contains a NUL byte",
+                          field="config") from None
     if len(raw) > MAX_CONFIG_SIZE:
         raise ConfigError(f"config: size exceeds the limit of {MAX_CONFIG_SIZE} bytes", field="config",
                           path=os.fspath(path))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +321,44 @@ MALFORMED = [
     ('{"device": {} /* unterminated', "config: invalid JSON: Expecting ',' delimiter (line 1, column 15)"),
     (v1('{"type": ["registry"], "config": {}}'), "device.backend.type: expected a string, got array"),
     (" " * (MAX_CONFIG_SIZE + 1), f"config: size exceeds the limit of {MAX_CONFIG_SIZE} bytes"),
+    # a NUL byte in any string (paths, names, hosts, secrets) is refused before anything uses it
+    (json.dumps({**json.loads(v1()), "device": {"backend": {"type": "localfs", "config": {"dir": "/b"}},
+                                                "cache": {"type": "blobcache",
+                                                          "config": {"work_dir": "/tmp/c\0c"}}}}),
+     "device.cache.config.work_dir: must not contain a NUL byte"),
+    (v1('{"type": "localfs", "config": {"dir": "/tmp/b\\u0000b"}}'),
+     "device.backend.config.dir: must not contain a NUL byte"),
+    (v1('{"type": "localfs", "config": {"blob_file": "/b\\u0000"}}'),
+     "device.backend.config.blob_file: must not contain a NUL byte"),
+    (v1('{"type": "localfs", "config": {"dir": "/b", "alt_dirs": ["/c", "/d\\u0000"]}}'),
+     "device.backend.config.alt_dirs.1: must not contain a NUL byte"),
+    (v1('{"type": "localdisk", "config": {"device_path": "\\u0000/dev/sda"}}'),
+     "device.backend.config.device_path: must not contain a NUL byte"),
+    (v1('{"type": "registry", "config": {"host": "h\\u0000", "repo": "r"}}'),
+     "device.backend.config.host: must not contain a NUL byte"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r\\u0000"}}'),
+     "device.backend.config.repo: must not contain a NUL byte"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "auth": "YTpi\\u0000"}}'),
+     "device.backend.config.auth: must not contain a NUL byte"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "ca_cert_files": ["/ca\\u0000"]}}'),
+     "device.backend.config.ca_cert_files.0: must not contain a NUL byte"),
+    (v1('{"type": "registry", "config": {"host": "h", "repo": "r", "proxy": {"url": "http://p\\u0000"}}}'),
+     "device.backend.config.proxy.url: must not contain a NUL byte"),
+    (v1('{"type": "oss", "config": {"endpoint": "e", "bucket_name": "b", "object_prefix": "p/\\u0000"}}'),
+     "device.backend.config.object_prefix: must not contain a NUL byte"),
+    (json.dumps({**json.loads(v1()), "device": {"id": "i\0", "backend": {"type": "localfs",
+                                                                          "config": {"dir": "/b"}}}}),
+     "device.id: must not contain a NUL byte"),
+    ('{"version": 2, "backend": {"type": "http-proxy", "http-proxy": {"addr": "/run/p\\u0000.sock"}}}',
+     "backend.http-proxy.addr: must not contain a NUL byte"),
+    ('{"version": 2, "backend": {"type": "s3", "s3": {"endpoint": "", "bucket_name": "b", '
+     '"region": "r\\u0000"}}}',
+     "backend.s3.region: must not contain a NUL byte"),
+    ('{"version": 2, "cache": {"type": "fscache", "fscache": {"work_dir": "/f\\u0000"}}}',
+     "cache.fscache.work_dir: must not contain a NUL byte"),
+    ('version = 2\n[overlay]\nupper_dir = "/u\\u0000"\nwork_dir = "/w"\n',
+     "overlay.upper_dir: must not contain a NUL byte"),
+    ('version = 2\nid = "a\\u0000"\n', "id: must not contain a NUL byte"),
 ]
 
 
@@ -335,6 +376,11 @@ def test_models_built_in_code_are_validated_too() -> None:
         ConfigV2(rafs=RafsConfig(mode="x"))
     with pytest.raises(ConfigError, match=r"^backend.s3: required for backend type 's3'"):
         ConfigV2(backend=BackendConfig(type="s3", oss=OssConfig(endpoint="e", bucket_name="b")))
+    with pytest.raises(ConfigError, match=r"^backend.localfs.alt_dirs.1: must not contain a NUL byte \("):
+        ConfigV2(backend=BackendConfig(type="localfs",
+                                       localfs=LocalFsConfig(dir="/b", alt_dirs=("/c", "\0"))))
+    with pytest.raises(ConfigError, match=r"^cache.filecache.encryption_key: must not contain a NUL byte \("):
+        ConfigV2(cache=CacheConfig(type="blobcache", filecache=FileCacheConfig(encryption_key="k\0")))
     cfg = ConfigV2(backend=BackendConfig(type="s3", s3=S3Config(endpoint="", bucket_name="b", region="r")))
     with pytest.raises(ValidationError, match="frozen"):
         cfg.id = "x"  # type: ignore[misc]
@@ -528,11 +574,12 @@ def test_serialised_form_is_the_full_v2_struct_without_secrets() -> None:
 
 
 NAMES = st.text(st.sampled_from("abcxyz0129-_/:."), min_size=1, max_size=12)
+TEXT = st.characters(blacklist_characters="\0")  # any character a config string may hold
 COUNTS = st.integers(0, 2**32 - 1)
 PREFETCH = st.builds(PrefetchConfig, enable=st.booleans(), threads=st.integers(1, 1024),
                      batch_size=st.integers(0, 0x10000000), bandwidth_limit=COUNTS,
                      prefetch_all=st.booleans(), stream_prefetch=st.booleans())
-PROXY = st.builds(ProxyConfig, url=st.text(max_size=8), fallback=st.booleans(), check_interval=COUNTS)
+PROXY = st.builds(ProxyConfig, url=st.text(TEXT, max_size=8), fallback=st.booleans(), check_interval=COUNTS)
 BACKENDS = st.one_of(
     st.builds(lambda d, a: BackendConfig(type="localfs", localfs=LocalFsConfig(dir=d, alt_dirs=a)),
               NAMES, st.lists(NAMES, max_size=2).map(tuple)),
@@ -541,14 +588,14 @@ BACKENDS = st.one_of(
         NAMES, NAMES, st.none() | NAMES, PROXY, COUNTS, st.integers(0, 255)),
     st.builds(lambda e, b, r, k: BackendConfig(type="s3", s3=S3Config(endpoint=e, bucket_name=b, region=r,
                                                                      access_key_id=k)),
-              st.text(max_size=5), NAMES, NAMES, st.text(max_size=5)),
+              st.text(TEXT, max_size=5), NAMES, NAMES, st.text(TEXT, max_size=5)),
     st.builds(lambda e, b, p: BackendConfig(type="oss", oss=OssConfig(endpoint=e, bucket_name=b, proxy=p)),
               NAMES, NAMES, PROXY),
     st.builds(lambda d, g: BackendConfig(type="localdisk", localdisk=LocalDiskConfig(device_path=d,
                                                                                      disable_gpt=g)),
               NAMES, st.booleans()),
     st.builds(lambda a, p: BackendConfig(type="http-proxy", http_proxy=HttpProxyConfig(addr=a, path=p)),
-              st.sampled_from(["http://127.0.0.1:1", "https://h"]), st.text(max_size=5)),
+              st.sampled_from(["http://127.0.0.1:1", "https://h"]), st.text(TEXT, max_size=5)),
 )
 CACHES = st.one_of(
     st.builds(lambda p: CacheConfig(prefetch=p), PREFETCH),
@@ -556,7 +603,7 @@ CACHES = st.one_of(
                                              prefetch=p),
               st.sampled_from(["blobcache", "filecache"]), NAMES, st.booleans(), PREFETCH),
 )
-CONFIGS = st.builds(ConfigV2, id=st.text(max_size=6), backend=st.none() | BACKENDS, cache=CACHES,
+CONFIGS = st.builds(ConfigV2, id=st.text(TEXT, max_size=6), backend=st.none() | BACKENDS, cache=CACHES,
                     overlay=st.none() | st.builds(OverlayConfig, upper_dir=NAMES, work_dir=NAMES),
                     rafs=st.none() | st.builds(RafsConfig, mode=st.sampled_from(["direct", "cached"]),
                                                batch_size=st.integers(0, 0x10000000), validate=st.booleans(),
@@ -581,6 +628,32 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
     latin.write_bytes(b'{"version": 2, "id": "caf\xe9"}')
     with pytest.raises(ConfigError, match=r"^config: not UTF-8 text \(byte 25\) \("):
         load_config_file(latin)
+    with pytest.raises(ConfigError, match=(
+            r"^config: cannot read '.*/a\\x00b': path contains a NUL byte \(field=config\)$")):
+        load_config_file(f"{tmp_path}/a\0b")
+
+
+@pytest.mark.parametrize(("doc", "field"), [
+    ({"device": {"backend": {"type": "localfs", "config": {"dir": "/b"}},
+                 "cache": {"type": "blobcache", "config": {"work_dir": "/tmp/c\0c"}}}, "mode": "direct"},
+     "device.cache.config.work_dir"),
+    ({"device": {"backend": {"type": "localfs", "config": {"dir": "/tmp/b\0b"}}}, "mode": "direct"},
+     "device.backend.config.dir"),
+])
+def test_nydusd_refuses_a_nul_path_with_one_error_line(tmp_path: Path, doc: dict[str, Any],
+                                                       field: str) -> None:
+    """The real daemon command: a clean exit 2 naming the field, no traceback, nothing mounted."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(doc))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "nydusd", "--config", str(cfg), "--mountpoint", str(mnt),
+                           "--bootstrap", str(tmp_path / "image.boot")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"nydusd: error: {field}: must not contain a NUL byte" in proc.stderr
+    assert not os.path.ismount(mnt)
 
 
 def test_backend_sub_and_cache_kind_helpers() -> None:
