@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from nydusd.compress import Compressor, decompress, decompress_into
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import CorruptMetadata, IntegrityError
+from nydusd.errors import BackendError, CorruptMetadata, IntegrityError
 from nydusd.storage.prefetch import Prefetcher
 
 if TYPE_CHECKING:
@@ -198,6 +198,8 @@ class BlobDevice:
         fails verification, BackendError/BlobNotFound when it cannot be fetched, CorruptMetadata
         for chunk records that contradict the image.
         """
+        if self._closed:
+            raise BackendError("blob device closed")
         csize = self.chunk_size
         if size <= 0 or offset < 0 or not chunks:
             return b""

@@ -166,7 +166,11 @@ class BlobCache(ABC):
             claim = self._flights.claim(missing, is_ready=self._ready_check(missing, force))
             if claim.owned:
                 owned = [missing[k] for k in claim.owned]
-                extra = self._claim_amplify(owned, amplify)
+                try:
+                    extra = self._claim_amplify(owned, amplify)
+                except BaseException as exc:
+                    self._withdraw(claim.owned, exc)
+                    raise
                 fetched = self._fetch_owned(owned + extra, prefetch=False)
                 out.update((k, fetched[k]) for k in claim.owned)
             for key in claim.ready:
@@ -223,6 +227,13 @@ class BlobCache(ABC):
             return key not in force and self.is_ready(by_key[key])
         return ready
 
+    def _withdraw(self, keys: Iterable[int], exc: BaseException) -> None:
+        """Fail flights this caller claimed but will not fetch (claiming more failed, e.g. the
+        cache was closed meanwhile): their waiters must not block forever."""
+        err = exc if isinstance(exc, NydusError) else BackendError(f"chunk claim failed: {exc}")
+        for key in keys:
+            self._flights.fail(key, err)
+
     # ------------------------------------------------------------------ prefetch path
     def missing(self, chunks: Iterable[ChunkInfo]) -> list[ChunkInfo]:
         """The chunks of ``chunks`` (deduplicated) not yet in local state."""
@@ -236,7 +247,14 @@ class BlobCache(ABC):
         fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures)."""
         missing = {chunk_key(c): c for c in self.missing(chunks)}
         ready = self._ready_check(missing)
-        owned = [c for k, c in missing.items() if self._flights.try_claim(k, is_ready=ready, prefetch=True)]
+        owned: list[ChunkInfo] = []
+        try:
+            for k, c in missing.items():
+                if self._flights.try_claim(k, is_ready=ready, prefetch=True):
+                    owned.append(c)
+        except BaseException as exc:
+            self._withdraw([chunk_key(c) for c in owned], exc)
+            raise
         if not owned:
             return 0, 0
         self._fetch_owned(owned, prefetch=True, limit=merge_limit)

@@ -30,6 +30,15 @@ run concurrently without a lock. Per cache, ``_lock`` guards the volatile set an
 unsynced chunks (held for set operations only) and ``_flush_lock`` serialises flushes (held across
 ``fdatasync``; only the flusher thread, ``flush`` and ``close`` take it, never a reader). The
 flusher's condition variable guards its dirty list. Lock order: ``_flush_lock`` -> ``_lock``.
+
+Closing (an umount while files of the image are still being read): every entry point that touches
+the data file or the chunk map (``is_ready``, ``read_cached_range``, ``_load``, ``_persist``)
+registers as a user first (``_users``, a small condition of its own, held for the counter only).
+``close`` marks the cache closing -- from then on every entry point raises
+``BackendError("cache closed")`` -- and waits up to ``CLOSE_WAIT`` for running users to leave
+before it closes the descriptor and the map; if they do not leave in time, the last one out closes
+them. A descriptor is therefore never used after ``os.close``: a stale ``pwrite`` through a number
+the next mount's cache file reused would corrupt another blob's cache.
 """
 
 from __future__ import annotations
@@ -118,6 +127,52 @@ BULK_QUIET = 0.05
 WRITE_SLICE = 256 << 10
 #: runs at least this long are fallocate-d before they are written (see ``_write_run``)
 _FALLOCATE_MIN = 256 << 10
+#: longest ``FileCache.close`` waits for running reads/writes before leaving the close to them
+CLOSE_WAIT = 5.0
+
+
+class _Users:
+    """Threads inside one cache's entry points, and whether the cache is closing (see module
+    docstring). ``enter`` raises BackendError once closing; ``leave`` returns True to the last
+    thread out of a cache whose close was left to it."""
+
+    def __init__(self, blob_id: str) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._blob_id = blob_id
+        self._count = 0
+        self.closing = False
+        self._deferred = False
+
+    def enter(self) -> None:
+        with self._cond:
+            if self.closing:
+                raise BackendError("cache closed", blob_id=self._blob_id)
+            self._count += 1
+
+    def leave(self) -> bool:
+        with self._cond:
+            self._count -= 1
+            if self._count or not self.closing:
+                return False
+            self._cond.notify_all()
+            last, self._deferred = self._deferred, False
+            return last
+
+    def start_close(self, timeout: float) -> bool | None:
+        """Mark closing and wait for running users. True: close now; False: the last user will;
+        None: closing had already started."""
+        with self._cond:
+            if self.closing:
+                return None
+            self.closing = True
+            if self._cond.wait_for(lambda: self._count == 0, timeout):
+                return True
+            self._deferred = True
+            return False
+
+    @property
+    def count(self) -> int:
+        return self._count
 
 
 class FileCache(BlobCache):
@@ -154,6 +209,7 @@ class FileCache(BlobCache):
         self._volatile: set[int] = set()   # written, not yet durable (indexed chunks)
         self._unsynced: list[int] = []
         self._flusher = manager.flusher
+        self._users = _Users(blob.blob_id)
         manager.metrics_.add_underlying_file(os.path.basename(self.data_path))
         if self._map is not None:
             manager.metrics_.add_entries(self._map.ready_count)
@@ -165,32 +221,49 @@ class FileCache(BlobCache):
                 and (chunk.index != 0 or chunk.compressed_offset == 0))
 
     def is_ready(self, chunk: ChunkInfo) -> bool:
+        self._users.enter()
+        try:
+            return self._is_ready(chunk)
+        finally:
+            self._leave()
+
+    def _is_ready(self, chunk: ChunkInfo) -> bool:
         if self._indexed(chunk):
             assert self._map is not None
             return self._map.is_ready(chunk.index) or chunk.index in self._volatile
         return self._mem.is_ready(chunk_key(chunk))
+
+    def _leave(self) -> None:
+        if self._users.leave():
+            self._release()
 
     def all_ready(self) -> bool:
         return self._map is not None and self._map.ready_count + len(self._volatile) >= self._map.count
 
     def read_cached_range(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes | None:
         # Only plain data without re-validation can be read in part; others take the full path.
-        if self.compressed or self.verify_cached or not self.is_ready(chunk):
-            return None
+        self._users.enter()
         try:
+            if self.compressed or self.verify_cached or not self._is_ready(chunk):
+                return None
             data = os.pread(self._fd, hi - lo, chunk.uncompressed_offset + lo)
         except OSError:
             return None
+        finally:
+            self._leave()
         return data if len(data) == hi - lo else None
 
     def _load(self, chunk: ChunkInfo) -> bytes | None:
         offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
                         else (chunk.uncompressed_offset, chunk.uncompressed_size))
+        self._users.enter()
         try:
             data = os.pread(self._fd, size, offset)
         except OSError as exc:
             log.warning("cached_chunk_unreadable", path=self.data_path, offset=offset, cause=str(exc))
             return None
+        finally:
+            self._leave()
         if len(data) != size:
             return None
         try:
@@ -205,6 +278,13 @@ class FileCache(BlobCache):
         return data
 
     def _persist(self, items: Sequence[Fetched]) -> None:
+        self._users.enter()
+        try:
+            self._persist_entered(items)
+        finally:
+            self._leave()
+
+    def _persist_entered(self, items: Sequence[Fetched]) -> None:
         if self.compressed:
             _write_runs(self._fd, [(it.chunk.compressed_offset, it.payload) for it in items])
         else:
@@ -220,7 +300,7 @@ class FileCache(BlobCache):
                 self._unsynced.extend(fresh)
             new += len(fresh)
             if fresh and not self._flusher.schedule(self):
-                self.flush()
+                self.flush()  # safe inside a use: close cannot release the files meanwhile
         self.manager.metrics_.add_entries(new)
 
     @contextmanager
@@ -257,6 +337,18 @@ class FileCache(BlobCache):
                 self._volatile.difference_update(batch)
 
     def close(self) -> None:
+        """Refuse new users, wait (up to ``CLOSE_WAIT``) for running ones, then flush and close
+        the files -- or leave that to the last running user. Idempotent."""
+        now = self._users.start_close(CLOSE_WAIT)
+        if now is None:
+            return
+        if not now:
+            log.warning("cache_close_deferred", path=self.data_path, users=self._users.count,
+                        waited_s=CLOSE_WAIT)
+            return
+        self._release()
+
+    def _release(self) -> None:
         if self._fd < 0:
             return
         self.flush()

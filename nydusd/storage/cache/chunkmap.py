@@ -19,7 +19,9 @@ Must not import backends, rafs, fs or daemon.
 
 Threading: ``is_ready`` reads one byte of the mapping without locking (a stale answer only means
 a redundant fetch, which the singleflight table and the idempotent ``set_ready`` absorb);
-``set_ready`` and ``close`` serialise on the map's own lock.
+``set_ready`` and ``close`` serialise on the map's own lock. The owning ``FileCache`` never calls
+in after ``close`` (it counts its users); should anything still do so, ``is_ready``/``set_ready``
+raise BackendError rather than touch the unmapped memory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import struct
 import threading
 from collections.abc import Hashable, Iterable
 
+from nydusd.errors import BackendError
 from nydusd.log import get_logger
 
 log = get_logger(__name__)
@@ -120,12 +123,16 @@ class IndexedChunkMap:
     def is_ready(self, index: int) -> bool:
         if self._ready >= self.count:
             return True
+        if self._fd < 0:
+            raise BackendError("chunk map closed", path=self.path)
         return bool(self._mm[HEADER_SIZE + (index >> 3)] & (0x80 >> (index & 7)))
 
     def set_ready(self, indices: Iterable[int]) -> int:
         """Mark chunks ready (their bytes must already be durable). Returns how many were new."""
         new = 0
         with self._lock:
+            if self._fd < 0:
+                raise BackendError("chunk map closed", path=self.path)
             for index in indices:
                 pos = HEADER_SIZE + (index >> 3)
                 mask = 0x80 >> (index & 7)

@@ -59,15 +59,22 @@ class SingleFlight(Generic[K]):
         """Atomically sort ``keys`` into owned / waiting / ready (see ``Claim``)."""
         claim: Claim[K] = Claim([], {}, [])
         with self._lock:
-            for key in keys:
-                flight = self._flights.get(key)
-                if flight is not None:
-                    claim.waiting[key] = flight
-                elif is_ready is not None and is_ready(key):
-                    claim.ready.append(key)
-                else:
-                    self._flights[key] = Flight(prefetch)
-                    claim.owned.append(key)
+            try:
+                for key in keys:
+                    flight = self._flights.get(key)
+                    if flight is not None:
+                        claim.waiting[key] = flight
+                    elif is_ready is not None and is_ready(key):
+                        claim.ready.append(key)
+                    else:
+                        self._flights[key] = Flight(prefetch)
+                        claim.owned.append(key)
+            except BaseException as exc:
+                # ``is_ready`` failed (a closed cache): the caller never learns which keys it
+                # owns, so withdraw them here -- an orphaned flight would block its waiters forever.
+                for key in claim.owned:
+                    self._flights.pop(key).future.set_exception(exc)
+                raise
         return claim
 
     def try_claim(self, key: K, *, is_ready: Callable[[K], bool] | None = None,
