@@ -473,12 +473,16 @@ class Vfs:
 
     def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """File data (bytes-like, see ``RafsFs.read``); runs with llfuse's lock RELEASED. Raises
-        BackendError/IntegrityError (EIO)."""
+        BackendError/IntegrityError (EIO); StaleInode (ESTALE) once the file's image was unmounted
+        or remounted (a read that raced the umount may still end in BackendError: cache closed)."""
         handle = self._handles.get(fh)
         if handle is None:
             raise InvalidArgument("bad file handle", fh=fh)
-        start = time.perf_counter_ns()
         mount = handle.mount
+        if self._mounts.get(mount.index) is not mount:
+            # umounted or remounted since the open: its device and cache are closed (or closing)
+            raise StaleInode("file's filesystem is no longer mounted", fh=fh, inode=handle.ino)
+        start = time.perf_counter_ns()
         try:
             data = mount.fs.read(handle.chunks, handle.size, offset, size, handle.ino)
         except NydusError as e:
