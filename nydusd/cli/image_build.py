@@ -29,6 +29,8 @@ Differences from upstream nydus-image (and why):
   * tar entries: a leading '/' is stripped (GNU tar extraction rule); a '..' component, a
     duplicate non-directory name, a hard link to a missing/later entry or to a directory is a
     build error instead of being silently resolved, so a malicious layer cannot alias files.
+    Paths longer than PATH_MAX (4096 bytes) and uid/gid outside 0..2^32-1 or negative sizes are
+    build errors; mtimes are clamped into 0..2^64-1 (a pre-1970 file builds with mtime 0).
   * tar hard links with --parent-bootstrap may name a file of the parent image (upstream fails
     with "unknown target"): the new name joins the lower file's inode, as containerd's link(2)
     on overlayfs does; a lower file this layer deleted before the link is an error.
