@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nydusd.builder.options import WhiteoutSpec
 from nydusd.errors import BuildError
+from nydusd.rafs.model import FileTypeMixin
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
 OCI_WHITEOUT_PREFIX = b".wh."
@@ -61,7 +62,7 @@ class FileData:
 
 
 @dataclass(eq=False, slots=True)
-class Node:
+class Node(FileTypeMixin):
     """One directory entry. ``children`` is set exactly for directories, ``data`` for regular files,
     ``symlink`` for symbolic links. ``rdev`` is the Linux-encoded device number."""
 
@@ -79,14 +80,6 @@ class Node:
     #: a directory a tar layer only implied (a parent of listed entries, never listed itself): its
     #: default attributes must not replace those of the same directory in a lower layer
     implicit: bool = False
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
 
     @property
     def size(self) -> int:

@@ -69,8 +69,28 @@ FLAG_INLINED_CHUNK_DIGEST = 0x100
 FLAG_ENCRYPTION_NONE = 0x0100_0000
 
 
+class FileTypeMixin:
+    """``is_dir`` / ``is_reg`` / ``is_symlink`` from a ``mode`` attribute (shared by the image
+    model, the reader's inodes and the builder's tree)."""
+
+    __slots__ = ()
+    mode: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
 @dataclass(eq=False)
-class Node:
+class Node(FileTypeMixin):
     """One directory entry (and its inode attributes). Identity-compared; see module docstring."""
 
     name: bytes
@@ -87,18 +107,6 @@ class Node:
     children: list[Node] = field(default_factory=list)
     chunks: list[ChunkInfo] = field(default_factory=list)
     hardlink: Hashable | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
     def child(self, name: bytes) -> Node | None:
         """The child named ``name`` (linear; for builders and tests, not hot paths)."""

@@ -14,7 +14,6 @@ Threading: a ``RafsSuper`` is safe to share between threads. The mapped image is
 
 from __future__ import annotations
 
-import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -25,14 +24,14 @@ from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound
 from nydusd.rafs.layout import SB_EXPLICIT_UID_GID, SB_HAS_XATTR, SB_INLINED_CHUNK_DIGEST
-from nydusd.rafs.model import Bootstrap, Node
+from nydusd.rafs.model import Bootstrap, FileTypeMixin, Node
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
 MAX_PATH_DEPTH = 1 << 16  # longer parent chains are treated as corrupt (cyclic)
 
 
 @dataclass(frozen=True, slots=True)
-class Inode:
+class Inode(FileTypeMixin):
     """One decoded inode. ``ino`` is the number the RafsSuper API uses (v5: i_ino, v6: nid).
 
     ``rdev`` is a host ``dev_t`` (``os.major``/``os.minor`` work on it). The trailing fields are
@@ -63,18 +62,6 @@ class Inode:
     chunk_offset: int = 0
     index: int = 0
     parent: int = 0
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
 
 class RafsSuper(ABC):
