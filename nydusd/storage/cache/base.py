@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 from nydusd.errors import BackendError, IntegrityError, NydusError, Unsupported
 from nydusd.log import get_logger
@@ -47,6 +48,7 @@ from nydusd.storage.device import (
 )
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1 << 20
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
@@ -372,21 +374,12 @@ class BlobCache(ABC):
         for chunk in piece:
             payload = data[chunk.compressed_offset - start:][:chunk.compressed_size]
             slot = out[chunk.uncompressed_offset - ustart:][:chunk.uncompressed_size]
-            try:
-                decode_chunk_into(payload, chunk, self.blob, slot, verify)
-            except IntegrityError as exc:
-                log.warning("chunk_refetched", blob_id=self.blob.blob_id, chunk_index=chunk.index,
-                            offset=chunk.compressed_offset, cause=str(exc))
-                try:
-                    payload = memoryview(self._backend_read(chunk.compressed_offset, chunk.compressed_size,
-                                                            True))
-                    decode_chunk_into(payload, chunk, self.blob, slot, verify)
-                except NydusError as again:
-                    log.error("chunk_corrupted", blob_id=self.blob.blob_id, chunk_index=chunk.index,
-                              offset=chunk.compressed_offset, cause=str(again))
-                    failed = failed or again
-                    continue
-            fetched.append(Fetched(chunk, payload, slot))
+            got = self._decode_or_refetch(chunk, payload, True, partial(
+                decode_chunk_into, chunk=chunk, blob=self.blob, out=slot, verify=verify))
+            if isinstance(got, NydusError):
+                failed = failed or got
+                continue
+            fetched.append(Fetched(chunk, got[0], slot))
         return fetched, failed
 
     def _fetch_group(self, group: list[ChunkInfo], prefetch: bool) -> tuple[list[Fetched], NydusError | None]:
@@ -410,22 +403,32 @@ class BlobCache(ABC):
                     for c in group], None
         for chunk in group:
             payload = data[chunk.compressed_offset - start:][:chunk.compressed_size]
-            try:
-                plain = decode_chunk(payload, chunk, self.blob, verify)
-            except IntegrityError as exc:
-                log.warning("chunk_refetched", blob_id=self.blob.blob_id, chunk_index=chunk.index,
-                            offset=chunk.compressed_offset, cause=str(exc))
-                try:
-                    payload = memoryview(self._backend_read(chunk.compressed_offset, chunk.compressed_size,
-                                                            prefetch))
-                    plain = decode_chunk(payload, chunk, self.blob, verify)
-                except NydusError as again:
-                    log.error("chunk_corrupted", blob_id=self.blob.blob_id, chunk_index=chunk.index,
-                              offset=chunk.compressed_offset, cause=str(again))
-                    failed = failed or again
-                    continue
-            fetched.append(Fetched(chunk, payload, plain))
+            got = self._decode_or_refetch(chunk, payload, prefetch, partial(
+                decode_chunk, chunk=chunk, blob=self.blob, verify=verify))
+            if isinstance(got, NydusError):
+                failed = failed or got
+                continue
+            fetched.append(Fetched(chunk, *got))
         return fetched, failed
+
+    def _decode_or_refetch(self, chunk: ChunkInfo, payload: memoryview, prefetch: bool,
+                           decode: Callable[[memoryview], T]) -> tuple[memoryview, T] | NydusError:
+        """``decode(payload)``; on an integrity failure the chunk is fetched alone once more and
+        that payload decoded. Returns the payload that decoded and the result, or (logged) the
+        NydusError of the second attempt. Other errors of the first attempt propagate."""
+        try:
+            return payload, decode(payload)
+        except IntegrityError as exc:
+            log.warning("chunk_refetched", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                        offset=chunk.compressed_offset, cause=str(exc))
+        try:
+            payload = memoryview(self._backend_read(chunk.compressed_offset, chunk.compressed_size,
+                                                    prefetch))
+            return payload, decode(payload)
+        except NydusError as again:
+            log.error("chunk_corrupted", blob_id=self.blob.blob_id, chunk_index=chunk.index,
+                      offset=chunk.compressed_offset, cause=str(again))
+            return again
 
     def _backend_read(self, offset: int, size: int, prefetch: bool) -> bytes:
         try:
