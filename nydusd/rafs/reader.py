@@ -43,6 +43,16 @@ def open_buffer(buf: Any, source: str = "<bytes>") -> RafsSuper:
     return cls(buf, source)
 
 
+def _open_readonly(path: str, what: str) -> int:
+    """A read-only descriptor of ``path``. Raises NotFound if missing, InvalidArgument otherwise."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NotFound(f"{what} not found", path=path) from None
+    except OSError as e:
+        raise InvalidArgument(f"cannot open {what}: {e.strerror}", path=path) from None
+
+
 def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview) -> RafsSuper:
     """Open a bootstrap file (mapped) or buffer. Raises NotFound for a missing file,
     InvalidArgument for one that cannot be opened or is not a regular file, and CorruptMetadata
@@ -50,12 +60,7 @@ def load_bootstrap(src: str | os.PathLike[str] | bytes | bytearray | memoryview)
     if isinstance(src, (bytes, bytearray, memoryview)):
         return open_buffer(bytes(src))
     path = os.fspath(src)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise NotFound("bootstrap not found", path=path) from None
-    except OSError as e:
-        raise InvalidArgument(f"cannot open bootstrap: {e.strerror}", path=path) from None
+    fd = _open_readonly(path, "bootstrap")
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -84,12 +89,7 @@ def load_from_blob(path: str | os.PathLike[str]) -> RafsSuper:
     from nydusd.rafs.blobmeta import extract_inlined_bootstrap
 
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise NotFound("blob not found", path=path) from None
-    except OSError as e:
-        raise InvalidArgument(f"cannot open blob: {e.strerror}", path=path) from None
+    fd = _open_readonly(path, "blob")
     try:
         size = os.fstat(fd).st_size
         data = extract_inlined_bootstrap(lambda off, n: os.pread(fd, n, off), size)
