@@ -20,7 +20,11 @@ serves the bytes). A per-manager flusher thread then ``fdatasync``-s the data fi
 that sets the chunks' bits in the persistent chunk map; one sync covers every chunk written
 meanwhile, and no reader ever waits for the disk. A crash therefore loses at most recent bits,
 never leaves a set bit over missing bytes. On open only set bits are trusted; if the data file
-vanished while its chunk map survived, the map is reset. With ``validate`` every chunk read from
+vanished (or is empty) while its chunk map survived, the map is reset. A set bit is checked once
+per open against the data file itself (inside the file, in no hole: ``_bytes_present``), so a file
+truncated, replaced or left with holes behind our back gets its chunks fetched again, never served
+as zeros; an existing shorter file is therefore never extended. A data file that is not a regular
+file (a directory, a fifo) fails the open with a clear BackendError. With ``validate`` every chunk read from
 the data file is verified again and refetched from the backend on a mismatch.
 
 Must not import rafs, fs, daemon or any transport.
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -119,6 +124,19 @@ def _write_runs(fd: int, pieces: Sequence[tuple[int, bytes | memoryview]]) -> No
         _write_run(fd, run, start, end - start)
 
 
+def _bytes_present(fd: int, offset: int, size: int) -> bool:
+    """Whether ``[offset, offset + size)`` lies inside the file and in no hole of it (data that
+    is written but not yet on disk counts as present: the page cache holds it)."""
+    if offset + size > os.fstat(fd).st_size:
+        return False
+    if size == 0:
+        return True
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE) >= offset + size
+    except OSError:  # no hole support here: the size check is all we have
+        return True
+
+
 #: longest the flusher holds a sync back while streamed prefetches write (``bulk_write``)
 BULK_SYNC_DELAY = 0.5
 #: how long after a bulk write ends the flusher still holds back (see ``_Flusher._hold_for_bulk``)
@@ -190,17 +208,26 @@ class FileCache(BlobCache):
         existed = os.path.exists(self.data_path)
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             size = blob.compressed_size if self.compressed else blob.uncompressed_size
-            if size > os.fstat(self._fd).st_size:
+            if st.st_size == 0:
+                # A new (sparse) file of the blob's size. An existing shorter file is left as it
+                # is: extending it would turn its missing tail into zeros behind set bits.
                 os.ftruncate(self._fd, size)
+            elif st.st_size < size:
+                log.warning("cache_data_short", path=self.data_path, size=st.st_size, expected=size)
             use_map = manager.indexed and blob.chunk_count > 0
             self._map = IndexedChunkMap(self.map_path, blob.chunk_count) if use_map else None
         except BaseException:
             os.close(self._fd)
             raise
-        if self._map is not None and not existed and self._map.ready_count:
+        if self._map is not None and (not existed or st.st_size == 0) and self._map.ready_count:
             log.warning("cache_data_missing", path=self.data_path, ready_chunks=self._map.ready_count)
             self._map.reset()
+        # chunks whose ready bit (from an earlier run) was checked against the data file
+        self._present = bytearray(blob.chunk_count if self._map is not None else 0)
         self._mem = MemoryChunkMap()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -230,8 +257,27 @@ class FileCache(BlobCache):
     def _is_ready(self, chunk: ChunkInfo) -> bool:
         if self._indexed(chunk):
             assert self._map is not None
-            return self._map.is_ready(chunk.index) or chunk.index in self._volatile
+            if chunk.index in self._volatile:
+                return True
+            if not self._map.is_ready(chunk.index):
+                return False
+            return bool(self._present[chunk.index]) or self._check_present(chunk)
         return self._mem.is_ready(chunk_key(chunk))
+
+    def _check_present(self, chunk: ChunkInfo) -> bool:
+        """First look at a chunk marked ready: are its bytes in the data file? A file truncated
+        or replaced behind our back (or a hole a crash left) must not be served as zeros: the
+        chunk's bit is cleared and it is fetched again."""
+        assert self._map is not None
+        offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
+                        else (chunk.uncompressed_offset, chunk.uncompressed_size))
+        if _bytes_present(self._fd, offset, size):
+            self._present[chunk.index] = 1
+            return True
+        if self._map.clear(chunk.index):
+            log.warning("cached_chunk_missing", path=self.data_path, chunk_index=chunk.index,
+                        offset=offset, size=size)
+        return False
 
     def _leave(self) -> None:
         if self._users.leave():

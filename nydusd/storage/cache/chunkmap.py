@@ -145,6 +145,26 @@ class IndexedChunkMap:
                 self._mark_all_ready()
         return new
 
+    def clear(self, index: int) -> bool:
+        """Mark one chunk not ready (its bytes turned out to be missing from the data file).
+        Returns whether it was marked before."""
+        with self._lock:
+            if self._fd < 0:
+                raise BackendError("chunk map closed", path=self.path)
+            if self._ready >= self.count:
+                # "all ready" vouches for every chunk whatever the bits say: spell it out first
+                self._mm[HEADER_SIZE:self.size] = b"\xff" * (self.size - HEADER_SIZE)
+                _HEADER.pack_into(self._mm, 0, MAGIC1, VERSION, MAGIC2, 0)
+                self._ready = self.count
+            pos = HEADER_SIZE + (index >> 3)
+            mask = 0x80 >> (index & 7)
+            byte = self._mm[pos]
+            if not byte & mask:
+                return False
+            self._mm[pos] = byte & ~mask
+            self._ready -= 1
+            return True
+
     def _mark_all_ready(self) -> None:
         self._mm.flush()
         _HEADER.pack_into(self._mm, 0, MAGIC1, VERSION, MAGIC2, MAGIC_ALL_READY)

@@ -1,0 +1,113 @@
+"""Fault suite of the file cache: a data file damaged between two runs (truncated, truncated and
+re-extended, replaced by an empty file, a directory or a fifo) is never served as zeros -- chunks
+whose bytes are gone are fetched again, a data file that cannot be used is a clear error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nydusd.errors import BackendError
+from nydusd.storage.cache.chunkmap import HEADER_SIZE, MAGIC_ALL_READY
+from tests.fakes.backends import MemoryBackend
+from tests.fakes.blobs import TestBlob, build_blob
+from tests.storage.test_cache import CHUNK, device_for, file_cache
+
+
+@pytest.fixture
+def blob() -> TestBlob:
+    """Incompressible chunks (stored raw) so truncating at a chunk boundary is easy to reason about."""
+    return build_blob([os.urandom(8 * CHUNK)], chunk_size=CHUNK)
+
+
+def data_file(tmp_path: Path, blob: TestBlob, compressed: bool) -> Path:
+    return tmp_path / (blob.blob_id + (".blob.raw" if compressed else ".blob.data"))
+
+
+def warm(tmp_path: Path, blob: TestBlob, backend: MemoryBackend, compressed: bool) -> None:
+    device = device_for(blob, backend, file_cache(tmp_path, compressed=compressed))
+    try:
+        assert device.read(blob.files[0], 0, 8 * CHUNK) == blob.contents[0]
+    finally:
+        device.close()
+    raw = (tmp_path / (data_file(tmp_path, blob, compressed).name + ".chunk_map")).read_bytes()
+    assert int.from_bytes(raw[12:16], "little") == MAGIC_ALL_READY  # every chunk marked ready
+
+
+def read_all(tmp_path: Path, blob: TestBlob, backend: MemoryBackend, compressed: bool) -> bytes:
+    device = device_for(blob, backend, file_cache(tmp_path, compressed=compressed))
+    try:
+        return device.read(blob.files[0], 0, 8 * CHUNK)
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("damage", ["truncate", "truncate_and_extend", "punch_middle"])
+def test_missing_bytes_behind_ready_bits_are_fetched_again(tmp_path: Path, blob: TestBlob, compressed: bool,
+                                                           damage: str, logs) -> None:  # type: ignore[no-untyped-def]
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    warm(tmp_path, blob, backend, compressed)
+    path = data_file(tmp_path, blob, compressed)
+    full = path.stat().st_size
+    if damage == "punch_middle":
+        # what an old run's open left after a truncation: a hole in the middle of a full-size file
+        data = path.read_bytes()
+        os.truncate(path, 2 * CHUNK)
+        with path.open("r+b") as f:
+            f.seek(5 * CHUNK)
+            f.write(data[5 * CHUNK:])
+    else:
+        os.truncate(path, 2 * CHUNK + 100)  # mid-chunk: chunk 2 is only partly there
+        if damage == "truncate_and_extend":
+            os.truncate(path, full)
+    missing = {2, 3, 4} if damage == "punch_middle" else set(range(2, 8))
+
+    backend.reset_stats()
+    with logs.expect("cached_chunk_missing", count=len(missing)):
+        if damage == "truncate":
+            with logs.expect("cache_data_short", count=1):
+                assert read_all(tmp_path, blob, backend, compressed) == blob.contents[0]
+        else:
+            assert read_all(tmp_path, blob, backend, compressed) == blob.contents[0]
+    fetched = {off // CHUNK for _, off, size, _ in backend.requests for off in range(off, off + size, CHUNK)}
+    assert fetched == missing
+    # the refetched chunks are marked again: the next run reads nothing from the backend
+    backend.reset_stats()
+    assert read_all(tmp_path, blob, backend, compressed) == blob.contents[0]
+    assert backend.read_count == 0
+    bits = (tmp_path / (path.name + ".chunk_map")).read_bytes()
+    assert bits[HEADER_SIZE] == 0xFF
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_data_file_replaced_by_an_empty_file_is_refetched(tmp_path: Path, blob: TestBlob, compressed: bool,
+                                                          logs) -> None:  # type: ignore[no-untyped-def]
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    warm(tmp_path, blob, backend, compressed)
+    path = data_file(tmp_path, blob, compressed)
+    path.unlink()
+    path.write_bytes(b"")
+    backend.reset_stats()
+    with logs.expect("cache_data_missing", count=1):
+        assert read_all(tmp_path, blob, backend, compressed) == blob.contents[0]
+    assert backend.bytes_read == len(blob.data)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_data_file_that_is_not_a_regular_file_is_a_clear_error(tmp_path: Path, blob: TestBlob,
+                                                               kind: str) -> None:
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    warm(tmp_path, blob, backend, False)
+    path = data_file(tmp_path, blob, False)
+    path.unlink()
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    expected = "cannot open the blob cache files: (Is a directory|not a regular file)"
+    with pytest.raises(BackendError, match=expected):
+        read_all(tmp_path, blob, backend, False)
+    assert path.is_dir() if kind == "directory" else path.is_fifo()  # left alone for the operator
