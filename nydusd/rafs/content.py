@@ -5,7 +5,11 @@ Owns: ``BlobSource`` (the "read ``size`` bytes at ``offset`` of blob X" callable
 no shared cursor, every range checked against the file size), ``check_range`` / ``bounded`` (the
 sanity bound on a requested blob range, for sources over a backend) and ``read_chunk`` /
 ``iter_file`` / ``read_file`` which decode and verify chunks with
-``nydusd.storage.device.decode_chunk``. The daemon reads through storage's BlobDevice instead.
+``nydusd.storage.device.decode_chunk``, and ``file_chunks`` (a regular file's chunk list checked
+against its size: a v5 file without the hole flag has exactly ``ceil(size / chunk_size)`` chunks,
+as upstream's v5 inode validation requires, and no chunk reaches past the end of its file).
+Holes are produced ``ZERO_PIECE`` bytes at a time, so memory stays bounded whatever size an inode
+claims. The daemon reads through storage's BlobDevice instead.
 
 Must not import fs, daemon, builder, storage.backend (callers adapt a backend into a BlobSource).
 Threading: LocalBlobs opens each blob file once under a lock; ``os.pread`` is thread-safe.
@@ -18,10 +22,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 from nydusd.errors import BlobNotFound, CorruptMetadata, IntegrityError
-from nydusd.rafs.rafs_super import RafsSuper
+from nydusd.rafs.rafs_super import Inode, RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo, decode_chunk
 
 BlobSource = Callable[[BlobInfo, int, int], bytes]
+
+#: the largest piece of zeros ``iter_file`` produces for a hole
+ZERO_PIECE = 1 << 20
+_ZEROS = bytes(ZERO_PIECE)
 
 #: the largest byte position a blob file can have (``off_t``); metadata pointing beyond it is corrupt
 MAX_BLOB_END = (1 << 63) - 1
@@ -118,23 +126,47 @@ def read_chunk(source: BlobSource, chunk: ChunkInfo, blob: BlobInfo, verify: boo
     return decode_chunk(payload, chunk, blob, verify)
 
 
-def iter_file(sb: RafsSuper, ino: int, source: BlobSource, verify: bool = True) -> Iterator[bytes]:
+def file_chunks(sb: RafsSuper, inode: Inode) -> list[ChunkInfo]:
+    """The chunks of regular file ``inode``; CorruptMetadata when they do not fit its size (see
+    the module docstring)."""
+    chunks = sb.chunks(inode.ino)
+    if sb.version == 5 and not inode.has_hole:
+        want = -(-inode.size // sb.chunk_size)
+        if want != len(chunks):
+            raise CorruptMetadata("file size does not match its chunk count", field="i_size",
+                                  offset=inode.meta_offset, ino=inode.ino, size=inode.size,
+                                  chunks=len(chunks), expected_chunks=want)
+    for c in chunks:
+        if c.file_offset + c.uncompressed_size > inode.size:
+            raise CorruptMetadata("chunk reaches past the end of its file", field="file_offset",
+                                  ino=inode.ino, size=inode.size, file_offset=c.file_offset,
+                                  chunk_size=c.uncompressed_size)
+    return chunks
+
+
+def _zeros(size: int) -> Iterator[bytes | memoryview]:
+    view = memoryview(_ZEROS)
+    while size > 0:
+        n = min(size, ZERO_PIECE)
+        yield view[:n]
+        size -= n
+
+
+def iter_file(sb: RafsSuper, ino: int, source: BlobSource, verify: bool = True,
+              chunks: list[ChunkInfo] | None = None) -> Iterator[bytes | memoryview]:
     """The content of regular file ``ino`` as consecutive pieces (bytes not covered by any chunk
-    -- holes -- come out as zeros). Total length is exactly the file size."""
+    -- holes -- come out as zeros, at most ``ZERO_PIECE`` at a time). Total length is exactly the
+    file size. ``chunks``: the file's ``file_chunks`` when the caller has them already."""
     inode = sb.get_inode(ino)
     pos = 0
-    for chunk in sb.chunks(ino):
-        if chunk.file_offset > pos:
-            yield bytes(min(chunk.file_offset, inode.size) - pos)
-            pos = min(chunk.file_offset, inode.size)
-        if chunk.file_offset < pos or pos >= inode.size:
-            continue  # overlapping or beyond EOF: ignore (robust against odd v5 images)
+    for chunk in file_chunks(sb, inode) if chunks is None else chunks:
+        if chunk.file_offset < pos:
+            continue  # overlapping: ignore (robust against odd v5 images)
+        yield from _zeros(chunk.file_offset - pos)
         data = read_chunk(source, chunk, sb.blobs[chunk.blob_index], verify)
-        piece = data[:inode.size - pos]
-        yield piece
-        pos += len(piece)
-    if pos < inode.size:
-        yield bytes(inode.size - pos)
+        yield data
+        pos = chunk.file_offset + len(data)
+    yield from _zeros(inode.size - pos)
 
 
 def read_file(sb: RafsSuper, ino: int, source: BlobSource, verify: bool = True) -> bytes:

@@ -62,6 +62,7 @@ class Inode(FileTypeMixin):
     chunk_offset: int = 0
     index: int = 0
     parent: int = 0
+    has_hole: bool = False  # v5 ``RAFS_V5_INODE_HAS_HOLE``: the chunk list may leave gaps
 
 
 class RafsSuper(ABC):

@@ -18,7 +18,7 @@ from typing import Any
 from nydusd.errors import CorruptMetadata
 from nydusd.rafs import layout as L
 from nydusd.rafs.blobmeta import load_chunk_infos, read_toc
-from nydusd.rafs.content import MAX_BLOB_END, BlobSource, read_chunk
+from nydusd.rafs.content import MAX_BLOB_END, BlobSource, file_chunks, read_chunk
 from nydusd.rafs.rafs_super import RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
@@ -144,7 +144,7 @@ def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, in
             sb.readlink(inode.ino)
         if inode.is_reg:
             files += 1
-            for c in sb.chunks(inode.ino):
+            for c in file_chunks(sb, inode):
                 _check_chunk_range(c, sb.blobs[c.blob_index], path)
                 if source is not None and (c.digest, c.blob_index) not in verified:
                     read_chunk(source, c, sb.blobs[c.blob_index], verify=True)

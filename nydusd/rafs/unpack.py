@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from nydusd.log import get_logger
-from nydusd.rafs.content import BlobSource, iter_file
+from nydusd.rafs.content import BlobSource, file_chunks, iter_file
 from nydusd.rafs.rafs_super import Inode, RafsSuper
 
 log = get_logger(__name__)
@@ -28,7 +28,7 @@ class _IterReader:
     """A read-only file object over an iterator of byte pieces (for ``TarFile.addfile``, which
     treats a short ``read(n)`` as end of data, so every read is filled completely)."""
 
-    def __init__(self, pieces: Iterator[bytes]) -> None:
+    def __init__(self, pieces: Iterator[bytes | memoryview]) -> None:
         self._pieces = pieces
         self._buf = bytearray()
 
@@ -82,7 +82,8 @@ def write_tar(sb: RafsSuper, source: BlobSource, fileobj: BinaryIO, verify: bool
                 else:
                     first_name[inode.ino] = name
                     ti.size = inode.size
-                    content = _IterReader(iter_file(sb, inode.ino, source, verify))
+                    chunks = file_chunks(sb, inode)  # refused before its header is written
+                    content = _IterReader(iter_file(sb, inode.ino, source, verify, chunks))
             elif fmt == stat.S_IFDIR:
                 ti.type = tarfile.DIRTYPE
             elif fmt == stat.S_IFLNK:

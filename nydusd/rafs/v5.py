@@ -171,7 +171,7 @@ class RafsV5Super(RafsSuper):
                      child_index=child_index, child_count=child_count,
                      name=name, symlink_offset=sym_off,
                      inode_size=symlink_size, xattr_offset=xattr_off, chunk_offset=tail, index=index,
-                     parent=parent)
+                     parent=parent, has_hole=bool(iflags & L.V5_INODE_HAS_HOLE))
 
     def _check_record(self, off: int, index: int, ino: int, mode: int, iflags: int, name_size: int,
                       symlink_size: int, child_index: int, child_count: int) -> None:
