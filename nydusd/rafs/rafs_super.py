@@ -196,6 +196,35 @@ class RafsSuper(ABC):
         for path, inode, _ in self._walk_entries():
             yield path, inode
 
+    def walk_depth_first(self) -> Iterator[tuple[bytes, Inode]]:
+        """Every entry as ``(absolute path, inode)``, each directory followed at once by its whole
+        subtree, children in name order (upstream's unpack order: a tar extracted in this order
+        keeps every directory's mtime, as tar restores it when it leaves the directory).
+
+        Raises CorruptMetadata when a directory is reachable twice (a cycle or shared directory).
+        """
+        root = self.get_inode(self.root_ino)
+        if not root.is_dir:
+            raise CorruptMetadata("root inode is not a directory", field="root", ino=self.root_ino)
+        seen_dirs = {root.ino}
+        yield b"/", root
+        stack: list[tuple[bytes, Iterator[tuple[bytes, int]]]] = [(b"", self.children(root.ino))]
+        while stack:
+            prefix, children = stack[-1]
+            entry = next(children, None)
+            if entry is None:
+                stack.pop()
+                continue
+            path = prefix + b"/" + entry[0]
+            child = self.get_inode(entry[1])
+            yield path, child
+            if child.is_dir:
+                if child.ino in seen_dirs:
+                    raise CorruptMetadata("directory reachable twice (cycle)", field="dirent",
+                                          ino=child.ino, path=path.decode(errors="replace"))
+                seen_dirs.add(child.ino)
+                stack.append((path, self.children(child.ino)))
+
     def _walk_entries(self) -> Iterator[tuple[bytes, Inode, int]]:
         root = self.get_inode(self.root_ino)
         if not root.is_dir:

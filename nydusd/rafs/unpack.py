@@ -1,6 +1,8 @@
 """Unpacking an image into a tar stream (``nydus-image unpack``).
 
-Owns: ``write_tar(sb, source, fileobj)`` -- every entry below the root as a PAX tar member: regular
+Owns: ``write_tar(sb, source, fileobj)`` -- every entry below the root as a PAX tar member, depth
+first in name order (``RafsSuper.walk_depth_first``, as upstream: ``tar -xp`` then keeps directory
+mtimes): regular
 files with their content (read chunk by chunk through a ``BlobSource``, digest-verified), directories,
 symlinks, hard links (later names of an inode become LNKTYPE members pointing at the first name),
 char/block devices, fifos; modes, uid/gid, mtime (nanoseconds in the PAX ``mtime``) and xattrs as
@@ -69,7 +71,7 @@ def write_tar(sb: RafsSuper, source: BlobSource, fileobj: BinaryIO, verify: bool
     count = 0
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tar:
-        for path, inode in sb.walk():
+        for path, inode in sb.walk_depth_first():
             if path == b"/":
                 continue
             name = os.fsdecode(path[1:])

@@ -247,3 +247,41 @@ def test_bad_paths_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_path
                  ["check", str(upstream / V6_BOOT), "-J", missing]):
         rc, _, err = run(capsys, *argv)
         assert rc == 2 and err.startswith("error: ") and missing in err
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_unpack_extracts_with_every_directory_mtime(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                    version: int) -> None:
+    """Entries come depth first in name order, so a real ``tar -xpf`` restores every directory's
+    mtime (children written after a sibling directory used to bump it to the extraction time)."""
+    import subprocess
+
+    from nydusd.builder import BuildOptions, build
+
+    src = tmp_path / "src"
+    for d in ("a/b/c", "a/d", "e", "f/g"):
+        (src / d).mkdir(parents=True)
+    for f in ("a/x", "a/b/y", "a/b/c/z", "a/d/w", "e/v", "f/g/u", "top"):
+        (src / f).write_bytes(f.encode() * 100)
+    for i, (dirpath, dirnames, filenames) in enumerate(sorted(os.walk(src), reverse=True)):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), ns=(1_600_000_000 * 10**9, 1_500_000_000_123_456_700 + i))
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    boot = tmp_path / "boot"
+    build(str(src), BuildOptions(fs_version=version, bootstrap_path=str(boot), blob_dir=str(blobs)))
+    out = tmp_path / "out.tar"
+    rc, _, err = run(capsys, "unpack", str(boot), "-D", str(blobs), "--output", str(out))
+    assert rc == 0, err
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert names == ["a", "a/b", "a/b/c", "a/b/c/z", "a/b/y", "a/d", "a/d/w", "a/x", "e", "e/v",
+                     "f", "f/g", "f/g/u", "top"]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    subprocess.run(["tar", "-xpf", str(out), "-C", str(dest)], check=True)
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), src)
+            assert os.lstat(dest / rel).st_mtime_ns == os.lstat(src / rel).st_mtime_ns, rel
