@@ -62,7 +62,7 @@ from nydusd.fs.session import FuseSession
 from nydusd.fs.vfs import Vfs, normalize_path
 from nydusd.log import get_logger
 from nydusd.metrics import FsIoStats
-from nydusd.rafs import load_bootstrap
+from nydusd.rafs import check_servable, load_image
 from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
@@ -201,8 +201,9 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
     rafs = cfg.rafs or RafsConfig()
     if cfg.backend is None:
         raise ConfigError("backend: a backend is required to mount an image", field="backend")
-    sb = load_bootstrap(source)
+    sb = load_image(source)  # a bootstrap, or a data blob with one inlined (upstream accepts both)
     try:
+        check_servable(sb)
         backend = create_backend(cfg.backend)
     except BaseException:
         sb.close()

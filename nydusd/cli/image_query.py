@@ -26,7 +26,7 @@ from nydusd.errors import InvalidArgument, NotFound, Unsupported
 from nydusd.log import configure_logging
 from nydusd.rafs import RafsSuper
 from nydusd.rafs.content import BlobSource, LocalBlobs, bounded
-from nydusd.rafs.reader import load_image
+from nydusd.rafs.reader import check_servable, load_image
 from nydusd.rafs.stats import check_image, compare_stats, image_stats
 from nydusd.rafs.unpack import write_tar
 
@@ -348,13 +348,15 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     else:
         source, close = _backend_source(args)
     try:
-        with _open(_bootstrap_path(args, allow_blob=True)) as sb, open(args.output, "wb") as out:
-            try:
-                write_tar(sb, source, out)
-            except BaseException:
-                if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
-                    os.unlink(args.output)  # no half-written tar left behind
-                raise
+        with _open(_bootstrap_path(args, allow_blob=True)) as sb:
+            check_servable(sb)  # before the output file is created
+            with open(args.output, "wb") as out:
+                try:
+                    write_tar(sb, source, out)
+                except BaseException:
+                    if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                        os.unlink(args.output)  # no half-written tar left behind
+                    raise
     finally:
         close()
     return 0

@@ -5,6 +5,7 @@ Reading::
     load_bootstrap(path | bytes) -> RafsSuper        # mmap, lazy; raises NotFound / CorruptMetadata
     load_from_blob(path) -> RafsSuper                # bootstrap inlined in a data blob (image.boot)
     load_image(path) -> RafsSuper                    # a bootstrap, else a blob with an inlined one
+    check_servable(sb)                               # Unsupported naming a feature we cannot read
     RafsSuper attributes: version (5|6), root_ino, blobs: list[BlobInfo], chunk_size, compressor,
         digester, flags, inode_count, explicit_uid_gid, has_xattr, source
     RafsSuper methods (thread-safe, no shared cursor; every one may raise CorruptMetadata):
@@ -34,7 +35,14 @@ from __future__ import annotations
 
 from nydusd.rafs.model import Bootstrap, Node
 from nydusd.rafs.rafs_super import Inode, RafsSuper
-from nydusd.rafs.reader import detect_version, load_bootstrap, load_from_blob, load_image, open_buffer
+from nydusd.rafs.reader import (
+    check_servable,
+    detect_version,
+    load_bootstrap,
+    load_from_blob,
+    load_image,
+    open_buffer,
+)
 
-__all__ = ["Bootstrap", "Inode", "Node", "RafsSuper", "detect_version", "load_bootstrap", "load_from_blob",
-           "load_image", "open_buffer"]
+__all__ = ["Bootstrap", "Inode", "Node", "RafsSuper", "check_servable", "detect_version", "load_bootstrap",
+           "load_from_blob", "load_image", "open_buffer"]

@@ -1,7 +1,10 @@
 """Opening bootstraps: version detection and memory mapping.
 
-Owns: ``load_bootstrap(path | bytes) -> RafsSuper`` (v5 or v6, chosen by the magic numbers) and
-``detect_version``. The file is mapped read-only with ``mmap`` (nothing is read eagerly beyond the
+Owns: ``load_bootstrap(path | bytes) -> RafsSuper`` (v5 or v6, chosen by the magic numbers),
+``detect_version``, ``load_from_blob`` / ``load_image`` (a bootstrap inlined in a data blob) and
+``check_servable`` (refuses, naming them, the image features whose data this implementation cannot
+read: ZRAN, BATCH, ENCRYPTED, SEPARATE, TARFS -- upstream serves them, we would only fail on the
+first read). The file is mapped read-only with ``mmap`` (nothing is read eagerly beyond the
 superblocks and tables); bytes are used in place.
 
 Must not import fs, daemon, builder. Threading: the returned RafsSuper is shareable (rafs_super.py).
@@ -15,7 +18,7 @@ import stat
 import struct
 from typing import Any
 
-from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound
+from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound, Unsupported
 from nydusd.log import get_logger
 from nydusd.rafs import layout as L
 from nydusd.rafs.rafs_super import RafsSuper
@@ -23,6 +26,30 @@ from nydusd.rafs.v5 import RafsV5Super
 from nydusd.rafs.v6 import RafsV6Super
 
 log = get_logger(__name__)
+
+
+#: blob features (spec §1.4) whose data cannot be read here, with what they mean
+UNSUPPORTED_BLOB_FEATURES = (
+    (L.BLOB_ZRAN, "ZRAN", "chunks live in an external gzip stream (an OCI-ref/targz-ref image)"),
+    (L.BLOB_BATCH, "BATCH", "small chunks are packed into compressed batches"),
+    (L.BLOB_ENCRYPTED, "ENCRYPTED", "chunk data is encrypted"),
+    (L.BLOB_SEPARATE, "SEPARATE", "chunk data and blob meta live in separate objects"),
+    (L.BLOB_TARFS, "TARFS", "the blob is a raw tar (tarfs)"),
+)
+
+
+def check_servable(sb: RafsSuper) -> None:
+    """Raise Unsupported, naming the feature, when ``sb``'s file data cannot be read here."""
+    if sb.flags & L.SB_ENCRYPTION_AES_128_XTS:
+        raise Unsupported("image uses unsupported feature ENCRYPTED (superblock "
+                          "ENCRYPTION_AES_128_XTS): chunk data is encrypted", feature="ENCRYPTED",
+                          source=sb.source)
+    for blob in sb.blobs:
+        found = [(name, why) for bit, name, why in UNSUPPORTED_BLOB_FEATURES if blob.features & bit]
+        if found:
+            names = ", ".join(name for name, _ in found)
+            raise Unsupported(f"image uses unsupported blob feature {names}: {found[0][1]}",
+                              feature=names, blob_id=blob.blob_id, features=hex(blob.features))
 
 
 def detect_version(buf: Any) -> int:

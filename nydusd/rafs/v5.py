@@ -18,7 +18,7 @@ from typing import Any
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import CorruptMetadata, NotFound
+from nydusd.errors import CorruptMetadata, NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
@@ -41,8 +41,30 @@ class RafsV5Super(RafsSuper):
         super().__init__(buf, source)
         self._parse_super()
         self._record = lru_cache(maxsize=INODE_CACHE_SIZE)(self._decode_index)
-        if not self.get_inode(self.root_ino).is_dir:
+        try:
+            root_is_dir = self.get_inode(self.root_ino).is_dir
+        except CorruptMetadata:
+            self._refuse_prerelease_layout()
+            raise
+        if not root_is_dir:
+            self._refuse_prerelease_layout()
             raise corrupt("root inode is not a directory", self._it_off, "inode_table")
+
+    def _refuse_prerelease_layout(self) -> None:
+        """Raise Unsupported when the root record has the pre-release (2021) v5 inode layout
+        (spec §8: a directory mode at +52 where the current layout has i_gid, zero at +48, and
+        no directory mode at +60): such images are old, not corrupt."""
+        try:
+            (v,) = unpack_at(_U32, self._buf, self._it_off, "inode_table")
+            off = v << 3
+            zero, old_mode = struct.unpack_from("<II", self._buf, off + 48)
+            (new_mode,) = struct.unpack_from("<I", self._buf, off + 60)
+        except (CorruptMetadata, struct.error):
+            return
+        if zero == 0 and stat.S_ISDIR(old_mode) and not stat.S_ISDIR(new_mode):
+            raise Unsupported("pre-release (2021) RAFS v5 inode layout: not supported (upstream "
+                              "cannot read it either), rebuild the image", offset=off + 52,
+                              field="i_mode")
 
     # ---- superblock and tables ----------------------------------------------------------------------
     def _parse_super(self) -> None:
