@@ -18,17 +18,19 @@ import shlex
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from nydusd import __version__
-from nydusd.errors import InvalidArgument, NotFound, Unsupported
-from nydusd.log import configure_logging
+from nydusd.errors import InvalidArgument, NotFound, NydusError, Unsupported
+from nydusd.log import configure_logging, get_logger
 from nydusd.rafs import RafsSuper
 from nydusd.rafs.content import BlobSource, LocalBlobs, bounded
 from nydusd.rafs.reader import check_servable, load_image
-from nydusd.rafs.stats import check_image, compare_stats, image_stats
+from nydusd.rafs.stats import ImageStat, check_image
 from nydusd.rafs.unpack import write_tar
+
+log = get_logger(__name__)
 
 
 def _common(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -60,7 +62,8 @@ def register(sub: Any) -> None:
     s.add_argument("--blob-dir", "-D", help="all extension-less files here (dedup across them)")
     s.add_argument("--target", "-T", help="target bootstrap compared against the base")
     s.add_argument("--config", "-C", help="storage config (unused)")
-    s.add_argument("--digester", default="blake3", help="digester (informational)")
+    s.add_argument("--digester", default="blake3", choices=["blake3", "sha256"],
+                   help="only chunks of images with this digester count as dedup/referenced chunks")
     s.add_argument("--output-json", "-J", help="write result JSON here")
     s.set_defaults(func=cmd_stat)
 
@@ -175,7 +178,7 @@ def _chunks_json(sb: RafsSuper, ino: int) -> list[dict[str, Any]]:
 
 
 def _req_stats(sb: RafsSuper, arg: str) -> Any:
-    return {"inodes_count": sb.inode_count, "version": sb.version, "chunk_size": sb.chunk_size,
+    return {"inodes_count": sb.inodes_count_field, "version": sb.version, "chunk_size": sb.chunk_size,
             "compressor": sb.compressor.value, "digester": sb.digester.value, "flags": sb.flags,
             "root_inode": sb.root_ino, "blobs": len(sb.blobs)}
 
@@ -268,34 +271,37 @@ def _prompt(sb: RafsSuper) -> int:
 # ---- stat ---------------------------------------------------------------------------------------
 @_os_errors
 def cmd_stat(args: argparse.Namespace) -> int:
+    """As upstream: ``--bootstrap`` is the base image, else every extension-less file of
+    ``--blob-dir`` (other than the target; unreadable ones are skipped) with dedup figures; then
+    ``--target``. ``--output-json`` writes the JSON instead of printing the text dump."""
     _setup(args)
-    paths = []
-    if args.blob_dir:
-        paths = sorted(os.path.join(args.blob_dir, n) for n in os.listdir(args.blob_dir)
-                       if "." not in n and os.path.isfile(os.path.join(args.blob_dir, n)))
-    elif args.bootstrap:
-        paths = [args.bootstrap]
-    if not paths:
-        raise InvalidArgument("stat needs --bootstrap or --blob-dir")
-    with ExitStack() as stack:
-        sbs = [stack.enter_context(_open(p)) for p in paths]
-        doc: dict[str, Any] = {"dedup_enabled": bool(args.blob_dir), "target_enabled": bool(args.target),
-                               "base_image": image_stats(*sbs).as_dict()}
-        if args.target:
-            target = stack.enter_context(_open(args.target))
-            doc["target_image"] = compare_stats(sbs[0], target).as_dict()
-    _print_stats(doc["base_image"])
-    _output_json(args.output_json, doc, compact=False)
+    stat_ = ImageStat(args.digester)
+    target = os.path.abspath(args.target) if args.target else None
+    if args.bootstrap:
+        with _open(args.bootstrap) as sb:
+            stat_.add(sb, is_base=True)
+    elif args.blob_dir:
+        stat_.dedup_enabled = True
+        for name in sorted(os.listdir(args.blob_dir)):
+            path = os.path.join(args.blob_dir, name)
+            if name.rfind(".") > 0 or not os.path.isfile(path) or os.path.abspath(path) == target:
+                continue
+            try:
+                with _open(path) as sb:
+                    stat_.add(sb, is_base=True)
+            except NydusError as e:
+                log.debug("stat_skipped", path=path, error=str(e))
+    else:
+        raise InvalidArgument("one of --bootstrap and --blob-dir must be specified")
+    if args.target:
+        with _open(args.target) as sb:
+            stat_.add(sb, is_base=False)
+    stat_.finalize()
+    if args.output_json:
+        _output_json(args.output_json, stat_.as_dict(), compact=True)
+    else:
+        print(stat_.dump())
     return 0
-
-
-def _print_stats(d: dict[str, Any]) -> None:
-    ratio = d["uncomp_size"] / d["dedup_uncomp_size"] if d["dedup_uncomp_size"] else 1.0
-    print(f"dirs {d['dirs']}  files {d['files']}  symlinks {d['symlinks']}  bytes {d['file_size']}")
-    print(f"chunks {d['chunks']}  unique chunks {d['dedup_chunks']}  dedup ratio {ratio:.2f}")
-    for blob_id, per in d["blobs"].items():
-        print(f"  blob {blob_id}: chunks {per['chunks']} compressed {per['comp_size']} "
-              f"uncompressed {per['uncomp_size']}")
 
 
 # ---- unpack -------------------------------------------------------------------------------------

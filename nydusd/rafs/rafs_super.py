@@ -82,6 +82,9 @@ class RafsSuper(ABC):
     digester: DigestAlgorithm
     flags: int
     inode_count: int
+    #: the superblock's inode count as recorded (v5 ``s_inodes_count``, whose meaning varies by
+    #: builder vintage; v6 ``s_inos``): what upstream's ``inspect`` reports
+    inodes_count_field: int
 
     def __init__(self, buf: Any, source: str) -> None:
         self._buf = buf

@@ -1,10 +1,10 @@
 """Image statistics and full-metadata checks (``nydus-image stat`` / ``check``).
 
-Owns: ``ImageStats`` (upstream's ImageInfo field names: dirs, files, symlinks, chunks, file_size,
-comp_size, uncomp_size, padding_size, chunk_sizes[9], file_sizes[45], dedup_*, own_*, ref_*) with
-per-blob totals, ``image_stats`` / ``compare_stats`` and ``check_image`` (decode every record, v5
-Merkle digests; with a BlobSource every chunk's data digest and, for v6, the blob's chunk-info
-array and blob.digest array against the bootstrap's chunk table).
+Owns: ``ImageStats`` / ``ImageStat`` (upstream's ``nydus-image stat``: its ImageInfo fields with
+their upstream meaning, the base/target/dedup roles, the JSON layout and the text dump; see the
+class docstrings) and ``check_image`` (decode every record, every file's chunk list against its
+size, v5 Merkle digests; with a BlobSource every chunk's data digest and, for v6, the blob's
+chunk-info array and blob.digest array against the bootstrap's chunk table).
 
 Must not import fs, daemon, builder. Threading: pure functions over a RafsSuper.
 """
@@ -22,13 +22,24 @@ from nydusd.rafs.content import MAX_BLOB_END, BlobSource, file_chunks, read_chun
 from nydusd.rafs.rafs_super import RafsSuper
 from nydusd.storage.device import BlobInfo, ChunkInfo
 
-
-def _bucket(size: int, base_bits: int, n: int) -> int:
-    return min(max(size - 1, 0).bit_length() - base_bits, n - 1) if size > 1 << base_bits else 0
+#: ``DedupInfo`` rows of the dedup table (thresholds 1..20), as upstream
+DEDUP_THRESHOLDS = 20
 
 
 @dataclass
 class ImageStats:
+    """Upstream's ``ImageInfo``: one image (or the union of the base images), field by field.
+
+    ``files`` counts every name of a regular file (hard links included); every other file
+    figure counts a hard-linked inode once: ``file_size``, ``file_sizes`` (by bit length of the
+    size, capped at 44), ``padding_size`` (up to the next 4 KiB per file), ``chunks``,
+    ``comp_size``/``uncomp_size`` (its chunks; ``uncomp_size`` gains ``padding_size`` at
+    ``finalize``) and ``chunk_sizes[k]`` (the chunks the file would have with chunks of
+    ``2 ** (12 + k)`` bytes). ``own_*``: a base image's distinct chunks (by digest), or a
+    target's chunks not found in the base images; ``ref_*``: a target's chunks found there;
+    ``dedup_*``: with ``--blob-dir``, the distinct chunks of all base images together.
+    """
+
     dirs: int = 0
     files: int = 0
     symlinks: int = 0
@@ -37,8 +48,8 @@ class ImageStats:
     comp_size: int = 0
     uncomp_size: int = 0
     padding_size: int = 0
-    chunk_sizes: list[int] = field(default_factory=lambda: [0] * 9)   # <=4K, <=8K, ... >512K
-    file_sizes: list[int] = field(default_factory=lambda: [0] * 45)   # by bit length of size
+    chunk_sizes: list[int] = field(default_factory=lambda: [0] * 9)
+    file_sizes: list[int] = field(default_factory=lambda: [0] * 45)
     dedup_chunks: int = 0
     dedup_comp_size: int = 0
     dedup_uncomp_size: int = 0
@@ -48,83 +59,148 @@ class ImageStats:
     ref_chunks: int = 0
     ref_comp_size: int = 0
     ref_uncomp_size: int = 0
-    blobs: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def dedup_ratio(self) -> float:
-        return self.uncomp_size / self.dedup_uncomp_size if self.dedup_uncomp_size else 1.0
+    def add_file(self, size: int, chunks: list[ChunkInfo]) -> None:
+        self.file_sizes[min(size.bit_length(), 44)] += 1
+        self.file_size += size
+        self.padding_size += -size % 4096
+        self.chunks += len(chunks)
+        for c in chunks:
+            self.comp_size += c.compressed_size
+            self.uncomp_size += c.uncompressed_size
+        for k in range(9):
+            self.chunk_sizes[k] += -(-size // (1 << (12 + k)))
+
+    def add_chunk(self, kind: str, c: ChunkInfo) -> None:
+        setattr(self, f"{kind}_chunks", getattr(self, f"{kind}_chunks") + 1)
+        setattr(self, f"{kind}_comp_size", getattr(self, f"{kind}_comp_size") + c.compressed_size)
+        setattr(self, f"{kind}_uncomp_size", getattr(self, f"{kind}_uncomp_size") + c.uncompressed_size)
+
+    def dump(self) -> str:
+        lines = ["", f"Directories:            {self.dirs}", f"Files:                  {self.files}",
+                 f"Symlinks:               {self.symlinks}", f"Chunks:                 {self.chunks}",
+                 f"File Size:              {self.file_size}",
+                 f"Padding Size:           {self.padding_size}",
+                 f"Uncompressed Size:      {self.uncomp_size}",
+                 f"Compressed Size:        {self.comp_size}", "", "File Size Bits:\t\tFile Count:"]
+        lines += [f"{bits}:\t\t\t{n}" for bits, n in enumerate(self.file_sizes)]
+        lines += ["", "Chunk Size Bits:\tChunk Count:"]
+        lines += [f"{12 + k}:\t\t\t{n}" for k, n in enumerate(self.chunk_sizes)]
+        lines += ["", f"Raw Content Size:\t{self.file_size}", f"Comp Content Size:\t{self.comp_size}",
+                  f"Raw Chunk Count:\t{self.chunks}", f"Dedup Comp Size:\t{self.dedup_comp_size}",
+                  f"Dedup Uncomp Size:\t{self.dedup_uncomp_size}",
+                  f"Dedup Chunk Count:\t{self.dedup_chunks}", f"Owned Comp Size:\t{self.own_comp_size}",
+                  f"Owned Uncomp Size:\t{self.own_uncomp_size}", f"Owned Chunk Count:\t{self.own_chunks}",
+                  f"Referenced Comp Size:\t{self.ref_comp_size}",
+                  f"Referenced Uncomp Size:\t{self.ref_uncomp_size}",
+                  f"Referenced Chunk Count:\t{self.ref_chunks}"]
+        return "\n".join(lines)
 
 
-def _collect(sb: RafsSuper, st: ImageStats,
-             unique: dict[tuple[bytes, str], ChunkInfo]) -> None:
-    """Add ``sb``'s entries to ``st`` and its chunks to ``unique`` (keyed by digest and blob id,
-    so the same chunk in several images counts once)."""
-    seen_inodes: set[int] = set()
-    for _path, inode in sb.walk():
-        if inode.is_dir:
-            st.dirs += 1
-            continue
-        if inode.is_symlink:
-            st.symlinks += 1
-            continue
-        if not inode.is_reg or inode.ino in seen_inodes:
-            continue
-        seen_inodes.add(inode.ino)
-        st.files += 1
-        st.file_size += inode.size
-        st.file_sizes[min(inode.size.bit_length(), 44)] += 1
-        for c in sb.chunks(inode.ino):
-            st.chunks += 1
-            st.comp_size += c.compressed_size
-            st.uncomp_size += c.uncompressed_size
-            st.padding_size += -c.uncompressed_size % L.V6_BLOCK_SIZE if sb.version == 6 else 0
-            st.chunk_sizes[_bucket(c.uncompressed_size, 12, 9)] += 1
-            unique.setdefault((c.digest, sb.blobs[c.blob_index].blob_id), c)
+class ImageStat:
+    """Upstream's ``nydus-image stat``: base image(s) (``--bootstrap`` or every image of
+    ``--blob-dir``, which enables dedup figures), an optional target (``--target``), and the
+    chunk dictionary of the base images. Only chunks of images digested with ``digester`` enter
+    that dictionary (upstream's ``--digester``, default blake3), so only they count as dedup or
+    referenced chunks."""
 
+    def __init__(self, digester: str = "blake3") -> None:
+        self.digester = digester
+        self.dedup_enabled = False
+        self.target_enabled = False
+        self.base = ImageStats()
+        self.target = ImageStats()
+        # digest -> (first chunk, how many base images had it)
+        self._dict: dict[bytes, tuple[ChunkInfo, int]] = {}
 
-def _unique(sb: RafsSuper) -> dict[tuple[bytes, str], ChunkInfo]:
-    unique: dict[tuple[bytes, str], ChunkInfo] = {}
-    _collect(sb, ImageStats(), unique)
-    return unique
+    def add(self, sb: RafsSuper, *, is_base: bool) -> None:
+        image = self.base if is_base else self.target
+        if not is_base:
+            self.target_enabled = True
+        seen: set[int] = set()
+        unique: dict[bytes, ChunkInfo] = {}  # this image's distinct chunks, by digest
+        for _path, inode in sb.walk():
+            if inode.is_dir:
+                image.dirs += 1
+            elif inode.is_symlink:
+                image.symlinks += 1
+            elif inode.is_reg:
+                image.files += 1
+                chunks = sb.chunks(inode.ino)
+                for c in chunks:
+                    unique.setdefault(c.digest, c)
+                if inode.nlink > 1:
+                    if inode.ino in seen:
+                        continue
+                    seen.add(inode.ino)
+                image.add_file(inode.size, chunks)
+        same_digester = sb.digester.value == self.digester
+        for digest, c in unique.items():
+            if is_base:
+                image.add_chunk("own", c)
+                if same_digester:
+                    first, count = self._dict.get(digest, (c, 0))
+                    self._dict[digest] = (first, count + 1)
+            elif self._known(digest, c):
+                image.add_chunk("ref", c)
+            else:
+                image.add_chunk("own", c)
 
+    def _known(self, digest: bytes, c: ChunkInfo) -> bool:
+        entry = self._dict.get(digest)
+        return entry is not None and entry[0].uncompressed_size in (0, c.uncompressed_size)
 
-def image_stats(*sbs: RafsSuper) -> ImageStats:
-    """Counts and sizes of one image, or of several together (``stat --blob-dir``): hard-linked
-    files count once per image; dedup_* = chunks unique by (digest, blob id) across all of them."""
-    st = ImageStats()
-    unique: dict[tuple[bytes, str], ChunkInfo] = {}
-    for sb in sbs:
-        for b in sb.blobs:
-            st.blobs.setdefault(b.blob_id, {"chunks": 0, "comp_size": 0, "uncomp_size": 0})
-        _collect(sb, st, unique)
-    for (_digest, blob_id), c in unique.items():
-        st.dedup_chunks += 1
-        st.dedup_comp_size += c.compressed_size
-        st.dedup_uncomp_size += c.uncompressed_size
-        per = st.blobs[blob_id]
-        per["chunks"] += 1
-        per["comp_size"] += c.compressed_size
-        per["uncomp_size"] += c.uncompressed_size
-    return st
+    def finalize(self) -> None:
+        self.base.uncomp_size += self.base.padding_size
+        if self.target_enabled:
+            self.target.uncomp_size += self.target.padding_size
+        if self.dedup_enabled:
+            for c, _count in self._dict.values():
+                self.base.add_chunk("dedup", c)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"dedup_enabled": self.dedup_enabled, "target_enabled": self.target_enabled,
+                "base_image": self.base.as_dict(), "target_image": self.target.as_dict()}
 
-def compare_stats(base: RafsSuper, target: RafsSuper) -> ImageStats:
-    """``target``'s stats with own_* (chunks not in ``base``) and ref_* (chunks found in ``base``)."""
-    st = image_stats(target)
-    base_digests = {d for d, _ in _unique(base)}
-    for (digest, _b), c in _unique(target).items():
-        if digest in base_digests:
-            st.ref_chunks += 1
-            st.ref_comp_size += c.compressed_size
-            st.ref_uncomp_size += c.uncompressed_size
-        else:
-            st.own_chunks += 1
-            st.own_comp_size += c.compressed_size
-            st.own_uncomp_size += c.uncompressed_size
-    return st
+    def dedup_table(self) -> list[list[int]]:
+        """Upstream's "Chunk Deduplication Statistics" rows for global dedup thresholds 1..20:
+        raw chunks, dedup chunks, comp content/base/image size, uncomp content/base/image size. A
+        chunk found in ``count`` base images is deduplicated at thresholds up to ``count`` (kept
+        once, in the "base") and kept in every image above it."""
+        rows = [[0] * 8 for _ in range(DEDUP_THRESHOLDS)]
+        for c, count in self._dict.values():
+            usize, csize = c.uncompressed_size, c.compressed_size
+            for i, row in enumerate(rows):
+                row[0] += count
+                row[2] += count * csize
+                row[5] += count * usize
+                if i < count:
+                    row[1] += 1
+                    row[3] += csize
+                    row[6] += usize
+                else:
+                    row[1] += count
+                    row[4] += count * csize
+                    row[7] += count * usize
+        return rows
+
+    def dump(self) -> str:
+        out = []
+        if self.target_enabled:
+            out += ["Target Image Statistics:", self.target.dump()]
+        out += ["", "", "Base Image Statistics:", self.base.dump()]
+        if self.dedup_enabled:
+            out += ["", "", "Chunk Deduplication Statistics:",
+                    "Global Dedup Thresh:\tRaw Chunks:\tDedup Chunks:\tComp Content Size:\tComp Base Size:"
+                    "\tComp Image Size:\tUncomp Content Size:\tUncomp Base Size\tUncomp Image Size"]
+            for i, row in enumerate(self.dedup_table()):
+                if row[1] == 0:
+                    break
+                out.append(f"{i + 1:<24}" + "".join(f"0x{v:<14x}" for v in row))
+        return "\n".join(out)
 
 
 def check_image(sb: RafsSuper, source: BlobSource | None = None) -> dict[str, int]:

@@ -93,7 +93,7 @@ class RafsV6Super(RafsSuper):
         self.compressor = Compressor.from_sb_flags(flags)
         self.digester = DigestAlgorithm.from_sb_flags(flags)
         self.root_ino = root_nid
-        self.inode_count = inos
+        self.inode_count = self.inodes_count_field = inos
         self._max_nid = (len(buf) - self._meta) // 32 - 1
         self._ct_off, self._ct_n = ct_off, ct_size // L.CHUNK.size
         self._pf_off, self._pf_n = pf_off, (pf_size // 4 if pf_off else 0)

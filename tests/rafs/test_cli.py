@@ -67,7 +67,8 @@ def test_inspect_requests(capsys: pytest.CaptureFixture[str], upstream: Path) ->
         assert rc == 0
         return json.loads(out)
 
-    assert ask("stats")["inodes_count"] == 54  # type: ignore[index]
+    # as upstream's inspect: the superblock's s_inodes_count (51 here), not the 54 inode-table slots
+    assert ask("stats")["inodes_count"] == 51  # type: ignore[index]
     blobs = ask("blobs")
     assert blobs[0]["blob_id"] == Path(BLOB5).name  # type: ignore[index]
     assert {"readahead_offset", "readahead_size", "decompressed_size", "compressed_size"} <= blobs[0].keys()  # type: ignore[index]
@@ -90,12 +91,15 @@ def test_stat_json(capsys: pytest.CaptureFixture[str], tmp_path: Path, upstream:
     out_json = tmp_path / "stat.json"
     rc, out, _ = run(capsys, "stat", "-B", str(upstream / V5_IMAGES[0]), "-J", str(out_json),
                      "-T", str(upstream / V5_IMAGES[1]))
-    assert rc == 0 and "dedup ratio" in out
+    assert rc == 0 and out == ""  # as upstream: the JSON instead of the text dump
     doc = json.loads(out_json.read_text())
     base = doc["base_image"]
+    assert list(doc) == ["dedup_enabled", "target_enabled", "base_image", "target_image"]
     assert doc["target_enabled"] and not doc["dedup_enabled"]
-    counts = (base["files"], base["dirs"], base["symlinks"], base["chunks"], base["dedup_chunks"])
-    assert counts == (21, 24, 7, 27, 23)
+    # files: every name of a regular file (23, of 21 inodes); --bootstrap: own_*, no dedup_*
+    counts = (base["files"], base["dirs"], base["symlinks"], base["chunks"], base["own_chunks"],
+              base["dedup_chunks"])
+    assert counts == (23, 24, 7, 27, 23, 0)
     assert len(base["chunk_sizes"]) == 9 and len(base["file_sizes"]) == 45
     # same content, other digester: no chunk of the target is found in the base
     assert doc["target_image"]["own_chunks"] == 23 and doc["target_image"]["ref_chunks"] == 0
@@ -235,8 +239,14 @@ def test_check_with_backend_config_and_stat_blob_dir(capsys: pytest.CaptureFixtu
     rc, _, err = run(capsys, "stat", "-D", str(images), "-J", str(out_json))
     assert rc == 0, err
     doc = json.loads(out_json.read_text())
-    assert doc["dedup_enabled"] and doc["base_image"]["dedup_chunks"] == 46
-    assert doc["base_image"]["chunks"] == 54 and doc["base_image"]["dirs"] == 48
+    # own: each image's distinct chunks, summed; dedup: only the blake3 image's chunks enter the
+    # dictionary (--digester defaults to blake3, as upstream)
+    base = doc["base_image"]
+    assert doc["dedup_enabled"] and base["own_chunks"] == 46 and base["dedup_chunks"] == 23
+    assert base["chunks"] == 54 and base["dirs"] == 48 and base["files"] == 46
+    rc, _, err = run(capsys, "stat", "-D", str(images), "-J", str(out_json), "--digester", "sha256")
+    assert rc == 0, err
+    assert json.loads(out_json.read_text())["base_image"]["dedup_chunks"] == 23
 
 
 def test_bad_paths_are_clean_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -285,3 +295,88 @@ def test_unpack_extracts_with_every_directory_mtime(capsys: pytest.CaptureFixtur
         for name in dirnames + filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), src)
             assert os.lstat(dest / rel).st_mtime_ns == os.lstat(src / rel).st_mtime_ns, rel
+
+
+@pytest.mark.parametrize("name", [V5_IMAGES[0], V6_BOOT])
+def test_stat_fields_have_upstreams_meaning(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            upstream: Path, name: str) -> None:
+    """Every ``stat`` field against figures computed independently: from the tree a real ``tar``
+    extracts out of the unpacked image (names, sizes, hard links) and from the raw chunk records."""
+    import subprocess
+
+    blobs = ["-D", str(upstream / "blobs")] if name == V6_BOOT else ["--blob", str(upstream / BLOB5)]
+    rc, _, err = run(capsys, "unpack", str(upstream / name), *blobs, "--output", str(tmp_path / "t.tar"))
+    assert rc == 0, err
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-xpf", str(tmp_path / "t.tar"), "-C", str(tree)], check=True)
+    names = inodes = 0
+    seen: set[int] = set()
+    sizes: list[int] = []
+    dirs, symlinks = 1, 0  # the root
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirs += sum(not os.path.islink(os.path.join(dirpath, d)) for d in dirnames)
+        for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            st = os.lstat(os.path.join(dirpath, n))
+            if stat.S_ISLNK(st.st_mode):
+                symlinks += 1
+            elif stat.S_ISREG(st.st_mode):
+                names += 1
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    sizes.append(st.st_size)
+    inodes = len(seen)
+    with load_bootstrap(upstream / name) as sb:
+        per_file = [sb.chunks(i.ino) for p, i in sb.walk() if i.is_reg]
+        unique_inodes = {i.ino: sb.chunks(i.ino) for p, i in sb.walk() if i.is_reg}
+    distinct = {c.digest: c for chunks in per_file for c in chunks}
+    out_json = tmp_path / "stat.json"
+    rc, _, err = run(capsys, "stat", "-B", str(upstream / name), "-J", str(out_json))
+    assert rc == 0, err
+    base = json.loads(out_json.read_text())["base_image"]
+    padding = sum(-s % 4096 for s in sizes)
+    file_chunks = [c for chunks in unique_inodes.values() for c in chunks]
+    assert inodes < names or name == V6_BOOT
+    assert base["files"] == names and base["dirs"] == dirs and base["symlinks"] == symlinks
+    assert base["file_size"] == sum(sizes) and base["padding_size"] == padding
+    assert base["chunks"] == len(file_chunks)
+    assert base["comp_size"] == sum(c.compressed_size for c in file_chunks)
+    assert base["uncomp_size"] == sum(c.uncompressed_size for c in file_chunks) + padding
+    assert base["chunk_sizes"] == [sum(-(-s // (1 << b)) for s in sizes) for b in range(12, 21)]
+    assert base["file_sizes"] == [sum(min(s.bit_length(), 44) == b for s in sizes) for b in range(45)]
+    assert (base["own_chunks"], base["own_comp_size"], base["own_uncomp_size"]) == (
+        len(distinct), sum(c.compressed_size for c in distinct.values()),
+        sum(c.uncompressed_size for c in distinct.values()))
+    assert base["dedup_chunks"] == base["ref_chunks"] == 0
+    # the text dump carries the same figures, in upstream's layout
+    rc, out, _ = run(capsys, "stat", "-B", str(upstream / name))
+    assert rc == 0 and "Base Image Statistics:" in out and "Target Image Statistics:" not in out
+    assert f"Files:                  {names}\n" in out
+    assert f"Padding Size:           {padding}\n" in out
+    assert f"Owned Chunk Count:\t{len(distinct)}" in out
+
+
+def test_stat_target_and_dedup_roles(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    upstream: Path) -> None:
+    blake3 = str(upstream / V5_IMAGES[1])  # a BLAKE3 image: its chunks enter the (blake3) dictionary
+    out_json = tmp_path / "stat.json"
+    rc, _, err = run(capsys, "stat", "-B", blake3, "-T", blake3, "-J", str(out_json))
+    assert rc == 0, err
+    doc = json.loads(out_json.read_text())
+    base, target = doc["base_image"], doc["target_image"]
+    assert (base["own_chunks"], base["dedup_chunks"], base["ref_chunks"]) == (23, 0, 0)
+    assert (target["own_chunks"], target["ref_chunks"]) == (0, 23)
+    assert target["ref_uncomp_size"] == base["own_uncomp_size"]
+    assert target["uncomp_size"] == base["uncomp_size"]  # padding added to both at finalize
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in ("a", "b"):
+        (images / n).symlink_to(blake3)
+    (images / "c.json").write_text("{}")  # files with an extension are not images
+    rc, out, err = run(capsys, "stat", "-D", str(images))
+    assert rc == 0, err
+    rows = out.split("Chunk Deduplication Statistics:")[1].splitlines()[2:]
+    assert len(rows) == 20
+    assert rows[0].split()[:3] == ["1", "0x2e", "0x17"]  # 46 raw chunks, 23 kept at threshold 1
+    assert rows[2].split()[:3] == ["3", "0x2e", "0x2e"]  # above 2 copies nothing is deduplicated
+    assert "Dedup Chunk Count:\t23" in out and "Owned Chunk Count:\t46" in out
