@@ -21,7 +21,7 @@ from typing import Any
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import NotFound
+from nydusd.errors import NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
@@ -127,7 +127,9 @@ class RafsV6Super(RafsSuper):
             raise corrupt("v6 needs exactly one compressor and one digester flag", off, "s_flags",
                           value=hex(flags))
         if flags & L.SB_TARFS_MODE:
-            raise corrupt("tarfs-mode images are not supported", off, "s_flags", value=hex(flags))
+            raise Unsupported("image uses unsupported feature TARFS (superblock TARFS_MODE): the "
+                              "blobs are raw tars", feature="TARFS", offset=off, field="s_flags",
+                              value=hex(flags))
 
     def _check_range(self, off: int, size: int, sb_off: int, field: str, alignment: int) -> None:
         if off < BS or off % alignment or off + size > len(self._buf):

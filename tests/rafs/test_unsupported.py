@@ -57,6 +57,14 @@ def test_encrypted_superblock_is_refused_by_name(upstream: Path) -> None:
         check_servable(sb)
 
 
+def test_tarfs_mode_superblock_is_unsupported_not_corrupt(upstream: Path) -> None:
+    buf = bytearray((upstream / V6_BOOT).read_bytes())
+    (flags,) = struct.unpack_from("<Q", buf, L.V6_EXT_SB_OFFSET)
+    struct.pack_into("<Q", buf, L.V6_EXT_SB_OFFSET, flags | L.SB_TARFS_MODE)
+    with pytest.raises(Unsupported, match="unsupported feature TARFS"):
+        load_bootstrap(bytes(buf))
+
+
 def test_unpack_refuses_before_creating_the_output(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                    upstream: Path) -> None:
     boot = tmp_path / "zran.boot"
