@@ -1,5 +1,6 @@
 """Fault suite of the file cache: a data file damaged between two runs (truncated, truncated and
-re-extended, replaced by an empty file, a directory or a fifo) is never served as zeros -- chunks
+re-extended, replaced by an empty file, a directory, a fifo or a file the daemon user cannot open) is
+never served as zeros -- chunks
 whose bytes are gone are fetched again, a data file that cannot be used is a clear error."""
 
 from __future__ import annotations
@@ -111,3 +112,49 @@ def test_data_file_that_is_not_a_regular_file_is_a_clear_error(tmp_path: Path, b
     with pytest.raises(BackendError, match=expected):
         read_all(tmp_path, blob, backend, False)
     assert path.is_dir() if kind == "directory" else path.is_fifo()  # left alone for the operator
+
+
+CHILD = """
+import sys
+from nydusd.errors import BackendError
+from tests.fakes.backends import MemoryBackend
+from tests.fakes.blobs import build_blob
+from tests.storage.test_cache import CHUNK, device_for, file_cache
+
+blob = build_blob([bytes(range(256)) * 2048], chunk_size=CHUNK)
+try:
+    device = device_for(blob, MemoryBackend({blob.blob_id: blob.data}), file_cache(sys.argv[1]))
+    data = device.read(blob.files[0], 0, CHUNK)
+except BackendError as e:
+    print("ERROR", e)
+else:
+    print("READ", data == blob.contents[0][:CHUNK])
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a file another user cannot read")
+def test_data_file_the_daemon_user_cannot_open_is_a_clear_error(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[2]
+    work = Path(tempfile.mkdtemp(prefix="nydus-cache-perm-"))  # outside pytest's 0700 tmp tree
+    try:
+        os.chmod(work, 0o777)
+        blob = build_blob([bytes(range(256)) * 2048], chunk_size=CHUNK)
+        backend = MemoryBackend({blob.blob_id: blob.data})
+        device = device_for(blob, backend, file_cache(work))
+        device.read(blob.files[0], 0, 8 * CHUNK)
+        device.close()
+        for p in work.iterdir():
+            os.chmod(p, 0o600)  # root's files: the other user can neither read nor write them
+        run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-c", CHILD, str(work)],
+                             capture_output=True, text=True, cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)}, timeout=60)
+        expected = "ERROR cannot open the blob cache files: Permission denied"
+        assert expected in run.stdout, run.stdout + run.stderr
+    finally:
+        shutil.rmtree(work)
