@@ -1,7 +1,7 @@
 """Fault suite of the file cache: a data file damaged between two runs (truncated, truncated and
-re-extended, replaced by an empty file, a directory, a fifo or a file the daemon user cannot open) is
-never served as zeros -- chunks
-whose bytes are gone are fetched again, a data file that cannot be used is a clear error."""
+re-extended, holed, replaced by an empty file, a directory, a fifo or a file the daemon user cannot
+open) is never served as zeros -- chunks whose bytes are gone are fetched again, a data file that
+cannot be used is a clear error."""
 
 from __future__ import annotations
 
