@@ -17,6 +17,7 @@ Reading::
         chunks(ino) -> list[ChunkInfo]                # file order, file_offset = i * chunk_size
         prefetch_inodes() -> list[int]
         resolve(path) -> Inode ; path_of(ino) -> bytes ; walk() -> Iterator[(path, Inode)]
+        walk_depth_first() -> Iterator[(path, Inode)]  # each dir followed by its subtree (unpack)
         to_model() -> model.Bootstrap ; close() / context manager
     Inode (frozen): ino, mode, uid, gid, size, nlink, rdev (host dev_t), mtime, mtime_nsec, blocks,
         has_xattr, is_dir / is_reg / is_symlink (other fields are decoder internals)
