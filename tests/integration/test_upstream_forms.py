@@ -1,5 +1,5 @@
 """Upstream image forms through real nydusd FUSE mounts: a data blob with an inlined bootstrap
-(``nydus-image create --blob-inline-meta``, the v6 blob-toc form) mounts with ``--bootstrap <blob>``
+(``nydus-image create --blob-inline-meta``: the v6 blob-toc form, and v5) mounts with ``--bootstrap <blob>``
 as upstream nydusd does; an image whose blob uses a feature we cannot read (ZRAN here) is refused
 at start-up with the feature named, before any read."""
 
@@ -29,11 +29,13 @@ def _config(tmp: Path, blob_dir: Path) -> str:
     return str(path)
 
 
-def test_blob_with_inlined_bootstrap_mounts_as_bootstrap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["5", "6"])
+def test_blob_with_inlined_bootstrap_mounts_as_bootstrap(tmp_path: Path, version: str) -> None:
     src = sample_tree(tmp_path / "src")
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    assert nydus_image(["create", "--blob-inline-meta", "--fs-version", "6", "-D", str(blobs), str(src)]) == 0
+    argv = ["create", "--blob-inline-meta", "--fs-version", version, "-D", str(blobs), str(src)]
+    assert nydus_image(argv) == 0
     (blob,) = blobs.iterdir()
     assert not (tmp_path / "image.boot").exists()  # the blob is the only output
     mnt = tmp_path / "mnt"
