@@ -297,7 +297,7 @@ def test_unpack_extracts_with_every_directory_mtime(capsys: pytest.CaptureFixtur
             assert os.lstat(dest / rel).st_mtime_ns == os.lstat(src / rel).st_mtime_ns, rel
 
 
-@pytest.mark.parametrize("name", [V5_IMAGES[0], V6_BOOT])
+@pytest.mark.parametrize("name", [*V5_IMAGES, V6_BOOT])
 def test_stat_fields_have_upstreams_meaning(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                             upstream: Path, name: str) -> None:
     """Every ``stat`` field against figures computed independently: from the tree a real ``tar``
