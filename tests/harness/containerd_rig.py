@@ -300,11 +300,12 @@ GREETING = b"hello from a lazily pulled nydus image\n"
 BIG_SIZE = 8 << 20
 
 
-def busybox_image(tmp: Path, registry: AccessLogRegistry, repo: str = "test/busybox") -> dict[str, Any]:
+def busybox_image(tmp: Path, registry: AccessLogRegistry, repo: str = "test/busybox",
+                  big_size: int = BIG_SIZE) -> dict[str, Any]:
     """Build the 3-layer OCI image, push it as ``repo:v1``, convert it to ``repo:v1-nydus``.
 
     Layers: 1. busybox-static as /bin/busybox + /bin/sh, /bin/cat, /bin/sleep, /bin/sha256sum;
-    2. /etc/greeting (``GREETING``); 3. /data/unused.bin (``BIG_SIZE`` random bytes, never read).
+    2. /etc/greeting (``GREETING``); 3. /data/unused.bin (``big_size`` random bytes, never read).
     Returns the references and the digests + sizes of the nydus image's data blobs."""
     env = _tool_env(tmp)
     layout, bundle = tmp / "oci", tmp / "bundle"
@@ -321,7 +322,7 @@ def busybox_image(tmp: Path, registry: AccessLogRegistry, repo: str = "test/busy
     (rootfs / "etc" / "greeting").write_bytes(GREETING)
     _run(["umoci", "repack", "--refresh-bundle", "--image", f"{layout}:v1", str(bundle)], env)
     (rootfs / "data").mkdir()
-    (rootfs / "data" / "unused.bin").write_bytes(random.Random(18).randbytes(BIG_SIZE))
+    (rootfs / "data" / "unused.bin").write_bytes(random.Random(18).randbytes(big_size))
     _run(["umoci", "repack", "--refresh-bundle", "--image", f"{layout}:v1", str(bundle)], env)
     _run(["umoci", "config", "--image", f"{layout}:v1", "--config.cmd", "/bin/sh"], env)
     shutil.rmtree(bundle)
@@ -390,7 +391,8 @@ class SnapshotterRig:
     def start(self) -> SnapshotterRig:
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(exist_ok=True)
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        # nsenter --net, not `ip netns exec`: that one remounts /sys, hiding the cgroup mount runc needs
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         self.holder = subprocess.Popen(
             [*prefix, "unshare", "-m", "--propagation", "private", "sh", "-c",
              "mount -t tmpfs nydus-py-run /run && exec sleep infinity"],
@@ -576,16 +578,19 @@ class SnapshotterRig:
 
 
 @contextlib.contextmanager
-def netns(name: str, shape: str | None = None) -> Iterator[str]:
-    """A fresh network namespace with ``lo`` up, optionally shaped (``tc qdisc add dev lo root
-    SHAPE``); deleted afterwards. Never touches the host's own loopback."""
+def netns(name: str) -> Iterator[str]:
+    """A fresh network namespace with ``lo`` up; deleted afterwards."""
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True,
                        capture_output=True)
-        if shape:
-            subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root",
-                            *shape.split()], check=True, capture_output=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+def shape_loopback(name: str, spec: str) -> None:
+    """``tc qdisc add dev lo root SPEC`` on the loopback of network namespace ``name`` (never the
+    host's own loopback)."""
+    subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", *spec.split()],
+                   check=True, capture_output=True)
