@@ -8,6 +8,7 @@ Thread-safe: structlog loggers are; configuration happens once at start-up.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -43,14 +44,19 @@ def configure_logging(level: str = "info", log_file: str | None = None,
                       json: bool | None = None) -> None:
     """Configure structlog for the whole process.
 
-    Output goes to ``log_file`` (appended) or stderr. ``json=None`` picks JSON unless the stream is
-    a terminal. Raises ConfigError for an unknown level or an unwritable log file.
+    Output goes to ``log_file`` (appended; missing parent directories are created, as upstream
+    nydusd does: nydus-snapshotter passes ``<log dir>/<daemon id>/nydusd.log`` without creating
+    ``<daemon id>/``) or stderr. ``json=None`` picks JSON unless the stream is a terminal. Raises
+    ConfigError for an unknown level or a log file that cannot be created or opened.
     """
     global _log_file
     lvl = level_number(level)
     stream: TextIO = sys.stderr
     if log_file:
         try:
+            parent = os.path.dirname(log_file)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
             stream = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - process-lived
         except OSError as e:
             raise ConfigError(f"cannot open log file: {e.strerror}", field="log-file",

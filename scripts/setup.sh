@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse-dev pkg-config gcc python3-dev docker-registry apache2-utils tinyproxy
-  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk)
+  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk
+  containerd busybox-static iproute2 util-linux)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -33,5 +34,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   echo "$want" > "$stamp"
+fi
+# The real nydus-snapshotter for the containerd end-to-end tests and bench/bench_containerd.py: built
+# offline by its rig (next to the repository) into a cache outside the repo. build.sh installs the
+# Go toolchain and Go library packages it needs and is a no-op once its stamp matches (0.1 s).
+RIG=$(cd .. && pwd)/shared/rigs/nydus-snapshotter
+SNAP_OUT=${XDG_CACHE_HOME:-$HOME/.cache}/nydus-py/nydus-snapshotter
+if [ -x "$RIG/build.sh" ]; then
+  if ! out=$("$RIG/build.sh" "$SNAP_OUT" 2>&1); then
+    echo "$out" >&2
+    echo "setup: building nydus-snapshotter failed" >&2
+    exit 1
+  fi
+else
+  echo "setup: no nydus-snapshotter rig at $RIG: the containerd tests will be skipped"
 fi
 echo "setup: ready (.venv)"

@@ -106,9 +106,22 @@ def test_log_file_and_level(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert json.loads(f.read_text())["event"] == "dbg_seen"
 
 
+def test_log_file_parent_directories_are_created(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """nydus-snapshotter passes ``--log-file <log dir>/<daemon id>/nydusd.log`` and never creates
+    ``<daemon id>/``; upstream nydusd creates it (regression: ours exited with "cannot open log
+    file: No such file or directory")."""
+    f = tmp_path / "logs" / "d1" / "nydusd.log"
+    _run_logging(f"configure_logging('info', log_file={str(f)!r})\nget_logger('t').info('started')")
+    assert json.loads(f.read_text())["event"] == "started"
+
+
 def test_bad_log_level_and_file_are_config_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nydusd.log import configure_logging
     with pytest.raises(errors.ConfigError, match="invalid log level 'loud'"):
         configure_logging("loud")
-    with pytest.raises(errors.ConfigError, match="cannot open log file"):
-        configure_logging("info", log_file=str(tmp_path / "missing" / "x.log"))
+    (tmp_path / "file").write_text("x")  # a parent that is a regular file cannot become a directory
+    with pytest.raises(errors.ConfigError, match="cannot open log file: Not a directory"):
+        configure_logging("info", log_file=str(tmp_path / "file" / "d" / "x.log"))
+    with pytest.raises(errors.ConfigError, match="cannot open log file: Is a directory"):
+        configure_logging("info", log_file=str(tmp_path))
+    assert (tmp_path / "file").read_text() == "x"

@@ -185,7 +185,8 @@ def _prefetch_list(path: str | None) -> list[str] | None:
 
 
 def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
-    """Failover detection (spec §1.6): our mountpoint is still mounted and the old socket is dead."""
+    """Failover detection (spec §1.6): our mountpoint is still mounted and the old socket is dead.
+    Only meaningful with ``--supervisor`` (see ``run``)."""
     if not apisock or not os.path.exists(apisock):
         return False
     try:
@@ -228,6 +229,7 @@ class _ApiStarter:
 
 def run(args: argparse.Namespace) -> int:
     from nydusd.daemon import Daemon, block_stop_signals
+    from nydusd.fs.mountpoint import check_mountable
 
     # Before any thread exists (the startup mount may start prefetch threads): every thread
     # inherits the mask, and the daemon's signal thread alone receives SIGTERM/SIGINT/SIGHUP.
@@ -238,9 +240,15 @@ def run(args: argparse.Namespace) -> int:
     _raise_nofile(args.rlimit_nofile)
     mountpoint = os.path.realpath(args.mountpoint)
     upgrade = args.upgrade
-    if not upgrade and _crashed_before(mountpoint, args.apisock):
-        log.warning("previous_daemon_crashed", mountpoint=mountpoint, apisock=args.apisock)
+    # Crash detection (spec §1.6) only where a takeover can follow: with a supervisor holding the
+    # old FUSE connection. Without one (nydus-snapshotter's recover_policy "restart"), a dead FUSE
+    # mount left by a killed daemon is detached and mounted afresh.
+    if not upgrade and args.supervisor and _crashed_before(mountpoint, args.apisock):
+        log.warning("previous_daemon_crashed", mountpoint=mountpoint, apisock=args.apisock,
+                    supervisor=args.supervisor)
         upgrade = True
+    if not upgrade:
+        check_mountable(mountpoint)
     daemon = Daemon(mountpoint=mountpoint, threads=args.threads, id=args.id,
                     supervisor=args.supervisor, upgrade=upgrade, writable=args.writable,
                     failover_policy=args.failover_policy,

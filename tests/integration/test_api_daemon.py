@@ -287,15 +287,16 @@ def test_upgrade_mode_stays_init_until_exit(tmp_path):
 
 
 def test_restart_after_crash_detects_failover_and_stays_init(tmp_path, images):
-    """A daemon killed with SIGKILL leaves its mount and a dead socket; the next one started with the
-    same arguments must not mount over it but wait in INIT for a takeover (spec §1.6)."""
+    """A daemon with a supervisor killed with SIGKILL leaves its mount and a dead socket; the next one
+    started with the same arguments must not mount over it but wait in INIT for a takeover (spec
+    §1.6). Without a supervisor the dead mount is replaced instead (test_startup_paths.py)."""
     image = images["v6"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")
     cfg = image.write_config(tmp_path / "cfg.json", None)
     args = ["fuse", "--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
-            "--apisock", sock]
+            "--apisock", sock, "--id", "d1", "--supervisor", str(tmp_path / "sup.sock")]
     first = Nydusd(args, mnt, log_path=tmp_path / "log1", apisock=sock)
     second = Nydusd(args, mnt, log_path=tmp_path / "log2", apisock=sock)
     try:

@@ -1,0 +1,1 @@
+"""Reusable harnesses for end-to-end tests and benchmarks (real external components)."""
