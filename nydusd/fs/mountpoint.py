@@ -129,7 +129,8 @@ def check_mountable(path: str) -> None:
 
     A dead FUSE mount is detached lazily (logged as ``stale_fuse_mount_detached``) -- more than one
     when a crashed daemon's mount was stacked on another. Raises InvalidArgument with a message
-    naming ``path`` when it is missing, not a directory, or already a live mount point.
+    naming ``path`` when it is missing, not a directory, or already a live FUSE mount point (another
+    file system mounted there, a tmpfs or a bind mount, is a legitimate place to mount on).
     """
     for _ in range(8):  # stacked dead mounts: one detach each
         mp = inspect(path)
@@ -141,6 +142,8 @@ def check_mountable(path: str) -> None:
         if mp.state is State.NOT_DIR:
             raise InvalidArgument(f"mountpoint {path} is not a directory"
                                   + (f": {mp.error}" if mp.error else ""), mountpoint=path)
+        if mp.state is State.LIVE_MOUNT and not (mp.fstype or "").startswith("fuse"):
+            return  # e.g. an empty tmpfs or a bind mount: a legitimate place to mount on
         if mp.state is State.LIVE_MOUNT:
             raise InvalidArgument(f"{path} is already a mount point ({mp.fstype}); "
                                   "is another nydusd serving it?", mountpoint=path)

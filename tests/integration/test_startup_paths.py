@@ -155,6 +155,20 @@ def test_live_mount_is_refused_and_left_serving(tmp_path: Path, image: Image) ->
         assert not os.path.exists(tmp_path / "other.sock")
 
 
+def test_mount_on_top_of_a_tmpfs_mount_point(tmp_path: Path, image: Image) -> None:
+    """Only a live FUSE mount is refused: an (empty) tmpfs mounted at the mountpoint is a fine
+    place to mount on, as with upstream nydusd."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "nydus-test", str(mnt)], check=True)
+    try:
+        sock = str(tmp_path / "api.sock")
+        with _dedicated(tmp_path, image, sock, 1):
+            assert _serves(mnt) and _fuse_mounts_at(mnt) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.mark.parametrize("kind", ["missing", "file"])
 def test_unusable_mountpoint_messages(tmp_path: Path, image: Image, kind: str) -> None:
     mnt = tmp_path / "mnt"
