@@ -181,14 +181,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if store is not None:
             stack.callback(store.close)
-        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+        # Both registries are checked (the target for push access) before anything is pulled.
+        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env,
+                             insecure_flag="--source-insecure")
         stack.callback(source.close)
-        target = open_remote(target_text, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+        target = open_remote(target_text, insecure=args.target_insecure, plain_http=args.plain_http, env=env,
+                             insecure_flag="--target-insecure", push=True)
         stack.callback(target.close)
         progress = Progress(None if args.progress == "auto" else args.progress == "always")
 
         def factory(ref: str) -> object:
-            return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http, env=env)
+            return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http, env=env,
+                               insecure_flag="--chunk-dict-insecure")
 
         result = Converter(source, target, opts, progress=progress, remote_factory=factory).convert()
     if args.output_json:
@@ -208,12 +212,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                                                                     args.target_backend_config_file))
     opts = CheckOptions(work_dir=Path(args.work_dir), platform=args.platform,
                         multi_platform=args.multi_platform, backend=store_cfg, nydusd=args.nydusd)
-    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env,
+                         insecure_flag="--target-insecure")
     source = None
     try:
         if args.source:
             source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http,
-                                 env=env)
+                                 env=env, insecure_flag="--source-insecure")
         report = Checker(target, source, opts).check()
     finally:
         target.close()
@@ -237,7 +242,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                         nydusd=args.nydusd, platform=args.platform, prefetch=args.prefetch,
                         backend_type=args.backend_type,
                         backend_config=_backend_config_text(args.backend_config, args.backend_config_file))
-    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+    target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env,
+                         insecure_flag="--target-insecure")
     try:
         return mount_image(target, opts)
     finally:
