@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
     parser.add_argument("-D", "--debug", action="store_true", default=bool(os.environ.get("DEBUG_LOG_LEVEL")))
     parser.add_argument("-l", "--log-level", default="info")
-    parser.add_argument("--log-file")
+    parser.add_argument("--log-file", help="append logs to this file instead of stderr")
+    parser.add_argument("--log-format", choices=("json", "console", "text"),
+                        help="json, console or text (upstream's '[time] LEVEL message' lines); default: "
+                        "$NYDUS_LOG_FORMAT, else console on a terminal, json otherwise")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert(sub)
     _add_check(sub)
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        configure_logging("debug" if args.debug else args.log_level, args.log_file)
+        configure_logging("debug" if args.debug else args.log_level, args.log_file, fmt=args.log_format)
         return int(args.func(args))
     except NydusError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -47,6 +47,9 @@ def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", "-l", default="info",
                    help="trace, debug, info, warn, error (default: info)")
     p.add_argument("--log-file", "-L", help="append logs to this file instead of stderr")
+    p.add_argument("--log-format", choices=("json", "console", "text"),
+                   help="json, console (coloured key=value) or text (upstream's '[time] LEVEL message' "
+                   "lines); default: $NYDUS_LOG_FORMAT, else console on a terminal, json otherwise")
 
 
 def register(sub: Any) -> None:
@@ -138,7 +141,7 @@ def _features(text: str) -> bool:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_file)
+    configure_logging(args.log_level, args.log_file, fmt=args.log_format)
     _unsupported(args)
     if args.type == "tar-rafs" and os.environ.get("NYDUS_DISABLE_TAR2RAFS"):
         raise Unsupported("tar-rafs disabled by NYDUS_DISABLE_TAR2RAFS")
@@ -177,7 +180,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_file)
+    configure_logging(args.log_level, args.log_file, fmt=args.log_format)
     opts = MergeOptions(
         bootstrap_path=args.bootstrap, blob_dir=args.blob_dir, parent_bootstrap=args.parent_bootstrap,
         chunk_dict=_chunk_dict(args.chunk_dict), prefetch_patterns=_prefetch(args.prefetch_policy),
