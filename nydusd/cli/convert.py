@@ -79,7 +79,8 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--backend-force-push", action="store_true")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
     p.add_argument("--output-json", help="write conversion metrics (sizes, ns timings) here")
-    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bars on stderr: auto = only on a terminal (default)")
     p.set_defaults(func=cmd_convert)
 
 
@@ -156,6 +157,7 @@ def _prefetch(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from nydusd.cli.progress import TerminalDisplay, wants_display
     from nydusd.converter.convert import Converter, ConvertOptions
     from nydusd.converter.progress import Progress
     from nydusd.converter.remote import open_remote
@@ -191,13 +193,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         target = open_remote(target_text, insecure=args.target_insecure, plain_http=args.plain_http, env=env,
                              insecure_flag="--target-insecure", push=True)
         stack.callback(target.close)
-        progress = Progress(None if args.progress == "auto" else args.progress == "always")
+        # On a terminal: one display, bars at the bottom and the log lines above them.
+        display = stack.enter_context(TerminalDisplay()) if wants_display(args.progress) else None
 
         def factory(ref: str) -> object:
             return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http, env=env,
                                insecure_flag="--chunk-dict-insecure")
 
-        result = Converter(source, target, opts, progress=progress, remote_factory=factory).convert()
+        result = Converter(source, target, opts, progress=Progress(display), remote_factory=factory).convert()
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result.metrics.to_json(), indent=2) + "\n")
     print(f"converted {args.source} -> {result.target} ({result.digest})")
