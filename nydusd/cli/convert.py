@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from nydusd.cli.version import VersionAction
 from nydusd.errors import InvalidArgument, NydusError
 from nydusd.log import configure_logging
 
@@ -86,18 +87,23 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="check a nydus image (and compare it with its OCI source)")
-    p.add_argument("--target", required=True)
-    p.add_argument("--source")
-    p.add_argument("--source-insecure", action="store_true")
-    p.add_argument("--target-insecure", action="store_true")
-    p.add_argument("--plain-http", action="store_true")
-    p.add_argument("--target-backend-type", choices=("oss", "s3", "localfs"))
-    p.add_argument("--target-backend-config")
-    p.add_argument("--target-backend-config-file")
-    p.add_argument("--multi-platform", action="store_true")
-    p.add_argument("--platform")
-    p.add_argument("--work-dir", default="./output")
-    p.add_argument("--nydus-image", default="nydus-image")
+    p.add_argument("--target", required=True, help="nydus image reference to check")
+    p.add_argument("--source", help="OCI image it was converted from: compare every file with it")
+    p.add_argument("--source-insecure", action="store_true",
+                   help="source registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--target-insecure", action="store_true",
+                   help="target registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+    p.add_argument("--target-backend-type", choices=("oss", "s3", "localfs"),
+                   help="where the nydus blobs are, when not in the target registry")
+    p.add_argument("--target-backend-config", help="that backend's config as a JSON string")
+    p.add_argument("--target-backend-config-file", help="that backend's config in a file")
+    p.add_argument("--multi-platform", action="store_true",
+                   help="the target must be an index holding both the OCI and the nydus manifest")
+    p.add_argument("--platform", help="os/arch to check in a multi-platform image (default: this host's)")
+    p.add_argument("--work-dir", default="./output",
+                   help="directory for pulled bootstraps and check output (default: ./output)")
+    p.add_argument("--nydus-image", default="nydus-image", help="ignored: the image checks are built in")
     p.add_argument("--nydusd", help="compare through a FUSE mount served by this nydusd command "
                    "(default: decode the blobs in process)")
     p.set_defaults(func=cmd_check)
@@ -105,25 +111,32 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", aliases=["view"], help="mount a nydus image with nydusd")
-    p.add_argument("--target", required=True)
-    p.add_argument("--target-insecure", action="store_true")
-    p.add_argument("--plain-http", action="store_true")
-    p.add_argument("--backend-type", choices=("oss", "s3", "localfs", "registry"))
+    p.add_argument("--target", required=True, help="nydus image reference to mount")
+    p.add_argument("--target-insecure", action="store_true",
+                   help="skip TLS verification, fall back to plain http")
+    p.add_argument("--plain-http", action="store_true", help="talk plain http to the registry")
+    p.add_argument("--backend-type", choices=("oss", "s3", "localfs", "registry"),
+                   help="where the nydus blobs are (default: the image's registry)")
     bc = p.add_mutually_exclusive_group()
-    bc.add_argument("--backend-config")
-    bc.add_argument("--backend-config-file")
-    p.add_argument("--prefetch", action="store_true")
-    p.add_argument("--mount-path", default="./image-fs")
-    p.add_argument("--platform")
-    p.add_argument("--work-dir", default="./tmp")
-    p.add_argument("--nydusd", default="nydusd")
+    bc.add_argument("--backend-config", help="that backend's config as a JSON string")
+    bc.add_argument("--backend-config-file", help="that backend's config in a file")
+    p.add_argument("--prefetch", action="store_true", help="let nydusd prefetch the whole image")
+    p.add_argument("--mount-path", default="./image-fs",
+                   help="where to mount the image (default: ./image-fs; removed afterwards if created)")
+    p.add_argument("--platform", help="os/arch to mount from a multi-platform image")
+    p.add_argument("--work-dir", default="./tmp",
+                   help="bootstrap, blob cache, nydusd config, log and API socket (default: ./tmp; "
+                   "removed afterwards if created)")
+    p.add_argument("--nydusd", default="nydusd", help="nydusd command to run (default: nydusd in PATH)")
     p.set_defaults(func=cmd_mount)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
-    parser.add_argument("-D", "--debug", action="store_true", default=bool(os.environ.get("DEBUG_LOG_LEVEL")))
-    parser.add_argument("-l", "--log-level", default="info")
+    parser.add_argument("-v", "--version", action=VersionAction, help="print version information")
+    parser.add_argument("-D", "--debug", action="store_true", default=bool(os.environ.get("DEBUG_LOG_LEVEL")),
+                        help="debug logging (also with DEBUG_LOG_LEVEL set)")
+    parser.add_argument("-l", "--log-level", default="info", help="trace, debug, info, warn, error")
     parser.add_argument("--log-file", help="append logs to this file instead of stderr")
     parser.add_argument("--log-format", choices=("json", "console", "text"),
                         help="json, console or text (upstream's '[time] LEVEL message' lines); default: "
