@@ -47,7 +47,7 @@ def test_nydusd_help_lists_subcommands_and_fuse_help_is_its_own() -> None:
     assert "subcommands:" not in fuse.stdout and fuse.stdout != root.stdout
 
 
-@pytest.mark.parametrize("command", ["check", "mount"])
+@pytest.mark.parametrize("command", ["check", "mount", "copy"])
 def test_every_nydusify_check_and_mount_flag_has_help(command: str) -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices[command]

@@ -131,6 +131,26 @@ def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=cmd_mount)
 
 
+def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("copy", help="copy an image with all its blobs between registries or to/from a "
+                       "local OCI layout (file://DIR or file://PATH.tar)")
+    p.add_argument("--source", required=True, help="source image reference, or file://DIR / file://PATH.tar")
+    p.add_argument("--target", required=True, help="target image reference, or file://DIR / file://PATH.tar")
+    p.add_argument("--source-insecure", action="store_true",
+                   help="source registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--target-insecure", action="store_true",
+                   help="target registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+    p.add_argument("--all-platforms", action="store_true", help="copy the whole index, every platform")
+    p.add_argument("--platform", help="os/arch to copy from a multi-platform image (default: this host's)")
+    p.add_argument("--push-chunk-size", default="0", help="accepted; uploads are monolithic (0)")
+    p.add_argument("--work-dir", default="./tmp", help="temporary files of file://*.tar copies")
+    p.add_argument("--nydus-image", default="nydus-image", help="ignored: nothing is built")
+    for name in ("type", "config", "config-file"):
+        p.add_argument(f"--source-backend-{name}", help="(unsupported) blobs in an external backend")
+    p.set_defaults(func=cmd_copy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
     parser.add_argument("-v", "--version", action=VersionAction, help="print version information")
@@ -145,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_check(sub)
     _add_mount(sub)
+    _add_copy(sub)
     return parser
 
 
@@ -267,6 +288,42 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return mount_image(target, opts)
     finally:
         target.close()
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from nydusd.converter.copy import CopyOptions, Endpoint, copy_image, is_local, local_layout
+    from nydusd.converter.remote import open_remote
+    from nydusd.errors import Unsupported
+    from nydusd.oci.reference import parse_reference
+
+    if args.source_backend_type or args.source_backend_config or args.source_backend_config_file:
+        raise Unsupported("--source-backend-* (nydus blobs outside the registry) is not supported by copy")
+    if is_local(args.source) and is_local(args.target):
+        raise InvalidArgument("one of --source and --target must be a registry image")
+    env = dict(os.environ)
+    work = Path(args.work_dir)
+    opts = CopyOptions(platform=args.platform, all_platforms=args.all_platforms, work_dir=work)
+    source: Endpoint
+    target: Endpoint
+    with contextlib.ExitStack() as stack:
+        if is_local(args.source):
+            tag = parse_reference(args.target).tag
+            source = stack.enter_context(local_layout(args.source, tag=tag, work_dir=work, write=False))
+        else:
+            source = src = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http,
+                                       env=env, insecure_flag="--source-insecure")
+            stack.callback(src.close)
+        if is_local(args.target):
+            tag = parse_reference(args.source).tag or "latest"
+            target = stack.enter_context(local_layout(args.target, tag=tag, work_dir=work, write=True))
+        else:
+            target = dst = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http,
+                                       env=env, insecure_flag="--target-insecure", push=True)
+            stack.callback(dst.close)
+        result = copy_image(source, target, opts)
+    print(f"copied {args.source} -> {args.target} ({result.digest}): {result.blobs_copied} blob(s) "
+          f"copied ({result.bytes_copied} bytes), {result.blobs_present} already there")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
