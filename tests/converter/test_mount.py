@@ -143,4 +143,6 @@ def test_mount_names_its_api_socket_and_cleans_up_after_ctrl_c(registry: Registr
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         force_unmount(cwd / "image-fs")
