@@ -47,8 +47,8 @@ def test_nydusd_help_lists_subcommands_and_fuse_help_is_its_own() -> None:
     assert "subcommands:" not in fuse.stdout and fuse.stdout != root.stdout
 
 
-@pytest.mark.parametrize("command", ["check", "mount", "copy"])
-def test_every_nydusify_check_and_mount_flag_has_help(command: str) -> None:
+@pytest.mark.parametrize("command", ["convert", "check", "mount", "copy"])
+def test_every_nydusify_flag_has_help(command: str) -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices[command]
     missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]

@@ -58,26 +58,32 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--all-platforms", action="store_true", help="convert every platform")
     p.add_argument("--merge-platform", "--multi-platform", dest="merge_platform", action="store_true",
                    help="push an index holding both the OCI and the nydus manifests")
-    p.add_argument("--push-retry-count", type=int, default=3)
-    p.add_argument("--push-retry-delay", type=_duration, default=5.0)
-    p.add_argument("--fs-version", type=int, choices=(5, 6), default=6)
-    p.add_argument("--compressor", default="zstd", choices=("none", "lz4_block", "zstd"))
-    p.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_size, default=0x100000)
-    p.add_argument("--batch-size", type=_size, default=0)
+    p.add_argument("--push-retry-count", type=int, default=3, help="retries of a failed push (default 3)")
+    p.add_argument("--push-retry-delay", type=_duration, default=5.0,
+                   help="pause between push retries, e.g. 5s, 500ms (default 5s)")
+    p.add_argument("--fs-version", type=int, choices=(5, 6), default=6, help="RAFS version (default 6)")
+    p.add_argument("--compressor", default="zstd", choices=("none", "lz4_block", "zstd"),
+                   help="chunk compression (default zstd)")
+    p.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_size, default=0x100000,
+                   help="chunk size, a power of two, decimal or 0x-hex (default 0x100000)")
+    p.add_argument("--batch-size", type=_size, default=0, help="only 0 (batching off) is supported")
     p.add_argument("--fs-align-chunk", "--backend-aligned-chunk", dest="aligned_chunk",
-                   action="store_true")
+                   action="store_true", help="4 KiB aligned uncompressed chunk offsets")
     p.add_argument("--prefetch-patterns", action="store_true", help="read prefetch paths from stdin")
     p.add_argument("--prefetch-dir", help="prefetch this directory")
     p.add_argument("--chunk-dict", help="bootstrap:registry:<ref> or bootstrap:local:<path>")
-    p.add_argument("--chunk-dict-insecure", action="store_true")
-    p.add_argument("--work-dir", default="./tmp")
+    p.add_argument("--chunk-dict-insecure", action="store_true",
+                   help="chunk-dict registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--work-dir", default="./tmp", help="temporary files (default ./tmp)")
     p.add_argument("--oci", action="store_true", help="OCI media types even for a docker source")
     p.add_argument("--with-referrer", action="store_true", help="set subject to the source manifest")
-    p.add_argument("--backend-type", choices=("oss", "s3", "localfs"))
+    p.add_argument("--backend-type", choices=("oss", "s3", "localfs"),
+                   help="store the nydus blobs there instead of in the target registry")
     bc = p.add_mutually_exclusive_group()
-    bc.add_argument("--backend-config")
-    bc.add_argument("--backend-config-file")
-    p.add_argument("--backend-force-push", action="store_true")
+    bc.add_argument("--backend-config", help="that backend's config as a JSON string")
+    bc.add_argument("--backend-config-file", help="that backend's config in a file")
+    p.add_argument("--backend-force-push", action="store_true",
+                   help="upload blobs even when the backend already has them")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
     p.add_argument("--output-json", help="write conversion metrics (sizes, ns timings) here")
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",

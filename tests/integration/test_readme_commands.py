@@ -88,3 +88,14 @@ def test_missing_localfs_blob_fails_the_mount_with_a_clear_error(workdir: Path) 
                 r"backend.config.dir at the directory `nydus-image create --blob-dir` wrote\)")
     assert re.search(expected, r.stderr), r.stderr
     assert not os.path.ismount(workdir / "mnt")
+
+
+def test_readme_shared_daemon_command_starts(workdir: Path) -> None:
+    cmd = block_after("### nydusd: the daemon")[1]
+    assert cmd == ("nydusd fuse --config config/nydusd-config.localfs.json --mountpoint /mnt/nydus "
+                   "--apisock /run/nydusd/api.sock")
+    sock = str(workdir / "api.sock")
+    args = cmd.replace("/mnt/nydus", str(workdir / "mnt")).replace("/run/nydusd/api.sock", sock).split()[1:]
+    (workdir / "mnt").mkdir()
+    with Nydusd(args, workdir / "mnt", log_path=workdir / "nydusd.log", apisock=sock, cwd=workdir) as d:
+        assert d.alive() and os.listdir(workdir / "mnt") == []
