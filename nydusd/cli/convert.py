@@ -152,8 +152,12 @@ def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--push-chunk-size", default="0", help="accepted; uploads are monolithic (0)")
     p.add_argument("--work-dir", default="./tmp", help="temporary files of file://*.tar copies")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: nothing is built")
-    for name in ("type", "config", "config-file"):
-        p.add_argument(f"--source-backend-{name}", help="(unsupported) blobs in an external backend")
+    p.add_argument("--source-backend-type", choices=("oss", "s3", "localfs"),
+                   help="the source's nydus blobs are in this backend (converted with --backend-type): "
+                   "copy them into the target as layers")
+    sbc = p.add_mutually_exclusive_group()
+    sbc.add_argument("--source-backend-config", help="that backend's config as a JSON string")
+    sbc.add_argument("--source-backend-config-file", help="that backend's config in a file")
     p.set_defaults(func=cmd_copy)
 
 
@@ -299,19 +303,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_copy(args: argparse.Namespace) -> int:
     from nydusd.converter.copy import CopyOptions, Endpoint, copy_image, is_local, local_layout
     from nydusd.converter.remote import open_remote
-    from nydusd.errors import Unsupported
+    from nydusd.converter.stores import create_store
     from nydusd.oci.reference import parse_reference
 
-    if args.source_backend_type or args.source_backend_config or args.source_backend_config_file:
-        raise Unsupported("--source-backend-* (nydus blobs outside the registry) is not supported by copy")
     if is_local(args.source) and is_local(args.target):
         raise InvalidArgument("one of --source and --target must be a registry image")
     env = dict(os.environ)
     work = Path(args.work_dir)
-    opts = CopyOptions(platform=args.platform, all_platforms=args.all_platforms, work_dir=work)
     source: Endpoint
     target: Endpoint
     with contextlib.ExitStack() as stack:
+        store = None
+        if args.source_backend_type:
+            store = create_store(args.source_backend_type, _backend_config_text(
+                args.source_backend_config, args.source_backend_config_file))
+            stack.callback(store.close)
+        opts = CopyOptions(platform=args.platform, all_platforms=args.all_platforms, work_dir=work,
+                           source_store=store)
         if is_local(args.source):
             tag = parse_reference(args.target).tag
             source = stack.enter_context(local_layout(args.source, tag=tag, work_dir=work, write=False))

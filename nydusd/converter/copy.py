@@ -27,9 +27,11 @@ from typing import Any
 
 from nydusd.converter import manifest as m
 from nydusd.converter.convert import host_platform_spec
+from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
 from nydusd.errors import BlobNotFound, IntegrityError, InvalidArgument, NotFound, Unsupported
 from nydusd.log import get_logger
+from nydusd.rafs import load_bootstrap
 
 log = get_logger(__name__)
 
@@ -42,6 +44,9 @@ class CopyOptions:
     platform: str | None = None
     all_platforms: bool = False
     work_dir: Path = Path("./tmp")
+    #: where the source's nydus blobs are when its registry holds only the bootstrap layer
+    #: (converted with ``--backend-type``): a ``stores.BlobStore``
+    source_store: Any = None
 
 
 @dataclass
@@ -163,6 +168,7 @@ class _Copier:
     source: Endpoint
     target: Endpoint
     result: CopyResult
+    opts: CopyOptions
 
     def manifest(self, reference: str | m.Descriptor) -> tuple[bytes, str, str]:
         if isinstance(self.source, Remote):
@@ -211,7 +217,57 @@ class _Copier:
             raise Unsupported("nested image index is not supported")
         for desc in [doc.config, *doc.layers]:
             self.blob(desc)
+        if self.opts.source_store is not None and m.is_nydus_manifest(doc):
+            doc = self.store_blobs(doc)
+            data = m.encode(doc)
         return self.put_manifest(data, doc.mediaType or media_type, top)
+
+    def store_blobs(self, doc: m.Manifest) -> m.Manifest:
+        """Copy the blobs the bootstrap names but the manifest lacks from the source store to the
+        target, and add them as nydus blob layers (before the bootstrap layer)."""
+        boot = doc.layers[-1]
+        with load_bootstrap(extract_bootstrap(self.small_blob(boot))) as rs:
+            blob_ids = [b.blob_id for b in rs.blobs]
+        have = {d.digest.split(":", 1)[1] for d in doc.layers if d.mediaType == m.NYDUS_BLOB}
+        added: list[m.Descriptor] = []
+        self.opts.work_dir.mkdir(parents=True, exist_ok=True)
+        for blob_id in [b for b in blob_ids if b not in have]:
+            path = self.opts.work_dir / f"copy-blob-{blob_id}"
+            try:
+                if self.opts.source_store.download(blob_id, path) != blob_id:
+                    raise IntegrityError("blob digest mismatch in the source backend", blob_id=blob_id)
+                desc = m.blob_layer(blob_id, path.stat().st_size)
+                if isinstance(self.target, Remote):
+                    self.target.push_blob_file(desc.digest, path, desc.size)
+                else:
+                    with path.open("rb") as f:
+                        self.target.write_blob(desc.digest, iter(lambda: f.read(COPY_BUFFER), b""))
+            finally:
+                path.unlink(missing_ok=True)
+            added.append(desc)
+            self.result.blobs_copied += 1
+            self.result.bytes_copied += desc.size
+            log.info("blob_copied", digest=desc.digest, size=desc.size, source="backend")
+        if not added:
+            return doc
+        layers = [*doc.layers[:-1], *added, boot]
+        # the config's rootfs.diff_ids name every layer (a nydus blob's diff_id is its digest)
+        config = json.loads(self.small_blob(doc.config))
+        old_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
+        config.setdefault("rootfs", {})["diff_ids"] = [d.digest for d in layers[:-1]] + old_ids[-1:]
+        data = m.encode(config)
+        new_config = m.descriptor_for(doc.config.mediaType, data)
+        if isinstance(self.target, Remote):
+            self.target.push_blob_bytes(new_config.digest, data)
+        else:
+            self.target.write_blob(new_config.digest, iter([data]))
+        return doc.model_copy(update={"layers": layers, "config": new_config})
+
+    def small_blob(self, desc: m.Descriptor) -> bytes:
+        """A digest-checked small blob (config, bootstrap layer) of the source."""
+        if isinstance(self.source, Remote):
+            return self.source.get_blob_bytes(desc.digest, desc.size)
+        return self.source.read_blob(desc.digest)
 
 
 def _pick(index: m.Index, platform: str) -> m.Descriptor:
@@ -229,7 +285,7 @@ def copy_image(source: Endpoint, target: Endpoint, opts: CopyOptions) -> CopyRes
     """Copy the image ``source`` names to ``target``. Raises NotFound, BlobNotFound, AuthError,
     IntegrityError, Unsupported."""
     result = CopyResult()
-    copier = _Copier(source, target, result)
+    copier = _Copier(source, target, result, opts)
     src_ref = source.ref.reference if isinstance(source, Remote) else ""
     data, media_type, _ = copier.manifest(src_ref)
     doc = m.parse_document(data, media_type)

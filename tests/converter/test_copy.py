@@ -106,3 +106,33 @@ def test_copy_refuses_a_corrupt_local_blob(registry: Registry, nydus_image: str,
     r = nydusify_copy(tmp_path, "--source", f"file://{tmp_path / 'none'}",
                       "--target", f"{registry.host}/x/t:v1")
     assert r.returncode == 1 and "not an OCI image layout (no index.json)" in r.stderr
+
+
+@pytest.mark.parametrize("to_local", [False, True])
+def test_copy_takes_blobs_from_the_source_backend(registry: Registry, source_image: Image,
+                                                  tmp_path: Path, to_local: bool) -> None:
+    """An image converted with --backend-type localfs has only its bootstrap layer in the registry;
+    copy with --source-backend-* adds every blob as a layer, so the copy stands on its own."""
+    from nydusd.converter.stores import create_store
+
+    blobs = tmp_path / "blobs"
+    src = f"{registry.host}/external/texture:v1"
+    with create_store("localfs", json.dumps({"dir": str(blobs)})) as store:
+        convert(source_image.ref, src, tmp_path / "conv", blob_store=store)
+    assert len(layers_of(registry, "external/texture", "v1")[1]) == 1
+    backend = ("--source-backend-type", "localfs",
+               "--source-backend-config", json.dumps({"dir": str(blobs)}))
+    dst = f"{registry.host}/standalone-{int(to_local)}/texture:v1"
+    if to_local:
+        r = nydusify_copy(tmp_path, "--source", src, "--target", f"file://{tmp_path / 'l'}", *backend)
+        assert r.returncode == 0, r.stderr
+        r = nydusify_copy(tmp_path, "--source", f"file://{tmp_path / 'l'}", "--target", dst)
+    else:
+        r = nydusify_copy(tmp_path, "--source", src, "--target", dst, *backend)
+    assert r.returncode == 0, r.stderr
+    _, layers = layers_of(registry, f"standalone-{int(to_local)}/texture", "v1")
+    ids = sorted(p.name for p in blobs.iterdir())
+    assert sorted(d.digest[7:] for d in layers if d.mediaType == m.NYDUS_BLOB) == ids and len(ids) >= 3
+    assert layers[-1].annotations and layers[-1].annotations.get(m.ANN_NYDUS_BOOTSTRAP) == "true"
+    assert check(dst, source_image.ref, tmp_path / "c") == []  # no backend given: all in the registry
+    assert not list((tmp_path / "work").glob("copy-blob-*"))
