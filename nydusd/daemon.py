@@ -209,6 +209,7 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
         sb.close()
         raise
     try:
+        backend.check_blobs([b.blob_id for b in sb.blobs if b.compressed_size])
         cache = create_cache(cfg.cache, backend, digest_validate=rafs.validate,
                              batch_size=rafs.batch_size, id=cfg.id)
         device = BlobDevice(list(sb.blobs), cache, chunk_size=sb.chunk_size or None,

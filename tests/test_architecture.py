@@ -38,7 +38,7 @@ CONFINED = {
     "prometheus_client": ("api/prometheus.py",),
     "botocore": ("nydusd/storage/backend/s3.py",),
     "urllib3": ("nydusd/oci/client.py",),
-    "tqdm": ("nydusd/converter/progress.py",),
+    "tqdm": ("nydusd/cli/progress.py",),
 }
 
 

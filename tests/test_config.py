@@ -58,8 +58,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "cache.work_dir": "/cache", "rafs.prefetch.threads": 4, "rafs.prefetch.batch_size": 131072,
     },
     "nydusd-config.localfs.json": {
-        "backend.type": "localfs", "backend.sub.dir": "/var/lib/nydus/blobs", "backend.sub.readahead": True,
-        "cache.kind": "filecache", "cache.work_dir": "/var/lib/nydus/cache", "rafs.enable_xattr": True,
+        "backend.type": "localfs", "backend.sub.dir": "blobs", "backend.sub.readahead": True,
+        "cache.kind": "filecache", "cache.work_dir": "cache", "rafs.enable_xattr": True,
     },
     "nydusd-config.registry-dragonfly.json": {
         "id": "/42", "backend.sub.scheme": "http", "backend.sub.host": "127.0.0.1:5000",
@@ -130,8 +130,44 @@ def test_sample_key_values(name: str) -> None:
     assert got == EXPECTED[name]
 
 
+@pytest.mark.parametrize("path", [p for p in SAMPLES if p.suffix == ".json"], ids=lambda p: p.name)
+def test_json_samples_are_plain_json(path: Path) -> None:
+    """jq and upstream nydusd reject ``//`` comments: the shipped samples carry none."""
+    text = path.read_text()
+    assert json.loads(text) == json.loads(strip_json_comments(text))
+    assert strip_json_comments(text) == text
+
+
 # ------------------------------------------------------------------------- the seed's example
-SEED = (CONFIG_DIR / "nydusd-config.registry-p2p.json").read_text()
+# The seed's config, as documented with a ``//`` comment: comments stay accepted on input.
+SEED = """{
+  "device": {
+    "backend": {
+      "type": "registry",
+      "config": {
+        "scheme": "https", "host": "my-registry:5000", "repo": "test/repo",
+        // Base64-encoded auth string "user:pass"
+        "auth": "<base64_encoded_auth>",
+        "blob_url_scheme": "http",
+        "proxy": { "url": "http://p2p-proxy:65001", "ping_url": "http://p2p-proxy:40901/server/ping",
+                   "fallback": true, "check_interval": 5 },
+        "timeout": 5, "connect_timeout": 5, "retry_limit": 2
+      }
+    },
+    "cache": { "type": "blobcache", "config": { "work_dir": "/cache" } }
+  },
+  "mode": "direct",
+  "digest_validate": false,
+  "iostats_files": false,
+  "enable_xattr": true,
+  "fs_prefetch": { "enable": true, "threads_count": 4, "merging_size": 131072 }
+}
+"""
+
+
+def test_seed_example_with_its_comment_loads_like_the_plain_sample() -> None:
+    assert "// Base64" in SEED
+    assert load_config(SEED) == load_config_file(CONFIG_DIR / "nydusd-config.registry-p2p.json")
 
 
 def test_seed_example_keys_map_to_the_normalised_model() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,48 @@ def test_log_file_parent_directories_are_created(tmp_path) -> None:  # type: ign
     assert json.loads(f.read_text())["event"] == "started"
 
 
+STDLIB_RECORDS = (
+    "import logging\n"
+    "logging.getLogger('uvicorn.error').info('Started server process [%d]', 42)\n"
+    "logging.getLogger('llfuse').info('handler raised %s exception (%s), terminating main loop.',"
+    " \"<class 'nydusd.fs.fuse.SessionStop'>\", '')\n"
+    "logging.getLogger('llfuse').warning('other llfuse news')\n")
+
+
+def test_stdlib_records_share_the_pipeline_and_shutdown_noise_is_dropped() -> None:
+    out = _run_logging("configure_logging('info')\n" + STDLIB_RECORDS)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(e["logger"], e["event"], e["level"]) for e in lines] == [
+        ("uvicorn.error", "Started server process [42]", "info"), ("llfuse", "other llfuse news", "warning")]
+    assert all(e["timestamp"].endswith("Z") for e in lines)
+
+
+@pytest.mark.parametrize("how", ["configure_logging('info', fmt='text')\n",
+                                 "import os; os.environ['NYDUS_LOG_FORMAT'] = 'text'\n"
+                                 "configure_logging('info')\n"])
+def test_upstream_plain_text_form(how: str) -> None:
+    out = _run_logging(how + "log = get_logger('t')\nlog.info('thing_done', n=3, path='/a b')\n"
+                       "log.warning('careful', x=1)\n" + STDLIB_RECORDS)
+    stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} [+-]\d\d:\d\d\]"
+    lines = out.splitlines()
+    assert len(lines) == 4, out
+    assert re.fullmatch(stamp + r" INFO thing_done n=3 path='/a b'", lines[0])
+    assert re.fullmatch(stamp + r" WARN \[<string>:\d+\] careful x=1", lines[1])
+    assert re.fullmatch(stamp + r" INFO Started server process \[42\]", lines[2])
+    assert re.fullmatch(stamp + r" WARN \[<string>:\d+\] other llfuse news", lines[3])
+
+
+def test_redirect_output_hands_whole_lines_to_the_sink() -> None:
+    out = _run_logging("from nydusd.log import redirect_output\nimport sys\n"
+                       "configure_logging('info', fmt='json')\n"
+                       "with redirect_output(lambda line: sys.stderr.write('ABOVE ' + line + '\\n')):\n"
+                       "    get_logger('t').info('inside', n=1)\n"
+                       "get_logger('t').info('outside')\n")
+    first, second = out.splitlines()
+    assert first.startswith("ABOVE {") and json.loads(first[6:])["event"] == "inside"
+    assert json.loads(second)["event"] == "outside"
+
+
 def test_bad_log_level_and_file_are_config_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nydusd.log import configure_logging
     with pytest.raises(errors.ConfigError, match="invalid log level 'loud'"):
@@ -125,3 +168,6 @@ def test_bad_log_level_and_file_are_config_errors(tmp_path) -> None:  # type: ig
     with pytest.raises(errors.ConfigError, match="cannot open log file: Is a directory"):
         configure_logging("info", log_file=str(tmp_path))
     assert (tmp_path / "file").read_text() == "x"
+    with pytest.raises(errors.ConfigError,
+                       match="invalid log format 'xml', expected one of json, console, text"):
+        configure_logging("info", fmt="xml")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from nydusd import __version__
 from nydusd.builder.blob_writer import INLINE_PLACEHOLDER_ID, BlobWriter
@@ -27,13 +27,23 @@ from nydusd.builder.chunker import ChunkDict, ChunkPipeline
 from nydusd.builder.directory import PendingFile, file_opener, walk_directory
 from nydusd.builder.options import BuildOptions, SourceType
 from nydusd.builder.tarball import open_tar_stream, read_tarball
-from nydusd.builder.tree import BlobRef, Node, drop_whiteouts, lookup_path, overlay
+from nydusd.builder.tree import BlobRef, Node, drop_whiteouts, iter_nodes, lookup_path, overlay
 from nydusd.errors import BuildError, InvalidArgument
 from nydusd.log import get_logger
 from nydusd.rafs import layout as L
 from nydusd.rafs import model as M
 
 log = get_logger(__name__)
+
+
+class BuildProgress(Protocol):
+    """What a build reports while it reads its source (the CLI draws a bar from it)."""
+
+    def start(self, files: int | None, size: int | None) -> None:
+        """Totals when known in advance (a directory), None for a tar stream."""
+
+    def file_done(self, size: int) -> None:
+        """One regular file's data was read and chunked."""
 
 
 @dataclass
@@ -48,6 +58,10 @@ class BuildOutput:
     compressor: str
     stats: dict[str, Any] = field(default_factory=dict)
     bootstrap: bytes = b""
+    #: entries (inodes by path) in the image, bytes of the new blob, plain bytes of its new chunks
+    entries: int = 0
+    blob_size: int = 0
+    data_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``--output-json`` document (interfaces §5.5)."""
@@ -175,18 +189,28 @@ def _prefetch_first(files: list[PendingFile], patterns: tuple[str, ...]) -> list
 
 
 def _read_source(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions,
-                 pipeline: ChunkPipeline, lower: Node | None) -> Node:
+                 pipeline: ChunkPipeline, lower: Node | None, progress: BuildProgress | None) -> Node:
+    add = pipeline.add_stream
+    if progress is not None:
+        def add(data: Any, stream: BinaryIO, path: str) -> None:
+            pipeline.add_stream(data, stream, path)
+            progress.file_done(data.size)
+
     if opts.source_type is SourceType.DIRECTORY:
         if not isinstance(source, (str, os.PathLike)):
             raise InvalidArgument("a directory source must be a path", field="source")
         src = walk_directory(source)
+        if progress is not None:
+            progress.start(len(src.files), sum(p.data.size for p in src.files))
         for pending in _prefetch_first(src.files, opts.prefetch_patterns):
             with file_opener(pending.path)() as f:
-                pipeline.add_stream(pending.data, f, os.fsdecode(pending.path))
+                add(pending.data, f, os.fsdecode(pending.path))
         return src.root
+    if progress is not None:
+        progress.start(None, None)
     with open_tar_stream(source) as stream:
         # hard links of a tar layer may name files of the parent image it is stacked on
-        return read_tarball(stream, pipeline.add_stream, lower=lower, whiteout_spec=opts.whiteout_spec)
+        return read_tarball(stream, add, lower=lower, whiteout_spec=opts.whiteout_spec)
 
 
 @contextlib.contextmanager
@@ -197,7 +221,7 @@ def _timed(stats: dict[str, Any], key: str) -> Iterator[None]:
 
 
 def build(source: str | os.PathLike[str] | BinaryIO, options: BuildOptions, *,
-          blob_file: BinaryIO | None = None) -> BuildOutput:
+          blob_file: BinaryIO | None = None, progress: BuildProgress | None = None) -> BuildOutput:
     """Build a RAFS image from ``source`` (a directory, or a tar path / ``-`` / FIFO / stream).
 
     Writes the data blob (to ``blob_file`` -- a caller-owned writable stream, written strictly
@@ -223,14 +247,15 @@ def build(source: str | os.PathLike[str] | BinaryIO, options: BuildOptions, *,
                               field="bootstrap")
     blob_out = CallerOutput(blob_file) if blob_file is not None else _blob_output(opts)
     try:
-        return _build_into(source, opts, parent, known, blob_out, stats)
+        return _build_into(source, opts, parent, known, blob_out, stats, progress)
     except BaseException:
         blob_out.discard()
         raise
 
 
 def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, parent: LoadedImage | None,
-                known: ChunkDict, blob_out: AtomicOutput, stats: dict[str, Any]) -> BuildOutput:
+                known: ChunkDict, blob_out: AtomicOutput, stats: dict[str, Any],
+                progress: BuildProgress | None = None) -> BuildOutput:
     new_blob = BlobRef(None)
     writer = BlobWriter(blob_out.file, fs_version=opts.fs_version, compressor=opts.compressor,
                         digester=opts.digester, chunk_size=opts.chunk_size, aligned=opts.aligned,
@@ -238,7 +263,7 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
     with _timed(stats, "dump_blob"), ChunkPipeline(
             chunk_size=opts.chunk_size, compressor=opts.compressor, digester=opts.digester,
             writer=writer, new_blob=new_blob, chunk_dict=known, workers=opts.worker_count) as pipe:
-        upper = _read_source(source, opts, pipe, parent.root if parent is not None else None)
+        upper = _read_source(source, opts, pipe, parent.root if parent is not None else None, progress)
         pipe.finish()
     stats.update(pipe.stats.as_dict())
     if parent is not None:
@@ -264,7 +289,8 @@ def _build_into(source: str | os.PathLike[str] | BinaryIO, opts: BuildOptions, p
              chunks=stats.get("chunks"), new_chunks=stats.get("new_chunks"))
     return BuildOutput(bootstrap_path=boot_path, blob_path=blob_path, blob_id=blob_id, blobs=ids,
                        fs_version=opts.fs_version, compressor=opts.compressor.value, stats=stats,
-                       bootstrap=boot)
+                       bootstrap=boot, entries=sum(1 for _ in iter_nodes(root)),
+                       blob_size=writer.offset if has_blob else 0, data_size=writer.uncompressed_size)
 
 
 def _seal_blob(writer: BlobWriter, new_blob: BlobRef, opts: BuildOptions) -> str | None:
@@ -322,4 +348,4 @@ def bootstrap_bytes_for(root: Node, table: list[BlobRef], opts: BuildOptions | A
     return bootstrap_bytes(model, version=opts.fs_version)
 
 
-__all__ = ["BuildOutput", "build"]
+__all__ = ["BuildOutput", "BuildProgress", "build"]

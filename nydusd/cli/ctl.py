@@ -105,6 +105,15 @@ def render_metrics(kind: str, m: Any) -> str:
     return json.dumps(m, indent=2)
 
 
+#: metrics kinds kept per mount (``--id`` = mountpoint); the others are daemon-wide
+PER_MOUNT_KINDS = ("", "backend", "blobcache", "files", "pattern")
+
+
+def mount_ids(client: ApiClient) -> list[str]:
+    """The mountpoints of the daemon's filesystems, sorted."""
+    return sorted((client.info().get("backend_collection") or {}).keys())
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nydusctl", description="Query and control nydusd over its API socket")
     p.add_argument("-S", "--sock", required=True, help="nydusd API unix socket")
@@ -141,8 +150,14 @@ def run(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
         kind = METRIC_KINDS[args.kind]
         rounds = 0
         while True:
-            data = client.metrics(kind, args.id)
-            emit(data, render_metrics(kind, data))
+            ids = [args.id] if args.id or kind not in PER_MOUNT_KINDS else mount_ids(client)
+            if len(ids) <= 1:
+                data = client.metrics(kind, args.id)
+                emit(data, render_metrics(kind, data))
+            else:
+                # Several mounts and no --id: nydusd has no global counters then; show each mount.
+                per = {mp: client.metrics(kind, mp) for mp in ids}
+                emit(per, "\n\n".join(f"== {mp} ==\n{render_metrics(kind, m)}" for mp, m in per.items()))
             rounds += 1
             if not args.interval or (args.count and rounds >= args.count):
                 break
@@ -172,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             return run(args, client, sys.stdout)
     except ApiError as e:
         print(f"nydusctl: {args.command} failed: {e.api_message} (HTTP {e.status})", file=sys.stderr)
+        if args.command == "metrics" and e.status == 404:
+            print(f"nydusctl: no metrics under {'id ' + repr(args.id) if args.id else 'this id'}; "
+                  "pass --id <mountpoint> of a mounted filesystem (see `nydusctl info`)", file=sys.stderr)
     except OSError as e:
         print(f"nydusctl: cannot talk to nydusd at {args.sock}: {e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:

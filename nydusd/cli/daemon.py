@@ -110,9 +110,28 @@ def _validate(p: argparse.ArgumentParser, sub: str | None, a: argparse.Namespace
         p.error("--prefetch-files requires --bootstrap")
 
 
+SUBCOMMAND_HELP = {
+    "fuse": "serve RAFS images over FUSE at --mountpoint (the default without a subcommand)",
+    "virtiofs": "serve RAFS images to a QEMU guest as a vhost-user-fs back-end (--sock)",
+    "singleton": "fscache/EROFS service for the kernel's on-demand mode (not supported: use fuse)",
+}
+
+
+def _describe(p: argparse.ArgumentParser, sub: str | None) -> None:
+    """Root help lists the subcommands; ``nydusd <sub> --help`` is that subcommand's own help."""
+    if sub is None:
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = ("subcommands:\n" + "".join(f"  {n:<11}{h}\n" for n, h in SUBCOMMAND_HELP.items())
+                    + "\nRun `nydusd <subcommand> --help` for a subcommand's options.")
+    else:
+        p.prog = f"nydusd {sub}"
+        p.description = SUBCOMMAND_HELP.get(sub, f"the {sub} mode (not supported by this nydusd)")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = build_parser()
     sub, rest = split_subcommand(argv)
+    _describe(p, sub)
     args = p.parse_args(rest)
     args.subcommand = sub
     if not args.version:

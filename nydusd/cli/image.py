@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from nydusd import __version__
+from nydusd.cli.version import VersionAction
 from nydusd.errors import NydusError
 
 SUBCOMMAND_MODULES = ("nydusd.cli.image_build", "nydusd.cli.image_query")
@@ -20,8 +20,7 @@ SUBCOMMAND_MODULES = ("nydusd.cli.image_build", "nydusd.cli.image_query")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image",
                                      description="Build, merge, inspect, check and unpack RAFS images")
-    parser.add_argument("-V", "--version", action="version",
-                        version=f"nydus-image {__version__} (nydus-py)")
+    parser.add_argument("-V", "--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         try:

@@ -9,14 +9,18 @@ exits with their code. Threading: runs in the main thread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from nydusd.builder import BuildOptions, SourceType, WhiteoutSpec, build
+from nydusd.builder.build import BuildOutput
 from nydusd.builder.merge import MergeOptions, merge
 from nydusd.builder.options import parse_chunk_size, parse_prefetch_patterns
+from nydusd.cli.progress import TerminalDisplay, human_bytes, human_duration, wants_display
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import InvalidArgument, Unsupported
@@ -47,6 +51,9 @@ def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", "-l", default="info",
                    help="trace, debug, info, warn, error (default: info)")
     p.add_argument("--log-file", "-L", help="append logs to this file instead of stderr")
+    p.add_argument("--log-format", choices=("json", "console", "text"),
+                   help="json, console (coloured key=value) or text (upstream's '[time] LEVEL message' "
+                   "lines); default: $NYDUS_LOG_FORMAT, else console on a terminal, json otherwise")
 
 
 def register(sub: Any) -> None:
@@ -138,7 +145,7 @@ def _features(text: str) -> bool:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_file)
+    configure_logging(args.log_level, args.log_file, fmt=args.log_format)
     _unsupported(args)
     if args.type == "tar-rafs" and os.environ.get("NYDUS_DISABLE_TAR2RAFS"):
         raise Unsupported("tar-rafs disabled by NYDUS_DISABLE_TAR2RAFS")
@@ -151,9 +158,59 @@ def run_create(args: argparse.Namespace) -> int:
         prefetch_patterns=_prefetch(args.prefetch_policy), parent_bootstrap=args.parent_bootstrap,
         chunk_dict=_chunk_dict(args.chunk_dict), bootstrap_path=args.bootstrap, blob_path=args.blob,
         blob_dir=args.blob_dir, workers=args.threads)
-    out = build(args.source, opts)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if wants_display():
+            # a terminal: a bar (bytes, files, rate) with log lines above it, then a summary
+            progress = _BarProgress(stack.enter_context(TerminalDisplay()))
+            stack.callback(progress.close)
+        out = build(args.source, opts, progress=progress)
     _write_json(args.output_json, out.to_json())
+    if progress is not None:
+        print(build_summary(out, time.monotonic() - started), file=sys.stderr)
     return 0
+
+
+class _BarProgress:
+    """``BuildProgress`` drawn as one bar: bytes read (with rate) and files done."""
+
+    def __init__(self, display: TerminalDisplay) -> None:
+        self.display = display
+        self.bar: Any = None
+        self.files = 0
+        self.total_files: int | None = None
+
+    def start(self, files: int | None, size: int | None) -> None:
+        self.total_files = files
+        self.bar = self.display.bar("create", size)
+
+    def file_done(self, size: int) -> None:
+        self.files += 1
+        self.bar.update(size)
+        total = f"/{self.total_files}" if self.total_files is not None else ""
+        self.bar.set_postfix_str(f"files {self.files}{total}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_summary(out: BuildOutput, elapsed: float) -> str:
+    """The human summary printed after a build on a terminal."""
+    read = int(out.stats.get("bytes_read", 0))
+    chunks, dedup = int(out.stats.get("chunks", 0)), int(out.stats.get("dedup_chunks", 0))
+    ratio = f"{out.data_size / out.blob_size:.2f}x" if out.blob_size else "-"
+    rows = [("Bootstrap", out.bootstrap_path or "(inside the blob)"),
+            ("Blob", f"{out.blob_path or '-'} ({out.blob_id or 'no new data'})"),
+            ("Entries", str(out.entries)),
+            ("Bytes in", f"{human_bytes(read)} of file data"),
+            ("Bytes out", f"{human_bytes(out.blob_size)} blob + {human_bytes(len(out.bootstrap))} bootstrap"),
+            ("Dedup", f"{dedup} of {chunks} chunks ({100 * dedup / chunks if chunks else 0:.1f}%) "
+                      "already stored"),
+            ("Compression", f"{ratio} ({out.compressor}, new chunks' data / blob)"),
+            ("Elapsed", f"{human_duration(elapsed)} ({human_bytes(read / elapsed if elapsed else 0)}/s)")]
+    return "\n".join(f"{k + ':':<13}{v}" for k, v in rows)
 
 
 def _whiteout(name: str) -> WhiteoutSpec:
@@ -177,7 +234,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_file)
+    configure_logging(args.log_level, args.log_file, fmt=args.log_format)
     opts = MergeOptions(
         bootstrap_path=args.bootstrap, blob_dir=args.blob_dir, parent_bootstrap=args.parent_bootstrap,
         chunk_dict=_chunk_dict(args.chunk_dict), prefetch_patterns=_prefetch(args.prefetch_policy),

@@ -124,7 +124,7 @@ class Converter:
     def __init__(self, source: Remote, target: Remote, opts: ConvertOptions,
                  *, progress: Progress | None = None, remote_factory: Any = None) -> None:
         self.source, self.target, self.opts = source, target, opts
-        self.progress = progress or Progress(enabled=False)
+        self.progress = progress or Progress()
         self.metrics = Metrics()
         self._remote_factory = remote_factory
         self._pool: ThreadPoolExecutor | None = None

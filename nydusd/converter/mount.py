@@ -12,10 +12,12 @@ process. Threading: runs in the caller's (main) thread; signal handlers are inst
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -222,7 +224,17 @@ def prepare(remote: Remote, opts: MountOptions) -> tuple[Path, Path]:
 
 
 def mount_image(remote: Remote, opts: MountOptions) -> int:
-    """Mount until SIGINT/SIGTERM (or until nydusd exits); returns the exit status."""
+    """Mount until SIGINT/SIGTERM (or until nydusd exits); returns the exit status. The work dir
+    (and the mount path) are removed afterwards when this call created them, however it ends."""
+    created = [p for p in (opts.work_dir, opts.work_dir / "nydus_bootstrap", opts.work_dir / "nydusd",
+                           opts.mount_path) if not p.exists()]
+    try:
+        return _serve(remote, opts)
+    finally:
+        _remove_created(created, opts.mount_path)
+
+
+def _serve(remote: Remote, opts: MountOptions) -> int:
     bootstrap, config = prepare(remote, opts)
     opts.mount_path.mkdir(parents=True, exist_ok=True)
     apisock = opts.work_dir / "nydusd" / "api.sock"
@@ -233,8 +245,11 @@ def mount_image(remote: Remote, opts: MountOptions) -> int:
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         proc.start(opts.ready_timeout)
-        log.info("image_mounted", image=str(remote.ref), mountpoint=str(opts.mount_path))
-        print(f"mounted {remote.ref} at {opts.mount_path}", flush=True)  # noqa: T201 - user-facing
+        log.info("image_mounted", image=str(remote.ref), mountpoint=str(opts.mount_path),
+                 apisock=str(apisock))
+        print(f"mounted {remote.ref} at {opts.mount_path}\n"  # noqa: T201 - user-facing
+              f"nydusd API socket: {apisock.resolve()} (e.g. nydusctl -S {apisock.resolve()} info)\n"
+              "press Ctrl-C to unmount", flush=True)
         proc.wait(stop)
     finally:
         proc.stop(opts.mount_path)
@@ -242,3 +257,15 @@ def mount_image(remote: Remote, opts: MountOptions) -> int:
             signal.signal(s, handler)
     log.info("image_unmounted", mountpoint=str(opts.mount_path))
     return 0
+
+
+def _remove_created(created: list[Path], mount_path: Path) -> None:
+    """Remove what ``mount_image`` created: work-dir parts (bootstrap, cache, config, socket, log)
+    and an empty mount path -- never a directory that is still a mount point."""
+    for path in created:
+        if path == mount_path:
+            if not _is_mounted(path):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            continue
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,7 +1,8 @@
-"""Conversion progress: per-layer download / build / push bars on a terminal, structured log lines
-otherwise, and the timing/size counters behind ``convert --output-json``.
+"""Conversion progress: per-layer download / build / push bars on a terminal (drawn by a display
+the command line injects), structured log lines always, and the timing/size counters behind
+``convert --output-json``.
 
-Owns: ``Progress`` (factory of ``Task`` objects; decides between tqdm bars and log events),
+Owns: ``Progress`` (factory of ``Task`` objects; bars when given a display),
 ``Task`` (a byte counter with start/finish events) and ``Metrics`` (upstream's output-json fields:
 SourceImageSize, TargetImageSize, SourcePullElapsed, ConversionElapsed, TargetPushElapsed, in bytes
 and nanoseconds). Must not import the registry client or the builder.
@@ -11,7 +12,6 @@ counters with a lock because pushes run in a worker pool.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,19 +47,15 @@ class Task:
 
 
 class Progress:
-    """``enabled=None``: bars only when stderr is a terminal."""
+    """Progress of one conversion. ``display`` (an object with ``bar(desc, total)``, e.g. the CLI's
+    ``TerminalDisplay``) draws bars; without one only the log events are written."""
 
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._lock = threading.Lock()
+    def __init__(self, display: Any | None = None) -> None:
+        self.display = display
+        self.enabled = display is not None
 
     def bar(self, desc: str, total: int | None) -> Any:
-        if not self.enabled:
-            return None
-        from tqdm import tqdm  # imported lazily: only interactive runs draw bars
-
-        with self._lock:
-            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=True, file=sys.stderr)
+        return None if self.display is None else self.display.bar(desc, total)
 
     def task(self, phase: str, layer: str, total: int | None = None) -> Task:
         return Task(self, phase, layer, total)

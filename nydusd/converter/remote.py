@@ -189,10 +189,14 @@ class Remote:
 
 
 def open_remote(text: str, *, insecure: bool = False, plain_http: bool = False,
-                env: Mapping[str, str] | None = None, timeout: float = 60) -> Remote:
-    """A Remote for image reference ``text``. Credentials come from the docker config (``env`` gives
-    HOME / DOCKER_CONFIG; None = no lookup). Raises InvalidArgument for a bad reference, AuthError
-    for rejected credentials, BackendError when the registry cannot be reached."""
+                env: Mapping[str, str] | None = None, timeout: float = 60,
+                insecure_flag: str = "--plain-http", push: bool = False) -> Remote:
+    """A Remote for image reference ``text``, its access checked before any work starts: ``GET /v2/``
+    with the credentials, and with ``push`` an upload session opened and cancelled. Credentials come
+    from the docker config (``env`` gives HOME / DOCKER_CONFIG; None = no lookup). ``insecure_flag``
+    is the option named when TLS fails (``--source-insecure`` ...). Raises InvalidArgument for a bad
+    reference, AuthError "authentication failed for <registry> (...)", BackendError when the
+    registry cannot be reached (a TLS failure names ``insecure_flag``)."""
     ref = parse_reference(text)
     creds = lookup(ref.host, env) if env is not None else None
     schemes = ["http"] if plain_http else (["https", "http"] if insecure else ["https"])
@@ -202,14 +206,32 @@ def open_remote(text: str, *, insecure: bool = False, plain_http: bool = False,
                                 skip_verify=insecure, timeout=timeout, connect_timeout=10)
         try:
             client.ping()
+            if push:
+                client.check_push()
             return Remote(ref, client)
-        except AuthError:
-            # /v2/ may demand auth that only a scoped token request can satisfy; the real requests
-            # will tell whether the credentials work.
-            return Remote(ref, client)
+        except AuthError as e:
+            client.close()
+            raise _auth_failed(ref, e, creds is not None, push) from None
         except (BackendError, NotFound) as e:
             client.close()
             last = e if isinstance(e, BackendError) else BackendError(str(e))
             log.debug("registry_scheme_failed", host=ref.api_host, scheme=scheme, error=str(e))
     assert last is not None
+    if getattr(last, "kind", "") == "tls" and not insecure:
+        if "CERTIFICATE_VERIFY_FAILED" in last.message:
+            raise BackendError(f"the TLS certificate of registry {ref.api_host} is not trusted: pass "
+                               f"{insecure_flag} to skip verification") from None
+        raise BackendError(f"registry {ref.api_host} does not answer https (a plain-HTTP registry?): "
+                           f"pass {insecure_flag}") from None
     raise BackendError(f"cannot reach registry {ref.api_host}: {last}", host=ref.api_host) from None
+
+
+def _auth_failed(ref: Reference, exc: AuthError, have_creds: bool, push: bool) -> AuthError:
+    log.debug("registry_auth_failed", host=ref.host, error=exc.message)
+    if not have_creds:
+        return AuthError(f"authentication failed for {ref.host} (no credentials for it in "
+                         "~/.docker/config.json)")
+    if push and "upload" in exc.message:
+        return AuthError(f"authentication failed for {ref.host}: no push access to {ref.repo} "
+                         "(check ~/.docker/config.json)")
+    return AuthError(f"authentication failed for {ref.host} (check ~/.docker/config.json)")

@@ -57,6 +57,17 @@ class ContentMixin:
             raise BackendError(f"registry {self.host} started an upload without Location", digest=digest)
         return urljoin(self.base_url + "/", location)
 
+    def check_push(self) -> None:
+        """Prove push access without writing: open an upload session and cancel it.
+        Raises AuthError (401/403), BackendError."""
+        scopes = (self._scope(push=True),)
+        resp = self._request("POST", f"{self.base_url}/v2/{self.repo}/blobs/uploads/", scopes=scopes)
+        if resp.status != 202:
+            raise status_error(resp, f"start an upload to {self.host}/{self.repo}")
+        location = resp.headers.get("Location")
+        if location:
+            self._request("DELETE", urljoin(self.base_url + "/", location), scopes=scopes)
+
     def mount_blob(self, digest: str, from_repo: str) -> bool:
         """Cross-repository mount ``from_repo`` -> this repo. True when mounted (201); False when the
         registry declined (the upload session it opened is cancelled)."""

@@ -74,6 +74,7 @@ def test_errors_are_reported(served: tuple[str, FakeDaemon], capsys: pytest.Capt
     assert "(HTTP 500)" in err
     code, _, err = run(capsys, "-S", sock, "metrics", "--id", "/nope")
     assert code == 1 and "GlobalMetrics(Metrics(Stats(NoCounter)))" in err
+    assert "nydusctl: no metrics under id '/nope'; pass --id <mountpoint> of a mounted filesystem" in err
     code, _, err = run(capsys, "-S", sock, "mount", "-b", "/x", "-c", str(tmp_path / "none.json"), "-m", "/a")
     assert code == 1 and "cannot read config file" in err
     code, _, err = run(capsys, "-S", str(tmp_path / "no.sock"), "info")
@@ -98,6 +99,16 @@ def test_against_a_live_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert code == 0 and "9 B" in out
         code, out, _ = run(capsys, "-S", str(sock), "info")
         assert "/s1" in out and "Rafs" in out
+        # two mounts, no --id: every mount's metrics (nydusd itself answers 404 NoCounter here)
+        assert run(capsys, "-S", str(sock), "mount", "-b", str(boot), "-c", str(cfg), "-m", "/s2")[0] == 0
+        code, out, err = run(capsys, "-S", str(sock), "metrics")
+        assert code == 0 and err == "" and "NoCounter" not in out
+        blocks = out.split("\n\n")
+        assert [b.splitlines()[0] for b in blocks] == ["== /s1 ==", "== /s2 =="], out
+        assert "9 B" in blocks[0] and "0 B" in blocks[1]
+        code, out, _ = run(capsys, "-S", str(sock), "--raw", "metrics", "backend")
+        assert code == 0 and sorted(json.loads(out)) == ["/s1", "/s2"]
+        assert run(capsys, "-S", str(sock), "umount", "-m", "/s2")[0] == 0
         assert run(capsys, "-S", str(sock), "umount", "-m", "/s1")[0] == 0
         assert not (mnt / "s1").exists()
     finally:

@@ -184,13 +184,15 @@ def test_push_retried_on_transient_errors(logs) -> None:  # type: ignore[no-unty
 
 
 def test_progress_bars_and_log_lines(capsys: pytest.CaptureFixture[str], logs) -> None:  # type: ignore[no-untyped-def]
-    task = Progress(enabled=True).task("push", "abc", 100)
+    from nydusd.cli.progress import TerminalDisplay
+
+    task = Progress(TerminalDisplay()).task("push", "abc", 100)
     task.update(60)
     task.update(40)
     task.finish()
     err = capsys.readouterr().err
     assert "push" in err and "100" in err
-    Progress(enabled=False).task("convert", "def", 5).finish()
+    Progress().task("convert", "def", 5).finish()
     assert logs.count("layer_phase_started") == 2 and logs.count("layer_phase_finished") == 2
 
 

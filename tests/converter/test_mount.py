@@ -112,3 +112,37 @@ def test_mount_with_localfs_backend(registry: Registry, source_image: Image, oci
         convert(source_image.ref, target, tmp_path / "conv", blob_store=store)
     extra = ("--backend-type", "localfs", "--backend-config", json.dumps({"dir": str(blobs)}))
     assert _mount_and_compare(target, oci_rootfs_dir, tmp_path, {"HOME": str(tmp_path)}, extra) >= 25
+
+
+def test_mount_names_its_api_socket_and_cleans_up_after_ctrl_c(registry: Registry, source_image: Image,
+                                                               tmp_path: Path) -> None:
+    """Default --work-dir ./tmp and --mount-path ./image-fs: both gone after SIGINT (Ctrl-C)."""
+    target = f"{registry.host}/dst/texture:ctrlc"
+    convert(source_image.ref, target, tmp_path / "conv")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "nydusd.cli.convert", "--log-level", "warn", "mount", "--target", target,
+           "--plain-http", "--nydusd", f"{sys.executable} -m nydusd"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                            env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert lines[0] == f"mounted {target} at image-fs\n", lines
+        sock = str(cwd / "tmp" / "nydusd" / "api.sock")
+        assert lines[1] == f"nydusd API socket: {sock} (e.g. nydusctl -S {sock} info)\n"
+        assert lines[2] == "press Ctrl-C to unmount\n"
+        nydusctl = str(Path(sys.executable).parent / "nydusctl")
+        info = subprocess.run([nydusctl, "-S", sock, "info"], capture_output=True, text=True, timeout=30)
+        assert "RUNNING" in info.stdout, info.stderr
+        assert is_mounted(cwd / "image-fs")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert sorted(os.listdir(cwd)) == []  # no ./tmp, no ./image-fs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        force_unmount(cwd / "image-fs")

@@ -43,8 +43,9 @@ class Nydusd:
 
     def __init__(self, args: list[str], mountpoint: str | Path, *, log_path: Path,
                  apisock: str | None = None, module: str = "nydusd",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.args = args
+        self.cwd = cwd or ROOT
         self.mountpoint = str(mountpoint)
         self.apisock = apisock
         self.log_path = log_path
@@ -56,7 +57,7 @@ class Nydusd:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=str(ROOT))
+                                         stderr=subprocess.STDOUT, env=self.env, cwd=str(self.cwd))
         finally:
             log.close()
         if wait_mount:

@@ -128,6 +128,11 @@ class BlobBackend(ABC):
         localfs, oss, s3 -- what nydusify uploads to). Raises Unsupported here."""
         raise Unsupported(f"the {self.type} backend cannot store blobs", blob_id=blob_id)
 
+    def check_blobs(self, blob_ids: list[str]) -> None:
+        """Called when an image is mounted: raise BlobNotFound now for a blob that can never be
+        read. Only local backends can tell cheaply; remote ones answer per read (no-op here)."""
+        return
+
     def close(self) -> None:
         """Release connections and threads. Idempotent. Subclasses extend it (and call super)."""
         with self._sizes_lock:

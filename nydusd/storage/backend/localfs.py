@@ -67,6 +67,18 @@ class LocalFsBackend(BlobBackend):
         raise BlobNotFound("blob file not found", blob_id=blob_id,
                            path=self.blob_file or os.path.join(self.dir, blob_id))
 
+    def check_blobs(self, blob_ids: list[str]) -> None:
+        """Open every blob of the image: a missing file fails the mount instead of every read."""
+        for blob_id in blob_ids:
+            try:
+                self._fd(blob_id)
+            except BlobNotFound:
+                where = self.blob_file or ", ".join(d for d in [self.dir, *self.alt_dirs] if d)
+                raise BlobNotFound(
+                    f"localfs blob {blob_id} not found in {where} (point the config's "
+                    "backend.config.dir at the directory `nydus-image create --blob-dir` wrote)"
+                ) from None
+
     def try_blob_size(self, blob_id: str) -> int:
         return os.fstat(self._fd(blob_id)).st_size
 
