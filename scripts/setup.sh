@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse-dev pkg-config gcc python3-dev docker-registry apache2-utils tinyproxy
-  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk)
+  skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk
+  qemu-system-x86 qemu-system-common busybox-static cpio)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
