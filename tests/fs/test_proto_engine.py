@@ -133,6 +133,19 @@ def test_init_negotiation(logs):
     assert len(newer) == 24 and struct.unpack_from("<II", newer, 16) == (7, 31)
 
 
+def test_a_second_init_starts_a_new_session_and_releases_the_old_files(served):
+    engine, client, _inst = served
+    node = client.lookup(1, b"a.txt").nodeid
+    fh = client.open(node)
+    client.open(node)
+    assert engine.vfs.open_handles() == 2
+    client.init()  # the guest rebooted without the device being reset
+    assert engine.vfs.open_handles() == 0
+    with pytest.raises(FuseReplyError) as exc:
+        client.read(node, fh, 0, 10)
+    assert exc.value.errno == errno.EBADF
+
+
 def test_write_opcodes_are_erofs_unknown_are_enosys(served):
     _engine, client, _inst = served
     for op in m.WRITE_OPCODES:

@@ -244,6 +244,8 @@ class FuseEngine:
         if self.readdirplus:
             want |= m.FUSE_DO_READDIRPLUS | m.FUSE_READDIRPLUS_AUTO
         out_flags = flags & want
+        if self.initialized:  # a new FUSE session (the guest rebooted): the old one's files are gone
+            self.close()
         self.minor = min(minor, m.KERNEL_MINOR)
         if not out_flags & m.FUSE_MAX_PAGES:
             self.max_read = min(self.max_read, 32 * PAGE_SIZE)
