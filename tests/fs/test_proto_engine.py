@@ -10,6 +10,7 @@ import os
 import random
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,67 @@ def test_thousands_of_malformed_requests_never_crash(served, image, logs):
     assert engine.vfs.open_handles() == 0
     client.init()
     assert client.read_file(client.lookup(1, b"a.txt").nodeid) == b"hello nydus\n"
+
+
+def test_concurrent_requests_while_images_come_and_go(image, logs):
+    """Workers run metadata requests in parallel (no global lock, unlike llfuse) while another
+    thread mounts and unmounts, closing each image inside ``Gate.exclusive`` as the daemon does:
+    every reply is a success or an errno the kernel expects, never a crashed handler (a read that
+    races the close may fail with EIO, logged as read_failed: fs/README.md rule 6)."""
+    import threading
+
+    logs.allowed["read_failed"] = None
+
+    vfs = Vfs()
+    keep = _instance(image, "/keep")
+    vfs.attach("/keep", keep.fs, keep.stats)
+    engine = FuseEngine(vfs)
+    first = FuseClient(lambda req: b"".join(bytes(s) for s in engine.handle(req) or []))
+    first.init()
+    names = sorted(d.name for d in first.listdir(first.lookup(1, b"keep").nodeid))
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        try:
+            work(seed)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failures.append(e)
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        client = FuseClient(lambda req: b"".join(bytes(s) for s in engine.handle(req) or []))
+        while not stop.is_set():
+            name = rng.choice(["churn", "keep"])
+            try:
+                top = client.lookup(1, name.encode())
+                listing = client.listdir(top.nodeid, plus=rng.random() < 0.5)
+                assert sorted(d.name for d in listing) == names
+                data = client.read_file(client.lookup(top.nodeid, b"a.txt").nodeid)
+                assert data == b"hello nydus\n"
+                err = 0
+            except FuseReplyError as e:
+                err = e.errno
+                assert err in (errno.ENOENT, errno.ESTALE, errno.EIO, errno.EBADF), err
+            with lock:
+                seen[err] = seen.get(err, 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            inst = _instance(image, "/churn")
+            vfs.attach("/churn", inst.fs, inst.stats)
+            time.sleep(0.01)
+            vfs.detach("/churn")
+            inst.close(engine.gate.exclusive())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    keep.close()
+    assert not failures, failures[:3]
+    assert seen.get(0, 0) > 20 and logs.count("fuse_handler_crashed") == 0
