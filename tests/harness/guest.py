@@ -2,7 +2,8 @@
 
 A Debian kernel package (``apt-get download linux-image-6.1.0-<n>-amd64``, the newest in the package
 lists) and a busybox-static initramfs are prepared once and cached outside the repository
-(``$NYDUS_GUEST_CACHE``, default ``~/.cache/nydus-py/guest``). Each guest gets the cached base
+(``$NYDUS_GUEST_CACHE``, default ``~/.cache/nydus-py/guest``; ``NYDUS_GUEST_OFFLINE=1`` uses the
+cached kernel without asking apt for a newer one). Each guest gets the cached base
 initramfs plus a tiny second cpio archive holding its ``/test.sh`` (the kernel unpacks concatenated
 archives), boots with one ``vhost-user-fs-pci`` device per back-end socket, runs the script and
 powers off; its serial console is read line by line (``expect``) so a test can act on the host while
@@ -87,13 +88,18 @@ class GuestImage:
 
 
 def _kernel_package() -> str:
-    out = subprocess.run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], capture_output=True,
-                         text=True, check=True).stdout
-    found = [(int(m.group(1)), m.group(0)) for m in
-             (re.fullmatch(r"linux-image-6\.1\.0-(\d+)-amd64", n.strip()) for n in out.split()) if m]
-    if not found:
-        raise RuntimeError("no linux-image-6.1.0-<n>-amd64 in the package lists (apt-get update?)")
-    return max(found)[1]
+    """The newest ``linux-image-6.1.0-<n>-amd64`` in the package lists (updated once if empty)."""
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "pkgnames", "linux-image-6.1.0-"], capture_output=True,
+                             text=True, check=True).stdout
+        found = [(int(m.group(1)), m.group(0)) for m in
+                 (re.fullmatch(r"linux-image-6\.1\.0-(\d+)-amd64", n.strip()) for n in out.split())
+                 if m]
+        if found:
+            return max(found)[1]
+        if attempt == 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+    raise RuntimeError("no linux-image-6.1.0-<n>-amd64 in the package lists")
 
 
 @contextmanager
