@@ -305,3 +305,17 @@ def test_concurrent_requests_on_a_pool_of_workers(server):
         assert length == 4096 + 16
         assert bytes(fe.mm[out_at + 16:out_at + length]) == TREE["d/b.bin"][i * 4096:(i + 1) * 4096]
     fe.close()
+
+
+def test_several_request_queues_each_served(server):
+    """vhost-user-fs-pci num-request-queues=2: hiprio + two request queues, both answered."""
+    fe = Frontend(server.path, queues=3)
+    fe.setup()
+    client = _client(fe)
+    node = client.resolve("a.txt").nodeid
+    getattr_req = m.IN_HEADER.pack(56, Opcode.GETATTR, 7, node, 0, 0, 0, 0) + bytes(16)
+    for queue in (1, 2, 2, 1):
+        out = fe.roundtrip(getattr_req, queue=queue)
+        assert m.OUT_HEADER.unpack_from(out) == (16 + 104, 0, 7)
+    assert sorted(server.runners) == [0, 1, 2]
+    fe.close()
