@@ -28,7 +28,7 @@ from tests.integration.images import Image, build_image, sample_tree
 from tests.integration.proc import Nydusd
 
 pytestmark = [pytest.mark.skipif(guest_missing() is not None, reason=guest_missing() or ""),
-              pytest.mark.timeout(900)]
+              pytest.mark.timeout(900), pytest.mark.slow]
 
 MOUNT_BOTH = """
 mkdir -p /n /r
