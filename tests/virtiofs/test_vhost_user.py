@@ -319,3 +319,24 @@ def test_several_request_queues_each_served(server):
         assert m.OUT_HEADER.unpack_from(out) == (16 + 104, 0, 7)
     assert sorted(server.runners) == [0, 1, 2]
     fe.close()
+
+
+def test_reset_device_then_set_up_again_on_the_same_connection(server):
+    """RESET_DEVICE (and RESET_OWNER) stop the queues and forget the rings and the FUSE session;
+    the front-end sets the device up again and is served from a fresh INIT."""
+    fe = Frontend(server.path)
+    fe.setup()
+    client = _client(fe)
+    client.open(client.resolve("a.txt").nodeid)
+    assert server.vfs.open_handles() == 1
+    for reset in (vu.Request.RESET_DEVICE, vu.Request.RESET_OWNER):
+        assert fe.ack(reset) == 0  # processed: the queues are stopped before the rings are reused
+        for r in fe.rings:
+            r.avail_idx = r.used_seen = 0
+            r.free = list(range(r.size))
+            fe.mm[r.desc:r.used + 4 + 8 * r.size + 2] = bytes(r.used + 4 + 8 * r.size + 2 - r.desc)
+        fe.setup()
+        assert server.vfs.open_handles() == 0
+        client = _client(fe)
+        assert client.read_file(client.resolve("a.txt").nodeid) == b"hello nydus\n"
+    fe.close()
