@@ -222,6 +222,10 @@ def test_pseudo_mounts_short_entry_timeouts_and_stale_inodes(image):
     names = [d.name for d in client.listdir(1, plus=True)]
     assert names == [b".", b"..", b"pseudo_1", b"pseudo_2"]
     p1 = client.lookup(1, b"pseudo_1")
+    # the kernel may cache the listings of image directories, never those of the pseudo root
+    open_flags = [m.OPEN_OUT.unpack(client.call(Opcode.OPENDIR, ino, m.OPEN_IN.pack(0, 0)))[1]
+                  for ino in (1, p1.nodeid, client.resolve("pseudo_1/d").nodeid)]
+    assert open_flags == [0, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR]
     assert p1.entry_valid <= 1.0 and stat.S_ISDIR(p1.attr.mode)
     assert client.lookup(p1.nodeid, b"a.txt").entry_valid > 60  # image entries cache long
     fh_file = client.resolve("pseudo_1/a.txt")
