@@ -10,7 +10,8 @@ Must not import: the API (``api/``), llfuse (only ``fs/fuse.py``/``fs/session.py
 
 Threading model:
 - Main thread: ``Daemon.run`` -> ``FuseSession.mount`` (llfuse.init) -> ``llfuse.main(workers=N)``
-  -> ``llfuse.close``.
+  -> ``llfuse.close``; or, with ``sock`` (virtio-fs), ``VirtioFsServer.mount`` (listen) -> ``run``
+  (one QEMU connection after another, the mounts surviving each) -> ``close``.
 - Signals: SIGTERM/SIGINT/SIGHUP are blocked in every thread (``block_stop_signals``, called by the
   CLI before any thread exists, so all later threads inherit the mask) and taken by one
   ``nydusd-signals`` thread with ``sigwait``, which calls ``request_stop``. So a signal is never lost
@@ -67,6 +68,7 @@ from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
 from nydusd.storage.prefetch import BULK_MERGE_SIZE
+from nydusd.virtiofs.server import VirtioFsServer
 
 log = get_logger(__name__)
 
@@ -307,8 +309,11 @@ class Daemon:
                  supervisor: str | None = None, upgrade: bool = False, writable: bool = False,
                  failover_policy: str = "resend",
                  instance_factory: InstanceFactory = build_rafs_instance,
-                 set_log_level: Callable[[str], None] | None = None) -> None:
+                 set_log_level: Callable[[str], None] | None = None,
+                 sock: str | None = None) -> None:
         self.mountpoint = mountpoint
+        #: vhost-user-fs socket: serve the Vfs to a VM (virtio-fs) instead of a FUSE mount
+        self.sock = sock
         self.threads = threads
         self.id = id
         self.supervisor = supervisor
@@ -316,7 +321,7 @@ class Daemon:
         self.writable = writable
         self.failover_policy = failover_policy
         self.vfs = Vfs(uid=os.getuid(), gid=os.getgid(), on_error=self.record_error)
-        self.session: FuseSession | None = None
+        self.session: FuseSession | VirtioFsServer | None = None
         self._factory = instance_factory
         self._set_log_level = set_log_level
         self._state = INIT
@@ -639,10 +644,14 @@ class Daemon:
         Upgrade mode: stay INIT, start the API, wait for exit or a signal.
         """
         self._start_signal_watcher()
-        if self.upgrade or self.mountpoint is None:
+        session: FuseSession | VirtioFsServer
+        if self.sock is not None and not self.upgrade:
+            session = VirtioFsServer(self.vfs, self.sock, threads=self.threads)
+        elif self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
-        session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
-                              writable=self.writable)
+        else:
+            session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
+                                  writable=self.writable)
         try:
             session.mount()
         except NydusError:

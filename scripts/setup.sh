@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse-dev pkg-config gcc python3-dev docker-registry apache2-utils tinyproxy
   skopeo umoci runc debootstrap erofs-utils fio curl zstd make git fdisk
-  containerd busybox-static iproute2 util-linux)
+  containerd busybox-static iproute2 util-linux qemu-system-x86 qemu-system-common cpio)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -18,7 +18,8 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"oci"},
     "rafs": {"storage"},
     "fs": {"rafs", "storage"},
-    "daemon": {"fs", "rafs", "storage"},
+    "virtiofs": {"fs"},
+    "daemon": {"fs", "virtiofs", "rafs", "storage"},
     "builder": {"rafs", "storage"},
     "converter": {"builder", "oci", "storage", "rafs"},
     "cli": {"*"},
@@ -92,6 +93,15 @@ def test_third_party_libraries_have_one_home(path: Path) -> None:
         homes = CONFINED.get(name.split(".")[0])
         if homes and not rel.startswith(homes):
             pytest.fail(f"{rel} imports {name}; only {homes} may")
+
+
+def test_protocol_engine_and_virtiofs_stay_off_llfuse() -> None:
+    # design §1: fs/proto is our own engine (no llfuse), virtiofs serves it (virtiofs -> fs.proto, fs)
+    for path in [*(ROOT / "nydusd/fs/proto").rglob("*.py"), *(ROOT / "nydusd/virtiofs").rglob("*.py")]:
+        for name in _imports(path):
+            assert name.split(".")[0] != "llfuse", f"{path.relative_to(ROOT)} imports {name}"
+            assert not name.startswith(("nydusd.fs.fuse", "nydusd.fs.session")), (path, name)
+    assert (ROOT / "nydusd/virtiofs/server.py").is_file()
 
 
 def test_the_rules_see_the_package() -> None:

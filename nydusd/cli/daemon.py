@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("-m", "--virtual-mountpoint", default="/")
     fs.add_argument("--backend-source", help=argparse.SUPPRESS)  # sent by the snapshotter; ignored
     fs.add_argument("--hybrid-mode", action="store_true", help=argparse.SUPPRESS)
-    fs.add_argument("--sock", help=argparse.SUPPRESS)
+    fs.add_argument("--sock", help="vhost-user-fs socket to serve a VM (virtio-fs) on")
     return p
 
 
@@ -91,14 +91,19 @@ def split_subcommand(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _validate(p: argparse.ArgumentParser, sub: str | None, a: argparse.Namespace) -> None:
-    if sub in ("virtiofs", "uffd", "nbd") or a.sock:
-        p.error(f"the {sub or 'virtiofs'} mode (--sock) is not supported by this nydusd; "
-                "only FUSE mode (`nydusd [fuse] --mountpoint ...`) is available")
+    if sub in ("uffd", "nbd"):
+        p.error(f"the {sub} mode is not supported by this nydusd; use FUSE mode "
+                "(`nydusd [fuse] --mountpoint ...`) or virtio-fs (`nydusd [virtiofs] --sock ...`)")
     if sub == "singleton":
         p.error("the singleton/fscache mode is not supported by this nydusd; use FUSE mode")
     if bool(a.id) != bool(a.supervisor):
         p.error("--id and --supervisor must be given together")
-    if not a.mountpoint:
+    if sub == "virtiofs" or a.sock:
+        if not a.sock:
+            p.error("the following required arguments were not provided: --sock <sock>")
+        if a.mountpoint:
+            p.error("the argument --sock cannot be used with --mountpoint")
+    elif not a.mountpoint:
         p.error("the following required arguments were not provided: --mountpoint <mountpoint>")
     if a.shared_dir:
         p.error("--shared-dir (passthroughfs) is not supported by this nydusd")
@@ -257,21 +262,22 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, log_file)
     _limit_malloc_arenas()
     _raise_nofile(args.rlimit_nofile)
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint) if args.mountpoint else None
     upgrade = args.upgrade
     # Crash detection (spec §1.6) only where a takeover can follow: with a supervisor holding the
     # old FUSE connection. Without one (nydus-snapshotter's recover_policy "restart"), a dead FUSE
     # mount left by a killed daemon is detached and mounted afresh.
-    if not upgrade and args.supervisor and _crashed_before(mountpoint, args.apisock):
+    if mountpoint and not upgrade and args.supervisor and _crashed_before(mountpoint, args.apisock):
         log.warning("previous_daemon_crashed", mountpoint=mountpoint, apisock=args.apisock,
                     supervisor=args.supervisor)
         upgrade = True
-    if not upgrade:
+    if mountpoint and not upgrade:
         check_mountable(mountpoint)
     daemon = Daemon(mountpoint=mountpoint, threads=args.threads, id=args.id,
                     supervisor=args.supervisor, upgrade=upgrade, writable=args.writable,
                     failover_policy=args.failover_policy,
-                    set_log_level=lambda level: configure_logging(level, log_file))
+                    set_log_level=lambda level: configure_logging(level, log_file),
+                    sock=os.path.abspath(args.sock) if args.sock else None)
     if args.bootstrap and not upgrade:
         daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
                      prefetch_files=_prefetch_list(args.prefetch_files))

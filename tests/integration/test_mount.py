@@ -220,8 +220,8 @@ def test_cli_version_and_flag_errors(tmp_path):
     assert re.search(r"Git Commit:\s*(.+)", r.stdout)
     for args, needle in [
         (["fuse", "--config", "c"], "--mountpoint"),
-        (["virtiofs", "--sock", "/tmp/s"], "not supported"),
-        (["--sock", "/tmp/s", "--mountpoint", "/m"], "not supported"),
+        (["virtiofs", "--config", "c"], "--sock"),
+        (["--sock", "/tmp/s", "--mountpoint", "/m"], "cannot be used with --mountpoint"),
         (["--mountpoint", "/m", "--id", "x"], "--supervisor"),
         (["--mountpoint", "/m", "--bootstrap", "b"], "both --config and --localfs-dir are missing"),
         (["--mountpoint", "/m", "--no-such-flag"], "unrecognized arguments"),
