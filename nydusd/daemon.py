@@ -328,6 +328,7 @@ class Daemon:
         self._keep_mount = False
         self._stop = threading.Event()
         self._stop_reason = "unmounted"
+        self._warned_unvalidated = False
 
     # -- state machine --------------------------------------------------------------------------
 
@@ -537,6 +538,7 @@ class Daemon:
         for key in dict.fromkeys(("", inst.config.id, path)):  # most specific last: it wins
             self._apply_runtime_config(inst, self.get_config(key))
         log.info("instance_mounted", mountpoint=path, source=source)
+        self._warn_unvalidated(inst)
 
     def remount(self, mountpoint: str, source: str, config: str | ConfigV2, *, fs_type: str = "rafs",
                 prefetch_files: list[str] | None = None) -> None:
@@ -554,6 +556,17 @@ class Daemon:
         self._invalidate(path, old_root_names)
         old.close(self._quiesced())
         log.info("instance_remounted", mountpoint=path, source=source)
+        self._warn_unvalidated(inst)
+
+    def _warn_unvalidated(self, inst: RafsInstance) -> None:
+        """Say once per process (at the first such mount) that chunk data is served unchecked:
+        without ``digest_validate``/``cache.validate`` no chunk digest is verified."""
+        if self._warned_unvalidated or inst.config.chunk_validation:
+            return
+        self._warned_unvalidated = True
+        log.warning("chunk_digests_unvalidated", mountpoint=inst.mountpoint,
+                    detail="chunk digests are not verified (neither rafs.validate/digest_validate "
+                           "nor cache.validate is set): corrupted blob or cache data is served as is")
 
     def umount(self, mountpoint: str) -> None:
         """Detach the image at ``mountpoint`` and make the kernel forget it. Raises NotFound."""

@@ -181,6 +181,31 @@ def test_flipped_byte_in_cache_file_is_caught_with_validate(tmp_path: Path, blob
         checked.close()
 
 
+def test_digest_validate_also_checks_chunks_read_back_from_the_cache(tmp_path: Path, blob: TestBlob,
+                                                                    logs) -> None:  # type: ignore[no-untyped-def]
+    """``digest_validate`` (rafs ``validate``) alone verifies cached chunks too, as upstream (where it
+    turns the cache's ``cache_validate`` on): a flipped byte in the cache file is refetched."""
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    content = blob.contents[0]
+    chunk = blob.files[0][2]
+    device = device_for(blob, backend, file_cache(tmp_path), digest_validate=True)
+    assert device.read(blob.files[0], 0, len(content)) == content
+    device.close()
+    with open(tmp_path / (blob.blob_id + ".blob.data"), "r+b") as f:
+        f.seek(chunk.uncompressed_offset + 77)
+        byte = f.read(1)
+        f.seek(chunk.uncompressed_offset + 77)
+        f.write(bytes([byte[0] ^ 0x55]))
+    backend.reset_stats()
+    checked = device_for(blob, backend, file_cache(tmp_path), digest_validate=True)
+    try:
+        with logs.expect("cached_chunk_corrupted", count=1):
+            assert checked.read(blob.files[0], 0, len(content)) == content
+        assert backend.requests == [(blob.blob_id, chunk.compressed_offset, chunk.compressed_size, False)]
+    finally:
+        checked.close()
+
+
 # ------------------------------------------------------------------------------ persistence
 @pytest.mark.parametrize("compressed", [False, True])
 def test_restart_on_same_work_dir_reads_nothing_from_the_backend(tmp_path: Path, blob: TestBlob,
