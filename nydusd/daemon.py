@@ -54,6 +54,7 @@ from nydusd.errors import (
     NotFound,
     NydusError,
     Unsupported,
+    redact_credentials,
 )
 from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.fuse import FuseOperations
@@ -424,7 +425,10 @@ class Daemon:
     def get_config(self, id: str | None = None) -> dict[str, str]:
         """Stored runtime values: ``{key: value}`` for ``id``, or ``{"<id>:<key>": value}`` for all."""
         with self._info_lock:
-            store = {k: dict(v) for k, v in self._runtime_config.items()}
+            # registry_auth is echoed (nydus-snapshotter's hot-reload contract reads it back);
+            # URLs (proxy_url) are shown without their password
+            store = {k: {key: value if key == "registry_auth" else redact_credentials(value)
+                         for key, value in v.items()} for k, v in self._runtime_config.items()}
         if id is not None:
             return store.get(id, {})
         return {f"{i}:{k}": v for i, values in store.items() for k, v in values.items()}

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from nydusd.errors import ConfigError
+from nydusd.errors import ConfigError, redact_credentials
 
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
@@ -25,6 +25,20 @@ _log_file: TextIO | None = None
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A structlog bound logger; events are snake_case names with key=value context."""
     return structlog.get_logger(name, **initial) if name else structlog.get_logger(**initial)
+
+
+def redact_event(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: no log line carries URL credentials (``user:password@`` of a proxy),
+    whatever value they hide in (cause texts, reprs, URLs)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact_credentials(value)
+        elif isinstance(value, (BaseException, list, tuple, dict)):
+            text = repr(value)
+            red = redact_credentials(text)
+            if red != text:
+                event[key] = red
+    return event
 
 
 def level_number(level: str) -> int:
@@ -65,9 +79,12 @@ def configure_logging(level: str = "info", log_file: str | None = None,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
+        # tracebacks become text first, so that the redaction sees them too
+        structlog.processors.format_exc_info,
+        redact_event,
     ]
     if json:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        processors += [structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     structlog.configure(

@@ -687,3 +687,33 @@ def test_http_proxy_accepts_an_existing_unix_socket_path(tmp_path: Path) -> None
 def test_escaped_quotes_and_backslashes_do_not_confuse_comment_stripping() -> None:
     text = '{"a": "c:\\\\", // comment "x"\n "b": "q\\"//", /* "c": 1 */ "d": "/*"}'
     assert json.loads(strip_json_comments(text)) == {"a": "c:\\", "b": 'q"//', "d": "/*"}
+
+
+@pytest.mark.parametrize("kind", ["registry", "oss", "s3", "http-proxy"])
+def test_proxy_url_credentials_are_masked_in_the_serialised_form(kind: str) -> None:
+    sub: dict[str, Any] = {"registry": {"host": "r:5000", "repo": "a/b"},
+                           "oss": {"endpoint": "e", "bucket_name": "b"},
+                           "s3": {"endpoint": "e", "bucket_name": "b", "region": "r"},
+                           "http-proxy": {"addr": "http://u:addr-pw@origin:80"}}[kind]
+    sub["proxy"] = {"url": "http://nydus:proxy-pw@127.0.0.1:65001", "fallback": True}
+    cfg = load_config(json.dumps({"version": 2, "backend": {"type": kind, kind: sub}}))
+    shown = cfg.to_json()
+    assert "proxy-pw" not in shown and "addr-pw" not in shown
+    assert json.loads(shown)["backend"][kind]["proxy"]["url"] == "http://nydus:***@127.0.0.1:65001"
+    assert "proxy-pw" in cfg.to_json(redact=False)
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://u:pw@h:1/x", "http://u:***@h:1/x"),
+    ("via https://token@h/v2 and http://a:b%40c@h2 mail@example.com",
+     "via https://***@h/v2 and http://a:***@h2 mail@example.com"),
+    ("http://u:p@ss@h/x@y", "http://u:***@h/x@y"),
+    ("proxy='http://u:pw@h:3'", "proxy='http://u:***@h:3'"),
+    ("http://h/path@x", "http://h/path@x"),
+])
+def test_redact_credentials(text: str, shown: str) -> None:
+    from nydusd.errors import BackendError, redact_credentials
+
+    assert redact_credentials(text) == shown
+    err = BackendError(f"failed: {text}", proxy=text)
+    assert str(err) == f"failed: {shown} (proxy={shown})"

@@ -206,6 +206,25 @@ def test_digest_validate_also_checks_chunks_read_back_from_the_cache(tmp_path: P
         checked.close()
 
 
+def test_cache_dir_and_files_are_private(tmp_path: Path, blob: TestBlob) -> None:
+    """Cache files hold image content: the work_dir nydusd creates is 0700, its files 0600, and a
+    file an older daemon left 0644 is made private when it is opened again."""
+    work = tmp_path / "work"
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = device_for(blob, backend, file_cache(work))
+    assert device.read(blob.files[0], 0, 100) == blob.contents[0][:100]
+    device.close()
+    assert (work.stat().st_mode & 0o777) == 0o700
+    files = sorted(work.iterdir())
+    assert len(files) == 2 and all(f.stat().st_mode & 0o777 == 0o600 for f in files), files
+    for f in files:
+        f.chmod(0o644)
+    device = device_for(blob, backend, file_cache(work))
+    assert device.read(blob.files[0], 0, 100) == blob.contents[0][:100]
+    device.close()
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+
+
 # ------------------------------------------------------------------------------ persistence
 @pytest.mark.parametrize("compressed", [False, True])
 def test_restart_on_same_work_dir_reads_nothing_from_the_backend(tmp_path: Path, blob: TestBlob,
