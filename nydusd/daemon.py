@@ -68,6 +68,7 @@ from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
 from nydusd.storage.prefetch import BULK_MERGE_SIZE
+from nydusd.storage.waits import limits as backend_wait_limits
 
 log = get_logger(__name__)
 
@@ -160,7 +161,10 @@ class RafsInstance:
     def close(self, metadata_guard: AbstractContextManager[None] | None = None) -> None:
         """Stop prefetch, close device/cache/backend, then the image metadata -- the last step under
         ``metadata_guard`` (the FUSE session's quiesce lock) so no handler is reading it. Never
-        raises (logs instead)."""
+        raises (logs instead). Reads still waiting on the backend fail first, at once."""
+        abort = getattr(self.cache, "abort", None)
+        if abort is not None:
+            self._safely(abort)
         for closer in [*self.closers, getattr(self.cache, "close", None),
                        getattr(self.backend, "close", None)]:
             if closer is not None:
@@ -217,6 +221,7 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
         backend.close()
         sb.close()
         raise
+    cache.waits.name = mountpoint
     fs = RafsFs(sb, device, enable_xattr=rafs.enable_xattr)
     stats = FsIoStats(mountpoint, files_account=rafs.iostats_files, access_pattern=rafs.access_pattern,
                       latest_read_files=rafs.latest_read_files)
@@ -656,8 +661,13 @@ class Daemon:
         self._start_signal_watcher()
         if self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
-        session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
-                              writable=self.writable)
+        # --thread-num workers plus one per possible backend wait: a read waiting on a backend
+        # holds its worker, and storage/waits.py bounds those waits, so --thread-num workers
+        # always stay free for everything else (README of nydusd/fs, "A hung backend")
+        _per_mount, shared = backend_wait_limits()
+        session = FuseSession(FuseOperations(self.vfs), self.mountpoint,
+                              threads=self.threads + shared, writable=self.writable,
+                              max_background=2 * (self.threads + shared))
         try:
             session.mount()
         except NydusError:

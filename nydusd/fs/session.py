@@ -53,9 +53,14 @@ class FuseSession:
     """One FUSE mount served by llfuse (a process can hold only one: llfuse is a singleton)."""
 
     def __init__(self, ops: FuseOperations, mountpoint: str, *, threads: int = 4,
-                 writable: bool = False, fsname: str = "rafs") -> None:
+                 writable: bool = False, fsname: str = "rafs", max_background: int = 0) -> None:
+        """``max_background``: the kernel's limit of asynchronous (readahead) requests in flight on
+        this connection, raised from its default 12 when larger (0: kernel default). Requests one
+        image's dead backend holds count against it, and once it is reached the kernel holds back
+        the readahead of every image (see README, "A hung backend")."""
         self.ops = ops
         self.mountpoint = mountpoint
+        self.max_background = max_background
         self.threads = max(1, threads)
         self.writable = writable
         self.fsname = fsname
@@ -71,6 +76,9 @@ class FuseSession:
         opts |= {f"fsname={self.fsname}", "allow_other", "default_permissions"}
         if not self.writable:
             opts.add("ro")
+        if self.max_background > 0:  # libfuse sends them in its INIT reply
+            opts |= {f"max_background={self.max_background}",
+                     f"congestion_threshold={self.max_background * 3 // 4}"}
         return opts
 
     def mount(self) -> None:
