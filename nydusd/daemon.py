@@ -515,6 +515,10 @@ class Daemon:
 
     def _build(self, path: str, source: str, config: str | ConfigV2,
                prefetch_files: list[str] | None) -> RafsInstance:
+        for entry in prefetch_files or ():
+            if not entry.startswith("/") or "\0" in entry or ".." in entry.split("/"):
+                raise InvalidArgument("prefetch_files entries must be absolute paths without '..'",
+                                      entry=entry[:200])
         cfg = load_config(config) if isinstance(config, str) else config
         try:
             return self._factory(path, source, cfg, prefetch_files=prefetch_files)

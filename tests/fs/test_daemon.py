@@ -259,3 +259,13 @@ def test_unvalidated_data_is_warned_once_per_process(logs) -> None:  # type: ign
     events = [e for e in logs.events("warning") if e["event"] == "chunk_digests_unvalidated"]
     assert len(events) == 1 and events[0]["mountpoint"] == "/a"
     d.close_instances()
+
+
+@pytest.mark.parametrize("files", [["etc/passwd"], ["/a/../../etc"], ["/ok", ".."], ["/a\0b"]])
+def test_prefetch_files_must_be_absolute_without_dotdot(files) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(instance_factory=fake_factory)
+    with pytest.raises(InvalidArgument, match="prefetch_files"):
+        d.mount("/m", "img", CONFIG, prefetch_files=files)
+    assert d.mounts() == {}
+    d.mount("/m", "img", CONFIG, prefetch_files=["/", "/bin/./x", "/a..b"])
+    d.close_instances()

@@ -32,6 +32,10 @@ def walk(vfs, ino, path):
     return ino
 
 
+def names(vfs, ino):
+    return [e.name for e in vfs.readdir(ino, 0) if e.name not in (b".", b"..")]
+
+
 def read_all(vfs, ino):
     fh = vfs.open(ino, os.O_RDONLY)
     try:
@@ -114,10 +118,14 @@ def test_detach_invalidates_and_stales_old_inodes():
     vfs = Vfs()
     attach(vfs, "/a/m")
     readme = walk(vfs, ROOT_INO, "a/m/readme")
+    a = walk(vfs, ROOT_INO, "a")
     mount, parent, name = vfs.detach("/a/m")
-    assert name == b"m" and parent == walk(vfs, ROOT_INO, "a")
+    # /a held nothing else: it goes too, and its entry in the root is what the kernel must forget
+    assert (parent, name) == (ROOT_INO, b"a")
     with pytest.raises(NotFound):
-        vfs.lookup(parent, b"m")
+        vfs.lookup(ROOT_INO, b"a")
+    with pytest.raises(StaleInode):
+        vfs.lookup(a, b"m")
     with pytest.raises(StaleInode) as exc:
         vfs.getattr(readme)
     assert exc.value.errno == errno.ESTALE
@@ -296,3 +304,29 @@ def test_directory_listings_are_cached_per_mount_and_sliced_by_offset(monkeypatc
     list(vfs.readdir(walk(vfs, root, "x"), 0))
     assert sum(m.listed for m in vfs.mounts().values()) <= 40
     assert [e.name for e in vfs.readdir(walk(vfs, root, "y"), 0)] == [b".", b"..", b"g"]
+
+
+def test_umount_removes_the_pseudo_directories_it_leaves_empty():
+    vfs = Vfs()
+    attach(vfs, "/a/b/c/m1")
+    attach(vfs, "/a/x")
+    attach(vfs, "/top")
+    assert vfs.detach("/a//b/c/m1")[1:] == (walk(vfs, ROOT_INO, "a"), b"b")  # /a/b/c, /a/b go
+    assert names(vfs, ROOT_INO) == [b"a", b"top"]
+    assert names(vfs, walk(vfs, ROOT_INO, "a")) == [b"x"]
+    assert vfs.detach("/a/x")[1:] == (ROOT_INO, b"a")
+    assert vfs.detach("/top")[1:] == (ROOT_INO, b"top")
+    assert names(vfs, ROOT_INO) == []
+    attach(vfs, "/a/b/c/m1")  # the same path again: fresh directories
+    assert read_all(vfs, walk(vfs, ROOT_INO, "a/b/c/m1/readme"))
+
+
+@pytest.mark.parametrize("path", ["/" + "x" * 256, "/a/" + "y" * 256 + "/m", "/d" * 2049, "/a\0b"])
+def test_mountpoint_over_kernel_limits_is_refused_and_changes_nothing(path):
+    vfs = Vfs()
+    attach(vfs, "/ok")
+    with pytest.raises(InvalidArgument):
+        attach(vfs, path)
+    assert names(vfs, ROOT_INO) == [b"ok"]
+    attach(vfs, "/" + "z" * 255)  # the limits themselves are fine
+    attach(vfs, "/p" + "/q" * 2046)  # 4096 bytes
