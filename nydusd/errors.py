@@ -17,8 +17,8 @@ import re
 from typing import Any, ClassVar
 
 #: ``scheme://userinfo@``: the credentials part of a URL (proxy URLs may carry ``user:password@``)
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/?#@:'\"]*)"
-                           r"(?::[^\s/?#'\"]*)?@")
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/?#@:]*)"
+                           r"(?::[^\s/?#]*)?@")
 REDACTED = "***"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -717,3 +717,33 @@ def test_redact_credentials(text: str, shown: str) -> None:
     assert redact_credentials(text) == shown
     err = BackendError(f"failed: {text}", proxy=text)
     assert str(err) == f"failed: {shown} (proxy={shown})"
+
+
+_USERINFO_CHARS = st.characters(codec="ascii", categories=("L", "N"), include_characters="-._~!$&'()*+,;=%@:")
+
+
+@settings(max_examples=300, deadline=None)
+@given(user=st.text(_USERINFO_CHARS.filter(lambda c: c not in "@:"), min_size=1, max_size=12),
+       password=st.text(_USERINFO_CHARS, min_size=4, max_size=24),
+       wrap=st.sampled_from(["{}", "proxy={}", "'{}'", '"{}"', "GET {}/v2/x failed", "({}) a@b",
+                             '{{"url": "{}", "x": "y@z"}}']))
+def test_credentials_never_survive_redaction(user: str, password: str, wrap: str) -> None:
+    """Fuzz: whatever the password (userinfo characters, raw '@' and ':' included) and wherever the
+    URL sits in a text, the password is gone from error texts, the serialised config and log values."""
+    from nydusd.errors import BackendError, redact_credentials
+    from nydusd.log import redact_event
+
+    url = f"http://{user}:{password}@127.0.0.1:65001"
+    text = wrap.format(url)
+    # a password that is also a part of the surrounding text cannot be told apart from it
+    assume(password not in wrap.format(f"http://{user}:***@127.0.0.1:65001"))
+    assert password not in redact_credentials(text).replace(f"{user}:***", "")
+    assert password not in str(BackendError(text, proxy=url)).replace(f"{user}:***", "")
+    event = redact_event(None, "warning", {"event": "x", "cause": text, "exc": ValueError(text)})
+    assert password not in repr(event).replace(f"{user}:***", "")
+    def config(proxy: str) -> Any:
+        return load_config(json.dumps({"version": 2, "backend": {"type": "registry", "registry": {
+            "host": "r", "repo": "a/b", "proxy": {"url": proxy}}}}))
+
+    shown = config(url).to_json()
+    assert shown == config(f"http://{user}:***@127.0.0.1:65001").to_json()

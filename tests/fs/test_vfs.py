@@ -7,11 +7,13 @@ import os
 import stat
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nydusd.errors import AlreadyExists, BackendError, InvalidArgument, NotFound, NydusError, ReadOnly
 from nydusd.fs.attrs import INO_BITS, ROOT_INO, decode_ino, encode_ino
 from nydusd.fs.rafs_fs import NoXattr, RafsFs
-from nydusd.fs.vfs import StaleInode, Vfs
+from nydusd.fs.vfs import StaleInode, Vfs, normalize_path
 from nydusd.metrics import FsIoStats, StatsFop
 from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
 
@@ -330,3 +332,40 @@ def test_mountpoint_over_kernel_limits_is_refused_and_changes_nothing(path):
     assert names(vfs, ROOT_INO) == [b"ok"]
     attach(vfs, "/" + "z" * 255)  # the limits themselves are fine
     attach(vfs, "/p" + "/q" * 2046)  # 4096 bytes
+
+
+_COMPONENT = st.one_of(st.text(st.characters(codec="utf-8", exclude_characters="/"), max_size=300),
+                       st.sampled_from([".", "..", "", "x" * 255, "x" * 256, "é" * 128]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(paths=st.lists(st.lists(_COMPONENT, min_size=0, max_size=4).map(lambda c: "/" + "/".join(c)),
+                      min_size=1, max_size=6),
+       drop=st.data())
+def test_fuzzed_mountpoints_never_break_the_pseudo_tree(paths, drop):
+    """Fuzz: any mountpoint is either attached or refused with InvalidArgument/AlreadyExists
+    (nothing changed); the pseudo tree can always be listed, every name in it fits NAME_MAX, and
+    detaching everything (in any order) leaves an empty root."""
+    vfs = Vfs()
+    attached = []
+    for path in paths:
+        before = vfs.mounts().keys()
+        try:
+            vfs.attach(path, make_fs(), FsIoStats(path))
+        except (InvalidArgument, AlreadyExists):
+            assert vfs.mounts().keys() == before
+            continue
+        attached.append(normalize_path(path))
+
+    def check(ino, depth=0):
+        for entry in vfs.readdir(ino, 0):
+            if entry.name in (b".", b".."):
+                continue
+            assert 0 < len(entry.name) <= 255 and b"/" not in entry.name and b"\0" not in entry.name
+            if decode_ino(entry.attr.ino)[0] == 0 and depth < 8:
+                check(entry.attr.ino, depth + 1)
+    check(ROOT_INO)
+    for path in drop.draw(st.permutations(attached)):
+        vfs.detach(path)
+        check(ROOT_INO)
+    assert names(vfs, ROOT_INO) == []
