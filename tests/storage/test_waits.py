@@ -139,3 +139,12 @@ def test_device_abort_fails_readers_blocked_on_the_backend(tmp_path: Path, logs)
     assert len(results) == 4 and all(isinstance(r, ImageDetached) for r in results), results
     backend.gate.set()
     device.close()
+
+
+def test_helper_threads_are_reused() -> None:
+    w = BackendWaits("/a")
+    w.run(lambda: None)
+    before = threading.active_count()
+    for _ in range(200):
+        assert w.run(lambda: 7) == 7
+    assert threading.active_count() - before <= 1
