@@ -109,3 +109,5 @@ def test_proxy_credentials_are_used_but_never_shown(tmp_path, registry_server):
     text = log_path.read_text(errors="replace")
     assert "proxy_marked_down" in text and "proxy_request_fell_back" in text
     assert SECRET not in text
+    # two mounts without digest validation: the daemon said so once (issue 14, item 6)
+    assert text.count('"chunk_digests_unvalidated"') == 1
