@@ -47,6 +47,8 @@ log = get_logger(__name__)
 #: window keeps 8 of them in flight instead of 1: sequential reads measured 2.1 -> 3.4 GB/s with one
 #: worker, 1.5 -> 2.0 GB/s with four; 4 MiB was slower again (bench/bench_fuse.py).
 READAHEAD_KB = 1024
+#: the kernel's default FUSE congestion threshold (FUSE_DEFAULT_CONGESTION_THRESHOLD)
+CONGESTION_THRESHOLD = 9
 
 
 class FuseSession:
@@ -77,8 +79,11 @@ class FuseSession:
         if not self.writable:
             opts.add("ro")
         if self.max_background > 0:  # libfuse sends them in its INIT reply
+            # only the hard limit moves: the congestion threshold (when the kernel starts skipping
+            # asynchronous readahead) stays the kernel's default, so healthy reads see the same
+            # readahead as before (a higher one multiplied parallel requests into one chunk)
             opts |= {f"max_background={self.max_background}",
-                     f"congestion_threshold={self.max_background * 3 // 4}"}
+                     f"congestion_threshold={CONGESTION_THRESHOLD}"}
         return opts
 
     def mount(self) -> None:

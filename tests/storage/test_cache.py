@@ -529,3 +529,24 @@ def test_reads_fetch_exactly_the_missing_chunks_in_merged_ranges(tmp_path_factor
         assert wanted - was_cached <= set(fetched)
     finally:
         device.close()
+
+
+def test_dummy_cache_keeps_the_last_chunks_so_a_late_request_does_not_refetch(blob: TestBlob) -> None:
+    """The kernel sends a chunk's 128 KiB requests in parallel; one arriving just after the chunk's
+    flight ended must find the chunk (the dummy cache keeps the last RECENT_CHUNKS in memory)."""
+    from nydusd.storage.cache.dummy import RECENT_CHUNKS
+
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = device_for(blob, backend, CacheConfig(), batch_size=0)
+    content = blob.contents[0]
+    try:
+        assert device.read(blob.files[0], 0, 1000) == content[:1000]
+        assert device.read(blob.files[0], 5000, 1000) == content[5000:6000]
+        assert backend.read_count == 1
+        for i in range(1, RECENT_CHUNKS + 1):  # the first chunk drops out
+            assert device.read(blob.files[0], i * CHUNK, 10) == content[i * CHUNK:i * CHUNK + 10]
+        assert backend.read_count == 1 + RECENT_CHUNKS
+        assert device.read(blob.files[0], 0, 10) == content[:10]
+        assert backend.read_count == 2 + RECENT_CHUNKS
+    finally:
+        device.close()
