@@ -21,7 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import DaemonApi
-from api.errors import install_error_handlers
+from api.errors import error_body, install_error_handlers
 from api.prometheus import create_registry
 from api.routes import daemon as daemon_routes
 from api.routes import metrics as metrics_routes
@@ -29,15 +29,65 @@ from api.routes import mount as mount_routes
 
 log = structlog.get_logger(__name__)
 
+#: largest request body accepted (a mount's config document is at most 1 MiB, JSON-escaped in the
+#: body); a larger one is refused with 413 before it is read (Content-Length) or as soon as it
+#: passes the limit (chunked), so a huge body never grows the daemon
+MAX_BODY = 4 << 20
+#: longest request target (path + query) and header block answered normally; longer -> 414 / 431
+#: (a 4096-byte mountpoint, percent-encoded, fits). The server refuses heads over 64 KiB earlier.
+MAX_URL = 16 << 10
+MAX_HEADERS = 32 << 10
 SERVER_HEADER = (b"server", b"Nydus API")
 JSON_TYPE = (b"content-type", b"application/json")
 DESCRIPTION = ("Admin API of nydusd (Python implementation), served over a unix socket "
                "(clients use host `unix`). Compatible with upstream nydus API v1/v2; errors are "
-               '`{"code", "message"}` with upstream\'s message texts.')
+               '`{"code", "message"}` with upstream\'s message texts. Limits: request bodies over 4 MiB '
+               "are refused with 413, request targets over 16 KiB with 414, header blocks over 32 KiB "
+               "with 431; mountpoints are absolute paths of at most 4096 bytes whose components have "
+               "at most 255 bytes (else 400).")
+
+
+def _too_large() -> Any:
+    return error_body("UNDEFINED", f"PayloadTooLarge(\"request body larger than {MAX_BODY} bytes\")",
+                      413, {"connection": "close"})
+
+
+def _head_refusal(scope: Scope) -> Any:
+    """A 414/431 answer when the request target or headers are over their limits, else None."""
+    if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_URL:
+        return error_body("UNDEFINED", f"UriTooLong(\"request target longer than {MAX_URL} bytes\")",
+                          414)
+    if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+        return error_body("UNDEFINED",
+                          f"RequestHeaderFieldsTooLarge(\"headers longer than {MAX_HEADERS} bytes\")",
+                          431)
+    return None
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The Content-Length (h11 checked it), -1 for a chunked body, 0 for none."""
+    chunked = False
+    for key, value in headers:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+        chunked = chunked or (key == b"transfer-encoding" and b"chunked" in value.lower())
+    return -1 if chunked else 0
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+    return replay
 
 
 class RequestMiddleware:
-    """Pure ASGI middleware: request id + canonical log line, JSON bodies, ``Server`` header."""
+    """Pure ASGI middleware: request id + canonical log line, JSON bodies, ``Server`` header, and
+    the ``MAX_BODY`` limit (413)."""
 
     _ids = itertools.count(1)
 
@@ -49,6 +99,12 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = f"{next(self._ids):x}"
+        refusal = _head_refusal(scope)
+        if refusal is not None:
+            log.info("api_request_refused", request_id=request_id, method=scope["method"],
+                     status=refusal.status_code)
+            await refusal(scope, receive, send)
+            return
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
         # in place: the crash handler (outermost middleware) reads the route from this same scope
         scope["headers"] = [*headers, JSON_TYPE]
@@ -63,10 +119,36 @@ class RequestMiddleware:
                 message = {**message, "headers": [*kept, SERVER_HEADER]}
             await send(message)
 
+        async def buffered_body() -> list[Message] | None:
+            """A body without Content-Length (chunked), read here up to ``MAX_BODY``: its
+            messages to replay to the app, or None when it is too large (the rest is never read)."""
+            received, messages = 0, []
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request":
+                    return messages
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    return None
+                if not message.get("more_body", False):
+                    return messages
+
         with structlog.contextvars.bound_contextvars(request_id=request_id, method=scope["method"],
                                                      path=scope["path"]):
             try:
-                await self.app(scope, receive, send_wrapper)
+                declared = _declared_length(headers)
+                if declared > MAX_BODY:
+                    await _too_large()(scope, receive, send_wrapper)
+                    return
+                app_receive = receive
+                if declared < 0:
+                    messages = await buffered_body()
+                    if messages is None:
+                        await _too_large()(scope, receive, send_wrapper)
+                        return
+                    app_receive = _replay(messages, receive)
+                await self.app(scope, app_receive, send_wrapper)
             finally:
                 # explicit fields too: the line must be complete even where contextvars aren't merged
                 log.info("api_request_handled", request_id=request_id, method=scope["method"],

@@ -41,7 +41,9 @@ class MountRequest(BaseModel):
     source: str = Field(description="path of the RAFS bootstrap (metadata) file")
     fs_type: str = Field("", description='"rafs" (passthrough_fs is not supported); "" is rejected')
     config: str = Field(description="config document (JSON/TOML) as a string; seed form: or a file path")
-    prefetch_files: list[str] | None = Field(None, description="absolute paths prefetched after mount")
+    prefetch_files: list[str] | None = Field(
+        None, description="absolute paths (without `..` components) prefetched after mount; "
+                          "any other entry is refused with 400")
     fstype: str | None = Field(None, description="seed form: filesystem type (same as fs_type)")
     mountpoint: str | None = Field(None, description="seed form: path inside the pseudo filesystem")
 

@@ -44,8 +44,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import h11
 import structlog
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.app import create_app
 from api.deps import DaemonApi
@@ -58,6 +60,13 @@ SOCKET_MODE = 0o600
 BACKLOG = 128
 
 
+#: largest request line + headers; beyond it the request is answered 414 (line) or 431 (headers)
+MAX_REQUEST_HEAD = 64 << 10
+#: after such an answer the rest of the request is read and dropped (at most this much, this long)
+#: before the connection closes: closing with unread data would reset the connection, and the
+#: client would see ECONNRESET instead of the answer
+DRAIN_LIMIT = 64 << 20
+DRAIN_SECONDS = 2.0
 LOCK_TIMEOUT = 10.0
 _PUBLISH_ATTEMPTS = 5
 
@@ -207,10 +216,58 @@ class ApiServer:
                 os.unlink(self.path)
 
 
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, except for a request head over ``MAX_REQUEST_HEAD`` bytes: h11
+    refuses it, and uvicorn would answer 400 and close at once -- with the rest of a long URL still
+    unread, which resets the connection before the client reads anything. Here the answer is 414
+    (the request line is incomplete: URI too long) or 431 (headers too large), the write side is
+    shut, and what the client still sends is read and dropped (bounded) until it closes."""
+
+    _draining = False
+    _drained = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._draining:
+            self._drained += len(data)
+            if self._drained > DRAIN_LIMIT:
+                self.transport.close()
+            return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        buffered, _ = self.conn.trailing_data
+        if len(buffered) <= MAX_REQUEST_HEAD:
+            super().send_400_response(msg)
+            return
+        line_done = b"\n" in buffered[:MAX_REQUEST_HEAD]
+        status = 431 if line_done else 414
+        message = ("RequestHeaderFieldsTooLarge" if line_done else "UriTooLong") + (
+            f'("request {"headers" if line_done else "line"} longer than {MAX_REQUEST_HEAD} bytes")')
+        body = ('{"code":"UNDEFINED","message":' + _json_str(message) + "}").encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), (b"server", b"Nydus API")]
+        reason = b"Request Header Fields Too Large" if line_done else b"URI Too Long"
+        for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        log.info("api_request_refused", status=status, buffered=len(buffered))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._draining = True
+        self.loop.call_later(DRAIN_SECONDS, self.transport.close)
+
+
+def _json_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)
+
+
 def _uvicorn_config(daemon: DaemonApi, **overrides: Any) -> uvicorn.Config:
     options: dict[str, Any] = {
         "lifespan": "off", "log_config": None, "access_log": False, "server_header": False,
-        "http": "h11", "loop": "asyncio", "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "http": LimitedH11Protocol, "h11_max_incomplete_event_size": MAX_REQUEST_HEAD,
+        "loop": "asyncio", "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": 5,
     }
     options.update(overrides)

@@ -18,7 +18,8 @@ Decisions (tested in tests/test_config.py):
   nydus-snapshotter emits one union struct for all backends), at warning level for anything else.
 - Not modelled, accepted quietly: ``external_backends``, ``metadata_path``, legacy ``mirrors``.
 - A present ``prefetch`` table without ``enable`` is accepted (enable=false); upstream rejects it.
-- The serialised form redacts ``s3`` keys and ``encryption_key`` as well (upstream: ``oss`` only).
+- The serialised form redacts ``s3`` keys and ``encryption_key`` as well (upstream: ``oss`` only),
+  and the password of any URL with credentials (a proxy ``url`` with ``user:password@``).
 - ``IMAGE_PULL_AUTH`` must be base64 of "user:password" (upstream copies any value); an empty value
   counts as unset. A config file's own ``auth`` is not checked (placeholders in samples, as upstream).
 - No string value may contain a NUL byte (``<path>: must not contain a NUL byte``): checked first,
@@ -52,7 +53,7 @@ from pydantic import (
     model_validator,
 )
 
-from nydusd.errors import ConfigError
+from nydusd.errors import ConfigError, redact_credentials
 from nydusd.log import get_logger
 
 log = get_logger(__name__)
@@ -264,7 +265,8 @@ class ConfigV2(_Model):
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Upstream's serialised ``ConfigV2``: every field, null for absent sub-configs, secrets
-        removed unless ``redact=False`` (oss/s3 keys -> "", registry auth/token -> null)."""
+        removed unless ``redact=False`` (oss/s3 keys -> "", registry auth/token -> null, URL
+        passwords -> ``***``)."""
         out = self.model_dump(mode="json", by_alias=True)
         out = {"version": out["version"], "id": out["id"], "backend": out["backend"],
                "external_backends": [], "cache": out["cache"], "rafs": out["rafs"],
@@ -277,11 +279,23 @@ class ConfigV2(_Model):
                 out["backend"]["registry"].update(auth=None, registry_token=None)
         if redact and out["cache"]["filecache"]:
             out["cache"]["filecache"]["encryption_key"] = ""
-        return out
+        return _redact_urls(out) if redact else out
 
     def to_json(self, *, redact: bool = True) -> str:
         """``to_dict`` as a JSON document; ``load_config`` reads it back (if not redacted)."""
         return json.dumps(self.to_dict(redact=redact))
+
+
+def _redact_urls(value: Any) -> Any:
+    """``value`` with the credentials of every URL in its strings masked (a proxy ``url`` such as
+    ``http://user:password@peer:65001`` -> ``http://user:***@peer:65001``)."""
+    if isinstance(value, str):
+        return redact_credentials(value)
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(v) for v in value]
+    return value
 
 
 # -------------------------------------------------------------------------------------- validation

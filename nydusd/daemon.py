@@ -55,6 +55,7 @@ from nydusd.errors import (
     NotFound,
     NydusError,
     Unsupported,
+    redact_credentials,
 )
 from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.fuse import FuseOperations
@@ -69,6 +70,7 @@ from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
 from nydusd.storage.prefetch import BULK_MERGE_SIZE
 from nydusd.virtiofs.server import VirtioFsServer
+from nydusd.storage.waits import limits as backend_wait_limits
 
 log = get_logger(__name__)
 
@@ -161,7 +163,10 @@ class RafsInstance:
     def close(self, metadata_guard: AbstractContextManager[None] | None = None) -> None:
         """Stop prefetch, close device/cache/backend, then the image metadata -- the last step under
         ``metadata_guard`` (the FUSE session's quiesce lock) so no handler is reading it. Never
-        raises (logs instead)."""
+        raises (logs instead). Reads still waiting on the backend fail first, at once."""
+        abort = getattr(self.cache, "abort", None)
+        if abort is not None:
+            self._safely(abort)
         for closer in [*self.closers, getattr(self.cache, "close", None),
                        getattr(self.backend, "close", None)]:
             if closer is not None:
@@ -220,6 +225,7 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
         backend.close()
         sb.close()
         raise
+    cache.waits.name = mountpoint
     fs = RafsFs(sb, device, enable_xattr=rafs.enable_xattr)
     stats = FsIoStats(mountpoint, files_account=rafs.iostats_files, access_pattern=rafs.access_pattern,
                       latest_read_files=rafs.latest_read_files)
@@ -335,6 +341,7 @@ class Daemon:
         self._keep_mount = False
         self._stop = threading.Event()
         self._stop_reason = "unmounted"
+        self._warned_unvalidated = False
 
     # -- state machine --------------------------------------------------------------------------
 
@@ -430,7 +437,10 @@ class Daemon:
     def get_config(self, id: str | None = None) -> dict[str, str]:
         """Stored runtime values: ``{key: value}`` for ``id``, or ``{"<id>:<key>": value}`` for all."""
         with self._info_lock:
-            store = {k: dict(v) for k, v in self._runtime_config.items()}
+            # registry_auth is echoed (nydus-snapshotter's hot-reload contract reads it back);
+            # URLs (proxy_url) are shown without their password
+            store = {k: {key: value if key == "registry_auth" else redact_credentials(value)
+                         for key, value in v.items()} for k, v in self._runtime_config.items()}
         if id is not None:
             return store.get(id, {})
         return {f"{i}:{k}": v for i, values in store.items() for k, v in values.items()}
@@ -512,6 +522,10 @@ class Daemon:
 
     def _build(self, path: str, source: str, config: str | ConfigV2,
                prefetch_files: list[str] | None) -> RafsInstance:
+        for entry in prefetch_files or ():
+            if not entry.startswith("/") or "\0" in entry or ".." in entry.split("/"):
+                raise InvalidArgument("prefetch_files entries must be absolute paths without '..'",
+                                      entry=entry[:200])
         cfg = load_config(config) if isinstance(config, str) else config
         try:
             return self._factory(path, source, cfg, prefetch_files=prefetch_files)
@@ -544,6 +558,7 @@ class Daemon:
         for key in dict.fromkeys(("", inst.config.id, path)):  # most specific last: it wins
             self._apply_runtime_config(inst, self.get_config(key))
         log.info("instance_mounted", mountpoint=path, source=source)
+        self._warn_unvalidated(inst)
 
     def remount(self, mountpoint: str, source: str, config: str | ConfigV2, *, fs_type: str = "rafs",
                 prefetch_files: list[str] | None = None) -> None:
@@ -561,6 +576,17 @@ class Daemon:
         self._invalidate(path, old_root_names)
         old.close(self._quiesced())
         log.info("instance_remounted", mountpoint=path, source=source)
+        self._warn_unvalidated(inst)
+
+    def _warn_unvalidated(self, inst: RafsInstance) -> None:
+        """Say once per process (at the first such mount) that chunk data is served unchecked:
+        without ``digest_validate``/``cache.validate`` no chunk digest is verified."""
+        if self._warned_unvalidated or inst.config.chunk_validation:
+            return
+        self._warned_unvalidated = True
+        log.warning("chunk_digests_unvalidated", mountpoint=inst.mountpoint,
+                    detail="chunk digests are not verified (neither rafs.validate/digest_validate "
+                           "nor cache.validate is set): corrupted blob or cache data is served as is")
 
     def umount(self, mountpoint: str) -> None:
         """Detach the image at ``mountpoint`` and make the kernel forget it. Raises NotFound."""
@@ -645,13 +671,19 @@ class Daemon:
         """
         self._start_signal_watcher()
         session: FuseSession | VirtioFsServer
+        _per_mount, shared = backend_wait_limits()
         if self.sock is not None and not self.upgrade:
-            session = VirtioFsServer(self.vfs, self.sock, threads=self.threads)
+            # the same reserve as FUSE (below); the pool starts threads only as requests need them
+            session = VirtioFsServer(self.vfs, self.sock, threads=self.threads + shared)
         elif self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
         else:
-            session = FuseSession(FuseOperations(self.vfs), self.mountpoint, threads=self.threads,
-                                  writable=self.writable)
+            # --thread-num workers plus one per possible backend wait: a read waiting on a backend
+            # holds its worker, and storage/waits.py bounds those waits, so --thread-num workers
+            # always stay free for everything else (README of nydusd/fs, "A hung backend")
+            session = FuseSession(FuseOperations(self.vfs), self.mountpoint,
+                                  threads=self.threads + shared, writable=self.writable,
+                                  max_background=2 * (self.threads + shared))
         try:
             session.mount()
         except NydusError:

@@ -13,7 +13,29 @@ the API exception handler and the CLI ``main`` functions.
 from __future__ import annotations
 
 import errno as _errno
+import re
 from typing import Any, ClassVar
+
+#: ``scheme://userinfo@``: the credentials part of a URL (proxy URLs may carry ``user:password@``)
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/?#@:]*)"
+                           r"(?::[^\s/?#]*)?@")
+REDACTED = "***"
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` URL in it replaced by
+    ``***`` (``user:***@``; a lone ``token@`` becomes ``***@``). The one redaction every error
+    message, log line and API answer goes through (config secrets are dropped by
+    ``ConfigV2.to_dict``, which uses this for URLs)."""
+    if "@" not in text:
+        return text
+
+    def sub(m: re.Match[str]) -> str:
+        user = m.group("user")
+        has_password = m.group(0)[len(m.group("scheme")) + len(user)] == ":"
+        return f"{m.group('scheme')}{user}:{REDACTED}@" if has_password and user else \
+            f"{m.group('scheme')}{REDACTED}@"
+    return _URL_USERINFO.sub(sub, text)
 
 
 class NydusError(Exception):
@@ -26,6 +48,10 @@ class NydusError(Exception):
     exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str = "", **context: Any) -> None:
+        # URLs with credentials (a proxy's user:password@) end up in messages and context; an
+        # error travels to logs, the events ring and API answers, so it never carries them.
+        message = redact_credentials(message)
+        context = {k: redact_credentials(v) if isinstance(v, str) else v for k, v in context.items()}
         super().__init__(message)
         self.message = message
         self.context = context

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from nydusd.errors import ConfigError
+from nydusd.errors import ConfigError, redact_credentials
 
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
@@ -44,6 +44,20 @@ _log_file: TextIO | None = None
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A structlog bound logger; events are snake_case names with key=value context."""
     return structlog.get_logger(name, **initial) if name else structlog.get_logger(**initial)
+
+
+def redact_event(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: no log line carries URL credentials (``user:password@`` of a proxy),
+    whatever value they hide in (cause texts, reprs, URLs)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = redact_credentials(value)
+        elif isinstance(value, (BaseException, list, tuple, dict)):
+            text = repr(value)
+            red = redact_credentials(text)
+            if red != text:
+                event[key] = red
+    return event
 
 
 def level_number(level: str) -> int:
@@ -161,13 +175,14 @@ def _processors(fmt: str, colors: bool) -> tuple[list[Any], list[Any]]:
     else:
         shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     shared.append(structlog.processors.StackInfoRenderer())
-    final: list[Any]
+    # tracebacks become text first, so that the redaction sees them too (for stdlib records as well)
+    final: list[Any] = [structlog.processors.format_exc_info, redact_event]
     if fmt == "json":
-        final = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        final.append(structlog.processors.JSONRenderer())
     elif fmt == "text":
-        final = [structlog.processors.format_exc_info, render_text]
+        final.append(render_text)
     else:
-        final = [structlog.dev.ConsoleRenderer(colors=colors)]
+        final.append(structlog.dev.ConsoleRenderer(colors=colors))
     return shared, final
 
 

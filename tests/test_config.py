@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -723,3 +723,63 @@ def test_http_proxy_accepts_an_existing_unix_socket_path(tmp_path: Path) -> None
 def test_escaped_quotes_and_backslashes_do_not_confuse_comment_stripping() -> None:
     text = '{"a": "c:\\\\", // comment "x"\n "b": "q\\"//", /* "c": 1 */ "d": "/*"}'
     assert json.loads(strip_json_comments(text)) == {"a": "c:\\", "b": 'q"//', "d": "/*"}
+
+
+@pytest.mark.parametrize("kind", ["registry", "oss", "s3", "http-proxy"])
+def test_proxy_url_credentials_are_masked_in_the_serialised_form(kind: str) -> None:
+    sub: dict[str, Any] = {"registry": {"host": "r:5000", "repo": "a/b"},
+                           "oss": {"endpoint": "e", "bucket_name": "b"},
+                           "s3": {"endpoint": "e", "bucket_name": "b", "region": "r"},
+                           "http-proxy": {"addr": "http://u:addr-pw@origin:80"}}[kind]
+    sub["proxy"] = {"url": "http://nydus:proxy-pw@127.0.0.1:65001", "fallback": True}
+    cfg = load_config(json.dumps({"version": 2, "backend": {"type": kind, kind: sub}}))
+    shown = cfg.to_json()
+    assert "proxy-pw" not in shown and "addr-pw" not in shown
+    assert json.loads(shown)["backend"][kind]["proxy"]["url"] == "http://nydus:***@127.0.0.1:65001"
+    assert "proxy-pw" in cfg.to_json(redact=False)
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://u:pw@h:1/x", "http://u:***@h:1/x"),
+    ("via https://token@h/v2 and http://a:b%40c@h2 mail@example.com",
+     "via https://***@h/v2 and http://a:***@h2 mail@example.com"),
+    ("http://u:p@ss@h/x@y", "http://u:***@h/x@y"),
+    ("proxy='http://u:pw@h:3'", "proxy='http://u:***@h:3'"),
+    ("http://h/path@x", "http://h/path@x"),
+])
+def test_redact_credentials(text: str, shown: str) -> None:
+    from nydusd.errors import BackendError, redact_credentials
+
+    assert redact_credentials(text) == shown
+    err = BackendError(f"failed: {text}", proxy=text)
+    assert str(err) == f"failed: {shown} (proxy={shown})"
+
+
+_USERINFO_CHARS = st.characters(codec="ascii", categories=("L", "N"), include_characters="-._~!$&'()*+,;=%@:")
+
+
+@settings(max_examples=300, deadline=None)
+@given(user=st.text(_USERINFO_CHARS.filter(lambda c: c not in "@:"), min_size=1, max_size=12),
+       password=st.text(_USERINFO_CHARS, min_size=4, max_size=24),
+       wrap=st.sampled_from(["{}", "proxy={}", "'{}'", '"{}"', "GET {}/v2/x failed", "({}) a@b",
+                             '{{"url": "{}", "x": "y@z"}}']))
+def test_credentials_never_survive_redaction(user: str, password: str, wrap: str) -> None:
+    """Fuzz: whatever the password (userinfo characters, raw '@' and ':' included) and wherever the
+    URL sits in a text, the password is gone from error texts, the serialised config and log values."""
+    from nydusd.errors import BackendError, redact_credentials
+    from nydusd.log import redact_event
+
+    url = f"http://{user}:{password}@127.0.0.1:65001"
+    text = wrap.format(url)
+    # a password that is also a part of the surrounding text cannot be told apart from it
+    assume(password not in wrap.format(f"http://{user}:***@127.0.0.1:65001"))
+    assert password not in redact_credentials(text).replace(f"{user}:***", "")
+    assert password not in str(BackendError(text, proxy=url)).replace(f"{user}:***", "")
+    event = redact_event(None, "warning", {"event": "x", "cause": text, "exc": ValueError(text)})
+    assert password not in repr(event).replace(f"{user}:***", "")
+    def config(proxy: str) -> Any:
+        return load_config(json.dumps({"version": 2, "backend": {"type": "registry", "registry": {
+            "host": "r", "repo": "a/b", "proxy": {"url": proxy}}}}))
+
+    shown = config(url).to_json()
+    assert shown == config(f"http://{user}:***@127.0.0.1:65001").to_json()

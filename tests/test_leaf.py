@@ -171,3 +171,19 @@ def test_bad_log_level_and_file_are_config_errors(tmp_path) -> None:  # type: ig
     with pytest.raises(errors.ConfigError,
                        match="invalid log format 'xml', expected one of json, console, text"):
         configure_logging("info", fmt="xml")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "console"])
+def test_stdlib_records_are_redacted_too(fmt: str) -> None:
+    """uvicorn/urllib3 records go through the same pipeline, so a proxy password in one (a
+    message or a traceback) is masked like in our own events."""
+    out = _run_logging(
+        f"configure_logging('info', fmt={fmt!r})\n"
+        "import logging\n"
+        "logging.getLogger('urllib3').warning('proxy %s failed', 'http://u:s3cret@127.0.0.1:3128')\n"
+        "try:\n"
+        "    raise OSError('via http://u:s3cret@127.0.0.1:3128')\n"
+        "except OSError:\n"
+        "    logging.getLogger('uvicorn.error').exception('boom')\n")
+    assert "s3cret" not in out
+    assert out.count("u:***@127.0.0.1:3128") == 2, out

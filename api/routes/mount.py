@@ -4,7 +4,8 @@ Owns: ``router``. ``POST ?mountpoint=`` mounts, ``PUT ?mountpoint=`` remounts (s
 backend of an existing RAFS mount), ``DELETE ?mountpoint=`` umounts. The seed's form, ``PUT`` with
 no query string and ``{"source", "fstype", "mountpoint", "config"}`` in the body, mounts at the body's
 mountpoint; its ``config`` may be a path to a config file, which is read here.
-Mountpoints are paths inside the pseudo filesystem: absolute, without ``.``/``..`` components.
+Mountpoints are paths inside the pseudo filesystem: absolute, without ``.``/``..`` components, within
+the kernel's NAME_MAX/PATH_MAX; ``prefetch_files`` entries are absolute paths without ``..``.
 Must not import: fs/storage/rafs internals. Thread-safety: plain ``def`` routes run in worker threads.
 """
 
@@ -29,13 +30,39 @@ SEED_FORM = ("Without ?mountpoint= (the seed's form) the body's `mountpoint` and
              "`config` may be a config file path, and the filesystem is mounted (not remounted).")
 
 
+#: the kernel's NAME_MAX and PATH_MAX: longer names would make listings of the pseudo root fail
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def _shown(path: str) -> str:
+    return repr(path if len(path) <= 100 else path[:100] + "...")
+
+
 def check_mountpoint(mountpoint: str, where: str = "QueryString") -> str:
-    """Return ``mountpoint`` if it is an absolute pseudo-fs path; raise RequestError (400) if not."""
+    """Return ``mountpoint`` if it is an absolute pseudo-fs path within the kernel's name limits;
+    raise RequestError (400) if not."""
     parts = mountpoint.split("/")
     if not mountpoint.startswith("/") or "\0" in mountpoint or any(p in (".", "..") for p in parts):
-        why = f"invalid mountpoint {mountpoint!r}: must be an absolute path without '.' or '..' components"
+        why = (f"invalid mountpoint {_shown(mountpoint)}: must be an absolute path without '.' or "
+               "'..' components")
+        raise RequestError(f"{where}({rust_str(why)})")
+    if len(mountpoint.encode("utf-8", "surrogateescape")) > PATH_MAX or any(
+            len(p.encode("utf-8", "surrogateescape")) > NAME_MAX for p in parts):
+        why = (f"invalid mountpoint {_shown(mountpoint)}: longer than {PATH_MAX} bytes or with a "
+               f"component longer than {NAME_MAX} bytes")
         raise RequestError(f"{where}({rust_str(why)})")
     return mountpoint
+
+
+def check_prefetch_files(files: list[str] | None) -> list[str] | None:
+    """``prefetch_files`` if every entry is an absolute path inside the image (no ``..``
+    component, no NUL); raise RequestError (400) naming the first bad entry if not."""
+    for path in files or ():
+        if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
+            why = (f"invalid prefetch_files entry {_shown(path)}: must be an absolute path "
+                   "without '..' components")
+            raise RequestError(f"ParseBody({rust_str(why)})")
+    return files
 
 
 def fs_type_of(body: MountRequest) -> str:
@@ -63,7 +90,7 @@ def seed_config_text(config: str) -> str:
 def mount(mountpoint: MountpointQuery, body: MountRequest, daemon: DaemonDep) -> Response:
     fs_type = fs_type_of(body)
     daemon.mount(check_mountpoint(mountpoint), body.source, body.config, fs_type=fs_type,
-                 prefetch_files=body.prefetch_files)
+                 prefetch_files=check_prefetch_files(body.prefetch_files))
     return no_content()
 
 
@@ -73,12 +100,13 @@ def remount(body: MountRequest, daemon: DaemonDep,
     fs_type = fs_type_of(body)
     if mountpoint is not None:
         daemon.remount(check_mountpoint(mountpoint), body.source, body.config, fs_type=fs_type,
-                       prefetch_files=body.prefetch_files)
+                       prefetch_files=check_prefetch_files(body.prefetch_files))
         return no_content()
     if body.mountpoint is None:
         raise RequestError(f"QueryString({rust_str(MOUNTPOINT_QUERY_MESSAGE)})")
     daemon.mount(check_mountpoint(body.mountpoint, "ParseBody"), body.source,
-                 seed_config_text(body.config), fs_type=fs_type, prefetch_files=body.prefetch_files)
+                 seed_config_text(body.config), fs_type=fs_type,
+                 prefetch_files=check_prefetch_files(body.prefetch_files))
     return no_content()
 
 

@@ -47,15 +47,22 @@ log = get_logger(__name__)
 #: window keeps 8 of them in flight instead of 1: sequential reads measured 2.1 -> 3.4 GB/s with one
 #: worker, 1.5 -> 2.0 GB/s with four; 4 MiB was slower again (bench/bench_fuse.py).
 READAHEAD_KB = 1024
+#: the kernel's default FUSE congestion threshold (FUSE_DEFAULT_CONGESTION_THRESHOLD)
+CONGESTION_THRESHOLD = 9
 
 
 class FuseSession:
     """One FUSE mount served by llfuse (a process can hold only one: llfuse is a singleton)."""
 
     def __init__(self, ops: FuseOperations, mountpoint: str, *, threads: int = 4,
-                 writable: bool = False, fsname: str = "rafs") -> None:
+                 writable: bool = False, fsname: str = "rafs", max_background: int = 0) -> None:
+        """``max_background``: the kernel's limit of asynchronous (readahead) requests in flight on
+        this connection, raised from its default 12 when larger (0: kernel default). Requests one
+        image's dead backend holds count against it, and once it is reached the kernel holds back
+        the readahead of every image (see README, "A hung backend")."""
         self.ops = ops
         self.mountpoint = mountpoint
+        self.max_background = max_background
         self.threads = max(1, threads)
         self.writable = writable
         self.fsname = fsname
@@ -71,6 +78,12 @@ class FuseSession:
         opts |= {f"fsname={self.fsname}", "allow_other", "default_permissions"}
         if not self.writable:
             opts.add("ro")
+        if self.max_background > 0:  # libfuse sends them in its INIT reply
+            # only the hard limit moves: the congestion threshold (when the kernel starts skipping
+            # asynchronous readahead) stays the kernel's default, so healthy reads see the same
+            # readahead as before (a higher one multiplied parallel requests into one chunk)
+            opts |= {f"max_background={self.max_background}",
+                     f"congestion_threshold={CONGESTION_THRESHOLD}"}
         return opts
 
     def mount(self) -> None:

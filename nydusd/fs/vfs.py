@@ -106,14 +106,30 @@ class _OpenFile:
     chunks: list[Any]
 
 
+#: longest mountpoint component and path (the kernel's NAME_MAX / PATH_MAX): a longer name would be
+#: accepted here and then fail every listing of the directory that holds it
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
 def split_path(path: str) -> list[bytes]:
-    """Components of an absolute mountpoint path. Raises InvalidArgument for a bad path."""
+    """Components of an absolute mountpoint path. Raises InvalidArgument for a bad path (relative,
+    ``.``/``..``, NUL, a component over ``NAME_MAX`` bytes, over ``PATH_MAX`` bytes in all)."""
+    shown = path if len(path) <= 200 else path[:200] + "..."
     if not path.startswith("/"):
-        raise InvalidArgument("mountpoint must be an absolute path", mountpoint=path)
+        raise InvalidArgument("mountpoint must be an absolute path", mountpoint=shown)
     parts = [p for p in path.split("/") if p]
     if any(p in (".", "..") for p in parts):
-        raise InvalidArgument("mountpoint must not contain '.' or '..'", mountpoint=path)
-    return [os.fsencode(p) for p in parts]
+        raise InvalidArgument("mountpoint must not contain '.' or '..'", mountpoint=shown)
+    if "\0" in path:
+        raise InvalidArgument("mountpoint must not contain a NUL byte", mountpoint=shown)
+    names = [os.fsencode(p) for p in parts]
+    if len(os.fsencode(path)) > PATH_MAX:
+        raise InvalidArgument(f"mountpoint is longer than {PATH_MAX} bytes", mountpoint=shown)
+    if any(len(n) > NAME_MAX for n in names):
+        raise InvalidArgument(f"mountpoint has a component longer than {NAME_MAX} bytes",
+                              mountpoint=shown)
+    return names
 
 
 def normalize_path(path: str) -> str:
@@ -216,18 +232,26 @@ class Vfs:
         return pseudo
 
     def _without_entry(self, parts: list[bytes]) -> tuple[dict[int, _PseudoDir], Ino, bytes]:
-        """A new pseudo table without the entry at ``parts``, plus that entry's parent and name."""
+        """A new pseudo table without the entry at ``parts`` and without the pseudo directories
+        that leaves empty (an umount of ``/a/b`` removes ``/a`` when nothing else is below it),
+        plus the parent and name of the topmost entry removed (what the kernel must forget)."""
         pseudo = dict(self._pseudo)
-        dir_ino = int(ROOT_INO)
+        chain = [int(ROOT_INO)]
         for name in parts[:-1]:
-            child = pseudo[dir_ino].entries[name]
+            child = pseudo[chain[-1]].entries[name]
             assert isinstance(child, int)  # mountpoints are never below another mount
-            dir_ino = child
-        parent = pseudo[dir_ino]
-        entries = dict(parent.entries)
-        del entries[parts[-1]]
-        pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
-        return pseudo, Ino(dir_ino), parts[-1]
+            chain.append(child)
+        depth = len(parts) - 1
+        while True:
+            dir_ino = chain[depth]
+            parent = pseudo[dir_ino]
+            entries = dict(parent.entries)
+            del entries[parts[depth]]
+            pseudo[dir_ino] = _PseudoDir(parent.ino, parent.parent, entries)
+            if entries or depth == 0:
+                return pseudo, Ino(dir_ino), parts[depth]
+            del pseudo[dir_ino]  # left empty: its inode answers ESTALE from now on
+            depth -= 1
 
     def _drop_mount(self, index: int, path: str | None) -> None:
         mounts = dict(self._mounts)

@@ -41,7 +41,7 @@ import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
-from nydusd.errors import AuthError, BackendError
+from nydusd.errors import AuthError, BackendError, redact_credentials
 from nydusd.log import get_logger
 from nydusd.oci.auth import (
     CLIENT_ID,
@@ -282,6 +282,7 @@ class HttpClient:
         route = self.proxy if use_proxy else None
         purl = route.current() if route is not None else None
         if route is not None and purl:
+            shown = redact_credentials(purl)  # the proxy URL may carry user:password@
             hdrs = dict(headers or {})
             hdrs.update(route.headers(prefetch))
             try:
@@ -289,19 +290,19 @@ class HttpClient:
             except BackendError as exc:
                 route.report_failure(str(exc))
                 if not route.fallback:
-                    raise BackendError(f"request through proxy {purl} failed and proxy fallback is "
-                                       f"disabled: {exc.message}", transient=True, proxy=purl) from exc
-                log.info("proxy_request_fell_back", proxy=purl, url=url, cause=exc.message)
+                    raise BackendError(f"request through proxy {shown} failed and proxy fallback is "
+                                       f"disabled: {exc.message}", transient=True, proxy=shown) from exc
+                log.info("proxy_request_fell_back", proxy=shown, url=url, cause=exc.message)
             else:
                 if resp.headers.get("X-Dragonfly-Error-Type", "").lower() != "proxy":
                     resp.proxied = True
                     return resp
                 if resp.status == 403 or not route.fallback:
-                    raise BackendError(f"proxy {purl} refused {method} {url}: HTTP {resp.status}",
-                                       transient=resp.status != 403, proxy=purl, status=resp.status)
+                    raise BackendError(f"proxy {shown} refused {method} {url}: HTTP {resp.status}",
+                                       transient=resp.status != 403, proxy=shown, status=resp.status)
                 if resp.status != 429:
                     route.report_failure(f"proxy error HTTP {resp.status}")
-                log.info("proxy_request_fell_back", proxy=purl, url=url, status=resp.status)
+                log.info("proxy_request_fell_back", proxy=shown, url=url, status=resp.status)
         return self._send(method, url, dict(headers or {}), data, params, None, stream)
 
     def _send(self, method: str, url: str, headers: dict[str, str], data: Any, params: Any,

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 #: sequential-read streams tracked for readahead (files being read at the same time)
 MAX_STREAMS = 256
+#: seconds each prefetch worker is waited for when an aborted device stops prefetching
+ABORT_JOIN = 0.1
 
 CHUNK_FLAG_COMPRESSED = 0x01
 CHUNK_FLAG_HOLE = 0x02
@@ -171,6 +173,7 @@ class BlobDevice:
         self._lock = threading.Lock()
         self._prefetcher: Prefetcher | None = None
         self._closed = False
+        self._aborted = False
         self.readahead = max(0, readahead)
         # per file (keyed by its first chunk + chunk count): [next sequential offset, chunk index
         # up to which readahead was queued]; bounded, oldest dropped first
@@ -332,11 +335,17 @@ class BlobDevice:
         return True if prefetcher is None else prefetcher.wait_idle(timeout)
 
     def stop_prefetch(self) -> None:
-        """Stop and join the prefetch workers (idempotent)."""
+        """Stop and join the prefetch workers (idempotent). After ``abort`` each worker is given
+        only ``ABORT_JOIN`` seconds: one stuck on a dead backend finishes (and fails against the
+        closed cache) on its own instead of holding up the umount for the backend timeout."""
         with self._lock:
             prefetcher, self._prefetcher = self._prefetcher, None
+            aborted = self._aborted
         if prefetcher is not None:
-            prefetcher.stop()
+            if aborted:
+                prefetcher.stop(timeout=ABORT_JOIN)
+            else:
+                prefetcher.stop()
 
     # ------------------------------------------------------------------ metrics / lifecycle
     def metrics(self) -> dict[str, Any]:
@@ -350,6 +359,13 @@ class BlobDevice:
     def flush(self) -> None:
         """Make the chunks cached so far durable (blocking; normally done in the background)."""
         self.cache_manager.flush()
+
+    def abort(self, reason: str = "image unmounted") -> None:
+        """Fail every read waiting on the backend now and refuse new ones (EIO), without waiting
+        for anything: the first step of an umount, before the slower ``close``."""
+        with self._lock:
+            self._closed = self._aborted = True
+        self.cache_manager.waits.cancel(reason)
 
     def close(self) -> None:
         """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""

@@ -244,3 +244,28 @@ def test_runtime_config_store_and_registry_auth():
     d.update_config("/c", {"registry_auth": "bmV3OnBhc3M="})
     d.mount("/c", "boot", CONFIG)
     assert d._instances["/c"].backend.auth == "bmV3OnBhc3M="
+
+
+def test_unvalidated_data_is_warned_once_per_process(logs) -> None:  # type: ignore[no-untyped-def]
+    """Without ``digest_validate``/``cache.validate`` nothing checks chunk digests: the daemon says
+    so once (at the first such mount), not per mount and not when validation is on."""
+    validated = json.dumps({**json.loads(CONFIG), "digest_validate": True})
+    d = Daemon(instance_factory=fake_factory)
+    d.mount("/checked", "img", validated)
+    assert logs.count("chunk_digests_unvalidated") == 0
+    d.mount("/a", "img", CONFIG)
+    d.mount("/b", "img", CONFIG)
+    d.remount("/b", "img", CONFIG)
+    events = [e for e in logs.events("warning") if e["event"] == "chunk_digests_unvalidated"]
+    assert len(events) == 1 and events[0]["mountpoint"] == "/a"
+    d.close_instances()
+
+
+@pytest.mark.parametrize("files", [["etc/passwd"], ["/a/../../etc"], ["/ok", ".."], ["/a\0b"]])
+def test_prefetch_files_must_be_absolute_without_dotdot(files) -> None:  # type: ignore[no-untyped-def]
+    d = Daemon(instance_factory=fake_factory)
+    with pytest.raises(InvalidArgument, match="prefetch_files"):
+        d.mount("/m", "img", CONFIG, prefetch_files=files)
+    assert d.mounts() == {}
+    d.mount("/m", "img", CONFIG, prefetch_files=["/", "/bin/./x", "/a..b"])
+    d.close_instances()

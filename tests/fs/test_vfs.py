@@ -7,11 +7,13 @@ import os
 import stat
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nydusd.errors import AlreadyExists, BackendError, InvalidArgument, NotFound, NydusError, ReadOnly
 from nydusd.fs.attrs import INO_BITS, ROOT_INO, decode_ino, encode_ino
 from nydusd.fs.rafs_fs import NoXattr, RafsFs
-from nydusd.fs.vfs import StaleInode, Vfs
+from nydusd.fs.vfs import StaleInode, Vfs, normalize_path
 from nydusd.metrics import FsIoStats, StatsFop
 from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
 
@@ -30,6 +32,10 @@ def walk(vfs, ino, path):
     for name in path.strip("/").split("/"):
         ino = vfs.lookup(ino, name.encode()).ino
     return ino
+
+
+def names(vfs, ino):
+    return [e.name for e in vfs.readdir(ino, 0) if e.name not in (b".", b"..")]
 
 
 def read_all(vfs, ino):
@@ -114,10 +120,14 @@ def test_detach_invalidates_and_stales_old_inodes():
     vfs = Vfs()
     attach(vfs, "/a/m")
     readme = walk(vfs, ROOT_INO, "a/m/readme")
+    a = walk(vfs, ROOT_INO, "a")
     mount, parent, name = vfs.detach("/a/m")
-    assert name == b"m" and parent == walk(vfs, ROOT_INO, "a")
+    # /a held nothing else: it goes too, and its entry in the root is what the kernel must forget
+    assert (parent, name) == (ROOT_INO, b"a")
     with pytest.raises(NotFound):
-        vfs.lookup(parent, b"m")
+        vfs.lookup(ROOT_INO, b"a")
+    with pytest.raises(StaleInode):
+        vfs.lookup(a, b"m")
     with pytest.raises(StaleInode) as exc:
         vfs.getattr(readme)
     assert exc.value.errno == errno.ESTALE
@@ -296,3 +306,66 @@ def test_directory_listings_are_cached_per_mount_and_sliced_by_offset(monkeypatc
     list(vfs.readdir(walk(vfs, root, "x"), 0))
     assert sum(m.listed for m in vfs.mounts().values()) <= 40
     assert [e.name for e in vfs.readdir(walk(vfs, root, "y"), 0)] == [b".", b"..", b"g"]
+
+
+def test_umount_removes_the_pseudo_directories_it_leaves_empty():
+    vfs = Vfs()
+    attach(vfs, "/a/b/c/m1")
+    attach(vfs, "/a/x")
+    attach(vfs, "/top")
+    assert vfs.detach("/a//b/c/m1")[1:] == (walk(vfs, ROOT_INO, "a"), b"b")  # /a/b/c, /a/b go
+    assert names(vfs, ROOT_INO) == [b"a", b"top"]
+    assert names(vfs, walk(vfs, ROOT_INO, "a")) == [b"x"]
+    assert vfs.detach("/a/x")[1:] == (ROOT_INO, b"a")
+    assert vfs.detach("/top")[1:] == (ROOT_INO, b"top")
+    assert names(vfs, ROOT_INO) == []
+    attach(vfs, "/a/b/c/m1")  # the same path again: fresh directories
+    assert read_all(vfs, walk(vfs, ROOT_INO, "a/b/c/m1/readme"))
+
+
+@pytest.mark.parametrize("path", ["/" + "x" * 256, "/a/" + "y" * 256 + "/m", "/d" * 2049, "/a\0b"])
+def test_mountpoint_over_kernel_limits_is_refused_and_changes_nothing(path):
+    vfs = Vfs()
+    attach(vfs, "/ok")
+    with pytest.raises(InvalidArgument):
+        attach(vfs, path)
+    assert names(vfs, ROOT_INO) == [b"ok"]
+    attach(vfs, "/" + "z" * 255)  # the limits themselves are fine
+    attach(vfs, "/p" + "/q" * 2046)  # 4096 bytes
+
+
+_COMPONENT = st.one_of(st.text(st.characters(codec="utf-8", exclude_characters="/"), max_size=300),
+                       st.sampled_from([".", "..", "", "x" * 255, "x" * 256, "é" * 128]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(paths=st.lists(st.lists(_COMPONENT, min_size=0, max_size=4).map(lambda c: "/" + "/".join(c)),
+                      min_size=1, max_size=6),
+       drop=st.data())
+def test_fuzzed_mountpoints_never_break_the_pseudo_tree(paths, drop):
+    """Fuzz: any mountpoint is either attached or refused with InvalidArgument/AlreadyExists
+    (nothing changed); the pseudo tree can always be listed, every name in it fits NAME_MAX, and
+    detaching everything (in any order) leaves an empty root."""
+    vfs = Vfs()
+    attached = []
+    for path in paths:
+        before = vfs.mounts().keys()
+        try:
+            vfs.attach(path, make_fs(), FsIoStats(path))
+        except (InvalidArgument, AlreadyExists):
+            assert vfs.mounts().keys() == before
+            continue
+        attached.append(normalize_path(path))
+
+    def check(ino, depth=0):
+        for entry in vfs.readdir(ino, 0):
+            if entry.name in (b".", b".."):
+                continue
+            assert 0 < len(entry.name) <= 255 and b"/" not in entry.name and b"\0" not in entry.name
+            if decode_ino(entry.attr.ino)[0] == 0 and depth < 8:
+                check(entry.attr.ino, depth + 1)
+    check(ROOT_INO)
+    for path in drop.draw(st.permutations(attached)):
+        vfs.detach(path)
+        check(ROOT_INO)
+    assert names(vfs, ROOT_INO) == []

@@ -9,6 +9,8 @@ of its plan (or a seeded random one):
 - ``"reset"``: the connection is closed with RST before any response;
 - ``"truncate"``: the real headers (full Content-Length), half the body, then close;
 - ``"slow"``: headers, then a stall longer than ``slow_seconds`` before the body;
+- ``"hang"``: the request is read and never answered (no status line, the connection stays open)
+  until ``release()`` or ``hang_seconds`` -- a dead peer that still accepts connections;
 - ``"pass"``: unchanged.
 
 With ``redirect_to`` set, an authorised blob GET/HEAD is answered with ``307`` to the
@@ -32,7 +34,7 @@ from collections.abc import Iterable
 
 from tests.servers.base import QuietHandler, ThreadedServer
 
-FAULTS = ("500", "502", "503", "429", "reset", "truncate", "slow", "pass")
+FAULTS = ("500", "502", "503", "429", "reset", "truncate", "slow", "hang", "pass")
 _BLOB_PATH = re.compile(r"^/v2/.+/blobs/(sha256:[0-9a-f]{64})$")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
@@ -122,6 +124,14 @@ class _ShimHandler(QuietHandler):
                 headers["Retry-After"] = str(self.shim.retry_after)
             self.send_body(int(fault), f"injected {fault}".encode(), headers)
             return True
+        if fault == "hang":
+            with self.shim._lock:
+                self.shim.hanging += 1
+            self.shim.released.wait(self.shim.hang_seconds)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return True
         if fault == "reset":
             # SO_LINGER 0 turns close() into a TCP RST
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -159,6 +169,11 @@ class FaultShim(ThreadedServer):
         self.upstream_port = upstream_port
         self.redirect_to = redirect_to
         self.slow_seconds = slow_seconds
+        #: "hang" faults end after this long at the latest (or at ``release()``)
+        self.hang_seconds = 60.0
+        self.released = threading.Event()
+        #: blob GETs a "hang" fault has swallowed so far
+        self.hanging = 0
         #: seconds sent as Retry-After with injected 429/503 answers (None: no header)
         self.retry_after: float | None = None
         self._plan: deque[str] = deque()
@@ -173,6 +188,18 @@ class FaultShim(ThreadedServer):
     def count_blob_request(self, method: str) -> None:
         with self._lock:
             self.blob_requests[method] += 1
+
+    def hang_all(self) -> None:
+        """From now on every blob GET hangs (until ``release()``)."""
+        self.randomize(1.0, seed=0, kinds=("hang",))
+
+    def release(self) -> None:
+        """End every hanging request (and let later ones through at once)."""
+        self.released.set()
+
+    def stop(self) -> None:
+        self.release()
+        super().stop()
 
     def inject(self, *faults: str) -> None:
         assert all(f in FAULTS for f in faults), faults

@@ -19,7 +19,8 @@ _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\w+) (\S+)")
 class TinyProxy:
     """A tinyproxy process that can be killed and restarted on the same port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, basic_auth: tuple[str, str] | None = None) -> None:
+        """``basic_auth``: (user, password) the proxy demands (``BasicAuth``; 407 otherwise)."""
         if shutil.which("tinyproxy") is None:
             raise RuntimeError("tinyproxy is not installed (apt install tinyproxy)")
         root.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,8 @@ class TinyProxy:
         self.conf.write_text("\n".join([
             f"Port {self.port}", "Listen 127.0.0.1", "Allow 127.0.0.1", "Timeout 30",
             f"PidFile \"{root / 'tinyproxy.pid'}\"", f"LogFile \"{self.log_path}\"", "LogLevel Info",
-            "DisableViaHeader Yes", "MaxClients 50", ""]))
+            "DisableViaHeader Yes", "MaxClients 50",
+            *([f"BasicAuth {basic_auth[0]} {basic_auth[1]}"] if basic_auth else []), ""]))
         self.process: ProcessServer | None = None
         self.start()
 

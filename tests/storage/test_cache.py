@@ -181,6 +181,50 @@ def test_flipped_byte_in_cache_file_is_caught_with_validate(tmp_path: Path, blob
         checked.close()
 
 
+def test_digest_validate_also_checks_chunks_read_back_from_the_cache(tmp_path: Path, blob: TestBlob,
+                                                                    logs) -> None:  # type: ignore[no-untyped-def]
+    """``digest_validate`` (rafs ``validate``) alone verifies cached chunks too, as upstream (where it
+    turns the cache's ``cache_validate`` on): a flipped byte in the cache file is refetched."""
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    content = blob.contents[0]
+    chunk = blob.files[0][2]
+    device = device_for(blob, backend, file_cache(tmp_path), digest_validate=True)
+    assert device.read(blob.files[0], 0, len(content)) == content
+    device.close()
+    with open(tmp_path / (blob.blob_id + ".blob.data"), "r+b") as f:
+        f.seek(chunk.uncompressed_offset + 77)
+        byte = f.read(1)
+        f.seek(chunk.uncompressed_offset + 77)
+        f.write(bytes([byte[0] ^ 0x55]))
+    backend.reset_stats()
+    checked = device_for(blob, backend, file_cache(tmp_path), digest_validate=True)
+    try:
+        with logs.expect("cached_chunk_corrupted", count=1):
+            assert checked.read(blob.files[0], 0, len(content)) == content
+        assert backend.requests == [(blob.blob_id, chunk.compressed_offset, chunk.compressed_size, False)]
+    finally:
+        checked.close()
+
+
+def test_cache_dir_and_files_are_private(tmp_path: Path, blob: TestBlob) -> None:
+    """Cache files hold image content: the work_dir nydusd creates is 0700, its files 0600, and a
+    file an older daemon left 0644 is made private when it is opened again."""
+    work = tmp_path / "work"
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = device_for(blob, backend, file_cache(work))
+    assert device.read(blob.files[0], 0, 100) == blob.contents[0][:100]
+    device.close()
+    assert (work.stat().st_mode & 0o777) == 0o700
+    files = sorted(work.iterdir())
+    assert len(files) == 2 and all(f.stat().st_mode & 0o777 == 0o600 for f in files), files
+    for f in files:
+        f.chmod(0o644)
+    device = device_for(blob, backend, file_cache(work))
+    assert device.read(blob.files[0], 0, 100) == blob.contents[0][:100]
+    device.close()
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+
+
 # ------------------------------------------------------------------------------ persistence
 @pytest.mark.parametrize("compressed", [False, True])
 def test_restart_on_same_work_dir_reads_nothing_from_the_backend(tmp_path: Path, blob: TestBlob,
@@ -483,5 +527,26 @@ def test_reads_fetch_exactly_the_missing_chunks_in_merged_ranges(tmp_path_factor
         was_cached = {chunks[i].compressed_offset for i in cached}
         assert not set(fetched) & was_cached
         assert wanted - was_cached <= set(fetched)
+    finally:
+        device.close()
+
+
+def test_dummy_cache_keeps_the_last_chunks_so_a_late_request_does_not_refetch(blob: TestBlob) -> None:
+    """The kernel sends a chunk's 128 KiB requests in parallel; one arriving just after the chunk's
+    flight ended must find the chunk (the dummy cache keeps the last RECENT_CHUNKS in memory)."""
+    from nydusd.storage.cache.dummy import RECENT_CHUNKS
+
+    backend = MemoryBackend({blob.blob_id: blob.data})
+    device = device_for(blob, backend, CacheConfig(), batch_size=0)
+    content = blob.contents[0]
+    try:
+        assert device.read(blob.files[0], 0, 1000) == content[:1000]
+        assert device.read(blob.files[0], 5000, 1000) == content[5000:6000]
+        assert backend.read_count == 1
+        for i in range(1, RECENT_CHUNKS + 1):  # the first chunk drops out
+            assert device.read(blob.files[0], i * CHUNK, 10) == content[i * CHUNK:i * CHUNK + 10]
+        assert backend.read_count == 1 + RECENT_CHUNKS
+        assert device.read(blob.files[0], 0, 10) == content[:10]
+        assert backend.read_count == 2 + RECENT_CHUNKS
     finally:
         device.close()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from nydusd.errors import BackendError, ConfigError
+from nydusd.errors import BackendError, ConfigError, redact_credentials
 from nydusd.log import get_logger
 from nydusd.oci.client import HttpClient
 
@@ -45,9 +45,11 @@ class DragonflyProxy:
 
     def __init__(self, cfg: Any, *, start_checker: bool = True) -> None:
         self.url: str = cfg.url
+        #: the URL as logs, errors and metrics show it (credentials masked)
+        self.public_url = redact_credentials(self.url)
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"proxy url must be http(s)://host:port, got {self.url!r}",
+            raise ConfigError(f"proxy url must be http(s)://host:port, got {self.public_url!r}",
                               field="backend.proxy.url")
         self._addr = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self.ping_url: str = cfg.ping_url or ""
@@ -86,8 +88,8 @@ class DragonflyProxy:
             if self.fallback:
                 self.direct_requests += 1
                 return None
-        raise BackendError(f"proxy {self.url} is unhealthy and proxy fallback is disabled",
-                           transient=True, proxy=self.url)
+        raise BackendError(f"proxy {self.public_url} is unhealthy and proxy fallback is disabled",
+                           transient=True, proxy=self.public_url)
 
     def rewrite(self, url: str) -> str:
         if self.use_http and url.startswith("https://"):
@@ -107,7 +109,7 @@ class DragonflyProxy:
             if was:
                 self.marked_down += 1
         if was:
-            log.warning("proxy_marked_down", proxy=self.url, cause=cause, fallback=self.fallback)
+            log.warning("proxy_marked_down", proxy=self.public_url, cause=cause, fallback=self.fallback)
 
     # ------------------------------------------------------------------ health checks
     def check_now(self) -> bool:
@@ -121,9 +123,9 @@ class DragonflyProxy:
             if was and not ok:
                 self.marked_down += 1
         if ok and not was:
-            log.info("proxy_recovered", proxy=self.url)
+            log.info("proxy_recovered", proxy=self.public_url)
         elif was and not ok:
-            log.warning("proxy_marked_down", proxy=self.url, cause="health check failed",
+            log.warning("proxy_marked_down", proxy=self.public_url, cause="health check failed",
                         fallback=self.fallback)
         return ok
 
@@ -163,6 +165,7 @@ class DragonflyProxy:
         purl = self.current()
         if purl is None:
             return direct()
+        shown = self.public_url
         try:
             return proxied()
         except Exception as exc:
@@ -170,14 +173,14 @@ class DragonflyProxy:
                 raise
             self.report_failure(str(exc))
             if not self.fallback:
-                raise BackendError(f"request through proxy {purl} failed and proxy fallback is "
-                                   f"disabled: {exc}", transient=True, proxy=purl) from exc
-            log.info("proxy_request_fell_back", proxy=purl, cause=str(exc))
+                raise BackendError(f"request through proxy {shown} failed and proxy fallback is "
+                                   f"disabled: {exc}", transient=True, proxy=shown) from exc
+            log.info("proxy_request_fell_back", proxy=shown, cause=str(exc))
             return direct()
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
-            return {"url": self.url, "healthy": self._healthy, "fallback": self.fallback,
+            return {"url": self.public_url, "healthy": self._healthy, "fallback": self.fallback,
                     "proxied_requests": self.proxied_requests, "direct_requests": self.direct_requests,
                     "marked_down": self.marked_down, "recovered": self.recovered}
 

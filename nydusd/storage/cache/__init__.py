@@ -35,8 +35,10 @@ def create_cache(cfg: Any, backend: BlobReader, *, digest_validate: bool = False
                  batch_size: int = DEFAULT_BATCH_SIZE, id: str = "") -> BlobCacheManager:
     """Build the cache manager described by ``cfg`` (a ``CacheConfig``) over ``backend``.
 
-    ``digest_validate`` (rafs ``validate``) verifies every chunk fetched from the backend;
-    ``cache.validate`` additionally re-verifies chunks read back from the cache files.
+    ``digest_validate`` (rafs ``validate``, v1 ``digest_validate``) and ``cache.validate`` each
+    verify every chunk's digest: fetched from the backend AND read back from the cache files (as
+    upstream, where ``digest_validate`` turns the cache's ``cache_validate`` on). With both off
+    nothing is verified beyond the payload and decompressed lengths.
     ``batch_size`` (rafs ``batch_size`` / v1 ``amplify_io``) bounds one merged backend request.
     Raises ConfigError for an unknown type or unusable work_dir, Unsupported for fscache and
     encrypted caches.
@@ -45,7 +47,7 @@ def create_cache(cfg: Any, backend: BlobReader, *, digest_validate: bool = False
     validate = bool(getattr(cfg, "validate", False))
     common: dict[str, Any] = {"id": id, "batch_size": batch_size,
                               "verify_fetched": digest_validate or validate,
-                              "verify_cached": validate}
+                              "verify_cached": digest_validate or validate}
     if type_ in _DUMMY_TYPES:
         return DummyCacheManager(backend, **common)
     if type_ in _FILE_TYPES:

@@ -46,6 +46,7 @@ from nydusd.storage.device import (
     decode_chunk,
     decode_chunk_into,
 )
+from nydusd.storage.waits import BackendWaits
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -157,9 +158,15 @@ class BlobCache(ABC):
         hits = len(out)
         missing = {k: c for k, c in want.items() if k not in out}
         if missing:
-            with self.manager.ondemand():
-                self._fetch_missing(missing, force, amplify, out)
+            # on a helper thread: the waiting reader is bounded and woken at umount (storage/waits.py)
+            out = self.manager.waits.run(partial(self._fetch_on_demand, missing, force, amplify, out))
         self.manager.metrics_.record_read(len(want), hits)
+        return out
+
+    def _fetch_on_demand(self, missing: dict[int, ChunkInfo], force: set[int],
+                         amplify: Sequence[ChunkInfo], out: dict[int, bytes]) -> dict[int, bytes]:
+        with self.manager.ondemand():
+            self._fetch_missing(missing, force, amplify, out)
         return out
 
     def _fetch_missing(self, missing: dict[int, ChunkInfo], force: set[int],
@@ -483,6 +490,8 @@ class BlobCacheManager(ABC):
         self._closed = False
         self._active = 0
         self._idle = threading.Condition()
+        #: admission and cancellation of on-demand fetches (the daemon names it after the mountpoint)
+        self.waits = BackendWaits(id)
 
     @abstractmethod
     def _open(self, blob: BlobInfo) -> BlobCache:
@@ -525,7 +534,8 @@ class BlobCacheManager(ABC):
             return list(self._caches.values())
 
     def close(self) -> None:
-        """Close every blob cache. Idempotent; the backend stays open."""
+        """Close every blob cache. Idempotent; the backend stays open. (Readers still waiting on
+        the backend are failed by ``waits.cancel``, which ``BlobDevice.abort`` calls first.)"""
         with self._lock:
             self._closed = True
             caches = list(self._caches.values())

@@ -58,13 +58,15 @@ from contextlib import contextmanager
 from nydusd.errors import BackendError, ConfigError, IntegrityError, InvalidArgument
 from nydusd.log import get_logger
 from nydusd.storage.cache.base import BlobCache, BlobCacheManager, BlobReader, Fetched
-from nydusd.storage.cache.chunkmap import IndexedChunkMap, MemoryChunkMap
+from nydusd.storage.cache.chunkmap import IndexedChunkMap, MemoryChunkMap, open_private
 from nydusd.storage.device import BlobInfo, ChunkInfo, chunk_key, decode_chunk
 
 log = get_logger(__name__)
 
 DATA_SUFFIX = ".blob.data"
 RAW_SUFFIX = ".blob.raw"
+#: a work_dir the daemon creates is private to its user (an existing one is left as it is)
+PRIVATE_DIR_MODE = 0o700
 
 
 def _check_blob_id(blob_id: str) -> None:
@@ -206,7 +208,7 @@ class FileCache(BlobCache):
         self.data_path = base + (RAW_SUFFIX if self.compressed else DATA_SUFFIX)
         self.map_path = self.data_path + ".chunk_map"
         existed = os.path.exists(self.data_path)
-        self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = open_private(self.data_path)
         try:
             st = os.fstat(self._fd)
             if not stat.S_ISREG(st.st_mode):
@@ -492,7 +494,7 @@ class FileCacheManager(BlobCacheManager):
     def __init__(self, backend: BlobReader, *, work_dir: str, compressed: bool = False,
                  indexed: bool = True, **kw: object) -> None:
         try:
-            os.makedirs(work_dir, exist_ok=True)
+            os.makedirs(work_dir, mode=PRIVATE_DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create cache work_dir {work_dir!r}: {exc.strerror}",
                               field="cache.filecache.work_dir") from None

@@ -43,6 +43,21 @@ MAGIC_ALL_READY = 0x4D4D_4150
 HEADER_SIZE = 4096
 VERSION = 1
 _HEADER = struct.Struct("<IIII")  # magic, version, magic2, all_ready
+#: cache files hold image content: readable by the daemon's user only (the work_dir is 0700)
+PRIVATE_FILE_MODE = 0o600
+
+
+def open_private(path: str) -> int:
+    """``os.open`` a cache file read-write, creating it 0600; a file left group/other-readable (by
+    an older daemon) is made private too. Raises OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def chunk_map_size(chunk_count: int) -> int:
@@ -60,7 +75,7 @@ class IndexedChunkMap:
         self.count = chunk_count
         self.size = chunk_map_size(chunk_count)
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = open_private(path)
         try:
             self._prepare_file()
             self._mm = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
