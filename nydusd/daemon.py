@@ -69,8 +69,8 @@ from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
 from nydusd.storage.prefetch import BULK_MERGE_SIZE
-from nydusd.virtiofs.server import VirtioFsServer
 from nydusd.storage.waits import limits as backend_wait_limits
+from nydusd.virtiofs.server import VirtioFsServer
 
 log = get_logger(__name__)
 
