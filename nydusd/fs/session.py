@@ -122,8 +122,11 @@ class FuseSession:
             if self._stop_reason is not None:
                 return self._stop_reason
             self.running = True
-        # SIGUSR1 interrupts a worker's read of /dev/fuse; its default action would kill us.
-        previous = signal.signal(signal.SIGUSR1, _ignore_signal)
+        # SIGUSR1 interrupts a worker's read of /dev/fuse; its default action would kill us. The
+        # no-op handler stays installed for good: the stop thread (_end_loop) may still be sending
+        # its last SIGUSR1 after the loop is done, and a restored default action would kill the
+        # process on its way out (seen as an exit by SIGUSR1 under load with many workers).
+        signal.signal(signal.SIGUSR1, _ignore_signal)
         threading.Thread(target=self._set_readahead, args=(READAHEAD_KB,), name="fuse-readahead",
                          daemon=True).start()
         try:
@@ -134,7 +137,6 @@ class FuseSession:
             self._loop_done.set()
             with self._lock:
                 self.running = False
-            signal.signal(signal.SIGUSR1, previous)
         return self._stop_reason
 
     def stop(self, reason: str) -> None:

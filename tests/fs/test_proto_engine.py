@@ -7,8 +7,8 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import random
+import shutil
 import stat
 import struct
 import time
