@@ -1,4 +1,4 @@
-"""The import rules of ../shared/design.md §1: layers import downward, each third-party library has
+"""The import rules of docs/architecture.md: layers import downward, each third-party library has
 one home. Parsed from the source with ``ast``; a violation names the module and the import."""
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,8 @@ def test_examples_run(tmp_path: Path) -> None:
     sock = tmp_path / "api.sock"
     daemon = LiveDaemon(tmp_path, ["--apisock", str(sock), "--mountpoint", str(mnt), "--log-level", "info"],
                         mnt, sock)
-    env = {**os.environ, "SOCK": str(sock), "BOOT": str(boot), "CONFIG": str(config), "MNT": str(mnt)}
+    env = {**os.environ, "SOCK": str(sock), "BOOT": str(boot), "CONFIG": str(config), "MNT": str(mnt),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # nydusctl
     try:
         daemon.start()
         for cmd, expected in examples(api_section()):
