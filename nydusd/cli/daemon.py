@@ -202,6 +202,15 @@ def _prefetch_list(path: str | None) -> list[str] | None:
                           path=path) from None
 
 
+def _canonical_mountpoint(path: str) -> str:
+    """The absolute, symlink-free mountpoint path -- without touching the mountpoint itself: after a
+    crash it is the root of a FUSE mount nobody serves until our takeover, and a stat of it (which
+    ``realpath`` does) would wait for that takeover forever."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
 def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
     """Failover detection (spec §1.6): our mountpoint is still mounted and the old socket is dead."""
     if not apisock or not os.path.exists(apisock):
@@ -254,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, log_file)
     _limit_malloc_arenas()
     _raise_nofile(args.rlimit_nofile)
-    mountpoint = os.path.realpath(args.mountpoint) if args.mountpoint else None
+    mountpoint = _canonical_mountpoint(args.mountpoint) if args.mountpoint else None
     upgrade = args.upgrade
     if mountpoint and not upgrade and _crashed_before(mountpoint, args.apisock):
         log.warning("previous_daemon_crashed", mountpoint=mountpoint, apisock=args.apisock)

@@ -180,6 +180,8 @@ class DevFuseSession:
             self.running = False
         self._notify.put(None)
         self._notifier.join(5)
+        log.info("fuse_session_done", mountpoint=self.mountpoint, adopted=self.adopted,
+                 resent=self.resent, reason=self._stop_reason or "unmounted")
         return self._stop_reason
 
     def _worker_fd(self) -> int:
