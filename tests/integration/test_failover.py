@@ -303,3 +303,93 @@ def test_hot_upgrade_20_times_under_read_load(tmp_path):
             d.cleanup()
         sup.close()
         readers.kill()
+
+
+def test_supervisor_protocol_errors_are_clear_and_harmless(tmp_path):
+    """Takeover from a supervisor that is not there, disappears, sends no fd, sends garbage or a
+    truncated state: HTTP 500 naming the problem, the daemon stays INIT, keeps no stray fd, and a
+    proper takeover afterwards still works. sendfd without a listening supervisor fails cleanly."""
+    src = sample_tree(tmp_path / "src", big=False, seed=9)
+    image = build_image(src, tmp_path / "img", version=6)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock0, sock1 = str(tmp_path / "api0.sock"), str(tmp_path / "api1.sock")
+    old = Nydusd(_dedicated_args(tmp_path, image, sock0), mnt, log_path=tmp_path / "d0.log",
+                 apisock=sock0).start()
+    new = Nydusd(_dedicated_args(tmp_path, image, sock1, "--upgrade"), mnt,
+                 log_path=tmp_path / "d1.log", apisock=sock1)
+    sup = None
+    try:
+        old_api, api = ApiClient(sock0), ApiClient(sock1)
+        wait_state(old_api, "RUNNING", 5)
+        status, body = old_api.request("PUT", "/api/v1/daemon/fuse/takeover")
+        assert status == 400 and "UnexpectedEvent" in body["message"]
+        status, body = old_api.request("PUT", "/api/v1/daemon/fuse/sendfd")  # nobody listens
+        assert status == 500 and "cannot connect to the supervisor" in body["message"], body
+        new.start(wait_mount=False)
+        new.wait(lambda: os.path.exists(sock1), 30, "the API socket")
+        wait_state(api, "INIT", 5)
+        status, body = api.request("PUT", "/api/v1/daemon/fuse/takeover")
+        assert status == 500 and "cannot connect to the supervisor" in body["message"], body
+        sup = SpecSupervisor(str(tmp_path / "supervisor.sock"))
+        sendfd(old_api, sup)
+        null_before = _fd_targets(new.proc.pid).count("/dev/null")
+        for misbehave, text in [("disappear", "received no control file descriptor"),
+                                ("no-fd", "received no control file descriptor"),
+                                ("garbage", "not ours"), ("truncated", "not ours")]:
+            status, body = takeover(api, sup, misbehave)
+            assert status == 500 and text in body["message"], (misbehave, body)
+            assert body["message"].startswith("Upgrade(DaemonAbnormal(")
+            assert api.info()["state"] == "INIT" and new.alive()
+            targets = _fd_targets(new.proc.pid)  # every fd received on a failed takeover is closed
+            assert "/dev/fuse" not in targets and targets.count("/dev/null") == null_before, targets
+        assert not api.info()["backend_collection"]
+        status, body = takeover(api, sup)
+        assert status == 204, body
+        assert api.info()["state"] == "READY"
+        assert sorted(api.info()["backend_collection"]) == ["/"]
+        status, body = takeover(api, sup)  # a second takeover is an illegal transition
+        assert status == 400 and "UnexpectedEvent" in body["message"]
+        assert old_api.request("PUT", "/api/v1/daemon/exit")[0] == 204
+        assert old.proc.wait(10) == 0
+        assert api.request("PUT", "/api/v1/daemon/start")[0] == 204
+        wait_state(api, "RUNNING", 2)
+        assert (mnt / "small.txt").read_bytes() == (src / "small.txt").read_bytes()
+        new.proc.send_signal(signal.SIGTERM)
+        assert new.proc.wait(10) == 0
+        assert not is_mounted(mnt)
+        assert "Traceback" not in new.log()
+    finally:
+        for d in (new, old):
+            d.cleanup()
+        if sup is not None:
+            sup.close()
+
+
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_sendfd_needs_a_supervisor(tmp_path):
+    src = sample_tree(tmp_path / "src", big=False, seed=9)
+    image = build_image(src, tmp_path / "img", version=6)
+    (tmp_path / "mnt").mkdir()
+    sock = str(tmp_path / "api.sock")
+    args = _dedicated_args(tmp_path, image, sock)
+    cut = args.index("--id")
+    with Nydusd(args[:cut] + args[cut + 4:] + ["--fuse-session", "own"], tmp_path / "mnt",
+                log_path=tmp_path / "d.log", apisock=sock):
+        api = ApiClient(sock)
+        wait_state(api, "RUNNING", 5)
+        status, body = api.request("PUT", "/api/v1/daemon/fuse/sendfd")
+        assert status == 500 and "no supervisor" in body["message"], body
+    # llfuse cannot hand over: --supervisor with --fuse-session llfuse is refused up front
+    proc = subprocess.run([sys.executable, "-m", "nydusd", *args, "--fuse-session", "llfuse"],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--supervisor needs the own FUSE session" in proc.stderr
