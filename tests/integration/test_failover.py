@@ -393,3 +393,73 @@ def test_sendfd_needs_a_supervisor(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nydusd", *args, "--fuse-session", "llfuse"],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--supervisor needs the own FUSE session" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_nydusctl_supervise_restarts_a_killed_daemon(tmp_path):
+    """The supervisor for people without the snapshotter: kill -9 its nydusd twice under a read
+    load; each time it restarts nydusd with --upgrade and hands the session over: no read fails."""
+    src = sample_tree(tmp_path / "src", seed=11)
+    image = build_image(src, tmp_path / "img", version=6)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    cfg = image.write_config(tmp_path / "cfg.json", tmp_path / "cache")
+    log = open(tmp_path / "supervise.log", "wb")  # noqa: SIM115 - handed to the child
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "nydusd.cli.ctl", "-S", sock, "supervise", "--supervisor",
+         str(tmp_path / "sup.sock"), "--sendfd-interval", "1", "--", sys.executable, "-m", "nydusd",
+         "fuse", "--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
+         "--thread-num", "4"], cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    readers = None
+    try:
+        api = ApiClient(sock)
+        deadline = time.monotonic() + 30
+        while not (is_mounted(mnt) and os.path.exists(sock) and _connectable(api)):
+            assert sup.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "supervise.log").read_text()
+            time.sleep(0.05)
+        wait_state(api, "RUNNING", 10)
+        readers = Readers(tmp_path, file_hashes(src, mnt), threads=4)
+        readers.wait_passes(2)
+        for _ in range(2):
+            (victim,) = _children(sup.pid)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:
+                kids = [k for k in _children(sup.pid) if k != victim]
+                if kids and _connectable(api) and api.info()["state"] == "RUNNING":
+                    break
+                assert time.monotonic() < deadline, (tmp_path / "supervise.log").read_text()
+                time.sleep(0.05)
+            passes = readers.passes()
+            readers.wait_passes(passes + 2)
+        result = readers.finish()
+        assert result["errors"] == [] and result["mismatches"] == [], result
+        text = (tmp_path / "supervise.log").read_text()
+        assert text.count("supervised_daemon_restarted") == 2, text
+        sup.send_signal(signal.SIGTERM)  # passed on: the daemon unmounts, the supervisor ends
+        assert sup.wait(20) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if sup.poll() is None:
+            for kid in _children(sup.pid):
+                os.kill(kid, signal.SIGKILL)
+            sup.kill()
+            sup.wait()
+        if readers is not None:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            readers.kill()
