@@ -245,7 +245,7 @@ class DevFuseSession:
     def _end(self) -> None:
         if not self._ended.is_set():
             self._ended.set()
-            os.write(self._stop_w, b"x")
+            os.write(self._stop_w, b"x")  # workers run: the session is not closed yet
             log.info("fuse_session_ended", mountpoint=self.mountpoint)
 
     def _apply_failover_policy(self) -> None:
@@ -293,7 +293,8 @@ class DevFuseSession:
             if self._stop_reason is not None:
                 return
             self._stop_reason = reason
-        os.write(self._stop_w, b"x")
+            if not self._closed:  # the pipe is closed with the session
+                os.write(self._stop_w, b"x")
 
     def close(self, unmount: bool = True) -> None:
         """Tear down; with ``unmount`` also unmount (lazily, as libfuse does). Without, the kernel
