@@ -1,0 +1,1 @@
+"""vhost-user-fs back-end: serves nydusd.fs.proto over virtqueues to a VM (QEMU)."""

@@ -10,6 +10,7 @@ import os
 import random
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,19 @@ def test_init_negotiation(logs):
     assert len(newer) == 24 and struct.unpack_from("<II", newer, 16) == (7, 31)
 
 
+def test_a_second_init_starts_a_new_session_and_releases_the_old_files(served):
+    engine, client, _inst = served
+    node = client.lookup(1, b"a.txt").nodeid
+    fh = client.open(node)
+    client.open(node)
+    assert engine.vfs.open_handles() == 2
+    client.init()  # the guest rebooted without the device being reset
+    assert engine.vfs.open_handles() == 0
+    with pytest.raises(FuseReplyError) as exc:
+        client.read(node, fh, 0, 10)
+    assert exc.value.errno == errno.EBADF
+
+
 def test_write_opcodes_are_erofs_unknown_are_enosys(served):
     _engine, client, _inst = served
     for op in m.WRITE_OPCODES:
@@ -208,6 +222,10 @@ def test_pseudo_mounts_short_entry_timeouts_and_stale_inodes(image):
     names = [d.name for d in client.listdir(1, plus=True)]
     assert names == [b".", b"..", b"pseudo_1", b"pseudo_2"]
     p1 = client.lookup(1, b"pseudo_1")
+    # the kernel may cache the listings of image directories, never those of the pseudo root
+    open_flags = [m.OPEN_OUT.unpack(client.call(Opcode.OPENDIR, ino, m.OPEN_IN.pack(0, 0)))[1]
+                  for ino in (1, p1.nodeid, client.resolve("pseudo_1/d").nodeid)]
+    assert open_flags == [0, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR]
     assert p1.entry_valid <= 1.0 and stat.S_ISDIR(p1.attr.mode)
     assert client.lookup(p1.nodeid, b"a.txt").entry_valid > 60  # image entries cache long
     fh_file = client.resolve("pseudo_1/a.txt")
@@ -326,3 +344,67 @@ def test_thousands_of_malformed_requests_never_crash(served, image, logs):
     assert engine.vfs.open_handles() == 0
     client.init()
     assert client.read_file(client.lookup(1, b"a.txt").nodeid) == b"hello nydus\n"
+
+
+def test_concurrent_requests_while_images_come_and_go(image, logs):
+    """Workers run metadata requests in parallel (no global lock, unlike llfuse) while another
+    thread mounts and unmounts, closing each image inside ``Gate.exclusive`` as the daemon does:
+    every reply is a success or an errno the kernel expects, never a crashed handler (a read that
+    races the close may fail with EIO, logged as read_failed: fs/README.md rule 6)."""
+    import threading
+
+    logs.allowed["read_failed"] = None
+
+    vfs = Vfs()
+    keep = _instance(image, "/keep")
+    vfs.attach("/keep", keep.fs, keep.stats)
+    engine = FuseEngine(vfs)
+    first = FuseClient(lambda req: b"".join(bytes(s) for s in engine.handle(req) or []))
+    first.init()
+    names = sorted(d.name for d in first.listdir(first.lookup(1, b"keep").nodeid))
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        try:
+            work(seed)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failures.append(e)
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        client = FuseClient(lambda req: b"".join(bytes(s) for s in engine.handle(req) or []))
+        while not stop.is_set():
+            name = rng.choice(["churn", "keep"])
+            try:
+                top = client.lookup(1, name.encode())
+                listing = client.listdir(top.nodeid, plus=rng.random() < 0.5)
+                assert sorted(d.name for d in listing) == names
+                data = client.read_file(client.lookup(top.nodeid, b"a.txt").nodeid)
+                assert data == b"hello nydus\n"
+                err = 0
+            except FuseReplyError as e:
+                err = e.errno
+                assert err in (errno.ENOENT, errno.ESTALE, errno.EIO, errno.EBADF), err
+            with lock:
+                seen[err] = seen.get(err, 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            inst = _instance(image, "/churn")
+            vfs.attach("/churn", inst.fs, inst.stats)
+            time.sleep(0.01)
+            vfs.detach("/churn")
+            inst.close(engine.gate.exclusive())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    keep.close()
+    assert not failures, failures[:3]
+    assert seen.get(0, 0) > 20 and logs.count("fuse_handler_crashed") == 0

@@ -32,9 +32,9 @@ def images(tmp_path_factory):
             "other": build_image(other, tmp / "o")}
 
 
-def _start(tmp: Path, *args: str) -> tuple[Nydusd, str]:
+def _start(tmp: Path, *args: str, sub: tuple[str, ...] = ()) -> tuple[Nydusd, str]:
     sock = str(tmp / "vhost-user-fs.sock")
-    d = Nydusd(["--sock", sock, "--log-level", "debug", *args], tmp / "unused",
+    d = Nydusd([*sub, "--sock", sock, "--log-level", "debug", *args], tmp / "unused",
                log_path=tmp / "nydusd.log", apisock=str(tmp / "api.sock") if "--apisock" in args else None)
     d.start(wait_mount=False)
     d.wait(lambda: os.path.exists(sock), 20, "the vhost-user socket")
@@ -69,11 +69,12 @@ def test_bootstrap_at_the_root_and_sigterm(tmp_path, images):
 
 
 def test_shared_daemon_api_mounts_appear_in_the_pseudo_root(tmp_path, images):
-    d, sock = _start(tmp_path, "--apisock", str(tmp_path / "api.sock"))
+    d, sock = _start(tmp_path, "--apisock", str(tmp_path / "api.sock"), sub=("virtiofs",))
     api = ApiClient(str(tmp_path / "api.sock"))
     try:
         assert api.info()["state"] == "RUNNING"
         fe, client = _connect(sock)
+        assert api.request("GET", "/api/v1/metrics/inflight")[0] == 204  # nothing in flight
         assert [e.name for e in client.listdir(1)] == [b".", b".."]
         for name, version in (("pseudo_1", "v6"), ("pseudo_2", "v5")):
             cfg = images[version].write_config(tmp_path / f"{name}.json", tmp_path / f"cache-{name}")

@@ -67,6 +67,16 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fd_targets() -> list[str]:
+    out = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out.append(f + "=" + os.readlink(f"/proc/self/fd/{f}"))
+        except OSError:
+            pass
+    return out
+
+
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 def test_requests_over_virtqueues(server, image, indirect):
     src, _img = image
@@ -115,28 +125,59 @@ def test_reconnect_keeps_the_mounts_and_releases_the_old_guests_files(server):
 
 
 def _random_message(rng: random.Random) -> tuple[bytes, list[int]]:
-    req = rng.choice([*list(vu.Request), 0, 99, 0xFFFFFFFF])
-    kind = rng.randrange(6)
-    if kind == 0:
-        payload = rng.randbytes(rng.randrange(0, 64))
-    elif kind == 1:  # memory tables that lie
-        n = rng.choice([0, 1, 2, 9, 0xFFFFFFFF])
-        payload = vu.MEM_HEAD.pack(n, 0) + vu.MEM_REGION.pack(
-            rng.getrandbits(64), rng.choice([0, 4096, MEM_SIZE, 1 << 63]), rng.getrandbits(64),
-            rng.choice([0, 4096, 1 << 62]))
-    elif kind == 2:
-        payload = vu.VRING_STATE.pack(rng.choice([0, 1, 8, 9, 255, 0xFFFFFFFF]), rng.getrandbits(32))
-    elif kind == 3:
-        payload = vu.VRING_ADDR.pack(rng.choice([0, 1, 50]), 0, *(rng.getrandbits(64) for _ in range(4)))
-    elif kind == 4:
-        payload = struct.pack("<Q", rng.choice([0, 1, 0x100, 0x101, 0x1FF, rng.getrandbits(64)]))
+    """Mostly well-formed messages in random order (so a connection survives long enough to take
+    many), one in ten broken: bad lengths, versions, indexes, memory tables, fd counts."""
+    req = rng.choice([vu.Request.GET_FEATURES, vu.Request.GET_PROTOCOL_FEATURES,
+                      vu.Request.SET_PROTOCOL_FEATURES, vu.Request.GET_QUEUE_NUM,
+                      vu.Request.SET_OWNER, vu.Request.SET_VRING_NUM, vu.Request.SET_VRING_BASE,
+                      vu.Request.SET_VRING_ENABLE, vu.Request.SET_VRING_CALL,
+                      vu.Request.SET_VRING_ERR, vu.Request.SET_VRING_ADDR,
+                      vu.Request.GET_VRING_BASE, vu.Request.SET_FEATURES])
+    index = rng.randrange(2)
+    nfds = 0
+    flags = vu.VERSION | (vu.FLAG_NEED_REPLY if rng.random() < 0.3 else 0)
+    if req in (vu.Request.SET_VRING_NUM, vu.Request.SET_VRING_BASE, vu.Request.SET_VRING_ENABLE,
+               vu.Request.GET_VRING_BASE):
+        payload = vu.VRING_STATE.pack(index, rng.choice([1, 64, 256, 1024]))
+    elif req in (vu.Request.SET_VRING_CALL, vu.Request.SET_VRING_ERR):
+        payload = struct.pack("<Q", index)
+        nfds = 1
+    elif req == vu.Request.SET_VRING_ADDR:
+        payload = vu.VRING_ADDR.pack(index, 0, *(rng.getrandbits(64) for _ in range(4)))
+    elif req == vu.Request.SET_FEATURES:
+        payload = struct.pack("<Q", vu.VIRTIO_F_VERSION_1)
+    elif req == vu.Request.SET_PROTOCOL_FEATURES:
+        payload = struct.pack("<Q", 0x9)
     else:
         payload = b""
-    flags = rng.choice([1, 1 | vu.FLAG_NEED_REPLY, 0, 2, 0xFF])
-    size = len(payload) if rng.random() < 0.8 else rng.choice([0, 5000, 0xFFFFFFFF, len(payload) + 3])
-    nfds = rng.choice([0, 0, 1, 2, 9])
-    fds = [os.eventfd(0) for _ in range(nfds)]
-    return vu.HEADER.pack(req, flags, size) + payload, fds
+    size = len(payload)
+    if rng.random() < 0.1:  # break it
+        kind = rng.randrange(8)
+        if kind == 0:
+            req = rng.choice([0, 99, 0xFFFFFFFF, vu.Request.SET_LOG_BASE, vu.Request.SET_SLAVE_REQ_FD])
+        elif kind == 1:
+            size = rng.choice([0, 5000, 0xFFFFFFFF, max(0, len(payload) - 1)])
+        elif kind == 2:
+            flags = rng.choice([0, 2, 0xFF])
+        elif kind == 3:
+            req, n = vu.Request.SET_MEM_TABLE, rng.choice([0, 1, 2, 9, 0xFFFFFFFF])
+            payload = vu.MEM_HEAD.pack(n, 0) + vu.MEM_REGION.pack(
+                rng.getrandbits(64), rng.choice([0, 4096, MEM_SIZE, 1 << 63]), rng.getrandbits(64),
+                rng.choice([0, 4096, 1 << 62]))
+            size = len(payload)
+            nfds = rng.choice([0, 1, 2])
+        elif kind == 4:
+            payload = vu.VRING_STATE.pack(rng.choice([9, 255, 0xFFFFFFFF]), 64)
+            req, size = vu.Request.SET_VRING_NUM, 8
+        elif kind == 5:
+            req, payload = vu.Request.SET_VRING_KICK, struct.pack("<Q", rng.choice([0x100, 0x1FF, 7]))
+            size = 8
+        elif kind == 6:
+            nfds = rng.choice([2, 9])
+        else:
+            payload = rng.randbytes(rng.randrange(0, 64))
+            size = len(payload)
+    return vu.HEADER.pack(req, flags, size) + payload[:4096], [os.eventfd(0) for _ in range(nfds)]
 
 
 def _connect(path: str) -> socket.socket:
@@ -159,15 +200,17 @@ def test_malformed_vhost_user_messages_never_crash_or_leak(server, logs):
     logs.allowed.update(dict.fromkeys(EXPECTED_EVENTS))
     rng = random.Random(11)
     before = _fds()
-    for _ in range(60):  # connections
+    sent = 0
+    for _ in range(100):  # connections
         s = _connect(server.path)
         try:
-            for _ in range(rng.randrange(1, 40)):
+            for _ in range(rng.randrange(1, 80)):
                 data, fds = _random_message(rng)
                 rights = struct.pack(f"{len(fds)}i", *fds)
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)] if fds else []
                 try:
                     s.sendmsg([data], anc)
+                    sent += 1
                 except OSError:
                     break
                 finally:
@@ -175,14 +218,44 @@ def test_malformed_vhost_user_messages_never_crash_or_leak(server, logs):
                         os.close(fd)
         finally:
             s.close()
+    assert sent > 2000
     # every connection is torn down; what the server holds is what it held before
     deadline = time.monotonic() + 10
     while _fds() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _fds() <= before
+    assert _fds() <= before, "; ".join(_fd_targets())
     fe = Frontend(server.path)
     fe.setup()
     assert _client(fe).read_file(_client(fe).resolve("a.txt").nodeid) == b"hello nydus\n"
+    fe.close()
+
+
+def test_random_ring_contents_never_crash(server, logs):
+    """Garbage descriptor tables and avail rings: every chain is rejected or answered, the used
+    ring keeps moving, and the back-end serves the next connection."""
+    logs.allowed.update(dict.fromkeys(EXPECTED_EVENTS))
+    rng = random.Random(4)
+    for _ in range(5):
+        fe = Frontend(server.path)
+        fe.setup()
+        ring = fe.rings[1]
+        fe.mm[ring.desc:ring.desc + 16 * ring.size] = rng.randbytes(16 * ring.size)
+        for _ in range(300):
+            head = rng.randrange(ring.size + 8)  # some heads out of range
+            struct.pack_into("<H", fe.mm, ring.avail + 4 + 2 * (ring.avail_idx % ring.size), head)
+            ring.avail_idx = (ring.avail_idx + 1) & 0xFFFF
+        struct.pack_into("<H", fe.mm, ring.avail + 2, ring.avail_idx)
+        os.eventfd_write(ring.kick, 1)
+        deadline = time.monotonic() + 20
+        while struct.unpack_from("<H", fe.mm, ring.used + 2)[0] < 250 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # heads out of range cannot be returned; every other chain is
+        assert struct.unpack_from("<H", fe.mm, ring.used + 2)[0] >= 250
+        fe.close()
+    fe = Frontend(server.path)
+    fe.setup()
+    client = _client(fe)
+    assert client.read_file(client.resolve("a.txt").nodeid) == b"hello nydus\n"
     fe.close()
 
 
@@ -231,4 +304,39 @@ def test_concurrent_requests_on_a_pool_of_workers(server):
         i, out_at = heads[head]
         assert length == 4096 + 16
         assert bytes(fe.mm[out_at + 16:out_at + length]) == TREE["d/b.bin"][i * 4096:(i + 1) * 4096]
+    fe.close()
+
+
+def test_several_request_queues_each_served(server):
+    """vhost-user-fs-pci num-request-queues=2: hiprio + two request queues, both answered."""
+    fe = Frontend(server.path, queues=3)
+    fe.setup()
+    client = _client(fe)
+    node = client.resolve("a.txt").nodeid
+    getattr_req = m.IN_HEADER.pack(56, Opcode.GETATTR, 7, node, 0, 0, 0, 0) + bytes(16)
+    for queue in (1, 2, 2, 1):
+        out = fe.roundtrip(getattr_req, queue=queue)
+        assert m.OUT_HEADER.unpack_from(out) == (16 + 104, 0, 7)
+    assert sorted(server.runners) == [0, 1, 2]
+    fe.close()
+
+
+def test_reset_device_then_set_up_again_on_the_same_connection(server):
+    """RESET_DEVICE (and RESET_OWNER) stop the queues and forget the rings and the FUSE session;
+    the front-end sets the device up again and is served from a fresh INIT."""
+    fe = Frontend(server.path)
+    fe.setup()
+    client = _client(fe)
+    client.open(client.resolve("a.txt").nodeid)
+    assert server.vfs.open_handles() == 1
+    for reset in (vu.Request.RESET_DEVICE, vu.Request.RESET_OWNER):
+        assert fe.ack(reset) == 0  # processed: the queues are stopped before the rings are reused
+        for r in fe.rings:
+            r.avail_idx = r.used_seen = 0
+            r.free = list(range(r.size))
+            fe.mm[r.desc:r.used + 4 + 8 * r.size + 2] = bytes(r.used + 4 + 8 * r.size + 2 - r.desc)
+        fe.setup()
+        assert server.vfs.open_handles() == 0
+        client = _client(fe)
+        assert client.read_file(client.resolve("a.txt").nodeid) == b"hello nydus\n"
     fe.close()

@@ -263,6 +263,8 @@ class FuseEngine:
         if self.readdirplus:
             want |= m.FUSE_DO_READDIRPLUS | m.FUSE_READDIRPLUS_AUTO
         out_flags = flags & want
+        if self.initialized:  # a new FUSE session (the guest rebooted): the old one's files are gone
+            self.close()
         self.minor = min(minor, m.KERNEL_MINOR)
         if not out_flags & m.FUSE_MAX_PAGES:
             self.max_read = min(self.max_read, 32 * PAGE_SIZE)
@@ -385,8 +387,14 @@ class FuseEngine:
     # -- directories ----------------------------------------------------------------------------
 
     def _opendir(self, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
+        """A directory of an image below the root is immutable: the kernel may keep its listing
+        (FOPEN_CACHE_DIR). Pseudo directories change with mounts, and the root may be remounted
+        with another image under the same inode number: those are listed afresh each time."""
         fh = int(self.vfs.opendir(nodeid))
-        return [m.OPEN_OUT.pack(fh, 0, 0)]
+        flags = 0
+        if decode_ino(nodeid)[0] != 0:
+            flags = m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR
+        return [m.OPEN_OUT.pack(fh, flags, 0)]
 
     def _readdir(self, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
         return self._list(args, out_size, plus=False)
@@ -407,17 +415,21 @@ class FuseEngine:
                 break
             dirent = m.pack_dirent(entry.attr.ino, entry.next_offset, entry.attr.mode, entry.name)
             if plus:
-                out.append(self._plus_entry(fh, entry.name))
+                out.append(self._plus_entry(fh, entry.name, entry.attr.ino))
             out.append(dirent)
             used += need
         return out
 
-    def _plus_entry(self, dir_ino: int, name: bytes) -> bytes:
+    def _plus_entry(self, dir_ino: int, name: bytes, ino: int) -> bytes:
         """The ``fuse_entry_out`` of a READDIRPLUS entry: nodeid 0 ("look it up yourself") for
-        ``.``/``..`` and for an entry whose lookup fails, so one bad entry never fails the listing."""
+        ``.``/``..`` and for an entry whose attributes fail, so one bad entry never fails the
+        listing. Inside an image the entry's inode is known: its attributes are fetched directly
+        (no name search); in a pseudo directory it goes through lookup (short timeouts)."""
         if name in (b".", b".."):
             return m.EMPTY_ENTRY
         try:
+            if decode_ino(dir_ino)[0] != 0:
+                return m.pack_entry(self.vfs.getattr(ino))
             return m.pack_entry(self._lookup_attr(dir_ino, name))
         except NydusError:
             return m.EMPTY_ENTRY
