@@ -2,8 +2,9 @@
 max_pages, readdirplus) against the llfuse session (libfuse2: 128 KiB reads, no readdirplus),
 measured in the same run over the same images, plus the failover and hot-upgrade pauses.
 
-Rows (medians of ``reps`` runs after a warm-up run; a shared daemon with 4 FUSE workers, localfs
-backend + blobcache, the blob cache warm in the page cache):
+Rows (medians of ``reps`` runs after a warm-up run; one shared daemon per session, 4 FUSE workers
+each, localfs backend + blobcache, the blob cache warm in the page cache; both daemons run side by
+side and every measurement alternates between them, so load on the shared machine hits both):
 - sequential read of a big file, its page cache dropped before each pass (every byte through the
   daemon);
 - random 4 KiB preads, 4 threads, O_DIRECT (every read reaches the daemon), for ``seconds`` s;
@@ -40,7 +41,6 @@ from bench_fuse import (  # noqa: E402
     find_sizes,
     make_big_tree,
     make_rootfs_like,
-    median_time,
     random_iops,
     read_all,
 )
@@ -135,35 +135,45 @@ class SessionBench:
             if status != 204:
                 raise RuntimeError(body)
 
-    def session(self, session: str) -> None:
-        base = self.work / session
-        (base / "mnt").mkdir(parents=True)
-        sock = str(base / "api.sock")
-        d = Nydusd(self._daemon(session, "--fuse-session", session), base / "mnt",
-                   log_path=base / "d.log", apisock=sock).start()
+    def sessions(self) -> None:
+        """Both daemons up at once; every measurement alternates between them rep by rep (order
+        swapped each rep), so a load change on the shared machine hits both alike."""
+        daemons, apis, samples = [], {}, {s: {k: [] for k in ("seq", "rand", "find1", "find2")}
+                                          for s in self.r}
         try:
-            api = ApiClient(sock)
-            self._mount_images(api, session)
-            big = base / "mnt" / "big" / "big.bin"
-            read_all(big)  # fill the blob cache
-            r = self.r[session]
-            r["seq"] = self.size / MiB / median_time(lambda: (drop_file_cache(big), read_all(big)),
-                                                     self.reps)
-            random_iops(big, 1.0)  # warm-up
-            r["rand"] = statistics.median(random_iops(big, self.seconds) for _ in range(self.reps))
-            tree = base / "mnt" / "tree"
-            firsts, seconds = [], []
-            find_sizes(tree)  # the blob-cache-independent warm-up
-            for _ in range(self.reps):
-                api.umount("/tree")
-                api.mount("/tree", self.tree_img.bootstrap,
-                          self.tree_img.config_text(base / "cache/tree"))
-                firsts.append(find_sizes(tree))
-                seconds.append(find_sizes(tree))
-            r["find1"], r["find2"] = statistics.median(firsts), statistics.median(seconds)
+            for session in self.r:
+                base = self.work / session
+                (base / "mnt").mkdir(parents=True)
+                sock = str(base / "api.sock")
+                daemons.append(Nydusd(self._daemon(session, "--fuse-session", session), base / "mnt",
+                                      log_path=base / "d.log", apisock=sock).start())
+                apis[session] = ApiClient(sock)
+                self._mount_images(apis[session], session)
+                big = base / "mnt" / "big" / "big.bin"
+                read_all(big)  # fill the blob cache
+                random_iops(big, 0.5)  # warm-up
+                find_sizes(base / "mnt" / "tree")
+            for rep in range(self.reps):
+                for session in (list(self.r) if rep % 2 else list(self.r)[::-1]):
+                    base = self.work / session
+                    big, tree = base / "mnt" / "big" / "big.bin", base / "mnt" / "tree"
+                    drop_file_cache(big)
+                    t = time.perf_counter()
+                    read_all(big)
+                    samples[session]["seq"].append(self.size / MiB / (time.perf_counter() - t))
+                    samples[session]["rand"].append(random_iops(big, self.seconds))
+                    apis[session].umount("/tree")
+                    apis[session].mount("/tree", self.tree_img.bootstrap,
+                                        self.tree_img.config_text(base / "cache/tree"))
+                    samples[session]["find1"].append(find_sizes(tree))
+                    samples[session]["find2"].append(find_sizes(tree))
+            for session, values in samples.items():
+                for key, vals in values.items():
+                    self.r[session][key] = statistics.median(vals)
         finally:
-            d.terminate()
-            d.cleanup()
+            for d in daemons:
+                d.terminate()
+                d.cleanup()
 
     def failover(self) -> None:
         base = self.work / "failover"
@@ -280,9 +290,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-session-") as tmp:
         bench = SessionBench(Path(tmp), size, reps, seconds)
         bench.build()
-        for session in ("llfuse", "own"):
-            print(f"measuring the {session} session ...", flush=True)
-            bench.session(session)
+        print("measuring the llfuse and own sessions (alternating) ...", flush=True)
+        bench.sessions()
         print("measuring failover and hot upgrade ...", flush=True)
         bench.failover()
         bench.report()
