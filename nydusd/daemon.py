@@ -27,6 +27,11 @@ Threading model:
   removed entry is invalidated (asynchronously, never blocking on a worker).
 - ``exit()``: the daemon marks "keep the mount" and stops the session (``FuseSession.stop``, which
   may come before, during or after the loop); ``close(unmount=False)`` leaves the kernel mount.
+- Failover / hot upgrade (``--supervisor``, own ``/dev/fuse`` session, ``fs/devfuse.py``):
+  ``sendfd`` (API thread) pushes the state and the device fd to the supervisor
+  (``nydusd/upgrade.py``); in upgrade mode the main thread waits in INIT, ``takeover`` (API
+  thread) restores every mount at its old Vfs index and adopts the fd (READY), ``start`` wakes the
+  main thread, which serves the adopted session as after a normal mount.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import email.utils
+import json
 import os
 import signal
 import stat
@@ -46,18 +52,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from nydusd import __version__
+from nydusd import __version__, upgrade
 from nydusd.config import ConfigV2, RafsConfig, load_config
 from nydusd.errors import (
     AlreadyExists,
     ConfigError,
     InvalidArgument,
     NotFound,
+    NotReady,
     NydusError,
     Unsupported,
     redact_credentials,
 )
 from nydusd.fs.attrs import ROOT_INO
+from nydusd.fs.devfuse import DevFuseSession
 from nydusd.fs.fuse import FuseOperations
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.fs.session import FuseSession
@@ -316,7 +324,7 @@ class Daemon:
                  failover_policy: str = "resend",
                  instance_factory: InstanceFactory = build_rafs_instance,
                  set_log_level: Callable[[str], None] | None = None,
-                 sock: str | None = None) -> None:
+                 sock: str | None = None, fuse_session: str = "llfuse") -> None:
         self.mountpoint = mountpoint
         #: vhost-user-fs socket: serve the Vfs to a VM (virtio-fs) instead of a FUSE mount
         self.sock = sock
@@ -326,8 +334,12 @@ class Daemon:
         self.upgrade = upgrade
         self.writable = writable
         self.failover_policy = failover_policy
-        self.vfs = Vfs(uid=os.getuid(), gid=os.getgid(), on_error=self.record_error)
-        self.session: FuseSession | VirtioFsServer | None = None
+        #: "llfuse" or "own" (fs/devfuse.py: the one that can hand its connection over)
+        self.fuse_session = fuse_session
+        # own session: file handles start at a fresh base, never colliding with a predecessor's
+        self.vfs = Vfs(uid=os.getuid(), gid=os.getgid(), on_error=self.record_error,
+                       first_fh=time.time_ns() if fuse_session == "own" else 1)
+        self.session: FuseSession | DevFuseSession | VirtioFsServer | None = None
         self._factory = instance_factory
         self._set_log_level = set_log_level
         self._state = INIT
@@ -342,6 +354,8 @@ class Daemon:
         self._stop = threading.Event()
         self._stop_reason = "unmounted"
         self._warned_unvalidated = False
+        self._wake = threading.Event()  # upgrade mode: stop, or start after a takeover
+        self._takeover_lock = threading.Lock()
 
     # -- state machine --------------------------------------------------------------------------
 
@@ -357,8 +371,92 @@ class Daemon:
             self._state = to
 
     def start(self) -> None:
-        """``PUT /daemon/start``: READY -> RUNNING. Raises UnexpectedEvent in any other state."""
+        """``PUT /daemon/start``: READY -> RUNNING (after a takeover: serve the adopted session).
+        Raises UnexpectedEvent in any other state."""
         self._transition((READY,), RUNNING, "Start")
+        self._wake.set()
+
+    # -- hand-over (supervisor protocol, nydusd/upgrade.py) -----------------------------------
+
+    def sendfd(self) -> None:
+        """``PUT /daemon/fuse/sendfd``: push the state and the ``/dev/fuse`` fd to the supervisor.
+        Raises NotReady (nothing mounted yet), Unsupported (llfuse/virtio-fs session),
+        UpgradeError (no supervisor, supervisor unreachable)."""
+        if self.supervisor is None:
+            raise upgrade.UpgradeError("no supervisor: start nydusd with --id and --supervisor")
+        session = self.session
+        if session is None or self._state not in (READY, RUNNING):
+            raise NotReady("the FUSE session is not set up yet", state=self._state)
+        if not isinstance(session, DevFuseSession) or self.mountpoint is None:
+            raise Unsupported("this session cannot hand its FUSE connection over; "
+                              "use --fuse-session own (the default with --supervisor)")
+        deadline = time.monotonic() + 1.0  # the kernel's INIT is answered right after the mount
+        while not session.engine.initialized and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with self._mount_lock:
+            layout = self.vfs.layout()
+            mounts = [upgrade.MountState(
+                mountpoint=path, index=layout["mounts"][path], source=inst.source,
+                config=json.dumps(inst.config.to_dict(redact=False)), fs_type=inst.fs_type,
+                prefetch_files=inst.prefetch_files) for path, inst in self._instances.items()]
+        state = upgrade.UpgradeState(daemon_id=self.id, mountpoint=self.mountpoint,
+                                     fuse=session.engine.export_state(), pseudo=layout["pseudo"],
+                                     next_index=layout["next_index"], mounts=mounts)
+        upgrade.send_state(self.supervisor, state.encode(), session.fd)
+
+    def takeover(self) -> None:
+        """``PUT /daemon/fuse/takeover``: INIT -> READY; fetch state and fd from the supervisor,
+        re-create every mount at its old Vfs index and adopt the FUSE connection (served from
+        ``start``). Mounts made through the API while in INIT give way to the restored ones.
+        Raises UnexpectedEvent (not INIT), UpgradeError, and what a mount raises."""
+        with self._takeover_lock:
+            if self._state != INIT or self.session is not None:
+                raise UnexpectedEvent("UnexpectedEvent(\"Takeover\")", state=self._state)
+            if self.supervisor is None or self.mountpoint is None:
+                raise upgrade.UpgradeError("no supervisor: start nydusd with --id and --supervisor")
+            data, fd = upgrade.fetch_state(self.supervisor)
+            try:
+                session = self._restore(upgrade.UpgradeState.decode(data), fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            with self._state_lock:
+                self.session = session
+                if self._stop.is_set():
+                    session.stop(self._stop_reason)
+            self._transition((INIT,), READY, "Takeover")
+        log.info("takeover_done", mounts=len(self._instances), supervisor=self.supervisor)
+
+    def _restore(self, state: upgrade.UpgradeState, fd: int) -> DevFuseSession:
+        if state.mountpoint != self.mountpoint:
+            raise upgrade.UpgradeError("the supervisor's state is for another mountpoint",
+                                       state_mountpoint=state.mountpoint, mountpoint=self.mountpoint)
+        self.close_instances()  # restore wins over mounts made in INIT (spec: as upstream)
+        for path in list(self.vfs.mounts()):
+            self.vfs.detach(path)
+        built: dict[str, RafsInstance] = {}
+        try:
+            self.vfs.restore_layout(state.pseudo, state.next_index)
+            for m in state.mounts:
+                self._check_fs_type(m.fs_type)
+                inst = self._build(normalize_path(m.mountpoint), m.source, m.config,
+                                   m.prefetch_files)
+                built[inst.mountpoint] = inst
+                self.vfs.attach(inst.mountpoint, inst.fs, inst.stats, index=m.index)
+            # the same reserve of workers for backend waits as a fresh session (``run``)
+            session = DevFuseSession(self.vfs, self.mountpoint,
+                                     threads=self.threads + backend_wait_limits()[1],
+                                     writable=self.writable, failover_policy=self.failover_policy)
+            session.adopt(fd, state.fuse)
+        except BaseException:
+            for path, inst in built.items():
+                with contextlib.suppress(NydusError):
+                    self.vfs.detach(path)
+                inst.close()
+            raise
+        with self._mount_lock:
+            self._instances = built
+        return session
 
     def exit(self) -> None:
         """``PUT /daemon/exit``: stop serving and leave the process WITHOUT unmounting FUSE."""
@@ -380,6 +478,7 @@ class Daemon:
         session = self.session
         if session is not None:
             session.stop(reason)
+        self._wake.set()
 
     def _watch_signals(self) -> None:
         """Thread: turn each stop signal into ``request_stop`` (the signals are blocked everywhere,
@@ -670,13 +769,19 @@ class Daemon:
         Upgrade mode: stay INIT, start the API, wait for exit or a signal.
         """
         self._start_signal_watcher()
-        session: FuseSession | VirtioFsServer
+        session: FuseSession | DevFuseSession | VirtioFsServer
         _per_mount, shared = backend_wait_limits()
         if self.sock is not None and not self.upgrade:
             # the same reserve as FUSE (below); the pool starts threads only as requests need them
             session = VirtioFsServer(self.vfs, self.sock, threads=self.threads + shared)
         elif self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
+        elif self.fuse_session == "own":
+            # cloned fds lose their in-flight requests with the process: not when handing over
+            # the same reserve of workers for backend waits as the llfuse session (below)
+            session = DevFuseSession(self.vfs, self.mountpoint, threads=self.threads + shared,
+                                     writable=self.writable, failover_policy=self.failover_policy,
+                                     clone_fd=self.supervisor is None)
         else:
             # --thread-num workers plus one per possible backend wait: a read waiting on a backend
             # holds its worker, and storage/waits.py bounds those waits, so --thread-num workers
@@ -695,6 +800,10 @@ class Daemon:
                 session.stop(self._stop_reason)
         self._transition((INIT,), READY, "Mount")
         self._transition((READY,), RUNNING, "Start")
+        return self._serve(session, on_running)
+
+    def _serve(self, session: FuseSession | DevFuseSession | VirtioFsServer,
+               on_running: Callable[[], None] | None = None) -> int:
         try:
             if on_running is not None:
                 on_running()
@@ -709,15 +818,28 @@ class Daemon:
         return 0
 
     def _run_idle(self, on_running: Callable[[], None] | None) -> int:
+        """Upgrade mode: INIT until a takeover and ``start`` (then serve) or a stop."""
         try:
             if on_running is not None:
                 on_running()
-            while not self._stop.wait(0.5):
-                pass
-        finally:
-            with self._state_lock:
-                self._state = STOPPED
-            self.close_instances()
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                if self._state == RUNNING and self.session is not None:
+                    return self._serve(self.session)
+        except BaseException:
+            session = self.session
+            if session is not None:
+                session.close(unmount=False)
+            raise
+        with self._state_lock:
+            self._state = STOPPED
+        session = self.session
+        if session is not None:  # stopped after a takeover, before start
+            session.close(unmount=not self._keep_mount)
+        self.close_instances()
         return 0
 
     def close_instances(self) -> None:

@@ -3,8 +3,8 @@
 
 Owns: the routers ``router`` (v1 daemon), ``config_router`` (v1 config) and ``v2_router``.
 Each route parses, calls one daemon method and returns; failures are NydusErrors rendered by
-api/errors.py. Hot-upgrade (sendfd/takeover) and fscache blob management are not supported by this
-implementation and answer 501 ``Unsupported`` (upstream's reply for a daemon without them).
+api/errors.py. sendfd/takeover drive the daemon's hand-over to/from its supervisor; fscache blob
+management is not supported and answers 501 ``Unsupported`` (upstream's reply without it).
 Must not import: fs/storage/rafs internals. Thread-safety: plain ``def`` routes run in worker threads.
 """
 
@@ -61,13 +61,21 @@ def daemon_exit(daemon: DaemonDep) -> Response:
 
 
 @router.put("/fuse/sendfd", name="fuse_sendfd", status_code=204, responses={**EMPTY, **ERRORS})
-def fuse_sendfd() -> Response:
-    raise Unsupported("hot upgrade (sendfd to a supervisor) is not supported by this nydusd")
+def fuse_sendfd(daemon: DaemonDep) -> Response:
+    sendfd = getattr(daemon, "sendfd", None)
+    if sendfd is None:
+        raise Unsupported("hot upgrade (sendfd to a supervisor) is not supported by this daemon")
+    sendfd()
+    return no_content()
 
 
 @router.put("/fuse/takeover", name="fuse_takeover", status_code=204, responses={**EMPTY, **ERRORS})
-def fuse_takeover() -> Response:
-    raise Unsupported("hot upgrade (takeover from a supervisor) is not supported by this nydusd")
+def fuse_takeover(daemon: DaemonDep) -> Response:
+    takeover = getattr(daemon, "takeover", None)
+    if takeover is None:
+        raise Unsupported("hot upgrade (takeover from a supervisor) is not supported by this daemon")
+    takeover()
+    return no_content()
 
 
 @config_router.get("", name="get_config", response_model=dict[str, str], responses=ERRORS)

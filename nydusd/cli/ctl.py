@@ -3,7 +3,8 @@
 Owns: argument parsing and human-readable rendering (plain-text tables) for
 ``nydusctl -S SOCK [--raw] info | metrics [KIND] [--id ID] [-I N] | mount -b BOOT -c CFG -m MP |
 umount -m MP | set log-level LEVEL`` (upstream nydusctl's commands and flags, spec §8.5, plus the
-seed's ``mount -b``). It only talks HTTP through ``api.client`` (stdlib http.client over AF_UNIX).
+seed's ``mount -b``), and ``supervise`` (``cli/supervise.py``: restart a crashed nydusd and hand its
+FUSE session over). It only talks HTTP through ``api.client`` (stdlib http.client over AF_UNIX).
 Must not import: the daemon, fs, storage or rafs (it is a client); ``requests``.
 Threading: single-threaded; ``metrics --interval`` polls until interrupted or ``--count`` rounds.
 """
@@ -135,6 +136,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     st = sub.add_parser("set", help="set a daemon option")
     st.add_argument("option", choices=["log-level"])
     st.add_argument("value")
+    from nydusd.cli import supervise
+
+    supervise.add_parser(sub)
     return p.parse_args(list(argv))
 
 
@@ -182,6 +186,10 @@ def run(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "supervise":
+        from nydusd.cli import supervise
+
+        return supervise.run(args)
     try:
         with ApiClient(args.sock) as client:
             return run(args, client, sys.stdout)
@@ -195,3 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,9 @@ from nydusd.log import configure_logging, get_logger
 
 log = get_logger(__name__)
 
+FUSE_SESSIONS = ("llfuse", "own")
+#: environment default of --fuse-session (lets a test suite run every mount over both sessions)
+SESSION_ENV = "NYDUSD_FUSE_SESSION"
 SUBCOMMANDS = ("fuse", "virtiofs", "singleton", "uffd", "nbd")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 # options taking a value: a subcommand name right after one of these is that option's value
@@ -35,7 +38,7 @@ _VALUE_OPTS = {"-A", "--apisock", "-C", "--config", "--id", "--supervisor", "-l"
                "--mountpoint", "--fuse-threads", "--thread-num", "--failover-policy", "-B",
                "--bootstrap", "-D", "--localfs-dir", "-s", "--shared-dir", "--prefetch-files", "-m",
                "--virtual-mountpoint", "--backend-source", "--sock", "-S", "-F", "--fscache",
-               "--fscache-tag", "--fscache-threads", "--threads"}
+               "--fscache-tag", "--fscache-threads", "--threads", "--fuse-session"}
 
 
 def _threads(value: str) -> int:
@@ -66,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-M", "--mountpoint", help="host directory to FUSE-mount")
     f.add_argument("--fuse-threads", "--thread-num", dest="threads", type=_threads, default=4)
     f.add_argument("--failover-policy", default="resend", choices=("none", "resend", "flush"))
+    f.add_argument("--fuse-session", choices=FUSE_SESSIONS, default=None,
+                   help="FUSE session: llfuse (default) or own (/dev/fuse served by nydusd itself: "
+                        "1 MiB reads, readdirplus, hand-over; the default with --supervisor). "
+                        f"Default from ${SESSION_ENV} when set")
     f.add_argument("--writable", action="store_true", help="mount read-write")
     f.add_argument("--readonly", action="store_true", help=argparse.SUPPRESS)
     fs = p.add_argument_group("filesystem options")
@@ -113,6 +120,12 @@ def _validate(p: argparse.ArgumentParser, sub: str | None, a: argparse.Namespace
         p.error("both --config and --localfs-dir are missing")
     if a.prefetch_files and not a.bootstrap:
         p.error("--prefetch-files requires --bootstrap")
+    if a.fuse_session is None:
+        env = os.environ.get(SESSION_ENV, "")
+        a.fuse_session = env if env in FUSE_SESSIONS else "own" if a.supervisor else "llfuse"
+    if a.supervisor and a.fuse_session != "own" and not a.sock:
+        p.error("--supervisor needs the own FUSE session (--fuse-session own): llfuse cannot "
+                "hand its /dev/fuse connection over")
 
 
 SUBCOMMAND_HELP = {
@@ -208,6 +221,15 @@ def _prefetch_list(path: str | None) -> list[str] | None:
                           path=path) from None
 
 
+def _canonical_mountpoint(path: str) -> str:
+    """The absolute, symlink-free mountpoint path -- without touching the mountpoint itself: after a
+    crash it is the root of a FUSE mount nobody serves until our takeover, and a stat of it (which
+    ``realpath`` does) would wait for that takeover forever."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
 def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
     """Failover detection (spec §1.6): our mountpoint is still mounted and the old socket is dead.
     Only meaningful with ``--supervisor`` (see ``run``)."""
@@ -262,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, log_file)
     _limit_malloc_arenas()
     _raise_nofile(args.rlimit_nofile)
-    mountpoint = os.path.realpath(args.mountpoint) if args.mountpoint else None
+    mountpoint = _canonical_mountpoint(args.mountpoint) if args.mountpoint else None
     upgrade = args.upgrade
     # Crash detection (spec §1.6) only where a takeover can follow: with a supervisor holding the
     # old FUSE connection. Without one (nydus-snapshotter's recover_policy "restart"), a dead FUSE
@@ -277,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
                     supervisor=args.supervisor, upgrade=upgrade, writable=args.writable,
                     failover_policy=args.failover_policy,
                     set_log_level=lambda level: configure_logging(level, log_file),
-                    sock=os.path.abspath(args.sock) if args.sock else None)
+                    sock=os.path.abspath(args.sock) if args.sock else None,
+                    fuse_session=args.fuse_session)
     if args.bootstrap and not upgrade:
         daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
                      prefetch_files=_prefetch_list(args.prefetch_files))

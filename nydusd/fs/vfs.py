@@ -140,7 +140,7 @@ class Vfs:
     """Pseudo root plus attached image filesystems. See the module docstring for threading."""
 
     def __init__(self, *, uid: int = 0, gid: int = 0,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None, first_fh: int = 1) -> None:
         self._on_error = on_error
         self._lock = threading.Lock()
         self._created_ns = time.time_ns()
@@ -152,7 +152,9 @@ class Vfs:
         self._next_index = 1
         self._root_mount: Mount | None = None
         self._handles: dict[int, _OpenFile] = {}
-        self._fh = itertools.count(1)
+        #: a session that may be handed over starts at a fresh base (fs/devfuse.py), so its
+        #: handles never collide with those a predecessor handed the kernel
+        self._fh = itertools.count(first_fh)
 
     # -- mount table (writers, under _lock) ---------------------------------------------------
 
@@ -177,14 +179,18 @@ class Vfs:
                 return index
         raise NydusError("too many mounted filesystems", limit=MAX_MOUNTS)
 
-    def attach(self, path: str, fs: RafsFs, stats: FsIoStats) -> Mount:
-        """Attach ``fs`` at ``path`` (``/`` = the root). Raises AlreadyExists, InvalidArgument."""
+    def attach(self, path: str, fs: RafsFs, stats: FsIoStats, *, index: int | None = None) -> Mount:
+        """Attach ``fs`` at ``path`` (``/`` = the root); ``index`` pins the mount index (a takeover
+        restores the predecessor's, so the kernel's inode numbers stay valid). Raises
+        AlreadyExists, InvalidArgument."""
         path = normalize_path(path)
         parts = split_path(path)
         with self._lock:
             if path in self._by_path:
                 raise AlreadyExists("object or filesystem already exists", mountpoint=path)
-            mount = Mount(self._alloc_index(), path, fs, stats)
+            if index is not None and (not 1 <= index <= MAX_MOUNTS or index in self._mounts):
+                raise InvalidArgument("mount index in use or out of range", index=index)
+            mount = Mount(index if index is not None else self._alloc_index(), path, fs, stats)
             if not parts:
                 if self._pseudo[ROOT_INO].entries:
                     raise AlreadyExists("pseudo root is not empty", mountpoint=path)
@@ -199,6 +205,49 @@ class Vfs:
                 self._pseudo = pseudo
         log.info("vfs_attached", mountpoint=path, index=mount.index)
         return mount
+
+    # -- hand-over (takeover by a successor process, see nydusd/upgrade.py) ---------------------
+
+    def layout(self) -> dict[str, Any]:
+        """What a successor needs to give every kernel inode number the same meaning: the mount
+        index of each path, the pseudo directory inodes and the next-fit cursor."""
+        pseudo = self._pseudo
+        paths: dict[int, str] = {int(ROOT_INO): "/"}
+        pending = [int(ROOT_INO)]
+        while pending:
+            ino = pending.pop()
+            for name, child in pseudo[ino].entries.items():
+                if isinstance(child, int):
+                    paths[child] = paths[ino].rstrip("/") + "/" + os.fsdecode(name)
+                    pending.append(child)
+        return {"mounts": {m.path: m.index for m in self._mounts.values()},
+                "pseudo": {path: ino for ino, path in paths.items() if ino != ROOT_INO},
+                "next_index": self._next_index}
+
+    def restore_layout(self, pseudo: dict[str, int], next_index: int) -> None:
+        """Recreate a predecessor's pseudo directories with their inode numbers (see ``layout``).
+        Only on an empty table. Raises InvalidArgument for an inconsistent layout."""
+        with self._lock:
+            if self._mounts or self._pseudo[ROOT_INO].entries:
+                raise InvalidArgument("cannot restore a layout over existing mounts")
+            table = {int(ROOT_INO): _PseudoDir(ROOT_INO, ROOT_INO)}
+            for path, ino in sorted(pseudo.items(), key=lambda item: item[0].count("/")):
+                parts = split_path(path)
+                if not parts or ino in table or not 1 < ino < 1 << 56:
+                    raise InvalidArgument("bad pseudo directory in layout", path=path, inode=ino)
+                parent_ino = int(ROOT_INO)
+                for name in parts[:-1]:
+                    child = table[parent_ino].entries.get(name)
+                    if not isinstance(child, int):
+                        raise InvalidArgument("pseudo directory without parent", path=path)
+                    parent_ino = child
+                parent = table[parent_ino]
+                table[parent_ino] = _PseudoDir(parent.ino, parent.parent,
+                                               {**parent.entries, parts[-1]: ino})
+                table[ino] = _PseudoDir(ino, parent_ino)
+            self._pseudo = table
+            self._pseudo_ino = itertools.count(max(table) + 1)
+            self._next_index = next_index if 1 <= next_index <= MAX_MOUNTS else 1
 
     def _publish_mount(self, mount: Mount) -> None:
         mounts = dict(self._mounts)
@@ -520,6 +569,17 @@ class Vfs:
         mount.stats.fop_done(StatsFop.READ, ino=handle.ino, size=len(data),
                              latency_us=(time.perf_counter_ns() - start) / 1000)
         return data
+
+    def adopt_handle(self, fh: int, ino: int) -> None:
+        """Register ``fh`` -- a handle a predecessor process gave the kernel for inode ``ino`` --
+        as an open file of ``ino`` (takeover). Raises as ``open``."""
+        if fh in self._handles:
+            return
+        mount, local = self._resolve(ino)
+        if mount is None:
+            raise IsADirectory("is a directory", inode=ino)
+        attr, chunks = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
+        self._handles.setdefault(fh, _OpenFile(mount, local, attr.size, chunks))
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -23,7 +23,7 @@ from tests.integration.apiclient import ApiClient
 from tests.integration.images import build_image, sample_tree
 from tests.integration.proc import ROOT, force_unmount, is_mounted
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
 STOP_BOUND = 8.0  # seconds from the signal to the exit (a healthy stop takes ~0.3 s)
 DELAYS = (0.0, 0.005, 0.02, 0.05, 0.1, 0.2)

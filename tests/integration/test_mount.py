@@ -17,7 +17,7 @@ from tests.integration.images import build_image, sample_tree
 from tests.integration.proc import ROOT, Nydusd, is_mounted, mount_line
 from tests.integration.treecmp import compare_trees
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
 
 def start_dedicated(tmp: Path, image, *, cache: bool = True, extra: list[str] | None = None,
@@ -31,7 +31,7 @@ def start_dedicated(tmp: Path, image, *, cache: bool = True, extra: list[str] | 
 
 
 @pytest.mark.parametrize("version", [5, 6])
-def test_mounted_tree_matches_source(tmp_path, version):
+def test_mounted_tree_matches_source(tmp_path, version, fuse_session):
     src = sample_tree(tmp_path / "src")
     image = build_image(src, tmp_path / "img", version=version)
     with start_dedicated(tmp_path, image, extra=["--thread-num", "2"]) as d:
@@ -46,6 +46,7 @@ def test_mounted_tree_matches_source(tmp_path, version):
             open(Path(d.mountpoint) / "small.txt", "r+b")  # noqa: SIM115
         st = os.statvfs(d.mountpoint)
         assert st.f_files > 50
+        assert ("session=own" in d.log() or '"session": "own"' in d.log()) == (fuse_session == "own")
     assert d.proc.returncode == 0
     assert not is_mounted(tmp_path / "mnt")
 

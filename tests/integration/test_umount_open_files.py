@@ -20,7 +20,7 @@ from tests.integration.apiclient import ApiClient
 from tests.integration.images import build_image, sample_tree
 from tests.integration.proc import Nydusd
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
 MiB = 1 << 20
 

@@ -1,8 +1,9 @@
 """A plain blob HTTP server like the snapshotter's content-store proxy (``http-proxy`` backend).
 
-Serves ``GET``/``HEAD <prefix>/<blob_id>`` from a dict, over TCP on 127.0.0.1 or over a unix
-socket. Ranges are strict: ``bytes=a-b``/``bytes=a-`` give 206 with ``Content-Range`` (the end
-clamped to the blob), a start past the end gives 416, no Range gives 200 with the whole blob.
+Serves ``GET``/``HEAD <prefix>/<blob_id>`` from a dict (each GET optionally stalled ``delay`` s),
+over TCP on 127.0.0.1 or over a unix socket. Ranges are strict: ``bytes=a-b``/``bytes=a-`` give
+206 with ``Content-Range`` (the end clamped to the blob), a start past the end gives 416, no Range
+gives 200 with the whole blob.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import socketserver
 import threading
+import time
 from pathlib import Path
 
 from tests.servers.base import QuietHandler
@@ -37,6 +39,16 @@ class _ContentHandler(QuietHandler):
         path = self.path.split("?")[0]
         with srv.lock:
             srv.paths.append(path)
+            srv.active += 1
+        try:
+            if srv.delay and not head:
+                time.sleep(srv.delay)
+            self._answer(srv, path, head)
+        finally:
+            with srv.lock:
+                srv.active -= 1
+
+    def _answer(self, srv: ContentServer, path: str, head: bool) -> None:
         prefix, _, blob_id = path.rpartition("/")
         data = srv.blobs.get(blob_id) if prefix == srv.prefix else None
         if data is None:
@@ -76,6 +88,8 @@ class ContentServer:
         self.prefix = prefix.rstrip("/")
         self.paths: list[str] = []
         self.connections = 0  # TCP/unix connections accepted (keep-alive reuse shows as few)
+        self.delay = 0.0  # seconds each GET stalls before its answer (requests "in flight")
+        self.active = 0  # requests being answered right now
         self.lock = threading.Lock()
         self.socket_path = str(unix_socket) if unix_socket else None
         server: socketserver.BaseServer

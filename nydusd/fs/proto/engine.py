@@ -152,6 +152,8 @@ class FuseEngine:
         self.minor = 0
         self.max_read = max_pages * PAGE_SIZE
         self._handles: set[int] = set()  # open file handles of this connection
+        #: resumed from a predecessor process: unknown file handles are its, adopted on first use
+        self.adopting = False
         self._handles_lock = threading.Lock()
         self._handlers: dict[int, Callable[[int, memoryview, int], list[Buffer]]] = {
             Opcode.LOOKUP: self._lookup, Opcode.GETATTR: self._getattr,
@@ -229,6 +231,23 @@ class FuseEngine:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    # -- hand-over: a successor process serves the same kernel connection --------------------------
+
+    def export_state(self) -> dict[str, int]:
+        """What INIT negotiated, for a successor (``resume``)."""
+        return {"minor": self.minor, "max_read": self.max_read, "initialized": int(self.initialized)}
+
+    def resume(self, state: dict[str, int]) -> None:
+        """Serve a connection whose INIT a predecessor answered (the kernel never sends it again).
+        Its file handles are adopted on first use: READ and RELEASE carry the node id.
+        Raises ValueError for a state that cannot come from ``export_state``."""
+        minor, max_read = int(state["minor"]), int(state["max_read"])
+        if state.get("initialized", 1):
+            if not m.MIN_KERNEL_MINOR <= minor <= m.KERNEL_MINOR or not 0 < max_read <= 1 << 24:
+                raise ValueError(f"unusable FUSE connection state {state!r}")
+            self.minor, self.max_read, self.initialized = minor, max_read, True
+        self.adopting = True
 
     # -- session --------------------------------------------------------------------------------
 
@@ -335,7 +354,12 @@ class FuseEngine:
     def _read(self, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
         fh, offset, size, *_ = _args(m.READ_IN, args)
         if fh not in self._handles:
-            raise OSError(errno.EBADF, "not an open file of this connection")
+            if not self.adopting:
+                raise OSError(errno.EBADF, "not an open file of this connection")
+            with self.gate.shared():
+                self.vfs.adopt_handle(fh, nodeid)
+            with self._handles_lock:
+                self._handles.add(fh)
         limit = self.max_read if not out_size else min(self.max_read, out_size - m.OUT_HEADER.size)
         data = self.vfs.read(fh, offset, min(size, max(limit, 0)))
         return [data]
@@ -343,7 +367,7 @@ class FuseEngine:
     def _release(self, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
         fh, *_ = _args(m.RELEASE_IN, args)
         with self._handles_lock:
-            if fh not in self._handles:
+            if fh not in self._handles and not self.adopting:
                 raise OSError(errno.EBADF, "not an open file of this connection")
             self._handles.discard(fh)
         self.vfs.release(fh)
