@@ -14,6 +14,9 @@ Priority rules (on-demand reads always go first):
 - a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
   reader waiting for that chunk;
 - before each request a worker steps aside while on-demand fetches are running (bounded wait);
+- a streamed request stops pulling between two pieces while on-demand fetches run, unless a
+  reader waits for one of its chunks (``BlobCacheManager.prefetch_yield``): TCP flow control then
+  gives the link to the readers;
 - a prefetch fetch holds no lock an on-demand read needs; a reader that wants a chunk being
   prefetched joins that fetch through the cache's singleflight table, and retries on its own if
   the prefetch fails.

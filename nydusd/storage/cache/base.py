@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -51,6 +52,8 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1 << 20
+#: longest a streamed prefetch pauses between two pieces for running on-demand fetches
+PREFETCH_YIELD_SECONDS = 0.5
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
 #: payload bytes a prefetch reads from a streamed range before decoding and storing them
 STREAM_PIECE = 2 << 20
@@ -341,6 +344,9 @@ class BlobCache(ABC):
                     plain += group[j].uncompressed_size
                     j += 1
                 view = _thread_buffer("payload", nbytes, STREAM_PIECE)
+                # on-demand reads first: stop pulling while readers fetch (TCP flow control then
+                # hands them the link), unless one of them waits for a chunk of this prefetch
+                self.manager.prefetch_yield(partial(self._flights.wanted, pending))
                 stream.readinto(view)
                 piece, base = group[i:j], group[i].compressed_offset
                 with _CPU_SLOTS:
@@ -483,6 +489,7 @@ class BlobCacheManager(ABC):
         self._closed = False
         self._active = 0
         self._idle = threading.Condition()
+        self.prefetch_pauses = 0  # times a streamed prefetch paused for on-demand fetches
 
     @abstractmethod
     def _open(self, blob: BlobInfo) -> BlobCache:
@@ -507,6 +514,18 @@ class BlobCacheManager(ABC):
         """Block up to ``timeout`` seconds while on-demand fetches are running. True if idle."""
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def prefetch_yield(self, wanted: Callable[[], bool]) -> None:
+        """A streamed prefetch between two pieces: wait while on-demand fetches run (at most
+        ``PREFETCH_YIELD_SECONDS``), unless ``wanted()`` says a reader waits for this prefetch."""
+        deadline = time.monotonic() + PREFETCH_YIELD_SECONDS
+        with self._idle:
+            while self._active and not wanted():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.prefetch_pauses += 1
+                self._idle.wait(min(left, 0.02))
 
     def metrics(self) -> dict[str, Any]:
         """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
