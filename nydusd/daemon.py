@@ -250,7 +250,9 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
             else:
                 roots = [int(i) for i in sb.prefetch_inodes()]
             seen: set[int] = set()
-            queued = _queue_prefetch(sb, device, roots, stop, seen)
+            # the hinted files (a recorded access order) in one submission: their chunks are
+            # fetched in hint order, adjacent ones merged whatever their place in the list
+            queued = _queue_prefetch(sb, device, roots, stop, seen, together=True)
             if prefetch.prefetch_all:
                 # upstream: the hinted files first, then everything else. The whole-image pass
                 # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
@@ -272,10 +274,12 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
 
 
 def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event, seen: set[int],
-                    merge_limit: int | None = None) -> int:
+                    merge_limit: int | None = None, together: bool = False) -> int:
     """Submit the chunks of every regular file under ``roots`` (files or directories) not in ``seen``
-    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size)."""
+    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size);
+    file by file, or with ``together`` all in one ordered submission."""
     queued = 0
+    collected: list[Any] = []
     pending = deque(roots)  # breadth first, in hint order
     while pending and not stop.is_set():
         ino = pending.popleft()
@@ -286,7 +290,12 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
         if stat.S_ISDIR(inode.mode):
             pending.extend(int(child) for _name, child in sb.children(ino))
         elif stat.S_ISREG(inode.mode) and inode.size:
-            queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit)
+            if together:
+                collected.extend(sb.chunks(ino))
+            else:
+                queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit)
+    if collected and not stop.is_set():
+        queued += device.prefetch(collected, merge_limit=merge_limit)
     return queued
 
 

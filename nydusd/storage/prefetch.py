@@ -182,10 +182,16 @@ class Prefetcher:
     def _split(self, chunks: Iterable[ChunkInfo], limit: int) -> list[tuple[int, list[ChunkInfo]]]:
         """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= ``limit``. A
         contiguous stretch longer than ``limit`` is cut into that many runs of even size (not
-        greedily, which leaves a short tail run and one worker doing twice the work)."""
+        greedily, which leaves a short tail run and one worker doing twice the work). The runs are
+        returned in the order of need: by the first position in ``chunks`` of any of their chunks
+        (a replayed access order is fetched in that order, in merged requests)."""
         per_blob: dict[int, dict[int, ChunkInfo]] = {}
-        for chunk in chunks:
-            per_blob.setdefault(chunk.blob_index, {}).setdefault(chunk.compressed_offset, chunk)
+        rank: dict[tuple[int, int], int] = {}
+        for pos, chunk in enumerate(chunks):
+            by_offset = per_blob.setdefault(chunk.blob_index, {})
+            if chunk.compressed_offset not in by_offset:
+                by_offset[chunk.compressed_offset] = chunk
+                rank[chunk.blob_index, chunk.compressed_offset] = pos
         runs: list[tuple[int, list[ChunkInfo]]] = []
         for blob_index, by_offset in per_blob.items():
             stretch: list[ChunkInfo] = []
@@ -197,6 +203,7 @@ class Prefetcher:
                 stretch.append(chunk)
             if stretch:
                 runs.extend((blob_index, run) for run in _cut(stretch, limit))
+        runs.sort(key=lambda r: min(rank[r[0], c.compressed_offset] for c in r[1]))
         return runs
 
     def _run(self) -> None:

@@ -187,3 +187,26 @@ def test_prefetch_that_a_reader_waits_for_keeps_pulling(tmp_path: Path, blob: Te
         backend.piece_gate.set()
         backend.read_gate.set()
         device.close()
+
+
+def test_replayed_order_is_fetched_in_order_in_merged_requests(tmp_path: Path) -> None:
+    """A prefetch list (a recorded access order) is fetched in its order; chunks adjacent in the
+    blob merge into one request whatever their distance in the list."""
+    blob = build_blob([os.urandom(CHUNK) for _ in range(6)], chunk_size=CHUNK)   # f0..f5 in blob order
+    backend = StreamingBackend({blob.blob_id: blob.data})
+    backend.piece_gate = threading.Event()
+    device = make_device(blob, backend, tmp_path, threads=1, batch_size=2 * CHUNK)
+    try:
+        order = [blob.files[i][0] for i in (4, 1, 5, 0, 2)]
+        # f4+f5 and f0+f1 merge (2 chunks per request); f2 alone; f3 never asked for
+        assert device.prefetch(order) == 3
+        backend.piece_gate.set()
+        assert device.wait_prefetch(10)
+        starts = [off for kind, off, _ in backend.events if kind == "piece"]
+        expect = [blob.files[i][0].compressed_offset for i in (4, 5, 0, 1, 2)]
+        assert starts == expect
+        assert not device.is_ready(blob.files[3][0])
+        assert_fetched_once(backend.events, blob)
+    finally:
+        backend.piece_gate.set()
+        device.close()
