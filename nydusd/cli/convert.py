@@ -119,6 +119,56 @@ def _add_mount(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=cmd_mount)
 
 
+def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("optimize", help="rebuild a nydus image with a prefetch table (a file list)")
+    p.add_argument("--source", required=True, help="source nydus image reference")
+    p.add_argument("--target", required=True, help="target nydus image reference")
+    p.add_argument("--source-insecure", action="store_true")
+    p.add_argument("--target-insecure", action="store_true")
+    p.add_argument("--plain-http", action="store_true")
+    files = p.add_mutually_exclusive_group(required=True)
+    files.add_argument("--prefetch-files", help="file listing the paths to prefetch, one per line, in order")
+    files.add_argument("--access-pattern", help="a nydusd /api/v1/metrics/pattern JSON: prefetch the "
+                       "files it records, first read first")
+    p.add_argument("--policy", default="separated-blob-with-backend",
+                   help="accepted for compatibility: the data blobs are reused, chunks stay in place")
+    p.add_argument("--platform")
+    p.add_argument("--work-dir", default="./tmp")
+    p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
+    p.set_defaults(func=cmd_optimize)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the {what}: {e.strerror}", path=path) from None
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from nydusd.converter.optimize import Optimizer, ordered_paths, prefetch_list
+    from nydusd.converter.remote import open_remote
+
+    env = dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+        stack.callback(source.close)
+        target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+        stack.callback(target.close)
+        if args.prefetch_files:
+            paths = ordered_paths(_read_text(args.prefetch_files, "prefetch files").splitlines())
+        else:
+            try:
+                pattern = json.loads(_read_text(args.access_pattern, "access pattern"))
+            except ValueError:
+                raise InvalidArgument("the access pattern is not JSON", path=args.access_pattern) from None
+            paths = prefetch_list(source, pattern)
+        result = Optimizer(source, target, paths).optimize()
+    print(f"optimized {args.source} -> {result.target} ({result.digest}, "
+          f"{result.prefetch_files} prefetch files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
     parser.add_argument("-D", "--debug", action="store_true", default=bool(os.environ.get("DEBUG_LOG_LEVEL")))
@@ -128,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_check(sub)
     _add_mount(sub)
+    _add_optimize(sub)
     return parser
 
 
