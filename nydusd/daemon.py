@@ -258,7 +258,7 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
                 # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
                 # the on-demand merging size: per-request latency dominates small ranges.
                 queued += _queue_prefetch(sb, device, [int(sb.root_ino)], stop, seen,
-                                          merge_limit=BULK_MERGE_SIZE)
+                                          merge_limit=BULK_MERGE_SIZE, bulk=True)
             log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
         except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
             log.warning("prefetch_failed", mountpoint=inst.mountpoint, error=repr(e))
@@ -274,7 +274,7 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
 
 
 def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event, seen: set[int],
-                    merge_limit: int | None = None, together: bool = False) -> int:
+                    merge_limit: int | None = None, together: bool = False, bulk: bool = False) -> int:
     """Submit the chunks of every regular file under ``roots`` (files or directories) not in ``seen``
     (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size);
     file by file, or with ``together`` all in one ordered submission."""
@@ -293,7 +293,7 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
             if together:
                 collected.extend(sb.chunks(ino))
             else:
-                queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit)
+                queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit, bulk=bulk)
     if collected and not stop.is_set():
         queued += device.prefetch(collected, merge_limit=merge_limit)
     return queued

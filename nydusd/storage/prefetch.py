@@ -109,6 +109,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         # (blob_index, run, urgent, merge limit); urgent runs (readahead) sit at the front
         self._queue: deque[tuple[int, list[ChunkInfo], bool, int]] = deque()
+        self._bulk: set[int] = set()  # id() of queued runs submitted as bulk
         self._pending = 0  # queued + running requests
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -140,6 +141,7 @@ class Prefetcher:
         with self._cond:
             self._pending -= len(self._queue)
             self._queue.clear()
+            self._bulk.clear()
             self._cond.notify_all()
         for worker in self._workers:
             worker.join(timeout)
@@ -154,18 +156,22 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ work
     def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False,
-               merge_limit: int | None = None) -> int:
+               merge_limit: int | None = None, bulk: bool = False) -> int:
         """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued.
 
         ``urgent``: readahead on behalf of a reader -- queued ahead of background prefetch and
         exempt from the bandwidth limit and from stepping aside for on-demand fetches.
-        ``merge_limit``: largest request for these chunks (default ``batch_size``)."""
+        ``merge_limit``: largest request for these chunks (default ``batch_size``).
+        ``bulk``: speculative whole-image prefetch (``prefetch_all``): its streams stay paused
+        a while after on-demand fetches, not only while they run (``BlobCache.prefetch_chunks``)."""
         limit = self.batch_size if merge_limit is None else merge_limit
         runs = [(blob_index, run, urgent, limit) for blob_index, run in self._split(chunks, limit)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
         with self._cond:
+            if bulk:
+                self._bulk.update(id(r[1]) for r in runs)
             if urgent:
                 self._queue.extendleft(reversed(runs))
             else:
@@ -212,9 +218,9 @@ class Prefetcher:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                blob_index, run, urgent, taken = self._take()
+                blob_index, run, urgent, taken, bulk = self._take()
             try:
-                self._serve(blob_index, run, urgent)
+                self._serve(blob_index, run, urgent, bulk)
             finally:
                 with self._cond:
                     self._pending -= taken
@@ -222,11 +228,13 @@ class Prefetcher:
                         self.metrics.prefetch_finished()
                     self._cond.notify_all()
 
-    def _take(self) -> tuple[int, list[ChunkInfo], bool, int]:
+    def _take(self) -> tuple[int, list[ChunkInfo], bool, int, bool]:
         """Pop the next run and merge queued runs that continue it in the same blob (callers such
         as the daemon submit file by file; adjacent small files become one request). Called with
         the condition held. Returns the run and how many queued requests it absorbed."""
         blob_index, run, urgent, limit = self._queue.popleft()
+        bulk = id(run) in self._bulk
+        self._bulk.discard(id(run))
         taken = 1
         while self._queue:
             next_blob, next_run, _, next_limit = self._queue[0]
@@ -236,11 +244,13 @@ class Prefetcher:
                     or span > min(limit, next_limit)):
                 break
             self._queue.popleft()
+            bulk = bulk and id(next_run) in self._bulk
+            self._bulk.discard(id(next_run))
             run = run + next_run
             taken += 1
-        return blob_index, run, urgent, taken
+        return blob_index, run, urgent, taken, bulk
 
-    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool) -> None:
+    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool, bulk: bool = False) -> None:
         start = time.monotonic()
         try:
             cache = self.cache_of(blob_index)
@@ -259,7 +269,7 @@ class Prefetcher:
                 chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
             else:
                 with _BACKGROUND_STREAMS:
-                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
+                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit, bulk=bulk)
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))

@@ -210,3 +210,31 @@ def test_replayed_order_is_fetched_in_order_in_merged_requests(tmp_path: Path) -
     finally:
         backend.piece_gate.set()
         device.close()
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_bulk_prefetch_stays_paused_after_a_reader_fetched(tmp_path: Path, blob: TestBlob, bulk: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A starting container misses in bursts: ``prefetch_all`` (bulk) does not resume between two
+    of its fetches; hinted prefetch (a replayed table) resumes at once."""
+    monkeypatch.setattr(cache_base, "BULK_QUIET_SECONDS", 60.0)
+    monkeypatch.setattr(cache_base, "BULK_YIELD_SECONDS", 60.0)
+    backend = StreamingBackend({blob.blob_id: blob.data})
+    backend.piece_gate = threading.Event()
+    device = make_device(blob, backend, tmp_path, threads=1, batch_size=16 * CHUNK)
+    try:
+        prefetcher = device.start_prefetch()
+        assert prefetcher is not None
+        assert prefetcher.submit(blob.files[0], bulk=bulk) == 1
+        assert backend.piece_started.wait(10)
+        assert device.read(blob.files[1], 0, 100) == blob.contents[1][:100]   # a finished fetch
+        backend.piece_gate.set()
+        if bulk:
+            assert not device.wait_prefetch(0.3)
+            assert [e[0] for e in backend.events] == ["read", "piece"]   # the piece it was in
+            device.cache_manager._ondemand_ended = 0.0                   # the quiet period is over
+        assert device.wait_prefetch(10)
+        assert [e[0] for e in backend.events].count("piece") == 16
+    finally:
+        backend.piece_gate.set()
+        device.close()

@@ -54,6 +54,13 @@ T = TypeVar("T")
 DEFAULT_BATCH_SIZE = 1 << 20
 #: longest a streamed prefetch pauses between two pieces for running on-demand fetches
 PREFETCH_YIELD_SECONDS = 0.5
+#: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch
+#: ended (a starting container misses in bursts separated by short computations) ...
+BULK_QUIET_SECONDS = 0.25
+#: ... and pauses up to this long at a time
+BULK_YIELD_SECONDS = 2.0
+#: a streamed prefetch checks whether to pause before every this many bytes it pulls
+YIELD_SLICE = 256 << 10
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
 #: payload bytes a prefetch reads from a streamed range before decoding and storing them
 STREAM_PIECE = 2 << 20
@@ -244,8 +251,8 @@ class BlobCache(ABC):
         """The chunks of ``chunks`` (deduplicated) not yet in local state."""
         return [c for c in _unique(chunks).values() if not self.is_ready(c)]
 
-    def prefetch_chunks(self, chunks: Iterable[ChunkInfo], *,
-                        merge_limit: int | None = None) -> tuple[int, int]:
+    def prefetch_chunks(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None,
+                        bulk: bool = False) -> tuple[int, int]:
         """Fetch the missing ones of ``chunks`` into local state; skips chunks someone else is
         already fetching. Adjacent chunks merge into requests of up to ``merge_limit`` bytes
         (default: the manager's ``batch_size``). Returns ``(chunks fetched, payload bytes
@@ -262,12 +269,12 @@ class BlobCache(ABC):
             raise
         if not owned:
             return 0, 0
-        self._fetch_owned(owned, prefetch=True, limit=merge_limit)
+        self._fetch_owned(owned, prefetch=True, limit=merge_limit, bulk=bulk)
         return len(owned), sum(c.compressed_size for c in owned)
 
     # ------------------------------------------------------------------ shared fetch
     def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool,
-                     limit: int | None = None) -> dict[int, bytes]:
+                     limit: int | None = None, bulk: bool = False) -> dict[int, bytes]:
         """Fetch chunks this caller leads; every flight is resolved or failed before returning.
         Returns the plain bytes of the chunks that were decoded (all of them on demand)."""
         result: dict[int, bytes] = {}
@@ -277,7 +284,7 @@ class BlobCache(ABC):
             for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
                 if stream:
                     with self.bulk_write():
-                        self._stream_group(group, pending)
+                        self._stream_group(group, pending, bulk)
                     continue
                 fetched, failed = self._fetch_group(group, prefetch)
                 self._settle(fetched, pending)
@@ -323,7 +330,7 @@ class BlobCache(ABC):
             self._flights.resolve(key, bytes(item.plain) if publish and item.plain is not None else None)
             pending.discard(key)
 
-    def _stream_group(self, group: list[ChunkInfo], pending: set[int]) -> None:
+    def _stream_group(self, group: list[ChunkInfo], pending: set[int], bulk: bool = False) -> None:
         """Prefetch one merged run with a single streamed request: read ``STREAM_PIECE`` bytes at a
         time into this thread's buffer, decode, store and resolve them, then read on. Plain bytes
         are not kept (the caller reads them back from the cache). Raises the first chunk failure
@@ -346,8 +353,10 @@ class BlobCache(ABC):
                 view = _thread_buffer("payload", nbytes, STREAM_PIECE)
                 # on-demand reads first: stop pulling while readers fetch (TCP flow control then
                 # hands them the link), unless one of them waits for a chunk of this prefetch
-                self.manager.prefetch_yield(partial(self._flights.wanted, pending))
-                stream.readinto(view)
+                wanted = partial(self._flights.wanted, pending)
+                for pos in range(0, nbytes, YIELD_SLICE):
+                    self.manager.prefetch_yield(wanted, bulk=bulk)
+                    stream.readinto(view[pos:pos + YIELD_SLICE])
                 piece, base = group[i:j], group[i].compressed_offset
                 with _CPU_SLOTS:
                     if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
@@ -490,6 +499,7 @@ class BlobCacheManager(ABC):
         self._active = 0
         self._idle = threading.Condition()
         self.prefetch_pauses = 0  # times a streamed prefetch paused for on-demand fetches
+        self._ondemand_ended = 0.0  # monotonic time the last on-demand fetch ended
 
     @abstractmethod
     def _open(self, blob: BlobInfo) -> BlobCache:
@@ -515,12 +525,15 @@ class BlobCacheManager(ABC):
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
-    def prefetch_yield(self, wanted: Callable[[], bool]) -> None:
-        """A streamed prefetch between two pieces: wait while on-demand fetches run (at most
-        ``PREFETCH_YIELD_SECONDS``), unless ``wanted()`` says a reader waits for this prefetch."""
-        deadline = time.monotonic() + PREFETCH_YIELD_SECONDS
+    def prefetch_yield(self, wanted: Callable[[], bool], *, bulk: bool = False) -> None:
+        """A streamed prefetch between two slices: wait while on-demand fetches run (at most
+        ``PREFETCH_YIELD_SECONDS``), unless ``wanted()`` says a reader waits for this prefetch.
+        A ``bulk`` prefetch also waits out ``BULK_QUIET_SECONDS`` after the last on-demand fetch,
+        up to ``BULK_YIELD_SECONDS``."""
+        quiet = BULK_QUIET_SECONDS if bulk else 0.0
+        deadline = time.monotonic() + (BULK_YIELD_SECONDS if bulk else PREFETCH_YIELD_SECONDS)
         with self._idle:
-            while self._active and not wanted():
+            while (self._active or time.monotonic() - self._ondemand_ended < quiet) and not wanted():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
@@ -564,5 +577,6 @@ class _OnDemand:
     def __exit__(self, *exc: object) -> None:
         with self.manager._idle:
             self.manager._active -= 1
+            self.manager._ondemand_ended = time.monotonic()
             if self.manager._active == 0:
                 self.manager._idle.notify_all()
