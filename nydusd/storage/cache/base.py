@@ -55,8 +55,9 @@ DEFAULT_BATCH_SIZE = 1 << 20
 #: longest a streamed prefetch pauses between two pieces for running on-demand fetches
 PREFETCH_YIELD_SECONDS = 0.5
 #: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch
-#: ended (a starting container misses in bursts separated by short computations) ...
-BULK_QUIET_SECONDS = 0.25
+#: ended (a starting container misses in bursts separated by short computations; data a paused
+#: stream's socket still takes in is link time the reads do not get) ...
+BULK_QUIET_SECONDS = 0.5
 #: ... and pauses up to this long at a time
 BULK_YIELD_SECONDS = 2.0
 #: a streamed prefetch checks whether to pause before every this many bytes it pulls
@@ -256,8 +257,15 @@ class BlobCache(ABC):
         """Fetch the missing ones of ``chunks`` into local state; skips chunks someone else is
         already fetching. Adjacent chunks merge into requests of up to ``merge_limit`` bytes
         (default: the manager's ``batch_size``). Returns ``(chunks fetched, payload bytes
-        fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures)."""
+        fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures).
+
+        ``bulk`` (speculative whole-image prefetch, streaming backends): chunks are claimed piece
+        by piece as the stream reaches them, not all at once, so a reader never waits for a long
+        stream to reach its chunk: it fetches the chunk itself, and the stream drops those bytes
+        (see ``_stream_group``)."""
         missing = {chunk_key(c): c for c in self.missing(chunks)}
+        if bulk and hasattr(self.backend, "open_range"):
+            return self._prefetch_lazily(list(missing.values()), merge_limit)
         ready = self._ready_check(missing)
         owned: list[ChunkInfo] = []
         try:
@@ -271,6 +279,34 @@ class BlobCache(ABC):
             return 0, 0
         self._fetch_owned(owned, prefetch=True, limit=merge_limit, bulk=bulk)
         return len(owned), sum(c.compressed_size for c in owned)
+
+    def _prefetch_lazily(self, chunks: list[ChunkInfo], limit: int | None) -> tuple[int, int]:
+        claimed: list[ChunkInfo] = []
+        pending: set[int] = set()
+        try:
+            for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
+                with self.bulk_write():
+                    self._stream_group(group, pending, True, claimed)
+        except BaseException as exc:
+            err = exc if isinstance(exc, NydusError) else BackendError(f"chunk fetch failed: {exc}")
+            for key in pending:
+                self._flights.fail(key, err)
+            if err is exc:
+                raise
+            raise err from exc
+        return len(claimed), sum(c.compressed_size for c in claimed)
+
+    def _claim_piece(self, piece: list[ChunkInfo], pending: set[int],
+                     claimed: list[ChunkInfo]) -> list[ChunkInfo]:
+        """Claim the chunks of ``piece`` nobody fetches and that are not ready (lazy claims)."""
+        mine: list[ChunkInfo] = []
+        for chunk in piece:
+            key = chunk_key(chunk)
+            if self._flights.try_claim(key, is_ready=self._ready_check({key: chunk}), prefetch=True):
+                pending.add(key)
+                mine.append(chunk)
+        claimed.extend(mine)
+        return mine
 
     # ------------------------------------------------------------------ shared fetch
     def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool,
@@ -330,11 +366,14 @@ class BlobCache(ABC):
             self._flights.resolve(key, bytes(item.plain) if publish and item.plain is not None else None)
             pending.discard(key)
 
-    def _stream_group(self, group: list[ChunkInfo], pending: set[int], bulk: bool = False) -> None:
+    def _stream_group(self, group: list[ChunkInfo], pending: set[int], bulk: bool = False,
+                      claimed: list[ChunkInfo] | None = None) -> None:
         """Prefetch one merged run with a single streamed request: read ``STREAM_PIECE`` bytes at a
         time into this thread's buffer, decode, store and resolve them, then read on. Plain bytes
         are not kept (the caller reads them back from the cache). Raises the first chunk failure
-        after the whole run was tried, or the backend's error."""
+        after the whole run was tried, or the backend's error. With ``claimed`` (lazy claims), the
+        chunks of each piece are claimed just before it is read (and added to ``claimed`` and
+        ``pending``); the bytes of chunks a reader fetched meanwhile are read and dropped."""
         start = group[0].compressed_offset
         size = group[-1].compressed_offset + group[-1].compressed_size - start
         failed: NydusError | None = None
@@ -350,6 +389,9 @@ class BlobCache(ABC):
                     nbytes += group[j].compressed_size
                     plain += group[j].uncompressed_size
                     j += 1
+                piece, base = group[i:j], group[i].compressed_offset
+                if claimed is not None:
+                    piece = self._claim_piece(piece, pending, claimed)
                 view = _thread_buffer("payload", nbytes, STREAM_PIECE)
                 # on-demand reads first: stop pulling while readers fetch (TCP flow control then
                 # hands them the link), unless one of them waits for a chunk of this prefetch
@@ -357,7 +399,9 @@ class BlobCache(ABC):
                 for pos in range(0, nbytes, YIELD_SLICE):
                     self.manager.prefetch_yield(wanted, bulk=bulk)
                     stream.readinto(view[pos:pos + YIELD_SLICE])
-                piece, base = group[i:j], group[i].compressed_offset
+                if not piece:
+                    i = j
+                    continue
                 with _CPU_SLOTS:
                     if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
                         fetched = [Fetched(c, view[c.compressed_offset - base:][:c.compressed_size], None)
@@ -499,7 +543,9 @@ class BlobCacheManager(ABC):
         self._active = 0
         self._idle = threading.Condition()
         self.prefetch_pauses = 0  # times a streamed prefetch paused for on-demand fetches
-        self._ondemand_ended = 0.0  # monotonic time the last on-demand fetch ended
+        # monotonic time the last on-demand fetch ended; a mount counts as one (a bulk prefetch
+        # leaves the container being started on it a quiet period to issue its first reads in)
+        self._ondemand_ended = time.monotonic()
 
     @abstractmethod
     def _open(self, blob: BlobInfo) -> BlobCache:
