@@ -250,10 +250,14 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
             else:
                 roots = [int(i) for i in sb.prefetch_inodes()]
             seen: set[int] = set()
+            # a table listing "/" (nydusify's default) asks for the whole image: that is the
+            # speculative bulk pass, which stays behind the container's reads, not a hint
+            whole = int(sb.root_ino) in roots
+            roots = [r for r in roots if r != int(sb.root_ino)]
             # the hinted files (a recorded access order) in one submission: their chunks are
             # fetched in hint order, adjacent ones merged whatever their place in the list
             queued = _queue_prefetch(sb, device, roots, stop, seen, together=True)
-            if prefetch.prefetch_all:
+            if prefetch.prefetch_all or whole:
                 # upstream: the hinted files first, then everything else. The whole-image pass
                 # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
                 # the on-demand merging size: per-request latency dominates small ranges.
