@@ -258,6 +258,8 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
             # fetched in hint order, adjacent ones merged whatever their place in the list
             queued = _queue_prefetch(sb, device, roots, stop, seen, together=True)
             if prefetch.prefetch_all or whole:
+                # walking a whole image costs CPU (and the GIL) the container's first reads need
+                device.cache_manager.wait_ondemand_quiet(stop)
                 # upstream: the hinted files first, then everything else. The whole-image pass
                 # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
                 # the on-demand merging size: per-request latency dominates small ranges.

@@ -390,7 +390,8 @@ class BlobCache(ABC):
                     plain += group[j].uncompressed_size
                     j += 1
                 piece, base = group[i:j], group[i].compressed_offset
-                if claimed is not None:
+                if claimed is not None:  # step aside first: claims held while paused block readers
+                    self.manager.prefetch_yield(partial(self._flights.wanted, pending), bulk=bulk)
                     piece = self._claim_piece(piece, pending, claimed)
                 view = _thread_buffer("payload", nbytes, STREAM_PIECE)
                 # on-demand reads first: stop pulling while readers fetch (TCP flow control then
@@ -585,6 +586,18 @@ class BlobCacheManager(ABC):
                     return
                 self.prefetch_pauses += 1
                 self._idle.wait(min(left, 0.02))
+
+    def wait_ondemand_quiet(self, stop: threading.Event, quiet: float | None = None) -> None:
+        """Block until no on-demand fetch has run for ``quiet`` seconds (default
+        ``BULK_QUIET_SECONDS``; a fresh mount counts as one) or ``stop`` is set: the moment for
+        speculative work such as walking a whole image for ``prefetch_all``."""
+        quiet = BULK_QUIET_SECONDS if quiet is None else quiet
+        while not stop.is_set():
+            with self._idle:
+                left = quiet - (time.monotonic() - self._ondemand_ended)
+                if not self._active and left <= 0:
+                    return
+            stop.wait(max(0.02, left))
 
     def metrics(self) -> dict[str, Any]:
         """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
