@@ -1,7 +1,8 @@
 """`nydusify`: convert OCI images in a registry to nydus images, check them, mount them.
 
-Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check`` and
-``mount`` (alias ``view``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
+Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check``,
+``mount`` (alias ``view``) and ``optimize`` (a prefetch table from a file list or a recorded access
+pattern, ``nydusd.converter.optimize``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
 printed as one ``error: ...`` line and exit with status 1 (upstream's logrus fatal), a failed check
 exits 1 after listing every difference.
 
