@@ -267,13 +267,21 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
             else:
                 roots = [int(i) for i in sb.prefetch_inodes()]
             seen: set[int] = set()
-            queued = _queue_prefetch(sb, device, roots, stop, seen)
-            if prefetch.prefetch_all:
+            # a table listing "/" (nydusify's default) asks for the whole image: that is the
+            # speculative bulk pass, which stays behind the container's reads, not a hint
+            whole = int(sb.root_ino) in roots
+            roots = [r for r in roots if r != int(sb.root_ino)]
+            # the hinted files (a recorded access order) in one submission: their chunks are
+            # fetched in hint order, adjacent ones merged whatever their place in the list
+            queued = _queue_prefetch(sb, device, roots, stop, seen, together=True)
+            if prefetch.prefetch_all or whole:
+                # walking a whole image costs CPU (and the GIL) the container's first reads need
+                device.cache_manager.wait_ondemand_quiet(stop)
                 # upstream: the hinted files first, then everything else. The whole-image pass
                 # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
                 # the on-demand merging size: per-request latency dominates small ranges.
                 queued += _queue_prefetch(sb, device, [int(sb.root_ino)], stop, seen,
-                                          merge_limit=BULK_MERGE_SIZE)
+                                          merge_limit=BULK_MERGE_SIZE, bulk=True)
             log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
         except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
             log.warning("prefetch_failed", mountpoint=inst.mountpoint, error=repr(e))
@@ -289,10 +297,12 @@ def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: li
 
 
 def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event, seen: set[int],
-                    merge_limit: int | None = None) -> int:
+                    merge_limit: int | None = None, together: bool = False, bulk: bool = False) -> int:
     """Submit the chunks of every regular file under ``roots`` (files or directories) not in ``seen``
-    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size)."""
+    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size);
+    file by file, or with ``together`` all in one ordered submission."""
     queued = 0
+    collected: list[Any] = []
     pending = deque(roots)  # breadth first, in hint order
     while pending and not stop.is_set():
         ino = pending.popleft()
@@ -303,7 +313,12 @@ def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Even
         if stat.S_ISDIR(inode.mode):
             pending.extend(int(child) for _name, child in sb.children(ino))
         elif stat.S_ISREG(inode.mode) and inode.size:
-            queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit)
+            if together:
+                collected.extend(sb.chunks(ino))
+            else:
+                queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit, bulk=bulk)
+    if collected and not stop.is_set():
+        queued += device.prefetch(collected, merge_limit=merge_limit)
     return queued
 
 

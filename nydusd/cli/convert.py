@@ -1,7 +1,8 @@
 """`nydusify`: convert OCI images in a registry to nydus images, check them, mount them.
 
-Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check`` and
-``mount`` (alias ``view``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
+Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check``,
+``mount`` (alias ``view``) and ``optimize`` (a prefetch table from a file list or a recorded access
+pattern, ``nydusd.converter.optimize``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
 printed as one ``error: ...`` line and exit with status 1 (upstream's logrus fatal), a failed check
 exits 1 after listing every difference.
 
@@ -161,6 +162,58 @@ def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_copy)
 
 
+def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("optimize", help="rebuild a nydus image with a prefetch table (a file list)")
+    p.add_argument("--source", required=True, help="source nydus image reference")
+    p.add_argument("--target", required=True, help="target nydus image reference")
+    p.add_argument("--source-insecure", action="store_true",
+                   help="source registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--target-insecure", action="store_true",
+                   help="target registry: skip TLS verification, fall back to plain http")
+    p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+    files = p.add_mutually_exclusive_group(required=True)
+    files.add_argument("--prefetch-files", help="file listing the paths to prefetch, one per line, in order")
+    files.add_argument("--access-pattern", help="a nydusd /api/v1/metrics/pattern JSON: prefetch the "
+                       "files it records, first read first")
+    p.add_argument("--policy", default="separated-blob-with-backend",
+                   help="accepted for compatibility: the data blobs are reused, chunks stay in place")
+    p.add_argument("--platform", help="accepted for compatibility; ignored (the source must be one image)")
+    p.add_argument("--work-dir", default="./tmp", help="accepted for compatibility (nothing is unpacked)")
+    p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
+    p.set_defaults(func=cmd_optimize)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the {what}: {e.strerror}", path=path) from None
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from nydusd.converter.optimize import Optimizer, ordered_paths, prefetch_list
+    from nydusd.converter.remote import open_remote
+
+    env = dict(os.environ)
+    with contextlib.ExitStack() as stack:
+        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+        stack.callback(source.close)
+        target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+        stack.callback(target.close)
+        if args.prefetch_files:
+            paths = ordered_paths(_read_text(args.prefetch_files, "prefetch files").splitlines())
+        else:
+            try:
+                pattern = json.loads(_read_text(args.access_pattern, "access pattern"))
+            except ValueError:
+                raise InvalidArgument("the access pattern is not JSON", path=args.access_pattern) from None
+            paths = prefetch_list(source, pattern)
+        result = Optimizer(source, target, paths).optimize()
+    print(f"optimized {args.source} -> {result.target} ({result.digest}, "
+          f"{result.prefetch_files} prefetch files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description="Convert, check and mount nydus images")
     parser.add_argument("-v", "--version", action=VersionAction, help="print version information")
@@ -176,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_mount(sub)
     _add_copy(sub)
+    _add_optimize(sub)
     return parser
 
 

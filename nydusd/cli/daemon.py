@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import json
 import os
 import resource
 import socket
 import sys
+import time
 from typing import Any
 
-from nydusd.errors import ConfigError, InvalidArgument, NydusError, Unsupported
-from nydusd.log import configure_logging, get_logger
+# Start-up time (issue 13): structlog renders exceptions with rich when it can import it, ~100 ms
+# of pretty-printer imports before the mount; the daemon logs JSON lines or plain console lines.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
+from nydusd.errors import ConfigError, InvalidArgument, NydusError, Unsupported  # noqa: E402 - after the rich guard
+from nydusd.log import configure_logging, get_logger  # noqa: E402 - after the rich guard
 
 log = get_logger(__name__)
 
@@ -188,11 +192,8 @@ _M_ARENA_MAX = -8  # glibc <malloc.h>
 def _limit_malloc_arenas(arenas: int = 2) -> None:
     """Cap glibc's per-thread malloc arenas: every FUSE worker would otherwise keep its own arena of
     freed 128 KiB-1 MiB read buffers, and the daemon's RSS creeps up with the worker count."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, arenas)
+    try:  # the process's own symbols include libc's (ctypes.util would cost 25 ms of imports)
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass
 
@@ -250,6 +251,16 @@ def _crashed_before(mountpoint: str, apisock: str | None) -> bool:
     return False
 
 
+def _since_exec() -> float:
+    """Seconds since this process was exec-ed (start-up phases, logged as ``startup_phase``)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
 class _ApiStarter:
     """Starts the API server on ``apisock`` once the daemon is RUNNING; stops it at shutdown."""
 
@@ -259,6 +270,7 @@ class _ApiStarter:
         self.server: Any = None
 
     def __call__(self) -> None:
+        log.info("startup_phase", phase="running", since_exec_s=round(_since_exec(), 4))
         if not self.apisock:
             return
         try:
@@ -267,6 +279,7 @@ class _ApiStarter:
             log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
             return
         self.server = start_api_server(self.daemon, self.apisock)
+        log.info("startup_phase", phase="api_started", since_exec_s=round(_since_exec(), 4))
 
     def stop(self) -> None:
         if self.server is not None:
@@ -282,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     block_stop_signals()
     log_file = _log_file(args.log_file)
     configure_logging(args.log_level, log_file)
+    log.info("startup_phase", phase="imported", since_exec_s=round(_since_exec(), 4))
     _limit_malloc_arenas()
     _raise_nofile(args.rlimit_nofile)
     mountpoint = _canonical_mountpoint(args.mountpoint) if args.mountpoint else None
@@ -304,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap and not upgrade:
         daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
                      prefetch_files=_prefetch_list(args.prefetch_files))
+        log.info("startup_phase", phase="image_mounted", since_exec_s=round(_since_exec(), 4))
     api = _ApiStarter(daemon, args.apisock)
     try:
         return daemon.run(on_running=api)

@@ -321,13 +321,14 @@ class BlobDevice:
                 self._prefetcher.start()
             return self._prefetcher
 
-    def prefetch(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None) -> int:
+    def prefetch(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None,
+                 bulk: bool = False) -> int:
         """Queue chunks for background fetching (starts the workers on first use). Returns the
         number of backend requests queued (0 once the device is closed). ``merge_limit``: largest
         merged request for these chunks (default: the prefetch ``batch_size``; whole-blob
-        prefetch does better with ``prefetch.BULK_MERGE_SIZE``)."""
+        prefetch does better with ``prefetch.BULK_MERGE_SIZE``). ``bulk``: see ``Prefetcher.submit``."""
         prefetcher = self.start_prefetch()
-        return 0 if prefetcher is None else prefetcher.submit(chunks, merge_limit=merge_limit)
+        return 0 if prefetcher is None else prefetcher.submit(chunks, merge_limit=merge_limit, bulk=bulk)
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Block until queued prefetch work is done. True if idle (or never started)."""

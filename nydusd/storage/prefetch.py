@@ -14,6 +14,9 @@ Priority rules (on-demand reads always go first):
 - a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
   reader waiting for that chunk;
 - before each request a worker steps aside while on-demand fetches are running (bounded wait);
+- a streamed request stops pulling between two pieces while on-demand fetches run, unless a
+  reader waits for one of its chunks (``BlobCacheManager.prefetch_yield``): TCP flow control then
+  gives the link to the readers;
 - a prefetch fetch holds no lock an on-demand read needs; a reader that wants a chunk being
   prefetched joins that fetch through the cache's singleflight table, and retries on its own if
   the prefetch fails.
@@ -106,6 +109,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         # (blob_index, run, urgent, merge limit); urgent runs (readahead) sit at the front
         self._queue: deque[tuple[int, list[ChunkInfo], bool, int]] = deque()
+        self._bulk: set[int] = set()  # id() of queued runs submitted as bulk
         self._pending = 0  # queued + running requests
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -137,6 +141,7 @@ class Prefetcher:
         with self._cond:
             self._pending -= len(self._queue)
             self._queue.clear()
+            self._bulk.clear()
             self._cond.notify_all()
         for worker in self._workers:
             worker.join(timeout)
@@ -151,18 +156,22 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ work
     def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False,
-               merge_limit: int | None = None) -> int:
+               merge_limit: int | None = None, bulk: bool = False) -> int:
         """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued.
 
         ``urgent``: readahead on behalf of a reader -- queued ahead of background prefetch and
         exempt from the bandwidth limit and from stepping aside for on-demand fetches.
-        ``merge_limit``: largest request for these chunks (default ``batch_size``)."""
+        ``merge_limit``: largest request for these chunks (default ``batch_size``).
+        ``bulk``: speculative whole-image prefetch (``prefetch_all``): its streams stay paused
+        a while after on-demand fetches, not only while they run (``BlobCache.prefetch_chunks``)."""
         limit = self.batch_size if merge_limit is None else merge_limit
         runs = [(blob_index, run, urgent, limit) for blob_index, run in self._split(chunks, limit)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
         with self._cond:
+            if bulk:
+                self._bulk.update(id(r[1]) for r in runs)
             if urgent:
                 self._queue.extendleft(reversed(runs))
             else:
@@ -179,10 +188,16 @@ class Prefetcher:
     def _split(self, chunks: Iterable[ChunkInfo], limit: int) -> list[tuple[int, list[ChunkInfo]]]:
         """Per blob: deduplicate, sort by blob offset, cut into adjacent runs <= ``limit``. A
         contiguous stretch longer than ``limit`` is cut into that many runs of even size (not
-        greedily, which leaves a short tail run and one worker doing twice the work)."""
+        greedily, which leaves a short tail run and one worker doing twice the work). The runs are
+        returned in the order of need: by the first position in ``chunks`` of any of their chunks
+        (a replayed access order is fetched in that order, in merged requests)."""
         per_blob: dict[int, dict[int, ChunkInfo]] = {}
-        for chunk in chunks:
-            per_blob.setdefault(chunk.blob_index, {}).setdefault(chunk.compressed_offset, chunk)
+        rank: dict[tuple[int, int], int] = {}
+        for pos, chunk in enumerate(chunks):
+            by_offset = per_blob.setdefault(chunk.blob_index, {})
+            if chunk.compressed_offset not in by_offset:
+                by_offset[chunk.compressed_offset] = chunk
+                rank[chunk.blob_index, chunk.compressed_offset] = pos
         runs: list[tuple[int, list[ChunkInfo]]] = []
         for blob_index, by_offset in per_blob.items():
             stretch: list[ChunkInfo] = []
@@ -194,6 +209,7 @@ class Prefetcher:
                 stretch.append(chunk)
             if stretch:
                 runs.extend((blob_index, run) for run in _cut(stretch, limit))
+        runs.sort(key=lambda r: min(rank[r[0], c.compressed_offset] for c in r[1]))
         return runs
 
     def _run(self) -> None:
@@ -202,9 +218,9 @@ class Prefetcher:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                blob_index, run, urgent, taken = self._take()
+                blob_index, run, urgent, taken, bulk = self._take()
             try:
-                self._serve(blob_index, run, urgent)
+                self._serve(blob_index, run, urgent, bulk)
             finally:
                 with self._cond:
                     self._pending -= taken
@@ -212,11 +228,13 @@ class Prefetcher:
                         self.metrics.prefetch_finished()
                     self._cond.notify_all()
 
-    def _take(self) -> tuple[int, list[ChunkInfo], bool, int]:
+    def _take(self) -> tuple[int, list[ChunkInfo], bool, int, bool]:
         """Pop the next run and merge queued runs that continue it in the same blob (callers such
         as the daemon submit file by file; adjacent small files become one request). Called with
         the condition held. Returns the run and how many queued requests it absorbed."""
         blob_index, run, urgent, limit = self._queue.popleft()
+        bulk = id(run) in self._bulk
+        self._bulk.discard(id(run))
         taken = 1
         while self._queue:
             next_blob, next_run, _, next_limit = self._queue[0]
@@ -226,11 +244,13 @@ class Prefetcher:
                     or span > min(limit, next_limit)):
                 break
             self._queue.popleft()
+            bulk = bulk and id(next_run) in self._bulk
+            self._bulk.discard(id(next_run))
             run = run + next_run
             taken += 1
-        return blob_index, run, urgent, taken
+        return blob_index, run, urgent, taken, bulk
 
-    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool) -> None:
+    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool, bulk: bool = False) -> None:
         start = time.monotonic()
         try:
             cache = self.cache_of(blob_index)
@@ -249,7 +269,7 @@ class Prefetcher:
                 chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
             else:
                 with _BACKGROUND_STREAMS:
-                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
+                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit, bulk=bulk)
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))

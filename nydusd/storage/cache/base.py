@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -52,6 +53,16 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_BATCH_SIZE = 1 << 20
+#: longest a streamed prefetch pauses between two pieces for running on-demand fetches
+PREFETCH_YIELD_SECONDS = 0.5
+#: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch
+#: ended (a starting container misses in bursts separated by short computations; data a paused
+#: stream's socket still takes in is link time the reads do not get) ...
+BULK_QUIET_SECONDS = 0.5
+#: ... and pauses up to this long at a time
+BULK_YIELD_SECONDS = 2.0
+#: a streamed prefetch checks whether to pause before every this many bytes it pulls
+YIELD_SLICE = 256 << 10
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
 #: payload bytes a prefetch reads from a streamed range before decoding and storing them
 STREAM_PIECE = 2 << 20
@@ -248,13 +259,20 @@ class BlobCache(ABC):
         """The chunks of ``chunks`` (deduplicated) not yet in local state."""
         return [c for c in _unique(chunks).values() if not self.is_ready(c)]
 
-    def prefetch_chunks(self, chunks: Iterable[ChunkInfo], *,
-                        merge_limit: int | None = None) -> tuple[int, int]:
+    def prefetch_chunks(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None,
+                        bulk: bool = False) -> tuple[int, int]:
         """Fetch the missing ones of ``chunks`` into local state; skips chunks someone else is
         already fetching. Adjacent chunks merge into requests of up to ``merge_limit`` bytes
         (default: the manager's ``batch_size``). Returns ``(chunks fetched, payload bytes
-        fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures)."""
+        fetched)``. Raises like ``read_chunks`` (the prefetcher logs and drops such failures).
+
+        ``bulk`` (speculative whole-image prefetch, streaming backends): chunks are claimed piece
+        by piece as the stream reaches them, not all at once, so a reader never waits for a long
+        stream to reach its chunk: it fetches the chunk itself, and the stream drops those bytes
+        (see ``_stream_group``)."""
         missing = {chunk_key(c): c for c in self.missing(chunks)}
+        if bulk and hasattr(self.backend, "open_range"):
+            return self._prefetch_lazily(list(missing.values()), merge_limit)
         ready = self._ready_check(missing)
         owned: list[ChunkInfo] = []
         try:
@@ -266,12 +284,40 @@ class BlobCache(ABC):
             raise
         if not owned:
             return 0, 0
-        self._fetch_owned(owned, prefetch=True, limit=merge_limit)
+        self._fetch_owned(owned, prefetch=True, limit=merge_limit, bulk=bulk)
         return len(owned), sum(c.compressed_size for c in owned)
+
+    def _prefetch_lazily(self, chunks: list[ChunkInfo], limit: int | None) -> tuple[int, int]:
+        claimed: list[ChunkInfo] = []
+        pending: set[int] = set()
+        try:
+            for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
+                with self.bulk_write():
+                    self._stream_group(group, pending, True, claimed)
+        except BaseException as exc:
+            err = exc if isinstance(exc, NydusError) else BackendError(f"chunk fetch failed: {exc}")
+            for key in pending:
+                self._flights.fail(key, err)
+            if err is exc:
+                raise
+            raise err from exc
+        return len(claimed), sum(c.compressed_size for c in claimed)
+
+    def _claim_piece(self, piece: list[ChunkInfo], pending: set[int],
+                     claimed: list[ChunkInfo]) -> list[ChunkInfo]:
+        """Claim the chunks of ``piece`` nobody fetches and that are not ready (lazy claims)."""
+        mine: list[ChunkInfo] = []
+        for chunk in piece:
+            key = chunk_key(chunk)
+            if self._flights.try_claim(key, is_ready=self._ready_check({key: chunk}), prefetch=True):
+                pending.add(key)
+                mine.append(chunk)
+        claimed.extend(mine)
+        return mine
 
     # ------------------------------------------------------------------ shared fetch
     def _fetch_owned(self, chunks: list[ChunkInfo], *, prefetch: bool,
-                     limit: int | None = None) -> dict[int, bytes]:
+                     limit: int | None = None, bulk: bool = False) -> dict[int, bytes]:
         """Fetch chunks this caller leads; every flight is resolved or failed before returning.
         Returns the plain bytes of the chunks that were decoded (all of them on demand)."""
         result: dict[int, bytes] = {}
@@ -281,7 +327,7 @@ class BlobCache(ABC):
             for group in self._plan(chunks, self.manager.batch_size if limit is None else limit):
                 if stream:
                     with self.bulk_write():
-                        self._stream_group(group, pending)
+                        self._stream_group(group, pending, bulk)
                     continue
                 fetched, failed = self._fetch_group(group, prefetch)
                 self._settle(fetched, pending)
@@ -327,11 +373,14 @@ class BlobCache(ABC):
             self._flights.resolve(key, bytes(item.plain) if publish and item.plain is not None else None)
             pending.discard(key)
 
-    def _stream_group(self, group: list[ChunkInfo], pending: set[int]) -> None:
+    def _stream_group(self, group: list[ChunkInfo], pending: set[int], bulk: bool = False,
+                      claimed: list[ChunkInfo] | None = None) -> None:
         """Prefetch one merged run with a single streamed request: read ``STREAM_PIECE`` bytes at a
         time into this thread's buffer, decode, store and resolve them, then read on. Plain bytes
         are not kept (the caller reads them back from the cache). Raises the first chunk failure
-        after the whole run was tried, or the backend's error."""
+        after the whole run was tried, or the backend's error. With ``claimed`` (lazy claims), the
+        chunks of each piece are claimed just before it is read (and added to ``claimed`` and
+        ``pending``); the bytes of chunks a reader fetched meanwhile are read and dropped."""
         start = group[0].compressed_offset
         size = group[-1].compressed_offset + group[-1].compressed_size - start
         failed: NydusError | None = None
@@ -347,9 +396,20 @@ class BlobCache(ABC):
                     nbytes += group[j].compressed_size
                     plain += group[j].uncompressed_size
                     j += 1
-                view = _thread_buffer("payload", nbytes, STREAM_PIECE)
-                stream.readinto(view)
                 piece, base = group[i:j], group[i].compressed_offset
+                if claimed is not None:  # step aside first: claims held while paused block readers
+                    self.manager.prefetch_yield(partial(self._flights.wanted, pending), bulk=bulk)
+                    piece = self._claim_piece(piece, pending, claimed)
+                view = _thread_buffer("payload", nbytes, STREAM_PIECE)
+                # on-demand reads first: stop pulling while readers fetch (TCP flow control then
+                # hands them the link), unless one of them waits for a chunk of this prefetch
+                wanted = partial(self._flights.wanted, pending)
+                for pos in range(0, nbytes, YIELD_SLICE):
+                    self.manager.prefetch_yield(wanted, bulk=bulk)
+                    stream.readinto(view[pos:pos + YIELD_SLICE])
+                if not piece:
+                    i = j
+                    continue
                 with _CPU_SLOTS:
                     if raw:  # stored as fetched; a reader decodes (and refetches a bad one) on load
                         fetched = [Fetched(c, view[c.compressed_offset - base:][:c.compressed_size], None)
@@ -492,6 +552,10 @@ class BlobCacheManager(ABC):
         self._idle = threading.Condition()
         #: admission and cancellation of on-demand fetches (the daemon names it after the mountpoint)
         self.waits = BackendWaits(id)
+        self.prefetch_pauses = 0  # times a streamed prefetch paused for on-demand fetches
+        # monotonic time the last on-demand fetch ended; a mount counts as one (a bulk prefetch
+        # leaves the container being started on it a quiet period to issue its first reads in)
+        self._ondemand_ended = time.monotonic()
 
     @abstractmethod
     def _open(self, blob: BlobInfo) -> BlobCache:
@@ -516,6 +580,33 @@ class BlobCacheManager(ABC):
         """Block up to ``timeout`` seconds while on-demand fetches are running. True if idle."""
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def prefetch_yield(self, wanted: Callable[[], bool], *, bulk: bool = False) -> None:
+        """A streamed prefetch between two slices: wait while on-demand fetches run (at most
+        ``PREFETCH_YIELD_SECONDS``), unless ``wanted()`` says a reader waits for this prefetch.
+        A ``bulk`` prefetch also waits out ``BULK_QUIET_SECONDS`` after the last on-demand fetch,
+        up to ``BULK_YIELD_SECONDS``."""
+        quiet = BULK_QUIET_SECONDS if bulk else 0.0
+        deadline = time.monotonic() + (BULK_YIELD_SECONDS if bulk else PREFETCH_YIELD_SECONDS)
+        with self._idle:
+            while (self._active or time.monotonic() - self._ondemand_ended < quiet) and not wanted():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.prefetch_pauses += 1
+                self._idle.wait(min(left, 0.02))
+
+    def wait_ondemand_quiet(self, stop: threading.Event, quiet: float | None = None) -> None:
+        """Block until no on-demand fetch has run for ``quiet`` seconds (default
+        ``BULK_QUIET_SECONDS``; a fresh mount counts as one) or ``stop`` is set: the moment for
+        speculative work such as walking a whole image for ``prefetch_all``."""
+        quiet = BULK_QUIET_SECONDS if quiet is None else quiet
+        while not stop.is_set():
+            with self._idle:
+                left = quiet - (time.monotonic() - self._ondemand_ended)
+                if not self._active and left <= 0:
+                    return
+            stop.wait(max(0.02, left))
 
     def metrics(self) -> dict[str, Any]:
         """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
@@ -555,5 +646,6 @@ class _OnDemand:
     def __exit__(self, *exc: object) -> None:
         with self.manager._idle:
             self.manager._active -= 1
+            self.manager._ondemand_ended = time.monotonic()
             if self.manager._active == 0:
                 self.manager._idle.notify_all()

@@ -30,6 +30,8 @@ class Flight:
 
     prefetch: bool
     future: Future[bytes | None] = field(default_factory=Future)
+    #: callers that joined this flight (a prefetch that readers wait for must not step aside)
+    waiters: int = 0
 
     def wait(self, timeout: float | None = None) -> bytes | None:
         """The leader's plain chunk bytes, or ``None`` when the leader fetched nothing for this key
@@ -63,6 +65,7 @@ class SingleFlight(Generic[K]):
                 for key in keys:
                     flight = self._flights.get(key)
                     if flight is not None:
+                        flight.waiters += 1
                         claim.waiting[key] = flight
                     elif is_ready is not None and is_ready(key):
                         claim.ready.append(key)
@@ -99,6 +102,15 @@ class SingleFlight(Generic[K]):
             flight = self._flights.pop(key, None)
         if flight is not None:
             flight.future.set_exception(exc)
+
+    def wanted(self, keys: Iterable[K]) -> bool:
+        """Whether someone waits for any of ``keys`` (flights of a leader that must keep going)."""
+        with self._lock:
+            for key in keys:
+                flight = self._flights.get(key)
+                if flight is not None and flight.waiters:
+                    return True
+        return False
 
     def in_flight(self) -> int:
         with self._lock:

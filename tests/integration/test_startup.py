@@ -1,0 +1,50 @@
+"""Daemon start-up (issue 13, fast start): the start path imports no API stack, converter, builder
+or pretty printer, and the daemon logs when each start-up phase ended, in seconds since exec."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.images import build_image, sample_tree
+from tests.integration.proc import ROOT, Nydusd
+
+#: what ``nydusd`` must not import before it is RUNNING (the API comes up after the mount)
+NOT_AT_START = ("api", "fastapi", "starlette", "uvicorn", "rich", "requests", "urllib3",
+                "nydusd.converter", "nydusd.builder", "nydusd.oci", "prometheus_client")
+
+
+def test_start_path_imports_only_what_the_mount_needs() -> None:
+    # what ``nydusd``/``python -m nydusd`` import, plus what ``run`` and a localfs mount import
+    code = ("import sys, nydusd.cli.daemon, nydusd.daemon, nydusd.storage.backend.localfs\n"
+            "print('\\n'.join(m for m, v in sys.modules.items() if v is not None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(ROOT)).stdout.split()
+    loaded = [m for m in out if any(m == p or m.startswith(p + ".") for p in NOT_AT_START)]
+    assert loaded == []
+
+
+@pytest.mark.fuse
+def test_daemon_logs_its_startup_phases(tmp_path: Path) -> None:
+    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock = str(tmp_path / "api.sock")
+    cfg = image.write_config(tmp_path / "cfg.json", tmp_path / "cache")
+    d = Nydusd(["--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
+                "--apisock", sock, "--log-level", "info"], mnt, log_path=tmp_path / "log", apisock=sock)
+    try:
+        d.start()
+        d.wait(lambda: "api_started" in d.log(), 15, "the API start")
+        phases = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()
+                  if '"startup_phase"' in line]
+        assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_started"]
+        times = [p["since_exec_s"] for p in phases]
+        assert times[0] > 0 and times == sorted(times)
+    finally:
+        d.terminate()
+        d.cleanup()
