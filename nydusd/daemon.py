@@ -458,9 +458,7 @@ class Daemon:
                                    m.prefetch_files)
                 built[inst.mountpoint] = inst
                 self.vfs.attach(inst.mountpoint, inst.fs, inst.stats, index=m.index)
-            # the same reserve of workers for backend waits as a fresh session (``run``)
-            session = DevFuseSession(self.vfs, self.mountpoint,
-                                     threads=self.threads + backend_wait_limits()[1],
+            session = DevFuseSession(self.vfs, self.mountpoint, threads=self.threads,
                                      writable=self.writable, failover_policy=self.failover_policy)
             session.adopt(fd, state.fuse)
         except BaseException:
@@ -793,8 +791,9 @@ class Daemon:
             return self._run_idle(on_running)
         elif self.fuse_session == "own":
             # cloned fds lose their in-flight requests with the process: not when handing over
-            # the same reserve of workers for backend waits as the llfuse session (below)
-            session = DevFuseSession(self.vfs, self.mountpoint, threads=self.threads + shared,
+            # Not yet the llfuse session's reserve of workers for backend waits (below): this
+            # session starts every worker up front, each with a request buffer of max_pages
+            session = DevFuseSession(self.vfs, self.mountpoint, threads=self.threads,
                                      writable=self.writable, failover_policy=self.failover_policy,
                                      clone_fd=self.supervisor is None)
         else:
