@@ -27,11 +27,17 @@ INO_MASK = (1 << INO_BITS) - 1
 #: mount indexes fit the remaining byte; index 0 is the pseudo filesystem
 MAX_MOUNTS = (1 << (64 - INO_BITS)) - 1
 
-#: default kernel cache timeouts (seconds) for immutable image content; rigs.md: attr/entry caching
-#: is what makes metadata fast (timeouts 0 are ~75x slower on a second `find`)
-IMAGE_TIMEOUT = 3600.0
+#: default kernel cache timeouts (seconds) for immutable image content: for good, as upstream's 2^32 s.
+#: attr/entry caching is what makes metadata fast (timeouts 0 are ~75x slower on a second `find`),
+#: and a cached root keeps ``stat(mountpoint)`` off a session no daemon serves (failover: see below)
+IMAGE_TIMEOUT = float(1 << 32)
 #: pseudo directories change with mount/umount (which invalidate explicitly); keep them short anyway
 PSEUDO_TIMEOUT = 1.0
+#: a pseudo directory's own attributes never change, so the kernel may keep them for good (as
+#: upstream). A short timeout makes ``stat(mountpoint)`` a FUSE request, and while no daemon serves
+#: the session (failover: the supervisor holds the fd) that request blocks: nydus-snapshotter v0.6.1
+#: stats the mountpoint before it starts the successor and would hang there for ever.
+PSEUDO_ATTR_TIMEOUT = float(1 << 32)
 
 BLOCK_SIZE = 4096
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from nydusd.errors import AlreadyExists, InvalidArgument, NotFound, NydusError, ReadOnly
 from nydusd.fs.attrs import (
     MAX_MOUNTS,
+    PSEUDO_ATTR_TIMEOUT,
     PSEUDO_TIMEOUT,
     ROOT_INO,
     Attr,
@@ -395,7 +396,7 @@ class Vfs:
     def _pseudo_attr(self, ino: int) -> Attr:
         return Attr(ino=ino, mode=stat.S_IFDIR | 0o755, nlink=2, uid=self._uid, gid=self._gid,
                     atime_ns=self._created_ns, mtime_ns=self._created_ns, ctime_ns=self._created_ns,
-                    entry_timeout=PSEUDO_TIMEOUT, attr_timeout=PSEUDO_TIMEOUT)
+                    entry_timeout=PSEUDO_TIMEOUT, attr_timeout=PSEUDO_ATTR_TIMEOUT)
 
     def _entry_attr(self, entry: int | Mount, *, full: bool = True) -> Attr:
         """Attributes of a pseudo directory entry; ``full=False`` (readdir) needs only ino and type,

@@ -228,6 +228,13 @@ def test_pseudo_mounts_short_entry_timeouts_and_stale_inodes(image):
                   for ino in (1, p1.nodeid, client.resolve("pseudo_1/d").nodeid)]
     assert open_flags == [0, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR, m.FOPEN_KEEP_CACHE | m.FOPEN_CACHE_DIR]
     assert p1.entry_valid <= 1.0 and stat.S_ISDIR(p1.attr.mode)
+    # ... but the pseudo root's own attributes are cached for good (as upstream's 2^32 s): a
+    # stat(mountpoint) must never become a FUSE request, which blocks while no daemon serves the
+    # session during a failover (nydus-snapshotter v0.6.1 stats it before starting the successor)
+    # (multiple mode: the mountpoint is an image's root, cached as long)
+    root_attr = client.call(Opcode.GETATTR, 1, m.GETATTR_IN.pack(0, 0, 0))
+    assert m.ATTR_OUT_HEAD.unpack_from(root_attr)[0] >= 1 << 32
+    assert p1.attr_valid >= 1 << 32
     assert client.lookup(p1.nodeid, b"a.txt").entry_valid > 60  # image entries cache long
     fh_file = client.resolve("pseudo_1/a.txt")
     fh = client.open(fh_file.nodeid)
