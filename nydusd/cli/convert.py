@@ -92,15 +92,20 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_convert)
 
 
-def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("check", help="check a nydus image (and compare it with its OCI source)")
-    p.add_argument("--target", required=True, help="nydus image reference to check")
-    p.add_argument("--source", help="OCI image it was converted from: compare every file with it")
+def _add_registry_access(p: argparse.ArgumentParser) -> None:
+    """The source/target TLS flags of the subcommands that talk to two registries."""
     p.add_argument("--source-insecure", action="store_true",
                    help="source registry: skip TLS verification, fall back to plain http")
     p.add_argument("--target-insecure", action="store_true",
                    help="target registry: skip TLS verification, fall back to plain http")
     p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", help="check a nydus image (and compare it with its OCI source)")
+    p.add_argument("--target", required=True, help="nydus image reference to check")
+    p.add_argument("--source", help="OCI image it was converted from: compare every file with it")
+    _add_registry_access(p)
     p.add_argument("--target-backend-type", choices=("oss", "s3", "localfs"),
                    help="where the nydus blobs are, when not in the target registry")
     p.add_argument("--target-backend-config", help="that backend's config as a JSON string")
@@ -143,11 +148,7 @@ def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "local OCI layout (file://DIR or file://PATH.tar)")
     p.add_argument("--source", required=True, help="source image reference, or file://DIR / file://PATH.tar")
     p.add_argument("--target", required=True, help="target image reference, or file://DIR / file://PATH.tar")
-    p.add_argument("--source-insecure", action="store_true",
-                   help="source registry: skip TLS verification, fall back to plain http")
-    p.add_argument("--target-insecure", action="store_true",
-                   help="target registry: skip TLS verification, fall back to plain http")
-    p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+    _add_registry_access(p)
     p.add_argument("--all-platforms", action="store_true", help="copy the whole index, every platform")
     p.add_argument("--platform", help="os/arch to copy from a multi-platform image (default: this host's)")
     p.add_argument("--push-chunk-size", default="0", help="accepted; uploads are monolithic (0)")
@@ -166,11 +167,7 @@ def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser("optimize", help="rebuild a nydus image with a prefetch table (a file list)")
     p.add_argument("--source", required=True, help="source nydus image reference")
     p.add_argument("--target", required=True, help="target nydus image reference")
-    p.add_argument("--source-insecure", action="store_true",
-                   help="source registry: skip TLS verification, fall back to plain http")
-    p.add_argument("--target-insecure", action="store_true",
-                   help="target registry: skip TLS verification, fall back to plain http")
-    p.add_argument("--plain-http", action="store_true", help="talk plain http to both registries")
+    _add_registry_access(p)
     files = p.add_mutually_exclusive_group(required=True)
     files.add_argument("--prefetch-files", help="file listing the paths to prefetch, one per line, in order")
     files.add_argument("--access-pattern", help="a nydusd /api/v1/metrics/pattern JSON: prefetch the "
