@@ -33,7 +33,7 @@ from nydusd.compress import Compressor  # noqa: E402
 from nydusd.digest import DigestAlgorithm  # noqa: E402
 from nydusd.rafs.model import Bootstrap, Node  # noqa: E402
 from nydusd.rafs.writer import write_bootstrap  # noqa: E402
-from nydusd.storage.device import BlobInfo, ChunkInfo  # noqa: E402
+from nydusd.storage.chunk import BlobInfo, ChunkInfo  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time

@@ -9,7 +9,6 @@ every row alike):
 - cold: a fresh work_dir, DEFAULT blobcache (plain chunks, chunk map, pwrite + fdatasync protocol,
   no digest validation); the whole blob read through ``BlobDevice`` by
   - one reader with upstream's defaults (amplify_io 1 MiB, no readahead) -- on-demand reference,
-  - one reader with the device's sequential readahead (32 MiB window),
   - the prefetcher over every chunk (``prefetch_all``), 8 threads (upstream's default), with
     upstream's default merging_size (1 MiB) and with 32 MiB merged requests, and with 2 threads;
   - and, for reference, the 32 MiB prefetch into ``cache.compressed`` (payloads stored as fetched);
@@ -123,15 +122,14 @@ class Scenario:
         time.sleep(0.3)
 
     def run(self, job: Callable[[BlobDevice], None], *, merging: int = MIB, threads: int = 8,
-            readahead: int = 0, compressed: bool = False) -> tuple[float, float]:
+            compressed: bool = False) -> tuple[float, float]:
         """Time ``job`` on a fresh device (upstream's default config unless told otherwise).
         Returns (seconds, peak RSS growth in MB)."""
         backend = RegistryBackend(self.cfg)
         cache = CacheConfig(type="blobcache", compressed=compressed,
                             filecache=FileCacheConfig(work_dir=str(self.work_dir)))
         prefetch = PrefetchConfig(enable=True, threads=threads, batch_size=merging)
-        device = BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch,
-                            readahead=readahead)
+        device = BlobDevice([self.blob.info], create_cache(cache, backend), prefetch_config=prefetch)
         try:
             _reset_peak()
             base = _rss_mb()
@@ -196,7 +194,6 @@ def bench_blob(registry: RegistryServer, content: bytes, compressor: Compressor,
           f"{blob.info.chunk_count} chunks", flush=True)
     cold: list[tuple[str, Callable[[], tuple[float, float]]]] = [
         ("cold, 1 reader, defaults (on-demand)", lambda: sc.run(sc.read_all)),
-        ("cold, 1 reader, readahead 32 MiB", lambda: sc.run(sc.read_all, readahead=32 * MIB)),
         ("cold, prefetch_all 8 thr, merge 1 MiB", lambda: sc.run(sc.prefetch_all)),
         (TARGET_ROW, lambda: sc.run(sc.prefetch_all, merging=32 * MIB)),
         ("cold, prefetch_all 2 thr, merge 32 MiB", lambda: sc.run(sc.prefetch_all, merging=32 * MIB,

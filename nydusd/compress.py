@@ -101,6 +101,14 @@ def compress(data: bytes | memoryview, algo: Compressor) -> tuple[bytes, bool]:
     return out, True
 
 
+def whole_bytes(data: bytes | memoryview) -> bytes:
+    """``bytes(data)`` without the copy when ``data`` is a view of a whole bytes object (a
+    single-chunk backend response)."""
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.nbytes == len(data.obj):
+        return data.obj
+    return bytes(data)
+
+
 def decompress(data: bytes | memoryview, algo: Compressor, size: int) -> bytes:
     """Decompress one chunk payload to exactly ``size`` bytes.
 
@@ -108,14 +116,15 @@ def decompress(data: bytes | memoryview, algo: Compressor, size: int) -> bytes:
     """
     out: bytes
     try:
+        # the decoders take any buffer: no copy of the payload first
         if algo is Compressor.LZ4_BLOCK:
-            out = lz4.block.decompress(bytes(data), uncompressed_size=size)
+            out = lz4.block.decompress(data, uncompressed_size=size)
         elif algo is Compressor.ZSTD:
-            out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=size)
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
         elif algo is Compressor.GZIP:
-            out = zlib.decompress(bytes(data), wbits=31)
+            out = zlib.decompress(data, wbits=31)
         else:
-            out = bytes(data)
+            out = whole_bytes(data)
     except (lz4.block.LZ4BlockError, zstandard.ZstdError, zlib.error, ValueError) as e:
         raise IntegrityError(f"chunk does not decompress with {algo.value}: {e}") from None
     if len(out) != size:

@@ -42,7 +42,6 @@ import email.utils
 import json
 import os
 import signal
-import stat
 import threading
 import time
 from collections import deque
@@ -76,7 +75,6 @@ from nydusd.rafs import check_servable, load_image
 from nydusd.storage.backend import create_backend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
-from nydusd.storage.prefetch import BULK_MERGE_SIZE
 from nydusd.storage.waits import limits as backend_wait_limits
 from nydusd.virtiofs.server import VirtioFsServer
 
@@ -238,7 +236,9 @@ def build_rafs_instance(mountpoint: str, source: str, cfg: ConfigV2, *,
     stats = FsIoStats(mountpoint, files_account=rafs.iostats_files, access_pattern=rafs.access_pattern,
                       latest_read_files=rafs.latest_read_files)
     inst = RafsInstance(mountpoint, source, "rafs", cfg, fs, stats, backend, device, prefetch_files)
-    _start_prefetch(inst, sb, device, prefetch_files)
+    halt_prefetch = fs.start_prefetch(_prefetch_config(cfg), prefetch_files, name=mountpoint)
+    if halt_prefetch is not None:
+        inst.closers.append(halt_prefetch)
     return inst
 
 
@@ -247,87 +247,9 @@ def _prefetch_config(cfg: ConfigV2) -> Any:
     return rafs.prefetch if rafs.prefetch.enable else cfg.cache.prefetch
 
 
-def _start_prefetch(inst: RafsInstance, sb: Any, device: Any, prefetch_files: list[str] | None) -> None:
-    """fs_prefetch: warm the cache with ``prefetch_files``, else the image's prefetch table, then with
-    ``prefetch_all`` every other file, from a background thread. Best effort: failures are logged."""
-    prefetch = _prefetch_config(inst.config)
-    if not prefetch.enable:
-        return
-    stop = threading.Event()
-
-    def collect() -> None:
-        try:
-            roots: list[int] = []
-            if prefetch_files:
-                for path in prefetch_files:
-                    try:
-                        roots.append(int(sb.resolve(os.fsencode(path)).ino))
-                    except NydusError:
-                        log.info("prefetch_file_skipped", path=path)
-            else:
-                roots = [int(i) for i in sb.prefetch_inodes()]
-            seen: set[int] = set()
-            # a table listing "/" (nydusify's default) asks for the whole image: that is the
-            # speculative bulk pass, which stays behind the container's reads, not a hint
-            whole = int(sb.root_ino) in roots
-            roots = [r for r in roots if r != int(sb.root_ino)]
-            # the hinted files (a recorded access order) in one submission: their chunks are
-            # fetched in hint order, adjacent ones merged whatever their place in the list
-            queued = _queue_prefetch(sb, device, roots, stop, seen, together=True)
-            if prefetch.prefetch_all or whole:
-                # walking a whole image costs CPU (and the GIL) the container's first reads need
-                device.cache_manager.wait_ondemand_quiet(stop)
-                # upstream: the hinted files first, then everything else. The whole-image pass
-                # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
-                # the on-demand merging size: per-request latency dominates small ranges.
-                queued += _queue_prefetch(sb, device, [int(sb.root_ino)], stop, seen,
-                                          merge_limit=BULK_MERGE_SIZE, bulk=True)
-            log.info("prefetch_queued", mountpoint=inst.mountpoint, roots=len(roots), requests=queued)
-        except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
-            log.warning("prefetch_failed", mountpoint=inst.mountpoint, error=repr(e))
-
-    thread = threading.Thread(target=collect, name=f"prefetch-{inst.mountpoint}", daemon=True)
-    thread.start()
-
-    def halt() -> None:
-        stop.set()
-        thread.join(5)
-        device.stop_prefetch()
-    inst.closers.append(halt)
-
-
-def _queue_prefetch(sb: Any, device: Any, roots: list[int], stop: threading.Event, seen: set[int],
-                    merge_limit: int | None = None, together: bool = False, bulk: bool = False) -> int:
-    """Submit the chunks of every regular file under ``roots`` (files or directories) not in ``seen``
-    (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch config's size);
-    file by file, or with ``together`` all in one ordered submission."""
-    queued = 0
-    collected: list[Any] = []
-    pending = deque(roots)  # breadth first, in hint order
-    while pending and not stop.is_set():
-        ino = pending.popleft()
-        if ino in seen:
-            continue
-        seen.add(ino)
-        inode = sb.get_inode(ino)
-        if stat.S_ISDIR(inode.mode):
-            pending.extend(int(child) for _name, child in sb.children(ino))
-        elif stat.S_ISREG(inode.mode) and inode.size:
-            if together:
-                collected.extend(sb.chunks(ino))
-            else:
-                queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit, bulk=bulk)
-    if collected and not stop.is_set():
-        queued += device.prefetch(collected, merge_limit=merge_limit)
-    return queued
-
-
 def _root_names(inst: RafsInstance) -> list[bytes]:
     """Names in an image's root directory (the kernel entries to forget when "/" is swapped)."""
-    try:
-        return [e.name for e in inst.fs.readdir(inst.fs.root_ino) if e.name not in (b".", b"..")]
-    except NydusError:
-        return []
+    return inst.fs.root_names()
 
 
 # ----------------------------------------------------------------------------------------- daemon

@@ -20,7 +20,7 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.errors import BuildError
 from nydusd.rafs import blobmeta
 from nydusd.rafs import layout as L
-from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
+from nydusd.storage.chunk import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 BLOB_META_HEADER_SIZE = 4096
 INLINE_PLACEHOLDER_ID = "x" * 64

@@ -4,7 +4,7 @@ Owns: ``tree_from_model`` (a parent / chunk-dict / per-layer bootstrap loaded by
 becomes a builder tree whose chunks keep pointing at their blobs), ``assemble_blobs`` (which blobs
 the image's blob table lists, in which order, spec §5), ``to_model`` (builder tree -> model with
 final ``blob_index``/``file_offset``) and ``load_image`` (bootstrap file -> tree + blob refs).
-Must not import fs/daemon/storage beyond ``storage.device``. Threading: pure functions, one caller.
+Must not import fs/daemon/storage beyond ``storage.chunk``. Threading: pure functions, one caller.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import replace
 from nydusd.builder.tree import BlobRef, ChunkRef, FileData, Node, iter_nodes
 from nydusd.errors import BuildError, CorruptMetadata, NydusError
 from nydusd.rafs import model as M
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 
 class LoadedImage:

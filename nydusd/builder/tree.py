@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from nydusd.builder.options import WhiteoutSpec
 from nydusd.errors import BuildError
 from nydusd.rafs.model import FileTypeMixin
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 OCI_WHITEOUT_PREFIX = b".wh."
 OCI_OPAQUE = b".wh..wh..opq"

@@ -28,7 +28,7 @@ from nydusd.compress import Compressor
 from nydusd.errors import BuildError, IntegrityError
 from nydusd.log import get_logger
 from nydusd.rafs import load_bootstrap
-from nydusd.storage.device import BlobInfo
+from nydusd.storage.chunk import BlobInfo
 
 if TYPE_CHECKING:
     from nydusd.converter.convert import ConvertOptions

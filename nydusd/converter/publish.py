@@ -21,7 +21,7 @@ from typing import TypeVar
 from nydusd.compress import Compressor, decompress
 from nydusd.errors import BackendError, IntegrityError, NydusError
 from nydusd.log import get_logger
-from nydusd.storage.device import BlobInfo
+from nydusd.storage.chunk import BlobInfo
 
 log = get_logger(__name__)
 T = TypeVar("T")

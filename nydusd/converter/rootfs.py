@@ -21,7 +21,7 @@ from typing import IO, Any
 from nydusd.converter.layers import safe_member_name
 from nydusd.errors import BuildError, IntegrityError
 from nydusd.rafs import RafsSuper
-from nydusd.storage.device import decode_chunk
+from nydusd.storage.chunk import decode_chunk
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"

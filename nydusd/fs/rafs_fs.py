@@ -16,15 +16,17 @@ so it touches only immutable state and the thread-safe device.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from nydusd.errors import InvalidArgument, NydusError
 from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, Attr, DirEntry, StatFs
 from nydusd.log import get_logger
+from nydusd.storage.cache.prefetch import BULK_MERGE_SIZE
 
 log = get_logger(__name__)
 
@@ -44,43 +46,47 @@ class IsADirectory(InvalidArgument):
     errno = errno.EISDIR
 
 
-class BlobReader(Protocol):
-    """What RafsFs needs of ``nydusd.storage.device.BlobDevice``."""
+class ImageDevice(Protocol):
+    """What RafsFs needs of the image's blob device (``nydusd.storage.device.BlobDevice``)."""
 
-    def read(self, chunks: Sequence[Any], offset: int, size: int) -> bytes: ...
+    def open_file(self, chunks: Sequence[Any], size: int) -> FileData: ...
+
+    def prefetch(self, chunks: Iterable[Any], *, merge_limit: int | None = None,
+                 bulk: bool = False) -> int: ...
+
+    def stop_prefetch(self) -> None: ...
+
+    def wait_ondemand_quiet(self, stop: threading.Event) -> None: ...
 
 
-class ChunkBuffer:
-    """The last few decoded chunks of an image, keyed by ``(inode, chunk index)``.
+class FileData(Protocol):
+    """One file's data on the device (``nydusd.storage.device.ChunkedFile``)."""
 
-    The storage layer hands out whole chunks (1 MiB by default) while FUSE reads arrive in 128 KiB
-    requests, so a sequential read would fetch and slice the same chunk eight times; this keeps the
-    chunk for the following requests. Immutable data: no invalidation needed. Guarded by its own
-    lock, held only for the dict operations (never across I/O).
-    """
+    def read(self, offset: int, size: int) -> bytes | memoryview: ...
 
-    def __init__(self, slots: int = 4) -> None:
-        self.slots = slots
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
+def _no_data(offset: int, size: int) -> bytes:
+    return b""
 
-    def put(self, key: tuple[int, int], data: bytes) -> None:
-        with self._lock:
-            self._items[key] = data
-            self._items.move_to_end(key)
-            while len(self._items) > self.slots:
-                self._items.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+def _no_device(offset: int, size: int) -> bytes:
+    raise NydusError("image has no blob device", offset=offset)
+
+
+class RafsFile:
+    """An open regular file: its attributes and ``read(offset, size)`` -- the bound read of its
+    data on the device (``ChunkedFile.read``), so the file adds no frame to the read path.
+    Immutable; thread-safe."""
+
+    __slots__ = ("attr", "ino", "read")
+
+    def __init__(self, ino: int, attr: Attr, read: Callable[[int, int], bytes | memoryview]) -> None:
+        self.ino = ino
+        self.attr = attr
+        #: up to ``size`` bytes at ``offset`` (short at EOF): ``bytes``, or a read-only
+        #: ``memoryview`` into a buffered chunk (llfuse replies from any buffer). Runs with
+        #: llfuse's lock RELEASED. Raises BackendError/IntegrityError (EIO).
+        self.read = read
 
 
 _I64_MAX = (1 << 63) - 1
@@ -101,15 +107,13 @@ def _mtime_ns(mtime: int, mtime_nsec: int) -> int:
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
-    def __init__(self, sb: Any, device: BlobReader | None, *, enable_xattr: bool = False,
+    def __init__(self, sb: Any, device: ImageDevice | None, *, enable_xattr: bool = False,
                  timeout: float = IMAGE_TIMEOUT) -> None:
         self.sb = sb
         self.device = device
         self.enable_xattr = enable_xattr
         self.timeout = timeout
         self.root_ino: int = int(sb.root_ino)
-        self.chunk_size: int = int(getattr(sb, "chunk_size", 0) or 0)
-        self.buffer = ChunkBuffer()
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -183,52 +187,112 @@ class RafsFs:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def open(self, ino: int) -> tuple[Attr, list[Any]]:
-        """Check ``ino`` is a regular file; return its attributes and chunk list (for reads).
-
-        Raises NotFound, IsADirectory, InvalidArgument (other non-regular types).
-        """
+    def open(self, ino: int) -> RafsFile:
+        """Open regular file ``ino`` for reading. Raises NotFound, IsADirectory, InvalidArgument
+        (other non-regular types), NydusError when the file has data but the image no device."""
         inode = self.sb.get_inode(ino)
         if stat.S_ISDIR(inode.mode):
             raise IsADirectory("is a directory", inode=ino)
         if not stat.S_ISREG(inode.mode):
             raise InvalidArgument("not a regular file", inode=ino)
         attr = self._attr(inode)
-        chunks = list(self.sb.chunks(ino)) if attr.size else []
-        return attr, chunks
-
-    def read(self, chunks: Sequence[Any], file_size: int, offset: int, size: int,
-             ino: int | None = None) -> bytes | memoryview:
-        """Up to ``size`` bytes of a file at ``offset`` (short at EOF): ``bytes``, or a read-only
-        ``memoryview`` into a buffered chunk (llfuse replies from any buffer; no 128 KiB copy).
-
-        With ``ino``, a request inside one chunk that does not cover all of it is served from the
-        chunk buffer (see ``ChunkBuffer``), which a request starting at the chunk's first byte
-        fills. Runs with llfuse's lock RELEASED: touches only its
-        arguments, the locked buffer and the thread-safe device. Raises BackendError/IntegrityError
-        (EIO) when the data cannot be fetched or verified.
-        """
-        if offset >= file_size or size <= 0:
-            return b""
-        end = min(offset + size, file_size)
+        if not attr.size:
+            return RafsFile(ino, attr, _no_data)
         if self.device is None:
-            raise NydusError("image has no blob device", offset=offset)
-        csize = self.chunk_size
-        if ino is not None and csize > 0:
-            index = offset // csize
-            start = index * csize
-            length = min(csize, file_size - start)
-            if (end - 1) // csize == index and end - offset < length:
-                key = (ino, index)
-                data = self.buffer.get(key)
-                if data is None and offset == start:
-                    # a read starting at a chunk boundary is how a sequential stream enters a
-                    # chunk; random reads rarely do and would only pay for the whole-chunk copy
-                    data = self.device.read(chunks, start, length)
-                    self.buffer.put(key, data)
-                if data is not None:
-                    return memoryview(data)[offset - start:end - start]
-        return self.device.read(chunks, offset, end - offset)
+            return RafsFile(ino, attr, _no_device)
+        return RafsFile(ino, attr, self.device.open_file(list(self.sb.chunks(ino)), attr.size).read)
+
+    # -- prefetch -----------------------------------------------------------------------------
+
+    def start_prefetch(self, config: Any, prefetch_files: list[str] | None, *,
+                       name: str = "") -> Callable[[], None] | None:
+        """fs_prefetch: warm the cache with ``prefetch_files`` (absolute paths in the image), else
+        the image's prefetch table, then with ``config.prefetch_all`` every other file, from a
+        background thread named after ``name``. Best effort: failures are logged. Returns the
+        function that stops it (call before closing the device), None when ``config`` is off."""
+        if not getattr(config, "enable", False) or self.device is None:
+            return None
+        device = self.device
+        stop = threading.Event()
+        thread = threading.Thread(target=self._prefetch_walk, args=(config, prefetch_files, stop, name),
+                                  name=f"prefetch-{name}", daemon=True)
+        thread.start()
+
+        def halt() -> None:
+            stop.set()
+            thread.join(5)
+            device.stop_prefetch()
+        return halt
+
+    def _prefetch_walk(self, config: Any, prefetch_files: list[str] | None, stop: threading.Event,
+                       name: str) -> None:
+        sb, device = self.sb, self.device
+        assert device is not None
+        try:
+            roots: list[int] = []
+            if prefetch_files:
+                for path in prefetch_files:
+                    try:
+                        roots.append(int(sb.resolve(os.fsencode(path)).ino))
+                    except NydusError:
+                        log.info("prefetch_file_skipped", path=path)
+            else:
+                roots = [int(i) for i in sb.prefetch_inodes()]
+            seen: set[int] = set()
+            # a table listing "/" (nydusify's default) asks for the whole image: that is the
+            # speculative bulk pass, which stays behind the container's reads, not a hint
+            whole = self.root_ino in roots
+            roots = [r for r in roots if r != self.root_ino]
+            # the hinted files (a recorded access order) in one submission: their chunks are
+            # fetched in hint order, adjacent ones merged whatever their place in the list
+            queued = self._queue_prefetch(roots, stop, seen, together=True)
+            if getattr(config, "prefetch_all", False) or whole:
+                # walking a whole image costs CPU (and the GIL) the container's first reads need
+                device.wait_ondemand_quiet(stop)
+                # upstream: the hinted files first, then everything else. The whole-image pass
+                # streams long runs of the blob (one ranged request per BULK_MERGE_SIZE) instead of
+                # the on-demand merging size: per-request latency dominates small ranges.
+                queued += self._queue_prefetch([self.root_ino], stop, seen,
+                                               merge_limit=BULK_MERGE_SIZE, bulk=True)
+            log.info("prefetch_queued", mountpoint=name, roots=len(roots), requests=queued)
+        except Exception as e:  # noqa: BLE001 - prefetch is best effort; the mount stays usable
+            log.warning("prefetch_failed", mountpoint=name, error=repr(e))
+
+    def _queue_prefetch(self, roots: list[int], stop: threading.Event, seen: set[int],
+                        merge_limit: int | None = None, together: bool = False,
+                        bulk: bool = False) -> int:
+        """Submit the chunks of every regular file under ``roots`` (files or directories) not in
+        ``seen`` (updated), merging adjacent chunks up to ``merge_limit`` (None: the prefetch
+        config's size); file by file, or with ``together`` all in one ordered submission."""
+        sb, device = self.sb, self.device
+        assert device is not None
+        queued = 0
+        collected: list[Any] = []
+        pending = deque(roots)  # breadth first, in hint order
+        while pending and not stop.is_set():
+            ino = pending.popleft()
+            if ino in seen:
+                continue
+            seen.add(ino)
+            inode = sb.get_inode(ino)
+            if stat.S_ISDIR(inode.mode):
+                pending.extend(int(child) for _name, child in sb.children(ino))
+            elif stat.S_ISREG(inode.mode) and inode.size:
+                if together:
+                    collected.extend(sb.chunks(ino))
+                else:
+                    queued += device.prefetch(sb.chunks(ino), merge_limit=merge_limit, bulk=bulk)
+        if collected and not stop.is_set():
+            queued += device.prefetch(collected, merge_limit=merge_limit)
+        return queued
+
+    def root_names(self) -> list[bytes]:
+        """Names in the image's root directory (the kernel entries to forget when it is swapped);
+        empty when the root cannot be read."""
+        try:
+            return [e.name for e in self.readdir(self.root_ino) if e.name not in (b".", b"..")]
+        except NydusError:
+            return []
 
     def statfs(self) -> StatFs:
         files = int(getattr(self.sb, "inode_count", 0))
@@ -236,7 +300,6 @@ class RafsFs:
 
     def close(self) -> None:
         """Release the device (cache files) and the bootstrap mapping. Idempotent."""
-        self.buffer.clear()
         for obj in (self.device, self.sb):
             close = getattr(obj, "close", None)
             if close is not None:

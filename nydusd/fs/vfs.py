@@ -41,7 +41,7 @@ from nydusd.fs.attrs import (
     decode_ino,
     encode_ino,
 )
-from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFs
+from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFile, RafsFs
 from nydusd.log import get_logger
 from nydusd.metrics import FsIoStats, StatsFop
 
@@ -102,9 +102,7 @@ class _PseudoDir:
 @dataclass(frozen=True, slots=True)
 class _OpenFile:
     mount: Mount
-    ino: int
-    size: int
-    chunks: list[Any]
+    file: RafsFile
 
 
 #: longest mountpoint component and path (the kernel's NAME_MAX / PATH_MAX): a longer name would be
@@ -539,14 +537,14 @@ class Vfs:
         mount, local = self._resolve(ino)
         if mount is None:
             raise IsADirectory("is a directory", inode=ino)
-        attr, chunks = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
+        file = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
         mount.stats.file_opened(local)
         fh = next(self._fh)
-        self._handles[fh] = _OpenFile(mount, local, attr.size, chunks)
+        self._handles[fh] = _OpenFile(mount, file)
         return FileHandle(fh)
 
     def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        """File data (bytes-like, see ``RafsFs.read``); runs with llfuse's lock RELEASED. Raises
+        """File data (bytes-like, see ``RafsFile.read``); runs with llfuse's lock RELEASED. Raises
         BackendError/IntegrityError (EIO); StaleInode (ESTALE) once the file's image was unmounted
         or remounted (a read that raced the umount may still end in BackendError: cache closed)."""
         handle = self._handles.get(fh)
@@ -555,19 +553,20 @@ class Vfs:
         mount = handle.mount
         if self._mounts.get(mount.index) is not mount:
             # umounted or remounted since the open: its device and cache are closed (or closing)
-            raise StaleInode("file's filesystem is no longer mounted", fh=fh, inode=handle.ino)
+            raise StaleInode("file's filesystem is no longer mounted", fh=fh, inode=handle.file.ino)
+        file = handle.file
         start = time.perf_counter_ns()
         try:
-            data = mount.fs.read(handle.chunks, handle.size, offset, size, handle.ino)
+            data = file.read(offset, size)
         except NydusError as e:
-            mount.stats.fop_done(StatsFop.READ, ino=handle.ino, success=False,
+            mount.stats.fop_done(StatsFop.READ, ino=file.ino, success=False,
                                  latency_us=(time.perf_counter_ns() - start) / 1000)
-            log.warning("read_failed", mountpoint=mount.path, inode=handle.ino, offset=offset,
+            log.warning("read_failed", mountpoint=mount.path, inode=file.ino, offset=offset,
                         size=size, error=str(e))
             if self._on_error is not None:
-                self._on_error(f"read of inode {handle.ino} in {mount.path} failed: {e}")
+                self._on_error(f"read of inode {file.ino} in {mount.path} failed: {e}")
             raise
-        mount.stats.fop_done(StatsFop.READ, ino=handle.ino, size=len(data),
+        mount.stats.fop_done(StatsFop.READ, ino=file.ino, size=len(data),
                              latency_us=(time.perf_counter_ns() - start) / 1000)
         return data
 
@@ -579,13 +578,13 @@ class Vfs:
         mount, local = self._resolve(ino)
         if mount is None:
             raise IsADirectory("is a directory", inode=ino)
-        attr, chunks = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
-        self._handles.setdefault(fh, _OpenFile(mount, local, attr.size, chunks))
+        file = self._call(mount, StatsFop.OPEN, local, lambda: mount.fs.open(local))
+        self._handles.setdefault(fh, _OpenFile(mount, file))
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
-            handle.mount.stats.fop_done(StatsFop.RELEASE, ino=handle.ino)
+            handle.mount.stats.fop_done(StatsFop.RELEASE, ino=handle.file.ino)
 
     def open_handles(self) -> int:
         return len(self._handles)

@@ -29,7 +29,7 @@ Tools: ``nydusd.rafs.stats`` (check_image, image_stats), ``nydusd.rafs.unpack`` 
 Writing: ``nydusd.rafs.model`` (Node, Bootstrap) + ``nydusd.rafs.writer`` (write_bootstrap,
 bootstrap_bytes, blob_trailer). Blob trailers / ToC / inlined bootstrap: ``nydusd.rafs.blobmeta``.
 
-Must not import fs, daemon, builder, cli (rafs sits above storage.device and the leaf modules).
+Must not import fs, daemon, builder, cli (rafs sits above storage.chunk and the leaf modules).
 """
 
 from __future__ import annotations

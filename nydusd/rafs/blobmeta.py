@@ -22,7 +22,7 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata, IntegrityError
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
-from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
+from nydusd.storage.chunk import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 Reader = Callable[[int, int], bytes]  # (offset, size) -> bytes of one blob
 MAX_TOC_SIZE = 1 << 20  # upstream's limit

@@ -5,7 +5,7 @@ Owns: ``BlobSource`` (the "read ``size`` bytes at ``offset`` of blob X" callable
 no shared cursor, every range checked against the file size), ``check_range`` / ``bounded`` (the
 sanity bound on a requested blob range, for sources over a backend) and ``read_chunk`` /
 ``iter_file`` / ``read_file`` which decode and verify chunks with
-``nydusd.storage.device.decode_chunk``, and ``file_chunks`` (a regular file's chunk list checked
+``nydusd.storage.chunk.decode_chunk``, and ``file_chunks`` (a regular file's chunk list checked
 against its size: a v5 file without the hole flag has exactly ``ceil(size / chunk_size)`` chunks,
 as upstream's v5 inode validation requires, and no chunk reaches past the end of its file).
 Holes are produced ``ZERO_PIECE`` bytes at a time, so memory stays bounded whatever size an inode
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 from nydusd.errors import BlobNotFound, CorruptMetadata, IntegrityError
 from nydusd.rafs.rafs_super import Inode, RafsSuper
-from nydusd.storage.device import BlobInfo, ChunkInfo, decode_chunk
+from nydusd.storage.chunk import BlobInfo, ChunkInfo, decode_chunk
 
 BlobSource = Callable[[BlobInfo, int, int], bytes]
 

@@ -46,7 +46,7 @@ Rules a builder follows when filling the model:
 * v6 blobs must carry the ALIGNED feature bit (``BlobTrailer.apply`` sets it) and at most 254 blobs
   and 2^24 chunks per blob are addressable; the writer raises BuildError otherwise.
 
-Must not import: anything above ``nydusd.storage.device`` and the leaf modules.
+Must not import: anything above ``nydusd.storage.chunk`` and the leaf modules.
 Threading: plain mutable containers built by one thread; hand them over, don't share while mutating.
 """
 
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 DEFAULT_CHUNK_SIZE = 0x100000
 

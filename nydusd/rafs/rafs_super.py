@@ -25,7 +25,7 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound
 from nydusd.rafs.layout import SB_EXPLICIT_UID_GID, SB_HAS_XATTR, SB_INLINED_CHUNK_DIGEST
 from nydusd.rafs.model import Bootstrap, FileTypeMixin, Node
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 MAX_PATH_DEPTH = 1 << 16  # longer parent chains are treated as corrupt (cyclic)
 

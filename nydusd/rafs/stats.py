@@ -20,7 +20,7 @@ from nydusd.rafs import layout as L
 from nydusd.rafs.blobmeta import load_chunk_infos, read_toc
 from nydusd.rafs.content import MAX_BLOB_END, BlobSource, file_chunks, read_chunk
 from nydusd.rafs.rafs_super import RafsSuper
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 #: ``DedupInfo`` rows of the dedup table (thresholds 1..20), as upstream
 DEDUP_THRESHOLDS = 20

@@ -22,7 +22,7 @@ from nydusd.errors import CorruptMetadata, NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 INODE_CACHE_SIZE = 16384  # decoded records (~300 bytes each with the name)
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,

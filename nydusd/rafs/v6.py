@@ -25,7 +25,7 @@ from nydusd.errors import NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper
-from nydusd.storage.device import BlobInfo, ChunkInfo
+from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 INODE_CACHE_SIZE = 16384  # decoded inodes (~250 bytes each)
 DIR_BLOCK_CACHE_SIZE = 256  # decoded directory blocks (up to ~300 entries each)

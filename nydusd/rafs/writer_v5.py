@@ -14,7 +14,7 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.rafs import layout as L
 from nydusd.rafs.model import Bootstrap
 from nydusd.rafs.numbering import Entry, data_size, number_tree, prefetch_entries, sb_flags
-from nydusd.storage.device import ChunkInfo
+from nydusd.storage.chunk import ChunkInfo
 
 
 # ---- v5 -------------------------------------------------------------------------------------------

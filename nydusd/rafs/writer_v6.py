@@ -19,7 +19,7 @@ from nydusd.errors import BuildError
 from nydusd.rafs import layout as L
 from nydusd.rafs.model import Bootstrap, Node
 from nydusd.rafs.numbering import Entry, entry_path, number_tree, prefetch_entries, sb_flags
-from nydusd.storage.device import ChunkInfo
+from nydusd.storage.chunk import ChunkInfo
 
 BS = L.V6_BLOCK_SIZE
 INODE_SIZE = L.V6_EXTENDED_INODE.size

@@ -1,19 +1,26 @@
-"""Blob and chunk descriptors shared by the format library (rafs), the builder and storage, and
-the blob device that reads file data through the cache.
+"""The blob device: file data of one image read through its cache manager (== nydus-storage
+``device::BlobDevice``).
 
-Owns: ``ChunkInfo`` (one chunk of one blob, as in the 80-byte RAFS chunk record), ``BlobInfo``
-(one entry of a bootstrap's blob table, v5 or v6), ``decode_chunk`` (payload -> verified plain
-bytes; ``decode_chunk_into`` the same into a caller's buffer) and ``BlobDevice`` (read a file
-range across the file's chunks through a cache manager: a warm fast path that reads just the
-requested bytes from plain cache files, else whole chunks through the cache's fetch path;
-optional sequential readahead; background prefetch). Must not
-import rafs, fs or daemon, nor ``storage.cache`` at import time (the cache imports this module;
-the device receives a manager object).
+Owns: ``BlobDevice`` (the image's blob table over one cache manager: the chunk arithmetic that
+turns a file range into chunk ranges, the warm path that reads just the requested bytes from a
+cache file, the full path that fetches whole chunks, and the prefetch entry points, which it
+forwards to the manager), ``ChunkedFile`` (one open file's chunk list over the device, the object
+a read on a file handle goes to) and ``ChunkBuffer``.
 
-Threading: value objects are frozen and thread-safe. ``BlobDevice.read`` runs with llfuse's lock
-released and is called concurrently by FUSE workers. Its own mutable state -- the per-blob cache
-handles (filled once), the prefetcher (started once) and the readahead stream table -- is guarded
-by ``_lock``, held only for dict/list updates, never across I/O.
+Two caches sit on the read path and do different jobs:
+- the blob cache (``storage/cache``) is the node's copy of the blobs: persistent, shared by every
+  file and mount of the blob, filled by on-demand reads and prefetch, read with ``pread``. A plain
+  (uncompressed, not re-verified) cache file serves any byte range directly: the warm path.
+- ``ChunkBuffer`` keeps the last few *decoded* chunks in memory, for caches that can only hand
+  out whole verified chunks (compressed cache files, ``cache.validate``, the dummy cache): FUSE
+  reads arrive in 128 KiB pieces of a 1 MiB chunk, and without it each piece would read,
+  decompress and verify the whole chunk again.
+
+Must not import rafs, fs or daemon, nor ``storage.cache`` (the device receives a manager object).
+
+Threading: ``read`` runs with llfuse's lock released and is called concurrently by FUSE workers.
+The per-blob cache handles are filled once under ``_lock``; the chunk buffer has its own lock,
+held only for dict operations, never across I/O.
 """
 
 from __future__ import annotations
@@ -21,129 +28,65 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nydusd.compress import Compressor, decompress, decompress_into
-from nydusd.digest import DigestAlgorithm
-from nydusd.errors import BackendError, CorruptMetadata, IntegrityError
-from nydusd.storage.prefetch import Prefetcher
+from nydusd.errors import BackendError, CorruptMetadata
+from nydusd.storage.chunk import BlobInfo, ChunkInfo, chunk_key
 
 if TYPE_CHECKING:
-    from nydusd.storage.cache.base import BlobCache, BlobCacheManager
+    from nydusd.storage.cache.base import BlobCache
+    from nydusd.storage.cache.manager import BlobCacheManager
+    from nydusd.storage.cache.prefetch import Prefetcher
 
-#: sequential-read streams tracked for readahead (files being read at the same time)
-MAX_STREAMS = 256
-#: seconds each prefetch worker is waited for when an aborted device stops prefetching
-ABORT_JOIN = 0.1
-
-CHUNK_FLAG_COMPRESSED = 0x01
-CHUNK_FLAG_HOLE = 0x02
-CHUNK_FLAG_ENCRYPTED = 0x04
-CHUNK_FLAG_BATCH = 0x08
-CHUNK_FLAG_HAS_CRC32 = 0x10
+#: decoded chunks kept by ``ChunkBuffer`` (1 MiB each by default)
+BUFFER_SLOTS = 4
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkInfo:
-    """One chunk (spec §1.6). ``digest`` is H(uncompressed bytes)."""
+class ChunkBuffer:
+    """The last few decoded chunks of an image, keyed by ``(blob index, chunk key)`` (see the
+    module docstring for when it is used). Immutable data: no invalidation needed. Guarded by its
+    own lock, held only for the dict operations (never across I/O)."""
 
-    digest: bytes
-    blob_index: int
-    flags: int
-    compressed_size: int
-    uncompressed_size: int
-    compressed_offset: int
-    uncompressed_offset: int
-    file_offset: int
-    index: int
-    crc32: int = 0
+    def __init__(self, slots: int = BUFFER_SLOTS) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
-    @property
-    def is_compressed(self) -> bool:
-        return bool(self.flags & CHUNK_FLAG_COMPRESSED)
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
 
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.slots:
+                self._items.popitem(last=False)
 
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    """One blob of an image (spec §2.5–2.6 for v5, §3.5 for v6).
-
-    v5 blobs inherit compressor/digester from the superblock; the ``ci_*`` fields locate the v6
-    blob-meta chunk-info array inside the blob (zero for v5).
-    """
-
-    blob_id: str
-    blob_index: int
-    compressor: Compressor
-    digester: DigestAlgorithm
-    chunk_size: int
-    chunk_count: int
-    compressed_size: int
-    uncompressed_size: int
-    features: int = 0
-    readahead_offset: int = 0
-    readahead_size: int = 0
-    ci_compressor: Compressor = Compressor.NONE
-    ci_offset: int = 0
-    ci_compressed_size: int = 0
-    ci_uncompressed_size: int = 0
-    blob_toc_size: int = 0
-    blob_toc_digest: bytes = b"\0" * 32
-    blob_meta_digest: bytes = b"\0" * 32
-    blob_meta_size: int = 0
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
-def decode_chunk(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo,
-                 verify: bool = True) -> bytes:
-    """Turn a chunk's stored payload (``compressed_size`` bytes) into its verified plain bytes.
+class ChunkedFile:
+    """One regular file's data: its chunks (in file order) over a ``BlobDevice``. ``read`` is the
+    whole read path of an open file handle. Immutable; thread-safe."""
 
-    Raises IntegrityError when the payload has the wrong length, does not decompress to
-    ``uncompressed_size`` bytes, or (with ``verify``) its digest differs from ``chunk.digest``.
-    """
-    if len(payload) != chunk.compressed_size:
-        raise IntegrityError(f"short chunk payload: {len(payload)} of {chunk.compressed_size} bytes",
-                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
-    if chunk.is_compressed:
-        data = decompress(payload, blob.compressor, chunk.uncompressed_size)
-    else:
-        data = bytes(payload)
-        if len(data) != chunk.uncompressed_size:
-            raise IntegrityError("raw chunk size differs from its uncompressed size",
-                                 blob_id=blob.blob_id, offset=chunk.compressed_offset)
-    if verify and blob.digester.hash(data) != chunk.digest:
-        raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
-                             offset=chunk.compressed_offset, chunk_index=chunk.index)
-    return data
+    __slots__ = ("chunks", "device", "size")
 
+    def __init__(self, device: BlobDevice, chunks: Sequence[ChunkInfo], size: int) -> None:
+        self.device = device
+        self.chunks = chunks
+        self.size = size
 
-def decode_chunk_into(payload: bytes | memoryview, chunk: ChunkInfo, blob: BlobInfo, out: memoryview,
-                      verify: bool = True) -> None:
-    """``decode_chunk`` into ``out`` (writable, exactly ``uncompressed_size`` bytes) instead of new
-    bytes. Raises IntegrityError like ``decode_chunk`` (``out`` then holds garbage)."""
-    if len(payload) != chunk.compressed_size:
-        raise IntegrityError(f"short chunk payload: {len(payload)} of {chunk.compressed_size} bytes",
-                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
-    if len(out) != chunk.uncompressed_size:
-        raise ValueError("output buffer does not match the chunk's uncompressed size")
-    if chunk.is_compressed:
-        try:
-            decompress_into(payload, blob.compressor, out)
-        except IntegrityError as exc:
-            raise IntegrityError(exc.message, blob_id=blob.blob_id, offset=chunk.compressed_offset,
-                                 **exc.context) from None
-    elif len(payload) != chunk.uncompressed_size:
-        raise IntegrityError("raw chunk size differs from its uncompressed size",
-                             blob_id=blob.blob_id, offset=chunk.compressed_offset)
-    else:
-        out[:] = payload
-    if verify and blob.digester.hash(out) != chunk.digest:
-        raise IntegrityError("chunk digest mismatch", blob_id=blob.blob_id,
-                             offset=chunk.compressed_offset, chunk_index=chunk.index)
-
-
-def chunk_key(chunk: ChunkInfo) -> int:
-    """Identity of a chunk's payload inside its blob (deduplicated chunks share it)."""
-    return chunk.compressed_offset
+    def read(self, offset: int, size: int) -> bytes | memoryview:
+        """Up to ``size`` bytes at ``offset`` (short at the end of the file, ``b""`` past it):
+        ``bytes``, or a read-only ``memoryview`` into a buffered chunk. Raises like
+        ``BlobDevice.read``."""
+        return self.device.read_range(self.chunks, offset, min(offset + size, self.size))
 
 
 class BlobDevice:
@@ -153,31 +96,23 @@ class BlobDevice:
     chunk covering file offset ``o`` is ``chunks[o // chunk_size]``. ``batch_size`` (rafs
     ``batch_size`` / v1 ``amplify_io``) lets a read pull the following chunks of the same file
     into the same backend request. ``prefetch_config`` (a ``PrefetchConfig``) configures the
-    workers started by the first ``prefetch`` call. ``readahead`` (bytes, 0 = off) turns on
-    asynchronous readahead for sequential readers: when a file is read sequentially, the next
-    ``readahead`` bytes of its chunks are queued as urgent prefetch (ahead of background
-    prefetch), refilled when the reader is halfway through the window.
+    cache manager's prefetch workers, started by the first ``start_prefetch``/``prefetch`` call.
 
     Owns the cache manager: ``close`` closes it. The backend belongs to whoever created it.
     """
 
     def __init__(self, blobs: Sequence[BlobInfo], cache_manager: BlobCacheManager, *,
                  chunk_size: int | None = None, batch_size: int | None = None,
-                 prefetch_config: Any = None, readahead: int = 0) -> None:
+                 prefetch_config: Any = None) -> None:
         self.blobs = list(blobs)
         self.cache_manager = cache_manager
         self.chunk_size = chunk_size or (self.blobs[0].chunk_size if self.blobs else 0)
         self.batch_size = cache_manager.batch_size if batch_size is None else batch_size
         self.prefetch_config = prefetch_config
+        self.buffer = ChunkBuffer()
         self._caches: list[BlobCache | None] = [None] * len(self.blobs)
         self._lock = threading.Lock()
-        self._prefetcher: Prefetcher | None = None
         self._closed = False
-        self._aborted = False
-        self.readahead = max(0, readahead)
-        # per file (keyed by its first chunk + chunk count): [next sequential offset, chunk index
-        # up to which readahead was queued]; bounded, oldest dropped first
-        self._streams: OrderedDict[tuple[int, int, int], list[int]] = OrderedDict()
 
     # ------------------------------------------------------------------ reads
     def cache(self, blob_index: int) -> BlobCache:
@@ -193,9 +128,18 @@ class BlobDevice:
                     cache = self._caches[blob_index] = self.cache_manager.get(self.blobs[blob_index])
         return cache
 
+    def open_file(self, chunks: Sequence[ChunkInfo], size: int) -> ChunkedFile:
+        """The data of a file of ``size`` bytes cut into ``chunks`` (in file order)."""
+        return ChunkedFile(self, chunks, size)
+
     def read(self, chunks: Sequence[ChunkInfo], offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset + size)`` of the file whose chunks (in file order) are ``chunks``;
-        shorter at the end of the file, ``b""`` past it.
+        shorter at the end of the file, ``b""`` past it. See ``read_range`` for errors."""
+        return bytes(self.read_range(chunks, offset, offset + size))
+
+    def read_range(self, chunks: Sequence[ChunkInfo], offset: int, end: int) -> bytes | memoryview:
+        """Bytes ``[offset, end)`` of the file whose chunks are ``chunks`` (clipped to its chunks):
+        ``bytes`` or a read-only ``memoryview`` (into a buffered or just fetched chunk).
 
         Runs with llfuse's lock released (thread-safe). Raises IntegrityError when chunk data
         fails verification, BackendError/BlobNotFound when it cannot be fetched, CorruptMetadata
@@ -203,21 +147,61 @@ class BlobDevice:
         """
         if self._closed:
             raise BackendError("blob device closed")
-        csize = self.chunk_size
-        if size <= 0 or offset < 0 or not chunks:
+        if offset < 0 or offset >= end or not chunks:
             return b""
+        csize = self.chunk_size
         if csize <= 0:
             raise CorruptMetadata("image has chunks but no chunk size")
-        file_end = (len(chunks) - 1) * csize + chunks[-1].uncompressed_size
-        end = min(offset + size, file_end)
+        end = min(end, (len(chunks) - 1) * csize + chunks[-1].uncompressed_size)
         if offset >= end:
             return b""
         first, last = offset // csize, (end - 1) // csize
-        if self.readahead:
-            self._readahead(chunks, offset, end, last)
-        cached = self._read_cached(chunks, first, last, offset, end)
-        if cached is not None:
-            return cached
+        chunk = chunks[first]
+        blob_index = chunk.blob_index
+        lo = offset - first * csize
+        if first == last:
+            if chunk.uncompressed_size >= end - first * csize:
+                cache = self._caches[blob_index] if blob_index < len(self._caches) else None
+                data = (cache or self.cache(blob_index)).read_cached((chunk,), lo, end - first * csize)
+                if data is not None:
+                    return data
+        elif self._uniform(chunks, first, last, end):
+            data = self.cache(blob_index).read_cached(chunks[first:last + 1], lo, end - last * csize)
+            if data is not None:
+                return data
+        parts = self._read_chunks(chunks, first, last, offset, end)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _uniform(self, chunks: Sequence[ChunkInfo], first: int, last: int, end: int) -> bool:
+        """Whether chunks ``first..last`` are in one blob and each as long as the range needs
+        (the warm path's precondition; the full path reports malformed chunks)."""
+        csize = self.chunk_size
+        blob_index = chunks[first].blob_index
+        for i in range(first, last):
+            chunk = chunks[i]
+            if chunk.blob_index != blob_index or chunk.uncompressed_size != csize:
+                return False
+        tail = chunks[last]
+        return tail.blob_index == blob_index and tail.uncompressed_size >= end - last * csize
+
+    def _read_chunks(self, chunks: Sequence[ChunkInfo], first: int, last: int, offset: int,
+                     end: int) -> list[memoryview]:
+        """The full path: whole chunks ``first..last`` through their caches' fetch path, sliced to
+        ``[offset, end)``. A piece of one chunk is served from (or, read from its first byte,
+        enters) the chunk buffer."""
+        csize = self.chunk_size
+        chunk = chunks[first]
+        start = first * csize
+        if first == last and (offset > start or end - start < chunk.uncompressed_size):
+            key = (chunk.blob_index, chunk_key(chunk))
+            data = self.buffer.get(key)
+            if data is None and offset == start:
+                # a read starting at a chunk boundary is how a sequential stream enters a
+                # chunk; random reads rarely do and would only pay for the whole-chunk copy
+                data = self._fetch(chunks, first, first)[key]
+                self.buffer.put(key, data)
+            if data is not None and len(data) >= end - start:
+                return [memoryview(data)[offset - start:end - start]]
         plain = self._fetch(chunks, first, last)
         parts: list[memoryview] = []
         for i in range(first, last + 1):
@@ -229,28 +213,7 @@ class BlobDevice:
                 raise CorruptMetadata("chunk is shorter than the chunk size", chunk_index=chunk.index,
                                       blob_index=chunk.blob_index, size=len(data), chunk_size=csize)
             parts.append(memoryview(data)[lo:hi])
-        return b"".join(parts)
-
-    def _read_cached(self, chunks: Sequence[ChunkInfo], first: int, last: int, offset: int,
-                     end: int) -> bytes | None:
-        """Fast path for warm reads: when every chunk of the range is cached as plain data, read
-        just the requested bytes from the cache files (a 128 KiB FUSE read must not pread a whole
-        1 MiB chunk). None when any chunk needs the full path."""
-        csize = self.chunk_size
-        parts: list[bytes] = []
-        for i in range(first, last + 1):
-            chunk = chunks[i]
-            lo = offset - i * csize if i == first else 0
-            hi = end - i * csize if i == last else csize
-            if chunk.uncompressed_size < hi:
-                return None  # the full path reports the malformed chunk
-            data = self.cache(chunk.blob_index).read_cached_range(chunk, lo, hi)
-            if data is None:
-                return None
-            parts.append(data)
-        n = last - first + 1
-        self.cache_manager.metrics_.record_read(n, n)
-        return parts[0] if n == 1 else b"".join(parts)
+        return parts
 
     def _fetch(self, chunks: Sequence[ChunkInfo], first: int, last: int) -> dict[tuple[int, int], bytes]:
         per_blob: dict[int, list[ChunkInfo]] = {}
@@ -274,52 +237,18 @@ class BlobDevice:
             extra.append(chunk)
         return extra
 
-    def _readahead(self, chunks: Sequence[ChunkInfo], offset: int, end: int, last: int) -> None:
-        """Queue the next window of a sequentially read file (see class docstring)."""
-        head = chunks[0]
-        key = (head.blob_index, head.compressed_offset, len(chunks))
-        with self._lock:
-            state = self._streams.get(key)
-            if state is None:
-                state = self._streams[key] = [0, 0]
-                while len(self._streams) > MAX_STREAMS:
-                    self._streams.popitem(last=False)
-            else:
-                self._streams.move_to_end(key)
-            sequential, state[0] = state[0] == offset, end
-            if not sequential:
-                state[1] = 0
-                return
-            window = max(1, self.readahead // self.chunk_size)
-            if state[1] - last > window // 2:
-                return  # more than half a window is still queued ahead of the reader
-            start = max(state[1], last + 1)
-            stop = min(len(chunks), last + 1 + window)
-            state[1] = stop
-        prefetcher = self.start_prefetch() if start < stop else None
-        if prefetcher is not None:
-            # half-window requests: few enough to beat per-request latency, two in flight at once
-            prefetcher.submit(chunks[start:stop], urgent=True,
-                              merge_limit=max(prefetcher.batch_size, self.readahead // 2))
-
     def is_ready(self, chunk: ChunkInfo) -> bool:
         """Whether ``chunk`` is in local cache state (no I/O)."""
         return self.cache(chunk.blob_index).is_ready(chunk)
 
-    # ------------------------------------------------------------------ prefetch
+    # ------------------------------------------------------------------ prefetch (the manager's)
     def start_prefetch(self, cfg: Any = None) -> Prefetcher | None:
-        """Start the prefetch workers (idempotent) from ``cfg`` or ``prefetch_config``.
-        Returns None once the device is closed."""
-        with self._lock:
-            if self._closed:
-                return None
-            if self._prefetcher is None:
-                manager = self.cache_manager
-                self._prefetcher = Prefetcher.from_config(
-                    cfg if cfg is not None else self.prefetch_config, self.cache,
-                    metrics=manager.metrics_, wait_ondemand_idle=manager.wait_ondemand_idle)
-                self._prefetcher.start()
-            return self._prefetcher
+        """Start the cache manager's prefetch workers (idempotent) from ``cfg`` or
+        ``prefetch_config``. Returns the ``Prefetcher``, None once the device is closed."""
+        if self._closed:
+            return None
+        return self.cache_manager.start_prefetch(cfg if cfg is not None else self.prefetch_config,
+                                                 self.blobs)
 
     def prefetch(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None,
                  bulk: bool = False) -> int:
@@ -327,26 +256,22 @@ class BlobDevice:
         number of backend requests queued (0 once the device is closed). ``merge_limit``: largest
         merged request for these chunks (default: the prefetch ``batch_size``; whole-blob
         prefetch does better with ``prefetch.BULK_MERGE_SIZE``). ``bulk``: see ``Prefetcher.submit``."""
-        prefetcher = self.start_prefetch()
-        return 0 if prefetcher is None else prefetcher.submit(chunks, merge_limit=merge_limit, bulk=bulk)
+        if self.start_prefetch() is None:
+            return 0
+        return self.cache_manager.prefetch(chunks, merge_limit=merge_limit, bulk=bulk)
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Block until queued prefetch work is done. True if idle (or never started)."""
-        prefetcher = self._prefetcher
-        return True if prefetcher is None else prefetcher.wait_idle(timeout)
+        return self.cache_manager.wait_prefetch(timeout)
 
     def stop_prefetch(self) -> None:
-        """Stop and join the prefetch workers (idempotent). After ``abort`` each worker is given
-        only ``ABORT_JOIN`` seconds: one stuck on a dead backend finishes (and fails against the
-        closed cache) on its own instead of holding up the umount for the backend timeout."""
-        with self._lock:
-            prefetcher, self._prefetcher = self._prefetcher, None
-            aborted = self._aborted
-        if prefetcher is not None:
-            if aborted:
-                prefetcher.stop(timeout=ABORT_JOIN)
-            else:
-                prefetcher.stop()
+        """Stop and join the prefetch workers (idempotent)."""
+        self.cache_manager.stop_prefetch()
+
+    def wait_ondemand_quiet(self, stop: threading.Event) -> None:
+        """Block until no on-demand fetch ran for a while, or ``stop`` is set (the moment for
+        speculative work such as walking a whole image, see the manager's method)."""
+        self.cache_manager.wait_ondemand_quiet(stop)
 
     # ------------------------------------------------------------------ metrics / lifecycle
     def metrics(self) -> dict[str, Any]:
@@ -364,13 +289,11 @@ class BlobDevice:
     def abort(self, reason: str = "image unmounted") -> None:
         """Fail every read waiting on the backend now and refuse new ones (EIO), without waiting
         for anything: the first step of an umount, before the slower ``close``."""
-        with self._lock:
-            self._closed = self._aborted = True
-        self.cache_manager.waits.cancel(reason)
+        self._closed = True
+        self.cache_manager.abort(reason)
 
     def close(self) -> None:
         """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""
-        with self._lock:
-            self._closed = True
-        self.stop_prefetch()
+        self._closed = True
+        self.buffer.clear()
         self.cache_manager.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nydusd.compress import Compressor, compress
 from nydusd.digest import DigestAlgorithm
-from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
+from nydusd.storage.chunk import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 
 @dataclass

@@ -97,6 +97,14 @@ class FakeSuper:
         return [("chunk", ino)]
 
 
+class FakeFile:
+    def __init__(self, device: FakeDevice, chunks: list[Any], size: int) -> None:
+        self.device, self.chunks, self.size = device, chunks, size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.device.read(self.chunks, offset, max(0, min(offset + size, self.size) - offset))
+
+
 class FakeDevice:
     def __init__(self, sb: FakeSuper) -> None:
         self.sb = sb
@@ -108,6 +116,18 @@ class FakeDevice:
         if ino in self.broken or self.closed:
             raise BackendError("blob is missing", blob_id="fake", offset=offset)
         return self.sb.data[ino][offset:offset + size]
+
+    def open_file(self, chunks: list[Any], size: int) -> FakeFile:
+        return FakeFile(self, chunks, size)
+
+    def prefetch(self, chunks: Any, *, merge_limit: int | None = None, bulk: bool = False) -> int:
+        return 0
+
+    def stop_prefetch(self) -> None:
+        pass
+
+    def wait_ondemand_quiet(self, stop: Any) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True

@@ -58,9 +58,10 @@ def test_rafs_fs_attributes_and_reads():
     hosts = fs.lookup(fs.lookup(1, b"etc").ino, b"hosts")
     assert stat.S_ISREG(hosts.mode) and hosts.size == 20 and hosts.nlink == 2
     assert hosts.mtime_ns == 1_700_000_000 * 10**9 + 5 and hosts.uid == 1000
-    attr, chunks = fs.open(hosts.ino)
-    assert fs.read(chunks, attr.size, 3, 100) == b".0.0.1 localhost\n"
-    assert fs.read(chunks, attr.size, 20, 100) == b""
+    file = fs.open(hosts.ino)
+    assert file.attr == hosts
+    assert file.read(3, 100) == b".0.0.1 localhost\n"
+    assert file.read(20, 100) == b""
     assert fs.getxattr(hosts.ino, b"user.name") == b"hosts"
     assert fs.listxattr(hosts.ino) == [b"user.name"]
     with pytest.raises(NoXattr):
@@ -195,34 +196,6 @@ def test_stats_account_per_mount_and_per_file():
     assert snap["fop_hits"][StatsFop.LOOKUP] == 1 and snap["nr_opens"] == 0
     files = mount.stats.files_snapshot()
     assert files[str(decode_ino(readme)[1])]["data_read"] == 12
-
-
-def test_chunk_buffer_serves_sequential_requests_from_one_fetch():
-    sb = FakeSuper({"big": bytes(range(256)) * 4096})  # 1 MiB file
-    sb.chunk_size = 256 * 1024
-    calls = []
-
-    class CountingDevice(FakeDevice):
-        def read(self, chunks, offset, size):
-            calls.append((offset, size))
-            return super().read(chunks, offset, size)
-
-    fs = RafsFs(sb, CountingDevice(sb))
-    attr, chunks = fs.open(fs.lookup(1, b"big").ino)
-    data = sb.data[attr.ino]
-    out = b"".join(fs.read(chunks, attr.size, off, 64 * 1024, attr.ino)
-                   for off in range(0, attr.size, 64 * 1024))
-    assert out == data
-    assert calls == [(i * 256 * 1024, 256 * 1024) for i in range(4)]  # one fetch per chunk
-    # a request spanning two chunks, and one covering a whole chunk, bypass the buffer
-    assert fs.read(chunks, attr.size, 200_000, 100_000, attr.ino) == data[200_000:300_000]
-    assert fs.read(chunks, attr.size, 0, 256 * 1024, attr.ino) == data[:256 * 1024]
-    assert calls[-2:] == [(200_000, 100_000), (0, 256 * 1024)]
-    assert fs.read(chunks, attr.size, attr.size - 10, 100, attr.ino) == data[-10:]  # buffered
-    assert len(calls) == 6
-    fs.buffer.clear()
-    assert fs.read(chunks, attr.size, 5000, 4096, attr.ino) == data[5000:9096]
-    assert calls[-1] == (5000, 4096)  # random access does not fill the buffer
 
 
 def test_broken_image_does_not_break_the_pseudo_listing():

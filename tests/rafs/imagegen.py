@@ -19,7 +19,7 @@ from nydusd.rafs.blobmeta import blob_trailer
 from nydusd.rafs.content import read_file
 from nydusd.rafs.model import Bootstrap, Node
 from nydusd.rafs.writer import bootstrap_bytes
-from nydusd.storage.device import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
+from nydusd.storage.chunk import CHUNK_FLAG_COMPRESSED, BlobInfo, ChunkInfo
 
 
 @dataclass

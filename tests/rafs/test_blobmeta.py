@@ -20,7 +20,7 @@ from nydusd.rafs.blobmeta import (
     parse_tar_header,
     tar_header,
 )
-from nydusd.storage.device import ChunkInfo
+from nydusd.storage.chunk import ChunkInfo
 
 MAX = 1 << 24
 

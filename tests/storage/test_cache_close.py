@@ -21,7 +21,8 @@ from nydusd.config import CacheConfig, FileCacheConfig
 from nydusd.errors import BackendError
 from nydusd.storage.cache import blobcache, create_cache
 from nydusd.storage.cache.blobcache import FileCache
-from nydusd.storage.device import BlobDevice, ChunkInfo
+from nydusd.storage.chunk import ChunkInfo
+from nydusd.storage.device import BlobDevice
 from tests.fakes.backends import MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob
 
@@ -92,7 +93,7 @@ def test_close_under_concurrent_reads_and_persists(tmp_path: Path, blob: TestBlo
 def assert_closed(device: BlobDevice, cache: FileCache, chunks: list[ChunkInfo]) -> None:
     for call in (lambda: device.read(chunks, 0, 100), lambda: cache.is_ready(chunks[0]),
                  lambda: cache.read_chunks(chunks[:2]), lambda: cache.prefetch_chunks(chunks),
-                 lambda: cache.read_cached_range(chunks[0], 0, 10)):
+                 lambda: cache.read_cached(chunks[:1], 0, 10)):
         with pytest.raises(BackendError):
             call()
 

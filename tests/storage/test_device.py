@@ -14,7 +14,8 @@ from nydusd.config import CacheConfig, FileCacheConfig
 from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata
 from nydusd.storage.cache import create_cache
-from nydusd.storage.device import BlobDevice, ChunkInfo
+from nydusd.storage.chunk import ChunkInfo
+from nydusd.storage.device import BlobDevice
 from tests.fakes.backends import MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob, mixed_content
 
@@ -173,3 +174,47 @@ def test_concurrent_random_reads_are_always_correct(tmp_path: Path) -> None:
     # every unique chunk was fetched exactly once in total
     fetched = sum(r[2] for r in backend.requests)
     assert fetched == len(blob.data)
+
+
+def test_chunk_buffer_serves_sequential_pieces_of_a_chunk_from_one_fetch(tmp_path: Path) -> None:
+    """A cache that hands out only whole verified chunks (compressed cache file) reads each chunk
+    once for a stream of FUSE-sized pieces: the piece at the chunk's first byte fills the chunk
+    buffer and the following pieces are served from it. Random pieces do not fill it; a plain
+    cache file never needs it (the warm path reads just the piece)."""
+    content = mixed_content(4 * CHUNK - 100, seed=3)
+    blob = build_blob([content], chunk_size=CHUNK)
+    for compressed in (True, False):
+        device, _ = make_device(blob, file_cache(tmp_path / str(compressed), compressed=compressed))
+        try:
+            chunks = blob.files[0]
+            assert device.read(chunks, 0, len(content)) == content   # warm the cache
+            cache = device.cache(0)
+            calls: list[int] = []
+            real = cache.read_chunks
+
+            def counting(wanted, *, calls=calls, real=real, **kw):  # type: ignore[no-untyped-def]
+                wanted = list(wanted)
+                calls.extend(c.index for c in wanted)
+                return real(wanted, **kw)
+
+            cache.read_chunks = counting  # type: ignore[method-assign]
+            file = device.open_file(chunks, len(content))
+            piece = CHUNK // 4
+            out = b"".join(bytes(file.read(off, piece)) for off in range(0, len(content), piece))
+            assert out == content
+            if not compressed:
+                assert calls == []                    # plain cache file: straight preads
+                continue
+            assert calls == [c.index for c in chunks]  # one whole-chunk read per chunk
+            # a piece spanning two chunks and a whole chunk bypass the buffer
+            assert bytes(file.read(CHUNK - 10, 20)) == content[CHUNK - 10:CHUNK + 10]
+            assert bytes(file.read(0, CHUNK)) == content[:CHUNK]
+            assert len(calls) == len(chunks) + 3
+            device.buffer.clear()
+            assert bytes(file.read(5000, 4096)) == content[5000:9096]
+            assert bytes(file.read(6000, 4096)) == content[6000:10096]
+            assert len(calls) == len(chunks) + 5        # random pieces do not fill the buffer
+            assert bytes(file.read(len(content) - 10, 100)) == content[-10:]   # clipped at EOF
+            assert file.read(len(content), 100) == b""
+        finally:
+            device.close()

@@ -12,8 +12,8 @@ import pytest
 
 from nydusd.config import CacheConfig, FileCacheConfig, PrefetchConfig
 from nydusd.storage.cache import create_cache
+from nydusd.storage.cache.prefetch import TokenBucket
 from nydusd.storage.device import BlobDevice
-from nydusd.storage.prefetch import TokenBucket
 from tests.fakes.backends import FlakyBackend, MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob
 
@@ -212,52 +212,6 @@ def test_token_bucket_rate() -> None:
     bucket.consume(1_000_000)
     assert bucket.consume(10, stop) is False     # a stop request interrupts the wait
     assert TokenBucket(0).consume(1 << 40) is True
-
-
-def readahead_device(blob: TestBlob, backend: MemoryBackend, work_dir: Path, readahead: int) -> BlobDevice:
-    cfg = CacheConfig(type="blobcache", filecache=FileCacheConfig(work_dir=str(work_dir)))
-    return BlobDevice([blob.info], create_cache(cfg, backend, batch_size=0), readahead=readahead,
-                      prefetch_config=PrefetchConfig(threads=4, batch_size=2 * CHUNK))
-
-
-def test_sequential_reader_gets_asynchronous_readahead(tmp_path: Path) -> None:
-    content = os.urandom(32 * CHUNK)
-    blob = build_blob([content], chunk_size=CHUNK)
-    timings = {}
-    for readahead in (0, 8 * CHUNK):
-        backend = MemoryBackend({blob.blob_id: blob.data}, delay=0.03)
-        device = readahead_device(blob, backend, tmp_path / str(readahead), readahead)
-        try:
-            start = time.monotonic()
-            for off in range(0, len(content), CHUNK // 2):   # 32 KiB reads, like a FUSE stream
-                assert device.read(blob.files[0], off, CHUNK // 2) == content[off:off + CHUNK // 2]
-            timings[readahead] = time.monotonic() - start
-            background = [r for r in backend.requests if r[3]]
-            if readahead:
-                assert len(background) >= 8, backend.requests
-                assert backend.bytes_read == len(blob.data)  # nothing fetched twice
-            else:
-                assert background == []
-                assert prefetch_threads() == []
-        finally:
-            device.close()
-    # 32 requests of 30 ms one after another, against 4 workers fetching 2-chunk runs ahead
-    assert timings[8 * CHUNK] < timings[0] / 2, timings
-
-
-def test_random_reads_do_not_trigger_readahead(tmp_path: Path) -> None:
-    content = os.urandom(32 * CHUNK)
-    blob = build_blob([content], chunk_size=CHUNK)
-    backend = MemoryBackend({blob.blob_id: blob.data})
-    device = readahead_device(blob, backend, tmp_path, 8 * CHUNK)
-    try:
-        for off in (5 * CHUNK, 20 * CHUNK + 7, 11 * CHUNK, 30 * CHUNK):
-            assert device.read(blob.files[0], off, 100) == content[off:off + 100]
-        device.wait_prefetch(5)
-        assert [r for r in backend.requests if r[3]] == []
-        assert backend.read_count == 4
-    finally:
-        device.close()
 
 
 def payload_device(blob: TestBlob, backend: MemoryBackend, work_dir: Path) -> BlobDevice:

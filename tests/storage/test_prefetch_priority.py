@@ -19,6 +19,7 @@ import pytest
 from nydusd.config import CacheConfig, FileCacheConfig, PrefetchConfig
 from nydusd.storage.cache import base as cache_base
 from nydusd.storage.cache import create_cache
+from nydusd.storage.cache import manager as cache_manager
 from nydusd.storage.device import BlobDevice
 from tests.fakes.backends import MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob
@@ -86,7 +87,7 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     # one chunk per streamed piece, and a pause bound far beyond any test: the order of events
     # alone decides, never a timeout
     monkeypatch.setattr(cache_base, "STREAM_PIECE", CHUNK)
-    monkeypatch.setattr(cache_base, "PREFETCH_YIELD_SECONDS", 60.0)
+    monkeypatch.setattr(cache_manager, "PREFETCH_YIELD_SECONDS", 60.0)
 
 
 def make_device(blob: TestBlob, backend: MemoryBackend, work_dir: Path, **prefetch: object) -> BlobDevice:
@@ -218,8 +219,8 @@ def test_bulk_prefetch_stays_paused_after_a_reader_fetched(tmp_path: Path, blob:
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A starting container misses in bursts: ``prefetch_all`` (bulk) does not resume between two
     of its fetches; hinted prefetch (a replayed table) resumes at once."""
-    monkeypatch.setattr(cache_base, "BULK_QUIET_SECONDS", 60.0)
-    monkeypatch.setattr(cache_base, "BULK_YIELD_SECONDS", 60.0)
+    monkeypatch.setattr(cache_manager, "BULK_QUIET_SECONDS", 60.0)
+    monkeypatch.setattr(cache_manager, "BULK_YIELD_SECONDS", 60.0)
     backend = StreamingBackend({blob.blob_id: blob.data})
     backend.piece_gate = threading.Event()
     device = make_device(blob, backend, tmp_path, threads=1, batch_size=16 * CHUNK)

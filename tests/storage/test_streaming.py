@@ -22,8 +22,8 @@ from nydusd.storage.cache import create_cache
 from nydusd.storage.cache.base import STREAM_PIECE
 from nydusd.storage.cache.blobcache import WRITE_SLICE
 from nydusd.storage.cache.chunkmap import HEADER_SIZE
+from nydusd.storage.cache.prefetch import BULK_MERGE_SIZE as PREFETCH_BULK
 from nydusd.storage.device import BlobDevice
-from nydusd.storage.prefetch import BULK_MERGE_SIZE as PREFETCH_BULK
 from tests.fakes.backends import FlakyBackend, MemoryBackend
 from tests.fakes.blobs import TestBlob, build_blob, mixed_content
 from tests.servers.fault_shim import FaultShim

@@ -20,10 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from nydusd.errors import ConfigError, Unsupported
-from nydusd.storage.cache.base import DEFAULT_BATCH_SIZE, BlobCache, BlobCacheManager, BlobReader
+from nydusd.storage.cache.base import BlobCache, CacheBackend
 from nydusd.storage.cache.blobcache import FileCacheManager
 from nydusd.storage.cache.dummy import DummyCacheManager
-from nydusd.storage.device import chunk_key
+from nydusd.storage.cache.manager import DEFAULT_BATCH_SIZE, BlobCacheManager
+from nydusd.storage.chunk import chunk_key
 
 __all__ = ["BlobCache", "BlobCacheManager", "chunk_key", "create_cache"]
 
@@ -31,7 +32,7 @@ _FILE_TYPES = ("blobcache", "filecache")
 _DUMMY_TYPES = ("", "dummycache")
 
 
-def create_cache(cfg: Any, backend: BlobReader, *, digest_validate: bool = False,
+def create_cache(cfg: Any, backend: CacheBackend, *, digest_validate: bool = False,
                  batch_size: int = DEFAULT_BATCH_SIZE, id: str = "") -> BlobCacheManager:
     """Build the cache manager described by ``cfg`` (a ``CacheConfig``) over ``backend``.
 

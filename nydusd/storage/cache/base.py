@@ -1,31 +1,33 @@
-"""The blob cache interface and the fetch path every cache shares (design R7).
+"""One blob's cache and the fetch path every cache shares (design R7).
 
 Owns: ``BlobCache`` -- one blob's cache: ``read_chunks`` (on-demand: cached chunks from local
 state, missing ones fetched through singleflight, adjacent misses merged into one ranged backend
 read, fetched payloads decoded and verified, refetched once on a mismatch), ``missing`` and
-``prefetch_chunks`` (background fill that never waits for other fetches) -- and
-``BlobCacheManager``, which owns one ``BlobCache`` per blob, the blob-cache metrics (spec §8.4) and
-the on-demand activity gate that lets prefetch workers step aside. Subclasses (``dummy``,
-``blobcache``) supply only local state: ``is_ready``, ``_load`` and ``_persist``.
+``prefetch_chunks`` (background fill that never waits for other fetches). Subclasses (``dummy``,
+``blobcache``) supply only local state: ``is_ready``, ``_load`` and ``_persist``. The manager
+that owns the caches of one backend (metrics, activity gate, prefetch workers) is in
+``manager.py``; a cache sees it only as a ``CacheOwner``.
 
 Must not import rafs, fs, daemon or any transport: the backend is any object with
-``read(blob_id, offset, size, *, prefetch)`` and ``metrics()`` (a ``BlobBackend``).
+``read(blob_id, offset, size, *, prefetch)`` and ``metrics()`` (a ``CacheBackend``).
 
 Threading: all methods may be called concurrently from FUSE workers (llfuse lock released) and
 prefetch threads. No lock is held across backend I/O: chunk fetches are coordinated per chunk by
 ``SingleFlight`` (claim -> fetch -> persist -> mark ready -> resolve); local files use
-``pread``/``pwrite`` at fixed offsets; the manager's locks guard only its dict and counters.
+``pread``/``pwrite`` at fixed offsets.
 Prefetch streams each merged range (``backend.open_range``) in pieces of ``STREAM_PIECE`` bytes
 into a buffer owned by the calling thread (``threading.local``), decoding, storing and resolving
 each piece's chunks while the rest of the range is still on the wire.
 A chunk key is the chunk's ``compressed_offset`` (unique inside a blob; deduplicated chunks share it).
+
+Over 500 lines because the on-demand and the prefetch paths share the claim, decode, refetch and
+settle steps of one protocol (``README.md``); a split would export those internals to each other.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -38,7 +40,7 @@ from nydusd.errors import BackendError, IntegrityError, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.metrics import BlobcacheMetrics
 from nydusd.storage.cache.singleflight import SingleFlight
-from nydusd.storage.device import (
+from nydusd.storage.chunk import (
     CHUNK_FLAG_BATCH,
     CHUNK_FLAG_ENCRYPTED,
     BlobInfo,
@@ -52,15 +54,6 @@ from nydusd.storage.waits import BackendWaits
 log = get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_BATCH_SIZE = 1 << 20
-#: longest a streamed prefetch pauses between two pieces for running on-demand fetches
-PREFETCH_YIELD_SECONDS = 0.5
-#: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch
-#: ended (a starting container misses in bursts separated by short computations; data a paused
-#: stream's socket still takes in is link time the reads do not get) ...
-BULK_QUIET_SECONDS = 0.5
-#: ... and pauses up to this long at a time
-BULK_YIELD_SECONDS = 2.0
 #: a streamed prefetch checks whether to pause before every this many bytes it pulls
 YIELD_SLICE = 256 << 10
 _MAX_ROUNDS = 4  # a chunk whose fetch was abandoned by its leader is looked up again this often
@@ -87,12 +80,28 @@ def _thread_buffer(name: str, size: int, floor: int) -> memoryview:
     return buf[:size]
 
 
-class BlobReader(Protocol):
+class CacheBackend(Protocol):
     """What the cache needs of a backend (``nydusd.storage.backend.base.BlobBackend`` fits)."""
 
     def read(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> bytes: ...
 
     def metrics(self) -> dict[str, Any]: ...
+
+
+class CacheOwner(Protocol):
+    """What a blob cache needs of the manager that owns it (``manager.BlobCacheManager``)."""
+
+    backend: CacheBackend
+    batch_size: int
+    verify_fetched: bool
+    verify_cached: bool
+    #: blob cache metrics (spec §8.4); the API reads them through the manager's ``metrics()``
+    counters: BlobcacheMetrics
+    waits: BackendWaits
+
+    def ondemand(self) -> AbstractContextManager[None]: ...
+
+    def prefetch_yield(self, wanted: Callable[[], bool], *, bulk: bool = False) -> None: ...
 
 
 @dataclass
@@ -111,7 +120,7 @@ class BlobCache(ABC):
     #: whether local state keeps the stored (compressed) payload rather than plain bytes
     stores_payload = False
 
-    def __init__(self, blob: BlobInfo, manager: BlobCacheManager) -> None:
+    def __init__(self, blob: BlobInfo, manager: CacheOwner) -> None:
         self.blob = blob
         self.manager = manager
         self.backend = manager.backend
@@ -130,9 +139,11 @@ class BlobCache(ABC):
     def _persist(self, items: Sequence[Fetched]) -> None:
         """Store fetched chunks durably, then mark them ready. May raise OSError."""
 
-    def read_cached_range(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes | None:
-        """Plain bytes ``[lo, hi)`` of a ready chunk straight from local state, when the cache
-        can serve a part of a chunk without reading and verifying all of it; else None."""
+    def read_cached(self, chunks: Sequence[ChunkInfo], lo: int, hi: int) -> bytes | None:
+        """Plain bytes of consecutive file chunks ``chunks`` (all of this blob) from byte ``lo`` of
+        the first to byte ``hi`` of the last, straight from local state, when the cache can serve
+        parts of chunks without reading and verifying them whole (counted as one read whose
+        chunks were all cached); else None (nothing counted: the caller takes ``read_chunks``)."""
         return None
 
     def all_ready(self) -> bool:
@@ -171,7 +182,7 @@ class BlobCache(ABC):
         if missing:
             # on a helper thread: the waiting reader is bounded and woken at umount (storage/waits.py)
             out = self.manager.waits.run(partial(self._fetch_on_demand, missing, force, amplify, out))
-        self.manager.metrics_.record_read(len(want), hits)
+        self.manager.counters.record_read(len(want), hits)
         return out
 
     def _fetch_on_demand(self, missing: dict[int, ChunkInfo], force: set[int],
@@ -525,127 +536,3 @@ def _unique(chunks: Iterable[ChunkInfo]) -> dict[int, ChunkInfo]:
     for chunk in chunks:
         out.setdefault(chunk_key(chunk), chunk)
     return out
-
-
-class BlobCacheManager(ABC):
-    """Owns the per-blob caches of one backend + cache config, and their metrics.
-
-    Not owned: the backend (its creator closes it).
-    """
-
-    #: the config's ``cache.type`` this manager serves
-    type: str = ""
-
-    def __init__(self, backend: BlobReader, *, id: str = "", work_dir: str = "",
-                 verify_fetched: bool = False, verify_cached: bool = False,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        self.backend = backend
-        self.work_dir = work_dir
-        self.verify_fetched = verify_fetched
-        self.verify_cached = verify_cached
-        self.batch_size = batch_size
-        self.metrics_ = BlobcacheMetrics(id, work_dir)
-        self._lock = threading.Lock()
-        self._caches: dict[str, BlobCache] = {}
-        self._closed = False
-        self._active = 0
-        self._idle = threading.Condition()
-        #: admission and cancellation of on-demand fetches (the daemon names it after the mountpoint)
-        self.waits = BackendWaits(id)
-        self.prefetch_pauses = 0  # times a streamed prefetch paused for on-demand fetches
-        # monotonic time the last on-demand fetch ended; a mount counts as one (a bulk prefetch
-        # leaves the container being started on it a quiet period to issue its first reads in)
-        self._ondemand_ended = time.monotonic()
-
-    @abstractmethod
-    def _open(self, blob: BlobInfo) -> BlobCache:
-        """Create the cache of one blob."""
-
-    def get(self, blob: BlobInfo) -> BlobCache:
-        """The cache of ``blob`` (created on first use). Raises BackendError after ``close`` or
-        when the cache's local files cannot be opened."""
-        with self._lock:
-            if self._closed:
-                raise BackendError("blob cache is closed", blob_id=blob.blob_id)
-            cache = self._caches.get(blob.blob_id)
-            if cache is None:
-                cache = self._caches[blob.blob_id] = self._open(blob)
-            return cache
-
-    def ondemand(self) -> _OnDemand:
-        """Context manager marking an on-demand fetch in progress (prefetch steps aside)."""
-        return _OnDemand(self)
-
-    def wait_ondemand_idle(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds while on-demand fetches are running. True if idle."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
-
-    def prefetch_yield(self, wanted: Callable[[], bool], *, bulk: bool = False) -> None:
-        """A streamed prefetch between two slices: wait while on-demand fetches run (at most
-        ``PREFETCH_YIELD_SECONDS``), unless ``wanted()`` says a reader waits for this prefetch.
-        A ``bulk`` prefetch also waits out ``BULK_QUIET_SECONDS`` after the last on-demand fetch,
-        up to ``BULK_YIELD_SECONDS``."""
-        quiet = BULK_QUIET_SECONDS if bulk else 0.0
-        deadline = time.monotonic() + (BULK_YIELD_SECONDS if bulk else PREFETCH_YIELD_SECONDS)
-        with self._idle:
-            while (self._active or time.monotonic() - self._ondemand_ended < quiet) and not wanted():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.prefetch_pauses += 1
-                self._idle.wait(min(left, 0.02))
-
-    def wait_ondemand_quiet(self, stop: threading.Event, quiet: float | None = None) -> None:
-        """Block until no on-demand fetch has run for ``quiet`` seconds (default
-        ``BULK_QUIET_SECONDS``; a fresh mount counts as one) or ``stop`` is set: the moment for
-        speculative work such as walking a whole image for ``prefetch_all``."""
-        quiet = BULK_QUIET_SECONDS if quiet is None else quiet
-        while not stop.is_set():
-            with self._idle:
-                left = quiet - (time.monotonic() - self._ondemand_ended)
-                if not self._active and left <= 0:
-                    return
-            stop.wait(max(0.02, left))
-
-    def metrics(self) -> dict[str, Any]:
-        """Blob cache metrics, field names as ``/api/v1/metrics/blobcache`` (spec §8.4)."""
-        caches = self._open_caches()
-        self.metrics_.set_data_all_ready(bool(caches) and all(c.all_ready() for c in caches))
-        return self.metrics_.snapshot()
-
-    def backend_metrics(self) -> dict[str, Any]:
-        return self.backend.metrics()
-
-    def flush(self) -> None:  # noqa: B027 - optional hook; caches without local state have nothing to sync
-        """Make cached data durable now (no-op for caches without local state)."""
-
-    def _open_caches(self) -> list[BlobCache]:
-        with self._lock:
-            return list(self._caches.values())
-
-    def close(self) -> None:
-        """Close every blob cache. Idempotent; the backend stays open. (Readers still waiting on
-        the backend are failed by ``waits.cancel``, which ``BlobDevice.abort`` calls first.)"""
-        with self._lock:
-            self._closed = True
-            caches = list(self._caches.values())
-            self._caches.clear()
-        for cache in caches:
-            cache.close()
-
-
-class _OnDemand:
-    def __init__(self, manager: BlobCacheManager) -> None:
-        self.manager = manager
-
-    def __enter__(self) -> None:
-        with self.manager._idle:
-            self.manager._active += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self.manager._idle:
-            self.manager._active -= 1
-            self.manager._ondemand_ended = time.monotonic()
-            if self.manager._active == 0:
-                self.manager._idle.notify_all()

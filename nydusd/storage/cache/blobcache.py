@@ -36,7 +36,7 @@ unsynced chunks (held for set operations only) and ``_flush_lock`` serialises fl
 flusher's condition variable guards its dirty list. Lock order: ``_flush_lock`` -> ``_lock``.
 
 Closing (an umount while files of the image are still being read): every entry point that touches
-the data file or the chunk map (``is_ready``, ``read_cached_range``, ``_load``, ``_persist``)
+the data file or the chunk map (``is_ready``, ``read_cached``, ``_load``, ``_persist``)
 registers as a user first (``_users``, a small condition of its own, held for the counter only).
 ``close`` marks the cache closing -- from then on every entry point raises
 ``BackendError("cache closed")`` -- and waits up to ``CLOSE_WAIT`` for running users to leave
@@ -57,9 +57,10 @@ from contextlib import contextmanager
 
 from nydusd.errors import BackendError, ConfigError, IntegrityError, InvalidArgument
 from nydusd.log import get_logger
-from nydusd.storage.cache.base import BlobCache, BlobCacheManager, BlobReader, Fetched
+from nydusd.storage.cache.base import BlobCache, CacheBackend, Fetched
 from nydusd.storage.cache.chunkmap import IndexedChunkMap, MemoryChunkMap, open_private
-from nydusd.storage.device import BlobInfo, ChunkInfo, chunk_key, decode_chunk
+from nydusd.storage.cache.manager import BlobCacheManager
+from nydusd.storage.chunk import BlobInfo, ChunkInfo, chunk_key, decode_chunk
 
 log = get_logger(__name__)
 
@@ -67,6 +68,16 @@ DATA_SUFFIX = ".blob.data"
 RAW_SUFFIX = ".blob.raw"
 #: a work_dir the daemon creates is private to its user (an existing one is left as it is)
 PRIVATE_DIR_MODE = 0o700
+
+
+def _adjacent(chunks: Sequence[ChunkInfo]) -> bool:
+    """Whether the plain bytes of ``chunks`` follow each other in the blob (one pread reads all)."""
+    end = chunks[0].uncompressed_offset
+    for chunk in chunks:
+        if chunk.uncompressed_offset != end:
+            return False
+        end += chunk.uncompressed_size
+    return True
 
 
 def _check_blob_id(blob_id: str) -> None:
@@ -239,9 +250,9 @@ class FileCache(BlobCache):
         self._unsynced: list[int] = []
         self._flusher = manager.flusher
         self._users = _Users(blob.blob_id)
-        manager.metrics_.add_underlying_file(os.path.basename(self.data_path))
+        manager.counters.add_underlying_file(os.path.basename(self.data_path))
         if self._map is not None:
-            manager.metrics_.add_entries(self._map.ready_count)
+            manager.counters.add_entries(self._map.ready_count)
 
     def _indexed(self, chunk: ChunkInfo) -> bool:
         # 2020-era v5 images record index 0 for every chunk; an index 0 away from the blob start
@@ -288,18 +299,36 @@ class FileCache(BlobCache):
     def all_ready(self) -> bool:
         return self._map is not None and self._map.ready_count + len(self._volatile) >= self._map.count
 
-    def read_cached_range(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes | None:
-        # Only plain data without re-validation can be read in part; others take the full path.
+    def read_cached(self, chunks: Sequence[ChunkInfo], lo: int, hi: int) -> bytes | None:
+        first = chunks[0]
+        last = chunks[-1]
+        start = first.uncompressed_offset + lo
+        size = last.uncompressed_offset + hi - start
         self._users.enter()
         try:
-            if self.compressed or self.verify_cached or not self._is_ready(chunk):
+            # Only plain data without re-validation can be read in part; others take the full path.
+            if self.compressed or self.verify_cached:
                 return None
-            data = os.pread(self._fd, hi - lo, chunk.uncompressed_offset + lo)
+            for chunk in chunks:
+                if not self._is_ready(chunk):
+                    return None
+            if len(chunks) == 1 or _adjacent(chunks):
+                data = os.pread(self._fd, size, start)   # one read for chunks laid out in a row
+            else:
+                n = len(chunks) - 1
+                spans = [(c.uncompressed_offset + (lo if i == 0 else 0),
+                          (hi if i == n else c.uncompressed_size) - (lo if i == 0 else 0))
+                         for i, c in enumerate(chunks)]
+                data = b"".join(os.pread(self._fd, length, at) for at, length in spans)
+                size = sum(length for _, length in spans)
         except OSError:
             return None
         finally:
             self._leave()
-        return data if len(data) == hi - lo else None
+        if len(data) != size:
+            return None
+        self.manager.counters.record_read(len(chunks), len(chunks))
+        return data
 
     def _load(self, chunk: ChunkInfo) -> bytes | None:
         offset, size = ((chunk.compressed_offset, chunk.compressed_size) if self.compressed
@@ -349,7 +378,7 @@ class FileCache(BlobCache):
             new += len(fresh)
             if fresh and not self._flusher.schedule(self):
                 self.flush()  # safe inside a use: close cannot release the files meanwhile
-        self.manager.metrics_.add_entries(new)
+        self.manager.counters.add_entries(new)
 
     @contextmanager
     def bulk_write(self) -> Iterator[None]:
@@ -491,7 +520,7 @@ class FileCacheManager(BlobCacheManager):
 
     type = "blobcache"
 
-    def __init__(self, backend: BlobReader, *, work_dir: str, compressed: bool = False,
+    def __init__(self, backend: CacheBackend, *, work_dir: str, compressed: bool = False,
                  indexed: bool = True, **kw: object) -> None:
         try:
             os.makedirs(work_dir, mode=PRIVATE_DIR_MODE, exist_ok=True)

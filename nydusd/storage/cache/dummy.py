@@ -18,8 +18,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from nydusd.storage.cache.base import BlobCache, BlobCacheManager, Fetched
-from nydusd.storage.device import BlobInfo, ChunkInfo, chunk_key
+from nydusd.storage.cache.base import BlobCache, Fetched
+from nydusd.storage.cache.manager import BlobCacheManager
+from nydusd.storage.chunk import BlobInfo, ChunkInfo, chunk_key
 
 #: chunks kept in memory per mount (1 MiB each by default)
 RECENT_CHUNKS = 4

@@ -1,14 +1,15 @@
-"""Background prefetch: worker threads that fill blob caches ahead of on-demand reads.
+"""Background prefetch: worker threads that fill blob caches ahead of on-demand reads
+(== nydus-storage ``cache/worker``); started and stopped by the cache manager.
 
 Owns: ``Prefetcher`` (a queue of chunk runs served by ``threads`` workers) and ``TokenBucket``
-(``bandwidth_limit`` in bytes per second). The daemon maps the image's prefetch-table files (or,
-with ``prefetch_all``, every file) to chunks and calls ``submit``; runs of chunks adjacent in
-their blob are merged up to ``batch_size`` bytes per backend request, also across separately
-submitted files (``submit(..., merge_limit=)`` raises the limit for one submission, e.g.
-``BULK_MERGE_SIZE`` for whole-blob prefetch; long stretches are cut into even runs). The blob
-device's sequential readahead submits *urgent* runs, served before background prefetch and exempt
-from the bandwidth limit. At most one background run per CPU streams at a time, process-wide
-(``_BACKGROUND_STREAMS``): on a fast network streamed prefetch is CPU-bound.
+(``bandwidth_limit`` in bytes per second). The filesystem maps the image's prefetch-table
+files (or, with ``prefetch_all``, every file) to chunks and submits them through the manager;
+runs of chunks adjacent in their blob are merged up to ``batch_size`` bytes per backend request,
+also across separately submitted files (``submit(..., merge_limit=)`` raises the limit for one
+submission, e.g.
+``BULK_MERGE_SIZE`` for whole-blob prefetch; long stretches are cut into even runs). At most
+one run per CPU streams at a time, process-wide (``_BACKGROUND_STREAMS``): on a fast network
+streamed prefetch is CPU-bound.
 
 Priority rules (on-demand reads always go first):
 - a worker takes its bandwidth tokens *before* claiming any chunk, so throttling never delays a
@@ -22,7 +23,7 @@ Priority rules (on-demand reads always go first):
   the prefetch fails.
 
 Must not import rafs, fs, daemon or any transport; caches are reached through the
-``cache_of(blob_index)`` callable given by the blob device.
+``cache_of(blob_index)`` callable given by the cache manager.
 
 Threading: ``submit``, ``wait_idle`` and ``stop`` may be called from any thread. One condition
 variable guards the queue and the pending count; workers hold it only to take a request.
@@ -43,7 +44,7 @@ from nydusd.metrics import BlobcacheMetrics
 
 if TYPE_CHECKING:
     from nydusd.storage.cache.base import BlobCache
-    from nydusd.storage.device import ChunkInfo
+    from nydusd.storage.chunk import ChunkInfo
 
 log = get_logger(__name__)
 
@@ -55,7 +56,7 @@ DEFAULT_BATCH_SIZE = 1 << 20
 BULK_MERGE_SIZE = 32 << 20
 #: background requests in flight at once, process-wide: streamed prefetch is CPU-bound on a
 #: fast network (decode + page-cache copy), and more streams than CPUs only contend for them,
-#: the GIL and the cache file's write lock. Urgent readahead does not wait for a slot.
+#: the GIL and the cache file's write lock.
 _BACKGROUND_STREAMS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 #: longest a worker defers to running on-demand fetches before issuing its next request anyway
 ONDEMAND_YIELD_SECONDS = 0.5
@@ -107,8 +108,8 @@ class Prefetcher:
         self.metrics = metrics or BlobcacheMetrics()
         self._wait_ondemand_idle = wait_ondemand_idle
         self._cond = threading.Condition()
-        # (blob_index, run, urgent, merge limit); urgent runs (readahead) sit at the front
-        self._queue: deque[tuple[int, list[ChunkInfo], bool, int]] = deque()
+        # (blob_index, run, merge limit)
+        self._queue: deque[tuple[int, list[ChunkInfo], int]] = deque()
         self._bulk: set[int] = set()  # id() of queued runs submitted as bulk
         self._pending = 0  # queued + running requests
         self._stop = threading.Event()
@@ -155,27 +156,22 @@ class Prefetcher:
         return bool(self._workers) and not self._stop.is_set()
 
     # ------------------------------------------------------------------ work
-    def submit(self, chunks: Iterable[ChunkInfo], *, urgent: bool = False,
-               merge_limit: int | None = None, bulk: bool = False) -> int:
+    def submit(self, chunks: Iterable[ChunkInfo], *, merge_limit: int | None = None,
+               bulk: bool = False) -> int:
         """Queue ``chunks`` (any blobs, any order, duplicates allowed). Returns requests queued.
 
-        ``urgent``: readahead on behalf of a reader -- queued ahead of background prefetch and
-        exempt from the bandwidth limit and from stepping aside for on-demand fetches.
         ``merge_limit``: largest request for these chunks (default ``batch_size``).
         ``bulk``: speculative whole-image prefetch (``prefetch_all``): its streams stay paused
         a while after on-demand fetches, not only while they run (``BlobCache.prefetch_chunks``)."""
         limit = self.batch_size if merge_limit is None else merge_limit
-        runs = [(blob_index, run, urgent, limit) for blob_index, run in self._split(chunks, limit)]
+        runs = [(blob_index, run, limit) for blob_index, run in self._split(chunks, limit)]
         if not runs or self._stop.is_set():
             return 0
         self.metrics.prefetch_started()
         with self._cond:
             if bulk:
                 self._bulk.update(id(r[1]) for r in runs)
-            if urgent:
-                self._queue.extendleft(reversed(runs))
-            else:
-                self._queue.extend(runs)
+            self._queue.extend(runs)
             self._pending += len(runs)
             self._cond.notify_all()
         return len(runs)
@@ -218,9 +214,9 @@ class Prefetcher:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set())
                 if self._stop.is_set():
                     return
-                blob_index, run, urgent, taken, bulk = self._take()
+                blob_index, run, taken, bulk = self._take()
             try:
-                self._serve(blob_index, run, urgent, bulk)
+                self._serve(blob_index, run, bulk)
             finally:
                 with self._cond:
                     self._pending -= taken
@@ -228,16 +224,16 @@ class Prefetcher:
                         self.metrics.prefetch_finished()
                     self._cond.notify_all()
 
-    def _take(self) -> tuple[int, list[ChunkInfo], bool, int, bool]:
+    def _take(self) -> tuple[int, list[ChunkInfo], int, bool]:
         """Pop the next run and merge queued runs that continue it in the same blob (callers such
         as the daemon submit file by file; adjacent small files become one request). Called with
         the condition held. Returns the run and how many queued requests it absorbed."""
-        blob_index, run, urgent, limit = self._queue.popleft()
+        blob_index, run, limit = self._queue.popleft()
         bulk = id(run) in self._bulk
         self._bulk.discard(id(run))
         taken = 1
         while self._queue:
-            next_blob, next_run, _, next_limit = self._queue[0]
+            next_blob, next_run, next_limit = self._queue[0]
             end = run[-1].compressed_offset + run[-1].compressed_size
             span = next_run[-1].compressed_offset + next_run[-1].compressed_size - run[0].compressed_offset
             if (next_blob != blob_index or next_run[0].compressed_offset != end
@@ -248,28 +244,24 @@ class Prefetcher:
             self._bulk.discard(id(next_run))
             run = run + next_run
             taken += 1
-        return blob_index, run, urgent, taken, bulk
+        return blob_index, run, taken, bulk
 
-    def _serve(self, blob_index: int, run: list[ChunkInfo], urgent: bool, bulk: bool = False) -> None:
+    def _serve(self, blob_index: int, run: list[ChunkInfo], bulk: bool = False) -> None:
         start = time.monotonic()
         try:
             cache = self.cache_of(blob_index)
             missing = cache.missing(run)
             if not missing:
                 return
-            if not urgent:
-                self._yield_to_ondemand()
-                # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
-                if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
-                    return
+            self._yield_to_ondemand()
+            # Tokens first, claims second: a throttled worker holds no chunk a reader may need.
+            if not self.bucket.consume(sum(c.compressed_size for c in missing), self._stop):
+                return
             # one request per run: runs were cut to their merge limit when queued or taken
             span = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
             limit = max(span, self.batch_size)
-            if urgent:
-                chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit)
-            else:
-                with _BACKGROUND_STREAMS:
-                    chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit, bulk=bulk)
+            with _BACKGROUND_STREAMS:
+                chunks, nbytes = cache.prefetch_chunks(missing, merge_limit=limit, bulk=bulk)
         except NydusError as exc:
             self.errors += 1
             log.warning("prefetch_failed", blob_index=blob_index, chunks=len(run), cause=str(exc))
