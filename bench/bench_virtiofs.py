@@ -60,7 +60,7 @@ def engine_costs(img: Image) -> tuple[float, float, float]:
     """In-process cost of our engine (no guest, no virtqueue): microseconds per LOOKUP and per
     GETATTR, and MiB/s of 128 KiB READs from the warm blob cache -- the daemon-side floor."""
     from nydusd.config import load_config
-    from nydusd.daemon import build_rafs_instance
+    from nydusd.daemon.instance import build_rafs_instance
     from nydusd.fs.proto.engine import FuseEngine
     from nydusd.fs.vfs import Vfs
     from tests.harness.fuse_wire import FuseClient

@@ -1,4 +1,4 @@
-"""Which prefetch pass a mount runs (``nydusd.daemon`` fs_prefetch): the image's prefetch table as
+"""Which prefetch pass a mount runs (``nydusd.daemon.instance`` fs_prefetch): the image's prefetch table as
 one ordered hint list, ``prefetch_all`` (or a table listing ``/``, nydusify's default) as the bulk
 pass that stays behind the container's reads."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from nydusd.config import load_config
-from nydusd.daemon import build_rafs_instance
+from nydusd.daemon.instance import build_rafs_instance
 from nydusd.storage.device import BlobDevice
 from tests.integration.images import build_image, sample_tree
 

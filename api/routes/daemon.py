@@ -62,37 +62,25 @@ def daemon_exit(daemon: DaemonDep) -> Response:
 
 @router.put("/fuse/sendfd", name="fuse_sendfd", status_code=204, responses={**EMPTY, **ERRORS})
 def fuse_sendfd(daemon: DaemonDep) -> Response:
-    sendfd = getattr(daemon, "sendfd", None)
-    if sendfd is None:
-        raise Unsupported("hot upgrade (sendfd to a supervisor) is not supported by this daemon")
-    sendfd()
+    daemon.sendfd()
     return no_content()
 
 
 @router.put("/fuse/takeover", name="fuse_takeover", status_code=204, responses={**EMPTY, **ERRORS})
 def fuse_takeover(daemon: DaemonDep) -> Response:
-    takeover = getattr(daemon, "takeover", None)
-    if takeover is None:
-        raise Unsupported("hot upgrade (takeover from a supervisor) is not supported by this daemon")
-    takeover()
+    daemon.takeover()
     return no_content()
 
 
 @config_router.get("", name="get_config", response_model=dict[str, str], responses=ERRORS)
 def get_config(daemon: DaemonDep, id: IdQuery = None) -> Response:
-    getter = getattr(daemon, "get_config", None)
-    if getter is None:
-        raise Unsupported("runtime configuration (/api/v1/config) is not supported by this daemon")
-    return json_ok(getter(id))
+    return json_ok(daemon.get_config(id))
 
 
 @config_router.put("", name="update_config", status_code=204, responses={**EMPTY, **ERRORS})
 def update_config(conf: Annotated[dict[str, str], Body()], daemon: DaemonDep,
                   id: IdQuery = None) -> Response:
-    updater = getattr(daemon, "update_config", None)
-    if updater is None:
-        raise Unsupported("runtime configuration (/api/v1/config) is not supported by this daemon")
-    updater(id or "", conf)
+    daemon.update_config(id or "", conf)
     return no_content()
 
 

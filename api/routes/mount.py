@@ -4,8 +4,8 @@ Owns: ``router``. ``POST ?mountpoint=`` mounts, ``PUT ?mountpoint=`` remounts (s
 backend of an existing RAFS mount), ``DELETE ?mountpoint=`` umounts. The seed's form, ``PUT`` with
 no query string and ``{"source", "fstype", "mountpoint", "config"}`` in the body, mounts at the body's
 mountpoint; its ``config`` may be a path to a config file, which is read here.
-Mountpoints are paths inside the pseudo filesystem: absolute, without ``.``/``..`` components, within
-the kernel's NAME_MAX/PATH_MAX; ``prefetch_files`` entries are absolute paths without ``..``.
+Mountpoints are paths inside the pseudo filesystem and ``prefetch_files`` entries paths inside the
+image, checked by the daemon's own rules (``nydusd.daemon.mounts``) before the daemon is called.
 Must not import: fs/storage/rafs internals. Thread-safety: plain ``def`` routes run in worker threads.
 """
 
@@ -20,6 +20,7 @@ from api.deps import DaemonDep
 from api.errors import MOUNTPOINT_QUERY_MESSAGE, RequestError, rust_str
 from api.responses import EMPTY, ERRORS, no_content
 from api.schemas import MountRequest
+from nydusd.daemon.mounts import check_prefetch_paths, mountpoint_path
 from nydusd.errors import InvalidArgument
 
 router = APIRouter(prefix="/api/v1/mount", tags=["mount"])
@@ -30,38 +31,29 @@ SEED_FORM = ("Without ?mountpoint= (the seed's form) the body's `mountpoint` and
              "`config` may be a config file path, and the filesystem is mounted (not remounted).")
 
 
-#: the kernel's NAME_MAX and PATH_MAX: longer names would make listings of the pseudo root fail
-NAME_MAX, PATH_MAX = 255, 4096
-
-
 def _shown(path: str) -> str:
     return repr(path if len(path) <= 100 else path[:100] + "...")
 
 
 def check_mountpoint(mountpoint: str, where: str = "QueryString") -> str:
-    """Return ``mountpoint`` if it is an absolute pseudo-fs path within the kernel's name limits;
-    raise RequestError (400) if not."""
-    parts = mountpoint.split("/")
-    if not mountpoint.startswith("/") or "\0" in mountpoint or any(p in (".", "..") for p in parts):
-        why = (f"invalid mountpoint {_shown(mountpoint)}: must be an absolute path without '.' or "
-               "'..' components")
-        raise RequestError(f"{where}({rust_str(why)})")
-    if len(mountpoint.encode("utf-8", "surrogateescape")) > PATH_MAX or any(
-            len(p.encode("utf-8", "surrogateescape")) > NAME_MAX for p in parts):
-        why = (f"invalid mountpoint {_shown(mountpoint)}: longer than {PATH_MAX} bytes or with a "
-               f"component longer than {NAME_MAX} bytes")
-        raise RequestError(f"{where}({rust_str(why)})")
+    """Return ``mountpoint`` if the daemon's mount table accepts it (the Vfs's rules: absolute,
+    no ``.``/``..`` component or NUL, within NAME_MAX/PATH_MAX); raise RequestError (400) if not."""
+    try:
+        mountpoint_path(mountpoint)
+    except InvalidArgument as e:
+        why = f"invalid mountpoint {_shown(mountpoint)}: {e.message}"
+        raise RequestError(f"{where}({rust_str(why)})") from None
     return mountpoint
 
 
 def check_prefetch_files(files: list[str] | None) -> list[str] | None:
-    """``prefetch_files`` if every entry is an absolute path inside the image (no ``..``
-    component, no NUL); raise RequestError (400) naming the first bad entry if not."""
-    for path in files or ():
-        if not path.startswith("/") or "\0" in path or ".." in path.split("/"):
-            why = (f"invalid prefetch_files entry {_shown(path)}: must be an absolute path "
-                   "without '..' components")
-            raise RequestError(f"ParseBody({rust_str(why)})")
+    """``prefetch_files`` if the daemon accepts every entry (absolute paths inside the image, no
+    ``..`` component, no NUL); raise RequestError (400) naming the first bad entry if not."""
+    try:
+        check_prefetch_paths(files)
+    except InvalidArgument as e:
+        why = f"invalid prefetch_files entry {_shown(str(e.context.get('entry', '')))}: {e.message}"
+        raise RequestError(f"ParseBody({rust_str(why)})") from None
     return files
 
 

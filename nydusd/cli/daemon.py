@@ -287,7 +287,7 @@ class _ApiStarter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nydusd.daemon import Daemon, block_stop_signals
+    from nydusd.daemon.service import Daemon, block_stop_signals
     from nydusd.fs.mountpoint import check_mountable
 
     # Before any thread exists (the startup mount may start prefetch threads): every thread
@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.version:
-        from nydusd.daemon import version_text
+        from nydusd.version import version_text
 
         sys.stdout.write(version_text())
         return 0

@@ -11,7 +11,7 @@ with ``--failover-policy resend`` (nydusd's default) readers see no error, only 
 that exits 0 (SIGTERM, external unmount) ends the supervisor; SIGTERM/SIGINT to the supervisor
 are passed on to the daemon.
 
-The protocol side is ``nydusd.upgrade.SupervisorStore``; the API calls go through ``api.client``.
+The protocol side is ``nydusd.daemon.upgrade.SupervisorStore``; the API calls go through ``api.client``.
 
 Threading: the main thread runs the loop; a takeover's hand-back runs in a helper thread while the
 main thread waits for the API reply.
@@ -27,8 +27,8 @@ import time
 from types import FrameType
 
 from api.client import ApiClient, ApiError
+from nydusd.daemon.upgrade import SupervisorStore, UpgradeError
 from nydusd.log import get_logger
-from nydusd.upgrade import SupervisorStore, UpgradeError
 
 log = get_logger(__name__)
 

@@ -1,14 +1,15 @@
-"""``--version`` for every command-line tool: upstream's build lines (``Version:``, ``Git Commit:``,
-``Build Time:``, ``Profile:``, ``Rustc:``) that nydus-snapshotter and acceleration-service parse.
+"""``--version`` for every command-line tool: the argparse side of ``nydusd.version``.
 
-Owns: ``VersionAction`` (an argparse action printing ``nydusd.daemon.version_text`` for the parser's
-prog and exiting). The daemon stack is imported only when the option is used.
+Owns: ``VersionAction`` (an argparse action printing ``nydusd.version.version_text`` for the
+parser's prog and exiting). ``nydusd.version`` is a leaf, so the option loads no daemon code.
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from nydusd.version import version_text
 
 
 class VersionAction(argparse.Action):
@@ -18,7 +19,5 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help=kw.get("help") or "print version information")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from nydusd.daemon import version_text
-
         print(version_text(parser.prog), end="")
         parser.exit()

@@ -29,6 +29,15 @@ from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 MAX_PATH_DEPTH = 1 << 16  # longer parent chains are treated as corrupt (cyclic)
 
+#: the superblock summary fields of ``GET /api/v1/daemon/backend`` (upstream's RafsSuperMeta)
+SUMMARY_KEYS = ("magic", "version", "sb_size", "root_inode", "chunk_size", "batch_size",
+                "inodes_count", "flags", "inode_table_entries", "inode_table_offset",
+                "blob_table_size", "blob_table_offset", "extended_blob_table_offset",
+                "extended_blob_table_entries", "blob_device_table_count",
+                "blob_device_table_offset", "prefetch_table_offset", "prefetch_table_entries",
+                "attr_timeout", "entry_timeout", "is_chunk_dict", "meta_blkaddr", "root_nid",
+                "chunk_table_offset", "chunk_table_size")
+
 
 @dataclass(frozen=True, slots=True)
 class Inode(FileTypeMixin):
@@ -148,6 +157,22 @@ class RafsSuper(ABC):
         """Inode numbers listed in the prefetch table (directories mean "everything below")."""
 
     # ---- derived ------------------------------------------------------------------------------------
+    def summary(self, *, batch_size: int, timeout: float) -> dict[str, Any]:
+        """The superblock summary ``GET /api/v1/daemon/backend`` reports (upstream's
+        RafsSuperMeta): every ``SUMMARY_KEYS`` field, 0 where this reader keeps no value.
+        ``batch_size`` and ``timeout`` (attr/entry, seconds) are the mount's, as upstream."""
+        version = int(self.version)
+        secs = {"secs": int(timeout), "nanos": 0}
+        info: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS, 0)
+        info.update({
+            "magic": 0x52414653 if version == 5 else 0xE0F5E1E2, "version": version << 8,
+            "sb_size": 8192 if version == 5 else 128, "root_inode": int(self.root_ino),
+            "chunk_size": int(self.chunk_size), "batch_size": int(batch_size),
+            "inodes_count": int(self.inode_count), "flags": int(self.flags),
+            "blob_table_size": len(self.blobs), "attr_timeout": secs, "entry_timeout": secs,
+            "is_chunk_dict": False, "root_nid": int(self.root_ino) if version == 6 else 0})
+        return info
+
     def children(self, ino: int) -> Iterator[tuple[bytes, int]]:
         """``(name, ino)`` of the entries of directory ``ino`` without ``.`` and ``..``."""
         for name, child, _ in self.iter_dir(ino):

@@ -14,15 +14,14 @@ and safe to read from many threads; ``close`` must wait until no queue worker us
 
 from __future__ import annotations
 
-import array
 import mmap
-import os
 import socket
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from nydusd.errors import NydusError
+from nydusd.fdpass import close_fds, recv_with_fds
 
 
 class Request(IntEnum):
@@ -85,14 +84,6 @@ class ProtocolError(NydusError):
     """A malformed or unsupported vhost-user message: the connection is dropped."""
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 @dataclass
 class Message:
     request: int
@@ -114,7 +105,7 @@ class Message:
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
-        _close_all(fds)
+        close_fds(fds)
 
     def u64(self) -> int:
         return int(self.unpack(U64)[0])
@@ -139,14 +130,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 def read_message(sock: socket.socket) -> Message | None:
     """The next message, or None at a clean EOF. Raises ProtocolError (fds already closed),
     OSError, EOFError."""
-    fds = array.array("i")
-    data, ancdata, msg_flags, _addr = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-    received = list(fds)
+    data, received, msg_flags = recv_with_fds(sock, HEADER.size, MAX_FDS)
     if not data:
-        _close_all(received)
+        close_fds(received)
         return None
     try:
         if msg_flags & socket.MSG_CTRUNC:
@@ -160,7 +146,7 @@ def read_message(sock: socket.socket) -> Message | None:
             raise ProtocolError("unsupported vhost-user version", request=request, flags=flags)
         payload = _recv_exact(sock, size) if size else b""
     except BaseException:
-        _close_all(received)
+        close_fds(received)
         raise
     return Message(request, flags, payload, received)
 

@@ -1,4 +1,4 @@
-"""FakeDaemon: an in-process stand-in for nydusd.daemon.Daemon with the contract's methods
+"""FakeDaemon: an in-process stand-in for nydusd.daemon.service.Daemon with the contract's methods
 (notes/contracts.md), for the TestClient tier of the API tests (design R14 tier 2).
 
 It keeps a real state machine (INIT->READY->RUNNING->STOPPED, illegal events raise with
@@ -171,6 +171,19 @@ class FakeDaemon:
 
     def metrics_inflight(self) -> list[dict[str, Any]]:
         return list(self.inflight)
+
+    # a daemon without a supervisor or runtime configuration answers these as unsupported
+    def sendfd(self) -> None:
+        raise Unsupported("hot upgrade (sendfd to a supervisor) is not supported by this daemon")
+
+    def takeover(self) -> None:
+        raise Unsupported("hot upgrade (takeover from a supervisor) is not supported by this daemon")
+
+    def get_config(self, id: str | None) -> dict[str, str]:
+        raise Unsupported("runtime configuration (/api/v1/config) is not supported by this daemon")
+
+    def update_config(self, id: str, values: dict[str, Any]) -> None:
+        raise Unsupported("runtime configuration (/api/v1/config) is not supported by this daemon")
 
 
 class ConfigurableFakeDaemon(FakeDaemon):

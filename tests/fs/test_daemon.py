@@ -12,15 +12,8 @@ import threading
 import pytest
 
 from nydusd.config import ConfigV2
-from nydusd.daemon import (
-    INIT,
-    STOPPED,
-    Daemon,
-    RafsInstance,
-    UnexpectedEvent,
-    version_info,
-    version_text,
-)
+from nydusd.daemon.instance import RafsInstance
+from nydusd.daemon.service import INIT, STOPPED, Daemon, UnexpectedEvent
 from nydusd.errors import (
     AlreadyExists,
     ConfigError,
@@ -33,6 +26,7 @@ from nydusd.errors import (
 from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.metrics import FsIoStats
+from nydusd.version import version_info, version_text
 from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
 
 CONFIG = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/nonexistent"}}},
@@ -219,7 +213,7 @@ def test_three_hundred_mount_cycles_leak_nothing(tmp_path):
 def test_read_failures_reach_the_events_ring(logs):
     d = Daemon(instance_factory=fake_factory)
     d.mount("/m", "boot", CONFIG)
-    inst = d._instances["/m"]
+    inst = d.instance("/m")
     inst.fs.device.broken.update(inst.fs.sb.data)
     with logs.expect("read_failed"), pytest.raises(NydusError):
         read(d, "m/readme")
@@ -234,8 +228,8 @@ def test_runtime_config_store_and_registry_auth():
     d.mount("/b", "boot", CONFIG)
     assert d.get_config() == {} and d.get_config("/a") == {}
     d.update_config("/a", {"registry_auth": "dXNlcjpwYXNz", "proxy_url": "http://127.0.0.1:1"})
-    assert d._instances["/a"].backend.auth == "dXNlcjpwYXNz"
-    assert d._instances["/b"].backend.auth is None
+    assert d.instance("/a").backend.auth == "dXNlcjpwYXNz"
+    assert d.instance("/b").backend.auth is None
     assert d.get_config("/a") == {"registry_auth": "dXNlcjpwYXNz", "proxy_url": "http://127.0.0.1:1"}
     assert d.get_config()["/a:proxy_url"] == "http://127.0.0.1:1"
     with pytest.raises(NydusError) as exc:
@@ -243,7 +237,7 @@ def test_runtime_config_store_and_registry_auth():
     assert exc.value.http_status == 500
     d.update_config("/c", {"registry_auth": "bmV3OnBhc3M="})
     d.mount("/c", "boot", CONFIG)
-    assert d._instances["/c"].backend.auth == "bmV3OnBhc3M="
+    assert d.instance("/c").backend.auth == "bmV3OnBhc3M="
 
 
 def test_unvalidated_data_is_warned_once_per_process(logs) -> None:  # type: ignore[no-untyped-def]

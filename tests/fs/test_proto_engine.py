@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.config import load_config
-from nydusd.daemon import build_rafs_instance
+from nydusd.daemon.instance import build_rafs_instance
 from nydusd.fs.proto import messages as m
 from nydusd.fs.proto.engine import FuseEngine
 from nydusd.fs.proto.messages import Opcode

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from nydusd.daemon import Daemon
+from nydusd.daemon.service import Daemon
 from nydusd.log import configure_logging
 
 

@@ -20,7 +20,7 @@ NOT_AT_START = ("api", "fastapi", "starlette", "uvicorn", "rich", "requests", "u
 
 def test_start_path_imports_only_what_the_mount_needs() -> None:
     # what ``nydusd``/``python -m nydusd`` import, plus what ``run`` and a localfs mount import
-    code = ("import sys, nydusd.cli.daemon, nydusd.daemon, nydusd.storage.backend.localfs\n"
+    code = ("import sys, nydusd.cli.daemon, nydusd.daemon.service, nydusd.storage.backend.localfs\n"
             "print('\\n'.join(m for m, v in sys.modules.items() if v is not None))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(ROOT)).stdout.split()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from nydusd.config import load_config
-from nydusd.daemon import build_rafs_instance
+from nydusd.daemon.instance import build_rafs_instance
 from nydusd.fs.proto import messages as m
 from nydusd.fs.proto.messages import Opcode
 from nydusd.fs.vfs import Vfs

@@ -17,7 +17,7 @@ and ``SupervisorStore``, the supervisor side (listen, receive one state, hand it
 The state is JSON with a magic and a version: same-implementation hand-over only (upstream's Rust
 daemon writes a versionize blob; the snapshotter treats the bytes as opaque either way).
 
-Must not import: the daemon, the API, fs. Errors are ``UpgradeError`` (a NydusError) with a text
+Must not import: the rest of the daemon, the API, fs. Errors are ``UpgradeError`` (a NydusError) with a text
 saying what went wrong; every fd received on a failing path is closed.
 
 Threading: every function is self-contained (own socket); ``SupervisorStore`` methods are called
@@ -34,6 +34,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 
 from nydusd.errors import NydusError
+from nydusd.fdpass import close_fds, recv_with_fds
 from nydusd.log import get_logger
 
 log = get_logger(__name__)
@@ -118,13 +119,19 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
+def _send_with_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """``data`` with ``fd`` attached to the first write (at most FIRST_READ bytes, what the other
+    side reads first). Raises OSError."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+    sent = sock.sendmsg([data[:FIRST_READ]], rights)
+    sock.sendall(data[sent:])
+
+
 def send_state(path: str, data: bytes, fd: int, timeout: float = DEFAULT_TIMEOUT) -> None:
     """sendfd: ``data`` with ``fd`` attached to the first write. Raises UpgradeError."""
     sock = _connect(path, timeout)
     try:
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-        sent = sock.sendmsg([data[:FIRST_READ]], rights)
-        sock.sendall(data[sent:])
+        _send_with_fd(sock, data, fd)
     except OSError as e:
         raise UpgradeError(f"sending the state to the supervisor failed: {e.strerror or e}",
                            supervisor=path) from None
@@ -140,13 +147,8 @@ def _recv_all(sock: socket.socket, what: str) -> tuple[bytes, list[int]]:
     size = 0
     try:
         while True:
-            data, ancdata, flags, _addr = sock.recvmsg(
-                FIRST_READ if not chunks else 1 << 20, socket.CMSG_SPACE(MAX_FDS * 4))
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    ints = array.array("i")
-                    ints.frombytes(payload[:len(payload) - len(payload) % ints.itemsize])
-                    fds.extend(ints)
+            data, received, flags = recv_with_fds(sock, FIRST_READ if not chunks else 1 << 20, MAX_FDS)
+            fds.extend(received)
             if flags & socket.MSG_CTRUNC:
                 raise UpgradeError(f"{what}: too many file descriptors")
             if not data:
@@ -156,20 +158,12 @@ def _recv_all(sock: socket.socket, what: str) -> tuple[bytes, list[int]]:
             if size > MAX_STATE:
                 raise UpgradeError(f"{what}: state larger than {MAX_STATE} bytes")
     except OSError as e:
-        _close_all(fds)
+        close_fds(fds)
         raise UpgradeError(f"{what}: {e.strerror or e}") from None
     except UpgradeError:
-        _close_all(fds)
+        close_fds(fds)
         raise
     return b"".join(chunks), fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def fetch_state(path: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[bytes, int]:
@@ -182,7 +176,7 @@ def fetch_state(path: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[bytes, int
     if not fds:
         raise UpgradeError("received no control file descriptor from the supervisor",
                            supervisor=path, size=len(data))
-    _close_all(fds[1:])
+    close_fds(fds[1:])
     log.info("upgrade_state_received", supervisor=path, size=len(data))
     return data, fds[0]
 
@@ -202,19 +196,23 @@ class SupervisorStore:
         self.state: bytes | None = None
         self.fd = -1
 
-    def receive(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Accept one sendfd connection. Raises UpgradeError (the previous state is kept)."""
+    def _accept(self, timeout: float, failure: str) -> socket.socket:
+        """The next connection within ``timeout`` seconds. Raises UpgradeError(``failure``)."""
         self.sock.settimeout(timeout)
         try:
             conn, _ = self.sock.accept()
         except OSError as e:
-            raise UpgradeError(f"no daemon sent its state: {e}") from None
-        with conn:
+            raise UpgradeError(f"{failure}: {e}") from None
+        return conn
+
+    def receive(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Accept one sendfd connection. Raises UpgradeError (the previous state is kept)."""
+        with self._accept(timeout, "no daemon sent its state") as conn:
             conn.settimeout(timeout)
             data, fds = _recv_all(conn, "receiving a daemon's state failed")
         if not fds:
             raise UpgradeError("received no control file descriptor", size=len(data))
-        _close_all(fds[1:])
+        close_fds(fds[1:])
         if self.fd >= 0:
             os.close(self.fd)
         self.state, self.fd = data, fds[0]
@@ -223,16 +221,9 @@ class SupervisorStore:
         """Answer one takeover connection with the stored state and fd. Raises UpgradeError."""
         if self.state is None:
             raise UpgradeError("no state to hand over")
-        self.sock.settimeout(timeout)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError as e:
-            raise UpgradeError(f"no daemon came for the state: {e}") from None
-        with conn:
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]).tobytes())]
+        with self._accept(timeout, "no daemon came for the state") as conn:
             try:
-                sent = conn.sendmsg([self.state[:FIRST_READ]], rights)
-                conn.sendall(self.state[sent:])
+                _send_with_fd(conn, self.state, self.fd)
             except OSError as e:
                 raise UpgradeError(f"handing the state over failed: {e.strerror or e}") from None
 
