@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nydusd.config import ProxyConfig, RemoteConfig
 from nydusd.errors import BackendError, ConfigError, redact_credentials
 from nydusd.log import get_logger
 from nydusd.oci.client import HttpClient
@@ -43,7 +44,7 @@ PING_TIMEOUT = 2.0
 class DragonflyProxy:
     """Route requests through a Dragonfly peer while it is healthy."""
 
-    def __init__(self, cfg: Any, *, start_checker: bool = True) -> None:
+    def __init__(self, cfg: ProxyConfig, *, start_checker: bool = True) -> None:
         self.url: str = cfg.url
         #: the URL as logs, errors and metrics show it (credentials masked)
         self.public_url = redact_credentials(self.url)
@@ -192,9 +193,8 @@ class DragonflyProxy:
         self._pinger.close()
 
 
-def proxy_from_config(cfg: Any) -> DragonflyProxy | None:
+def proxy_from_config(cfg: RemoteConfig) -> DragonflyProxy | None:
     """A DragonflyProxy when the backend config has ``proxy.url`` set, else None."""
-    pcfg = getattr(cfg, "proxy", None)
-    if pcfg is None or not getattr(pcfg, "url", ""):
+    if not cfg.proxy.url:
         return None
-    return DragonflyProxy(pcfg)
+    return DragonflyProxy(cfg.proxy)

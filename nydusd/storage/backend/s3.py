@@ -31,6 +31,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from nydusd.config import S3Config
 from nydusd.errors import BackendError, BlobNotFound, ConfigError, NydusError
 from nydusd.log import get_logger
 from nydusd.oci.client import HttpClient
@@ -128,10 +129,10 @@ class S3Backend(BlobBackend):
 
     type: ClassVar[str] = "s3"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
-        if not getattr(cfg, "bucket_name", ""):
+    def __init__(self, cfg: S3Config, retry: RetryPolicy | None = None) -> None:
+        if not cfg.bucket_name:
             raise ConfigError("s3 backend needs `bucket_name`", field="backend.s3.bucket_name")
-        if not getattr(cfg, "region", ""):
+        if not cfg.region:
             raise ConfigError("s3 backend needs `region`", field="backend.s3.region")
         super().__init__(retry or RetryPolicy.from_config(cfg))
         self.region: str = cfg.region

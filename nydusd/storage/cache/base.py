@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from nydusd.config import DEFAULT_BATCH_SIZE
 from nydusd.errors import BackendError, IntegrityError, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.metrics import BlobcacheMetrics
@@ -52,7 +53,6 @@ from nydusd.storage.waits import BackendWaits
 log = get_logger(__name__)
 T = TypeVar("T")
 
-DEFAULT_BATCH_SIZE = 1 << 20
 #: longest a streamed prefetch pauses between two pieces for running on-demand fetches
 PREFETCH_YIELD_SECONDS = 0.5
 #: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch
