@@ -5,7 +5,7 @@ Owns: ``ContentMixin`` (mixed into ``client.RegistryClient``, which supplies the
 monolithic (POST + PUT) or chunked (POST + PATCH per chunk + PUT); ``push_blob`` skips blobs the
 registry has and tries cross-repo mounts first.
 
-Must not import any HTTP library (requests stays in ``client.py``) nor any layer above ``oci``.
+Must not import any HTTP library (they live in ``nydusd/http.py``) nor any layer above ``oci``.
 
 Threading: stateless beyond the client's own thread-safe state; concurrent uploads of different
 blobs are fine.
@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 from urllib.parse import urljoin
 
 from nydusd.errors import BackendError, NotFound
+from nydusd.http import Response, status_error
 from nydusd.oci.mediatypes import MANIFEST_MEDIA_TYPES
-from nydusd.oci.response import Response, status_error
 
 UPLOAD_CHUNK = 16 << 20
 

@@ -20,8 +20,7 @@ from urllib.parse import quote
 
 from nydusd.config import HttpProxyConfig
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
-from nydusd.oci.client import HttpClient
-from nydusd.oci.response import Response, status_error
+from nydusd.http import HttpClient, Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 

@@ -1,7 +1,7 @@
 """The Dragonfly (P2P) proxy in front of a remote backend: routing, health and fallback (spec §2.4).
 
 Owns: ``DragonflyProxy``, built from a backend's ``proxy`` config. It satisfies
-``nydusd.oci.client.ProxyRoute``: the HTTP layer asks ``current()`` before each request and
+``nydusd.http.ProxyRoute``: the HTTP layer asks ``current()`` before each request and
 reports transport failures. A health-checker thread polls the proxy every ``check_interval``
 seconds (``ping_url`` with GET, else a TCP connect to the proxy's address) and marks it up or down:
 
@@ -14,7 +14,7 @@ seconds (``ping_url`` with GET, else a TCP connect to the proxy's address) and m
 
 Health checks pause after ``check_pause_elapsed`` seconds without requests.
 
-Must not import cache, rafs, fs; ``requests`` stays in ``oci/client.py`` (the ping uses its
+Must not import cache, rafs, fs; ``requests`` stays in ``nydusd/http.py`` (the ping uses its
 ``HttpClient``).
 
 Threading: one daemon thread per proxy (stopped by ``close()``); ``healthy`` is a single attribute
@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 from nydusd.config import ProxyConfig, RemoteConfig
 from nydusd.errors import BackendError, ConfigError, redact_credentials
+from nydusd.http import HttpClient
 from nydusd.log import get_logger
-from nydusd.oci.client import HttpClient
 
 log = get_logger(__name__)
 

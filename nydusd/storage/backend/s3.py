@@ -2,7 +2,7 @@
 
 Owns: ``S3Backend``. Requests are signed with botocore's SigV4 signer (``S3SigV4Auth`` over an
 ``AWSRequest``; anonymous when no keys are configured) and sent through the project's HTTP layer
-(``nydusd.oci.client.HttpClient``: pooled connections, timeouts, Dragonfly proxy routing).
+(``nydusd.http.HttpClient``: pooled connections, timeouts, Dragonfly proxy routing).
 Path-style URLs ``<scheme>://<endpoint>/<bucket>/<key>``; an empty ``endpoint`` means AWS's
 ``s3.<region>.amazonaws.com``.
 
@@ -12,7 +12,7 @@ UploadPart per ``PART_SIZE`` window streamed from the file with its ``Content-MD
 CompleteMultipartUpload), each step under the backend's retry policy; any failure aborts the
 upload so that no orphaned parts stay billed. S3 caps one PUT at 5 GiB and 10000 parts per upload.
 
-Must not import ``requests`` (HTTP lives in oci/client.py), cache, rafs or fs.
+Must not import ``requests`` (HTTP lives in nydusd/http.py), cache, rafs or fs.
 
 Threading: thread-safe; signing is per request on fresh objects, the HTTP client pools.
 """
@@ -33,9 +33,8 @@ from botocore.credentials import Credentials
 
 from nydusd.config import S3Config
 from nydusd.errors import BackendError, BlobNotFound, ConfigError, NydusError
+from nydusd.http import HttpClient, Response, status_error
 from nydusd.log import get_logger
-from nydusd.oci.client import HttpClient
-from nydusd.oci.response import Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
