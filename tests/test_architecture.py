@@ -14,8 +14,9 @@ LEAF = {"errors", "config", "compress", "digest", "metrics", "log", "version", "
 # layer -> layers it may import (besides leaf modules and itself)
 ALLOWED: dict[str, set[str]] = {
     "leaf": set(),
-    "oci": set(),
-    "storage": {"oci"},
+    "http": set(),
+    "oci": {"http"},
+    "storage": {"oci", "http"},
     "rafs": {"storage"},
     "fs": {"rafs", "storage"},
     "virtiofs": {"fs"},
@@ -30,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
 CONFINED = {
     "llfuse": ("nydusd/fs/fuse.py", "nydusd/fs/session.py"),
     "oss2": ("nydusd/storage/backend/oss.py",),
-    "requests": ("nydusd/oci/client.py",),
+    "requests": ("nydusd/http.py",),
     "fastapi": ("api/",),
     "uvicorn": ("api/",),
     "lz4": ("nydusd/compress.py",),
@@ -38,7 +39,7 @@ CONFINED = {
     "blake3": ("nydusd/digest.py",),
     "prometheus_client": ("api/prometheus.py",),
     "botocore": ("nydusd/storage/backend/s3.py",),
-    "urllib3": ("nydusd/oci/client.py",),
+    "urllib3": ("nydusd/http.py",),
     "tqdm": ("nydusd/cli/progress.py",),
 }
 

@@ -337,6 +337,7 @@ def _backend_source(args: argparse.Namespace) -> tuple[BlobSource, Callable[[], 
         raise InvalidArgument(f"--backend-config is not JSON: {e}") from None
     cfg = load_config(json.dumps({"version": 2, "backend": {"type": args.backend_type,
                                                              args.backend_type.replace("-", "_"): section}}))
+    assert cfg.backend is not None  # the document above has one
     backend = create_backend(cfg.backend)
     return bounded(lambda blob, off, size: backend.read(blob.blob_id, off, size)), backend.close
 

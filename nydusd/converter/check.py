@@ -34,6 +34,7 @@ from nydusd.converter.rootfs import Entry, compare, dir_rootfs, nydus_rootfs, oc
 from nydusd.converter.stores import BlobStore, create_store
 from nydusd.errors import NotFound, NydusError
 from nydusd.log import get_logger
+from nydusd.oci import mediatypes as mtypes
 from nydusd.rafs import load_bootstrap
 
 log = get_logger(__name__)
@@ -116,7 +117,7 @@ class Checker:
         out: dict[str, tuple[m.Descriptor, m.Manifest]] = {}
         wanted = m.parse_platform(self.opts.platform) if self.opts.platform else None
         for d in doc.manifests:
-            if d.mediaType not in m.MANIFEST_TYPES:
+            if d.mediaType not in mtypes.MANIFEST_TYPES:
                 continue
             if wanted is not None and (d.platform is None or not d.platform.matches(*wanted)):
                 continue
@@ -132,13 +133,13 @@ class Checker:
     def _check_nydus_manifest(self, p: str, manifest: m.Manifest, config: dict[str, Any]) -> None:
         if not m.is_nydus_manifest(manifest):
             self._problem(f"{p}manifest: last layer is not a nydus bootstrap layer "
-                          f"(media type gzip tar with {m.ANN_NYDUS_BOOTSTRAP}=\"true\")")
+                          f"(media type gzip tar with {mtypes.ANN_NYDUS_BOOTSTRAP}=\"true\")")
         for layer in manifest.layers[:-1]:
             ann = layer.annotations or {}
-            if layer.mediaType != m.NYDUS_BLOB or ann.get(m.ANN_NYDUS_BLOB) != "true":
-                flag = ann.get(m.ANN_NYDUS_BLOB)
+            if layer.mediaType != mtypes.NYDUS_BLOB or ann.get(mtypes.ANN_NYDUS_BLOB) != "true":
+                flag = ann.get(mtypes.ANN_NYDUS_BLOB)
                 self._problem(f"{p}manifest: layer {layer.digest} is not a nydus blob layer "
-                              f"(media type {layer.mediaType}, {m.ANN_NYDUS_BLOB}={flag!r})")
+                              f"(media type {layer.mediaType}, {mtypes.ANN_NYDUS_BLOB}={flag!r})")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
         if len(diff_ids) != len(manifest.layers):
             self._problem(f"{p}manifest: config has {len(diff_ids)} diff_ids for "
@@ -166,7 +167,7 @@ class Checker:
             return
         (boot_dir / "image.boot").write_bytes(bootstrap)
         blob_layers = {layer.digest.split(":", 1)[1]: layer for layer in manifest.layers[:-1]
-                       if layer.mediaType == m.NYDUS_BLOB}
+                       if layer.mediaType == mtypes.NYDUS_BLOB}
         try:
             rs = load_bootstrap(bootstrap)
         except NydusError as e:

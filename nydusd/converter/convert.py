@@ -41,6 +41,7 @@ from nydusd.converter.remote import Remote
 from nydusd.converter.stores import BlobStore
 from nydusd.errors import InvalidArgument, NotFound, NydusError, Unsupported
 from nydusd.log import get_logger
+from nydusd.oci import mediatypes as mtypes
 
 log = get_logger(__name__)
 
@@ -177,7 +178,7 @@ class Converter:
             m.parse_platform(self.opts.platform or host_platform_spec()))
         chosen: list[tuple[m.Descriptor, m.Manifest]] = []
         for desc in index.manifests:
-            if desc.mediaType not in m.MANIFEST_TYPES or m.is_nydus_descriptor(desc):
+            if desc.mediaType not in mtypes.MANIFEST_TYPES or m.is_nydus_descriptor(desc):
                 continue
             plat = desc.platform
             if plat is not None and plat.os == "unknown":  # attestation manifests
@@ -243,7 +244,7 @@ class Converter:
         if self.opts.blob_store is not None:
             new_config["history"] = new_config["history"][-1:]
         config_bytes = m.encode(new_config)
-        config_desc = m.descriptor_for(m.DOCKER_CONFIG if docker else m.OCI_CONFIG, config_bytes)
+        config_desc = m.descriptor_for(mtypes.DOCKER_CONFIG if docker else mtypes.OCI_CONFIG, config_bytes)
         self._push_bytes(config_desc.digest, config_bytes)
         return config_desc
 
@@ -259,7 +260,7 @@ class Converter:
                                  builder_version=self.opts.builder_version, oci=self.opts.oci,
                                  subject=subject)
         data = m.encode(nydus)
-        ndesc = m.descriptor_for(nydus.mediaType or m.OCI_MANIFEST, data,
+        ndesc = m.descriptor_for(nydus.mediaType or mtypes.OCI_MANIFEST, data,
                                  platform=desc.platform or platform_of(config))
         return ManifestResult(desc, nydus, data, ndesc, [b.digest for b in blob_layers])
 
@@ -383,9 +384,9 @@ class Converter:
                 self._copy_manifest(d)
         for r in results:
             self._put_manifest(r.descriptor.digest, r.data, r.descriptor.mediaType)
-            entries.append(r.descriptor.model_copy(update={"artifactType": m.NYDUS_ARTIFACT})
+            entries.append(r.descriptor.model_copy(update={"artifactType": mtypes.NYDUS_ARTIFACT})
                            if self.opts.merge_platform else r.descriptor)
-        media_type = m.OCI_INDEX
+        media_type = mtypes.OCI_INDEX
         if isinstance(doc, m.Index) and doc.mediaType and not self.opts.oci \
                 and not any(e.artifactType for e in entries):
             media_type = doc.mediaType

@@ -31,11 +31,12 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
 from nydusd.errors import BlobNotFound, IntegrityError, InvalidArgument, NotFound, Unsupported
 from nydusd.log import get_logger
+from nydusd.oci import mediatypes as mtypes
+from nydusd.oci.mediatypes import ANN_REF_NAME
 from nydusd.rafs import load_bootstrap
 
 log = get_logger(__name__)
 
-REF_NAME = "org.opencontainers.image.ref.name"
 COPY_BUFFER = 1 << 20
 
 
@@ -80,7 +81,7 @@ class OciLayout:
         try:
             doc: dict[str, Any] = json.loads((self.root / "index.json").read_text())
         except FileNotFoundError:
-            return {"schemaVersion": 2, "mediaType": m.OCI_INDEX, "manifests": []}
+            return {"schemaVersion": 2, "mediaType": mtypes.OCI_INDEX, "manifests": []}
         except (OSError, ValueError) as e:
             raise InvalidArgument(f"cannot read the OCI layout's index.json: {e}",
                                   path=str(self.root)) from None
@@ -89,7 +90,7 @@ class OciLayout:
     def top(self) -> m.Descriptor:
         """The descriptor of the image named ``tag`` (or the only image) in index.json."""
         entries = [m.Descriptor.model_validate(d) for d in self._index().get("manifests", [])]
-        named = [d for d in entries if self.tag and (d.annotations or {}).get(REF_NAME) == self.tag]
+        named = [d for d in entries if self.tag and (d.annotations or {}).get(ANN_REF_NAME) == self.tag]
         if named:
             return named[0]
         if len(entries) == 1:
@@ -150,10 +151,10 @@ class OciLayout:
         (self.root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         index = self._index()
         keep = [d for d in index.get("manifests", [])
-                if (d.get("annotations") or {}).get(REF_NAME) != self.tag]
+                if (d.get("annotations") or {}).get(ANN_REF_NAME) != self.tag]
         entry = desc.model_dump(exclude_none=True, by_alias=True)
         if self.tag:
-            entry["annotations"] = {**(entry.get("annotations") or {}), REF_NAME: self.tag}
+            entry["annotations"] = {**(entry.get("annotations") or {}), ANN_REF_NAME: self.tag}
         index["manifests"] = [*keep, entry]
         tmp = self.root / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=2))
@@ -228,7 +229,7 @@ class _Copier:
         boot = doc.layers[-1]
         with load_bootstrap(extract_bootstrap(self.small_blob(boot))) as rs:
             blob_ids = [b.blob_id for b in rs.blobs]
-        have = {d.digest.split(":", 1)[1] for d in doc.layers if d.mediaType == m.NYDUS_BLOB}
+        have = {d.digest.split(":", 1)[1] for d in doc.layers if d.mediaType == mtypes.NYDUS_BLOB}
         added: list[m.Descriptor] = []
         self.opts.work_dir.mkdir(parents=True, exist_ok=True)
         for blob_id in [b for b in blob_ids if b not in have]:
@@ -273,7 +274,7 @@ class _Copier:
 def _pick(index: m.Index, platform: str) -> m.Descriptor:
     """The manifest for ``platform``; a nydus one first when the index holds both kinds."""
     wanted = m.parse_platform(platform)
-    matches = [d for d in index.manifests if d.mediaType in m.MANIFEST_TYPES
+    matches = [d for d in index.manifests if d.mediaType in mtypes.MANIFEST_TYPES
                and d.platform is not None and d.platform.matches(*wanted)]
     if not matches:
         raise NotFound("no manifest in the source index matches the platform", platform=platform)

@@ -32,6 +32,7 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
 from nydusd.errors import ConfigError, NotFound, NotReady, Unsupported
 from nydusd.log import get_logger
+from nydusd.oci import mediatypes as mtypes
 
 log = get_logger(__name__)
 
@@ -114,7 +115,7 @@ def _nydus_manifest(remote: Remote, platform: str | None) -> m.Manifest:
     if isinstance(doc, m.Index):
         want = m.parse_platform(platform) if platform else None
         for d in doc.manifests:
-            if d.mediaType not in m.MANIFEST_TYPES:
+            if d.mediaType not in mtypes.MANIFEST_TYPES:
                 continue
             if want is not None and (d.platform is None or not d.platform.matches(*want)):
                 continue

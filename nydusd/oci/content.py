@@ -1,11 +1,11 @@
 """Content operations of the registry API v2: blob uploads, cross-repository mounts, manifests, tags.
 
 Owns: ``ContentMixin`` (mixed into ``client.RegistryClient``, which supplies the authenticated
-``_request``, ``_scope``, ``blob_exists``, ``base_url``, ``host`` and ``repo``) and the manifest
-media-type constants. Uploads are monolithic (POST + PUT) or chunked (POST + PATCH per chunk +
-PUT); ``push_blob`` skips blobs the registry has and tries cross-repo mounts first.
+``_request``, ``_scope``, ``blob_exists``, ``base_url``, ``host`` and ``repo``). Uploads are
+monolithic (POST + PUT) or chunked (POST + PATCH per chunk + PUT); ``push_blob`` skips blobs the
+registry has and tries cross-repo mounts first.
 
-Must not import any HTTP library (requests stays in ``client.py``) nor any layer above ``oci``.
+Must not import any HTTP library (they live in ``nydusd/http.py``) nor any layer above ``oci``.
 
 Threading: stateless beyond the client's own thread-safe state; concurrent uploads of different
 blobs are fine.
@@ -19,15 +19,11 @@ from typing import Any, BinaryIO
 from urllib.parse import urljoin
 
 from nydusd.errors import BackendError, NotFound
-from nydusd.oci.response import Response, status_error
+from nydusd.http import Response, status_error
+from nydusd.oci.mediatypes import MANIFEST_MEDIA_TYPES
 
 UPLOAD_CHUNK = 16 << 20
 
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST)
 
 
 class ContentMixin:

@@ -12,6 +12,7 @@ import pytest
 
 from nydusd.converter import manifest as m
 from nydusd.errors import AuthError, BlobNotFound, BuildError, IntegrityError, NotFound, Unsupported
+from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
 from tests.converter.conftest import Image, docker_config
 from tests.converter.registry import Registry
@@ -37,7 +38,7 @@ def layer_tar(entries: list[tuple[str, bytes, str]]) -> bytes:
 
 
 def push_image(registry: Registry, repo: str, tag: str, layers: list[bytes], *,
-               config_media_type: str = m.OCI_CONFIG, arch: str = "amd64") -> m.Manifest:
+               config_media_type: str = mtypes.OCI_CONFIG, arch: str = "amd64") -> m.Manifest:
     """Push an image made of uncompressed layer tars (gzipped here) straight through the client."""
     client = RegistryClient(registry.host, repo, scheme="http")
     try:
@@ -47,10 +48,10 @@ def push_image(registry: Registry, repo: str, tag: str, layers: list[bytes], *,
         config_bytes = json.dumps(config).encode()
         for data in [*blobs, config_bytes]:
             client.push_blob(data, m.digest_of(data))
-        mf = m.Manifest(mediaType=m.OCI_MANIFEST,
+        mf = m.Manifest(mediaType=mtypes.OCI_MANIFEST,
                         config=m.descriptor_for(config_media_type, config_bytes),
-                        layers=[m.descriptor_for(m.OCI_LAYER_GZIP, b) for b in blobs])
-        client.put_manifest(tag, m.encode(mf), m.OCI_MANIFEST)
+                        layers=[m.descriptor_for(mtypes.OCI_LAYER_GZIP, b) for b in blobs])
+        client.put_manifest(tag, m.encode(mf), mtypes.OCI_MANIFEST)
         return mf
     finally:
         client.close()
@@ -125,9 +126,9 @@ def test_diff_id_mismatch(registry: Registry, tmp_path: Path) -> None:
                              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}).encode()
         client.push_blob(blob, m.digest_of(blob))
         client.push_blob(config, m.digest_of(config))
-        mf = m.Manifest(mediaType=m.OCI_MANIFEST, config=m.descriptor_for(m.OCI_CONFIG, config),
-                        layers=[m.descriptor_for(m.OCI_LAYER_GZIP, blob)])
-        client.put_manifest("v1", m.encode(mf), m.OCI_MANIFEST)
+        mf = m.Manifest(mediaType=mtypes.OCI_MANIFEST, config=m.descriptor_for(mtypes.OCI_CONFIG, config),
+                        layers=[m.descriptor_for(mtypes.OCI_LAYER_GZIP, blob)])
+        client.put_manifest("v1", m.encode(mf), mtypes.OCI_MANIFEST)
     finally:
         client.close()
     with pytest.raises(IntegrityError, match="diff_id mismatch"):

@@ -22,6 +22,7 @@ from nydusd.converter.layers import LayerStream
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
 from nydusd.converter.stores import create_store
+from nydusd.oci import mediatypes as mtypes
 from nydusd.rafs import layout as L
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
@@ -29,7 +30,7 @@ from tests.converter.images import run, skopeo_push, tool_env
 from tests.converter.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
-ACCEPT = ", ".join([m.OCI_MANIFEST, m.OCI_INDEX, m.DOCKER_MANIFEST, m.DOCKER_LIST])
+ACCEPT = ", ".join([mtypes.OCI_MANIFEST, mtypes.OCI_INDEX, mtypes.DOCKER_MANIFEST, mtypes.DOCKER_LIST])
 
 
 def convert(src: str, dst: str, work: Path, env: dict[str, str] | None = None, **kw: Any) -> ConvertResult:
@@ -82,18 +83,18 @@ def test_convert_then_check_compares_every_file(registry: Registry, source_image
     dst = f"{registry.host}/dst/texture:v{fs_version}"
     res = convert(source_image.ref, dst, tmp_path / "work", fs_version=fs_version)
     raw, ctype = get_manifest(registry, "dst/texture", f"v{fs_version}")
-    assert m.digest_of(raw) == res.digest and ctype == m.OCI_MANIFEST
+    assert m.digest_of(raw) == res.digest and ctype == mtypes.OCI_MANIFEST
     mf = m.parse_document(raw)
     assert isinstance(mf, m.Manifest) and m.is_nydus_manifest(mf)
     assert len(mf.layers) == 4  # three blobs and the bootstrap
-    assert all(layer.mediaType == m.NYDUS_BLOB for layer in mf.layers[:-1])
-    assert mf.layers[-1].annotations == {m.ANN_NYDUS_BOOTSTRAP: "true",
-                                         m.ANN_NYDUS_FS_VERSION: str(fs_version)}
+    assert all(layer.mediaType == mtypes.NYDUS_BLOB for layer in mf.layers[:-1])
+    assert mf.layers[-1].annotations == {mtypes.ANN_NYDUS_BOOTSTRAP: "true",
+                                         mtypes.ANN_NYDUS_FS_VERSION: str(fs_version)}
     ann = mf.annotations or {}
-    assert ann[m.ANN_NYDUS_SOURCE_REFERENCE] == source_image.ref
-    assert ann[m.ANN_NYDUS_FS_VERSION] == str(fs_version)
+    assert ann[mtypes.ANN_NYDUS_SOURCE_REFERENCE] == source_image.ref
+    assert ann[mtypes.ANN_NYDUS_FS_VERSION] == str(fs_version)
     src_raw, _ = get_manifest(registry, "src/texture", "v1")
-    assert ann[m.ANN_NYDUS_SOURCE_DIGEST] == m.digest_of(src_raw)
+    assert ann[mtypes.ANN_NYDUS_SOURCE_DIGEST] == m.digest_of(src_raw)
     problems = check(dst, source_image.ref, tmp_path / "check")
     assert problems == []
     boot = tmp_path / "check" / "nydus_bootstrap" / "image" / "image.boot"
@@ -207,12 +208,12 @@ def test_docker_media_types_kept_unless_oci(registry: Registry, source_image: Im
     raw, ctype = get_manifest(registry, "dst/docker", "nydus")
     mf = m.parse_document(raw)
     assert isinstance(mf, m.Manifest)
-    assert ctype == m.DOCKER_MANIFEST and mf.config.mediaType == m.DOCKER_CONFIG
-    assert mf.layers[-1].mediaType == m.DOCKER_LAYER_GZIP
+    assert ctype == mtypes.DOCKER_MANIFEST and mf.config.mediaType == mtypes.DOCKER_CONFIG
+    assert mf.layers[-1].mediaType == mtypes.DOCKER_LAYER_GZIP
     assert check(f"{registry.host}/dst/docker:nydus", src, tmp_path / "c") == []
     convert(src, f"{registry.host}/dst/docker:oci", tmp_path / "b", oci=True)
     raw, ctype = get_manifest(registry, "dst/docker", "oci")
-    assert ctype == m.OCI_MANIFEST and m.OCI_LAYER_GZIP in raw.decode()
+    assert ctype == mtypes.OCI_MANIFEST and mtypes.OCI_LAYER_GZIP in raw.decode()
 
 
 def test_with_referrer_sets_subject(registry: Registry, source_image: Image, tmp_path: Path) -> None:
@@ -220,7 +221,7 @@ def test_with_referrer_sets_subject(registry: Registry, source_image: Image, tmp
     raw, _ = get_manifest(registry, "dst/referrer", "nydus")
     src_raw, _ = get_manifest(registry, "src/texture", "v1")
     mf = json.loads(raw)
-    assert mf["subject"] == {"mediaType": m.OCI_MANIFEST, "digest": m.digest_of(src_raw),
+    assert mf["subject"] == {"mediaType": mtypes.OCI_MANIFEST, "digest": m.digest_of(src_raw),
                              "size": len(src_raw)}
 
 

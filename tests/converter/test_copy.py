@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.converter import manifest as m
+from nydusd.oci import mediatypes as mtypes
 from tests.converter.conftest import Image, docker_config
 from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert, get_manifest
@@ -46,7 +47,7 @@ def layers_of(registry: Registry, repo: str, tag: str) -> tuple[str, list[m.Desc
 def test_copy_within_and_across_registries(registry: Registry, auth_registry: Registry,
                                            source_image: Image, nydus_image: str, tmp_path: Path) -> None:
     want_digest, layers = layers_of(registry, "nydus/texture", "v1")
-    assert sum(1 for d in layers if d.mediaType == m.NYDUS_BLOB) >= 3  # every data blob is a layer
+    assert sum(1 for d in layers if d.mediaType == mtypes.NYDUS_BLOB) >= 3  # every data blob is a layer
     r = nydusify_copy(tmp_path, "--source", nydus_image, "--target", f"{registry.host}/copy/texture:v1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"copied {nydus_image} -> {registry.host}/copy/texture:v1 ({want_digest}): ")
@@ -132,7 +133,7 @@ def test_copy_takes_blobs_from_the_source_backend(registry: Registry, source_ima
     assert r.returncode == 0, r.stderr
     _, layers = layers_of(registry, f"standalone-{int(to_local)}/texture", "v1")
     ids = sorted(p.name for p in blobs.iterdir())
-    assert sorted(d.digest[7:] for d in layers if d.mediaType == m.NYDUS_BLOB) == ids and len(ids) >= 3
-    assert layers[-1].annotations and layers[-1].annotations.get(m.ANN_NYDUS_BOOTSTRAP) == "true"
+    assert sorted(d.digest[7:] for d in layers if d.mediaType == mtypes.NYDUS_BLOB) == ids and len(ids) >= 3
+    assert layers[-1].annotations and layers[-1].annotations.get(mtypes.ANN_NYDUS_BOOTSTRAP) == "true"
     assert check(dst, source_image.ref, tmp_path / "c") == []  # no backend given: all in the registry
     assert not list((tmp_path / "work").glob("copy-blob-*"))

@@ -20,6 +20,7 @@ from nydusd.converter.publish import BLOB_META_HEADER_SIZE, bootstrap_layer_tar,
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
 from nydusd.errors import BackendError, BuildError, Unsupported
+from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
@@ -94,7 +95,7 @@ def test_empty_zstd_and_plain_layers(registry: Registry, tmp_path: Path) -> None
             layer_tar([("etc/", b"", "")]),                         # no file data at all
             layer_tar([("etc/b", b"b" * 3000, ""), ("etc/.wh.a", b"", "")])]
     blobs = [gzip.compress(tars[0], mtime=0), tars[1], zstandard.ZstdCompressor().compress(tars[2])]
-    types = [m.OCI_LAYER_GZIP, m.OCI_LAYER, m.OCI_LAYER_ZSTD]
+    types = [mtypes.OCI_LAYER_GZIP, mtypes.OCI_LAYER, mtypes.OCI_LAYER_ZSTD]
     client = RegistryClient(registry.host, "src/mixed", scheme="http")
     try:
         rootfs = {"type": "layers", "diff_ids": [m.digest_of(t) for t in tars]}
@@ -102,9 +103,9 @@ def test_empty_zstd_and_plain_layers(registry: Registry, tmp_path: Path) -> None
                              "rootfs": rootfs}).encode()
         for data in [*blobs, config]:
             client.push_blob(data, m.digest_of(data))
-        mf = m.Manifest(mediaType=m.OCI_MANIFEST, config=m.descriptor_for(m.OCI_CONFIG, config),
+        mf = m.Manifest(mediaType=mtypes.OCI_MANIFEST, config=m.descriptor_for(mtypes.OCI_CONFIG, config),
                         layers=[m.descriptor_for(t, b) for t, b in zip(types, blobs, strict=True)])
-        client.put_manifest("v1", m.encode(mf), m.OCI_MANIFEST)
+        client.put_manifest("v1", m.encode(mf), mtypes.OCI_MANIFEST)
     finally:
         client.close()
     src, dst = f"{registry.host}/src/mixed:v1", f"{registry.host}/dst/mixed:v1"
@@ -270,9 +271,9 @@ def test_check_reports_a_broken_bootstrap_layer(registry: Registry, tmp_path: Pa
                           "rootfs": {"type": "layers", "diff_ids": [m.digest_of(junk)]}}).encode()
         for data in (junk, cfg):
             client.push_blob(data, m.digest_of(data))
-        mf = m.Manifest(mediaType=m.OCI_MANIFEST, config=m.descriptor_for(m.OCI_CONFIG, cfg),
+        mf = m.Manifest(mediaType=mtypes.OCI_MANIFEST, config=m.descriptor_for(mtypes.OCI_CONFIG, cfg),
                         layers=[m.bootstrap_layer(m.digest_of(junk), len(junk), 6, docker=False)])
-        client.put_manifest("v1", m.encode(mf), m.OCI_MANIFEST)
+        client.put_manifest("v1", m.encode(mf), mtypes.OCI_MANIFEST)
     finally:
         client.close()
     problems = check(f"{registry.host}/dst/fake:v1", None, tmp_path / "c")

@@ -9,6 +9,7 @@ import pytest
 
 from nydusd.converter import manifest as m
 from nydusd.errors import NotFound
+from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
 from tests.converter.registry import Registry
 from tests.converter.test_bad_input import layer_tar, push_image
@@ -21,12 +22,12 @@ def _push_index(registry: Registry, repo: str, tag: str) -> list[m.Descriptor]:
         mf = push_image(registry, repo, f"{tag}-{arch}", [layer_tar([("arch", arch.encode(), ""),
                                                                    ("etc/", b"", "")])], arch=arch)
         raw = m.encode(mf)
-        descs.append(m.descriptor_for(m.OCI_MANIFEST, raw,
+        descs.append(m.descriptor_for(mtypes.OCI_MANIFEST, raw,
                                       platform=m.Platform(architecture=arch, os="linux")))
-    index = m.Index(mediaType=m.OCI_INDEX, manifests=descs)
+    index = m.Index(mediaType=mtypes.OCI_INDEX, manifests=descs)
     client = RegistryClient(registry.host, repo, scheme="http")
     try:
-        client.put_manifest(tag, m.encode(index), m.OCI_INDEX)
+        client.put_manifest(tag, m.encode(index), mtypes.OCI_INDEX)
     finally:
         client.close()
     return descs
@@ -42,7 +43,7 @@ def test_single_platform_of_an_index_collapses_to_a_manifest(registry: Registry,
     src, _ = multi
     convert(src, f"{registry.host}/dst/multi:arm", tmp_path / "w", platform="linux/arm64")
     raw, ctype = get_manifest(registry, "dst/multi", "arm")
-    assert ctype == m.OCI_MANIFEST
+    assert ctype == mtypes.OCI_MANIFEST
     assert check(f"{registry.host}/dst/multi:arm", src, tmp_path / "c", platform="linux/arm64") == []
     with pytest.raises(NotFound, match="no manifest in the source index"):
         convert(src, f"{registry.host}/dst/multi:s390", tmp_path / "w2", platform="linux/s390x")
@@ -54,7 +55,7 @@ def test_all_platforms_and_merge_platform(registry: Registry, multi: tuple[str, 
     convert(src, f"{registry.host}/dst/multi:all", tmp_path / "a", all_platforms=True)
     raw, ctype = get_manifest(registry, "dst/multi", "all")
     idx = m.parse_document(raw)
-    assert ctype == m.OCI_INDEX and isinstance(idx, m.Index)
+    assert ctype == mtypes.OCI_INDEX and isinstance(idx, m.Index)
     assert sorted(d.platform.architecture for d in idx.manifests if d.platform) == ["amd64", "arm64"]
     assert not any(d.digest in {o.digest for o in originals} for d in idx.manifests)
     for arch in ("amd64", "arm64"):
@@ -67,7 +68,7 @@ def test_all_platforms_and_merge_platform(registry: Registry, multi: tuple[str, 
     assert isinstance(idx, m.Index) and len(idx.manifests) == 4
     assert [d.digest for d in idx.manifests[:2]] == [o.digest for o in originals]
     assert [m.is_nydus_descriptor(d) for d in idx.manifests] == [False, False, True, True]
-    assert all(d.artifactType == m.NYDUS_ARTIFACT for d in idx.manifests[2:])
+    assert all(d.artifactType == mtypes.NYDUS_ARTIFACT for d in idx.manifests[2:])
     # check picks the nydus entries of a merged index (both platforms at once)
     target = f"{registry.host}/dst/multi:merged"
     assert check(target, None, tmp_path / "c-merged") == []
@@ -144,10 +145,10 @@ def test_merge_platform_of_a_single_manifest(registry: Registry, tmp_path: Path)
     res = convert(f"{registry.host}/src/single:v1", dst, tmp_path / "w", merge_platform=True)
     raw, ctype = get_manifest(registry, "dst/single", "merged")
     idx = m.parse_document(raw)
-    assert ctype == m.OCI_INDEX and isinstance(idx, m.Index) and res.digest == m.digest_of(raw)
+    assert ctype == mtypes.OCI_INDEX and isinstance(idx, m.Index) and res.digest == m.digest_of(raw)
     assert [d.digest for d in idx.manifests][0] == m.digest_of(m.encode(src_mf))
     assert [(d.platform.spec() if d.platform else None, d.artifactType) for d in idx.manifests] == [
-        ("linux/arm64", None), ("linux/arm64", m.NYDUS_ARTIFACT)]
+        ("linux/arm64", None), ("linux/arm64", mtypes.NYDUS_ARTIFACT)]
     assert check(dst, f"{registry.host}/src/single:v1", tmp_path / "c") == []
 
 

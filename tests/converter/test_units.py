@@ -17,6 +17,7 @@ from nydusd.compress import stream_decompressor
 from nydusd.converter import credentials, layers
 from nydusd.converter import manifest as m
 from nydusd.errors import BuildError, ConfigError, IntegrityError, InvalidArgument, Unsupported
+from nydusd.oci import mediatypes as mtypes
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -108,15 +109,16 @@ def test_safe_member_name_rejects_escapes(name: str) -> None:
     assert layers.safe_link_target("x", name, hard=False) == name
 
 
-def _manifest(media: str = m.OCI_LAYER_GZIP) -> m.Manifest:
-    return m.Manifest(mediaType=m.OCI_MANIFEST,
-                      config=m.Descriptor(mediaType=m.OCI_CONFIG, digest="sha256:" + "c" * 64, size=10),
+def _manifest(media: str = mtypes.OCI_LAYER_GZIP) -> m.Manifest:
+    return m.Manifest(mediaType=mtypes.OCI_MANIFEST,
+                      config=m.Descriptor(mediaType=mtypes.OCI_CONFIG, digest="sha256:" + "c" * 64, size=10),
                       layers=[m.Descriptor(mediaType=media, digest="sha256:" + "a" * 64, size=5)])
 
 
 def test_encoding_is_go_shaped_and_stable() -> None:
     doc = m.nydus_manifest(_manifest(), source_digest="sha256:" + "1" * 64, source_ref="r/x:1",
-                           config=m.Descriptor(mediaType=m.OCI_CONFIG, digest="sha256:" + "2" * 64, size=3),
+                           config=m.Descriptor(mediaType=mtypes.OCI_CONFIG, digest="sha256:" + "2" * 64,
+                                               size=3),
                            blobs=[m.blob_layer("3" * 64, 100)],
                            bootstrap=m.bootstrap_layer("sha256:" + "4" * 64, 50, 6, docker=False),
                            fs_version=6, builder_version="v<1>&", oci=False)
@@ -126,29 +128,30 @@ def test_encoding_is_go_shaped_and_stable() -> None:
     assert list(obj["layers"][0]) == ["mediaType", "digest", "size", "annotations"]
     assert list(obj["annotations"]) == sorted(obj["annotations"])
     assert b"\\u003c1\\u003e\\u0026" in raw and b" " not in raw
-    assert obj["layers"][0]["annotations"] == {m.ANN_NYDUS_BLOB: "true"}
-    assert obj["layers"][1]["annotations"] == {m.ANN_NYDUS_BOOTSTRAP: "true", m.ANN_NYDUS_FS_VERSION: "6"}
+    assert obj["layers"][0]["annotations"] == {mtypes.ANN_NYDUS_BLOB: "true"}
+    assert obj["layers"][1]["annotations"] == {mtypes.ANN_NYDUS_BOOTSTRAP: "true",
+                                               mtypes.ANN_NYDUS_FS_VERSION: "6"}
     again = m.parse_document(raw)
     assert isinstance(again, m.Manifest) and m.encode(again) == raw
     assert m.is_nydus_manifest(again) and not m.is_nydus_manifest(_manifest())
 
 
 def test_docker_source_keeps_docker_media_types_unless_oci() -> None:
-    src = _manifest(m.DOCKER_LAYER_GZIP).model_copy(update={"mediaType": m.DOCKER_MANIFEST})
+    src = _manifest(mtypes.DOCKER_LAYER_GZIP).model_copy(update={"mediaType": mtypes.DOCKER_MANIFEST})
     kw = {"source_digest": "sha256:" + "1" * 64, "source_ref": "x", "blobs": [], "fs_version": 5,
           "builder_version": "v", "config": src.config}
     boot = m.bootstrap_layer("sha256:" + "4" * 64, 5, 5, docker=True)
-    assert m.nydus_manifest(src, bootstrap=boot, oci=False, **kw).mediaType == m.DOCKER_MANIFEST
-    assert m.nydus_manifest(src, bootstrap=boot, oci=True, **kw).mediaType == m.OCI_MANIFEST
-    assert boot.mediaType == m.DOCKER_LAYER_GZIP
+    assert m.nydus_manifest(src, bootstrap=boot, oci=False, **kw).mediaType == mtypes.DOCKER_MANIFEST
+    assert m.nydus_manifest(src, bootstrap=boot, oci=True, **kw).mediaType == mtypes.OCI_MANIFEST
+    assert boot.mediaType == mtypes.DOCKER_LAYER_GZIP
 
 
 def test_platform_alias_round_trip_and_detection() -> None:
-    idx = m.parse_document(json.dumps({"schemaVersion": 2, "mediaType": m.OCI_INDEX, "manifests": [
-        {"mediaType": m.OCI_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 1,
-         "platform": {"architecture": "amd64", "os": "linux", "os.features": [m.NYDUS_FEATURE]}},
-        {"mediaType": m.OCI_MANIFEST, "digest": "sha256:" + "2" * 64, "size": 1,
-         "artifactType": m.NYDUS_ARTIFACT, "platform": {"architecture": "arm64", "os": "linux",
+    idx = m.parse_document(json.dumps({"schemaVersion": 2, "mediaType": mtypes.OCI_INDEX, "manifests": [
+        {"mediaType": mtypes.OCI_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 1,
+         "platform": {"architecture": "amd64", "os": "linux", "os.features": [mtypes.NYDUS_FEATURE]}},
+        {"mediaType": mtypes.OCI_MANIFEST, "digest": "sha256:" + "2" * 64, "size": 1,
+         "artifactType": mtypes.NYDUS_ARTIFACT, "platform": {"architecture": "arm64", "os": "linux",
                                                          "variant": "v8"}}]}).encode())
     assert isinstance(idx, m.Index)
     assert all(m.is_nydus_descriptor(d) for d in idx.manifests)

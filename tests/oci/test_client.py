@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.errors import AuthError, BlobNotFound, NotFound
-from nydusd.oci.content import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
+from nydusd.oci.mediatypes import OCI_INDEX, OCI_MANIFEST
 from tests.servers.registry import RegistryServer
 
 
@@ -80,22 +80,22 @@ def test_manifests_round_trip(registry_server: RegistryServer) -> None:
         layer = os.urandom(3000)
         cfg_d, layer_d = c.push_blob(config), c.push_blob(layer)
         manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_d,
                        "size": len(config)},
             "layers": [{"mediaType": "application/vnd.oci.image.layer.nydus.blob.v1", "digest": layer_d,
                         "size": len(layer), "annotations": {"containerd.io/snapshot/nydus-blob": "true"}}],
         }).encode()
-        digest = c.put_manifest("v1", manifest, MEDIA_OCI_MANIFEST)
+        digest = c.put_manifest("v1", manifest, OCI_MANIFEST)
         assert digest == _digest(manifest)
         body, media, got = c.get_manifest("v1")
-        assert (body, media, got) == (manifest, MEDIA_OCI_MANIFEST, digest)
+        assert (body, media, got) == (manifest, OCI_MANIFEST, digest)
         assert c.get_manifest(digest)[0] == manifest
-        index = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": [
-            {"mediaType": MEDIA_OCI_MANIFEST, "digest": digest, "size": len(manifest),
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest),
              "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
-        c.put_manifest("multi", index, MEDIA_OCI_INDEX)
-        assert c.get_manifest("multi")[1] == MEDIA_OCI_INDEX
+        c.put_manifest("multi", index, OCI_INDEX)
+        assert c.get_manifest("multi")[1] == OCI_INDEX
         assert sorted(c.list_tags()) == ["multi", "v1"]
         with pytest.raises(NotFound):
             c.get_manifest("nope")

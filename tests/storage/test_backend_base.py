@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
+import typing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from nydusd.config import BACKEND_MODELS, BACKEND_TYPES, BackendConfig, LocalFsConfig, RegistryConfig
 from nydusd.errors import AuthError, BackendError, BlobNotFound, ConfigError, Unsupported
 from nydusd.storage.backend import backend_class, create_backend
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
@@ -131,7 +132,8 @@ def test_backoff_has_jitter_and_cap() -> None:
 
 
 def test_retry_policy_from_config() -> None:
-    p = RetryPolicy.from_config(SimpleNamespace(retry_limit=2, timeout=3, connect_timeout=1))
+    cfg = RegistryConfig(host="h", repo="r", retry_limit=2, timeout=3, connect_timeout=1)
+    p = RetryPolicy.from_config(cfg)
     assert p.retry_limit == 2 and p.max_elapsed >= 12
 
 
@@ -147,7 +149,7 @@ def test_localfs_reads_dir_and_alt_dirs(tmp_path: Path) -> None:
     alt = tmp_path / "alt"
     alt.mkdir()
     (alt / "bb22").write_bytes(b"alt-blob")
-    with LocalFsBackend(SimpleNamespace(dir=str(d), alt_dirs=[str(alt)], blob_file="")) as b:
+    with LocalFsBackend(LocalFsConfig(dir=str(d), alt_dirs=(str(alt),))) as b:
         assert b.blob_size("aa11") == len(data)
         assert b.read("aa11", 12345, 200_000) == data[12345:212345]
         assert b.read("bb22", 0, 100) == b"alt-blob"
@@ -160,25 +162,35 @@ def test_localfs_reads_dir_and_alt_dirs(tmp_path: Path) -> None:
 def test_localfs_blob_file_mode(tmp_path: Path) -> None:
     f = tmp_path / "single"
     f.write_bytes(b"0123456789")
-    with LocalFsBackend(SimpleNamespace(blob_file=str(f), dir="")) as b:
+    with LocalFsBackend(LocalFsConfig(blob_file=str(f))) as b:
         assert b.read("whatever-id", 3, 4) == b"3456"
 
 
 def test_localfs_needs_dir_or_file() -> None:
     with pytest.raises(ConfigError):
-        LocalFsBackend(SimpleNamespace(dir="", blob_file=""))
+        LocalFsBackend(LocalFsConfig(dir="", blob_file=""))
 
 
 def test_create_backend_by_type(tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(b"abc")
-    cfg = SimpleNamespace(type="localfs", localfs=SimpleNamespace(dir=str(tmp_path), blob_file=""))
+    cfg = BackendConfig(type="localfs", localfs=LocalFsConfig(dir=str(tmp_path)))
     with create_backend(cfg) as b:
         assert b.type == "localfs" and b.read("x", 0, 3) == b"abc"
         assert b.metrics()["backend_type"] == "localfs"
     with pytest.raises(Unsupported):
         backend_class("ftp")
     with pytest.raises(ConfigError):
-        create_backend(SimpleNamespace(type="localfs", localfs=None, sub=None))
+        create_backend(BackendConfig(type="localfs", localfs=None))
+
+
+def test_every_config_backend_type_has_its_class() -> None:
+    # One list of backend types, nydusd.config's (read off BackendConfig's sub-config fields): each
+    # names the module serving it, whose class takes that type's sub-config model.
+    assert BACKEND_TYPES == ("localfs", "localdisk", "oss", "s3", "registry", "http-proxy")
+    for type_, model in BACKEND_MODELS.items():
+        cls = backend_class(type_)
+        assert cls.type == type_ and cls.__module__.endswith("." + type_.replace("-", "_"))
+        assert typing.get_type_hints(cls.__init__)["cfg"] is model
 
 
 # ---------------------------------------------------------------------------- remote config checks
@@ -238,7 +250,7 @@ def test_localfs_put_replacing_an_open_blob_serves_the_new_bytes(tmp_path: Path)
     store = tmp_path / "blobs"
     store.mkdir()
     (store / "b").write_bytes(b"old content")
-    backend = LocalFsBackend(SimpleNamespace(dir=str(store), blob_file="", alt_dirs=[]))
+    backend = LocalFsBackend(LocalFsConfig(dir=str(store)))
     try:
         assert backend.read("b", 0, 3) == b"old"  # opens and keeps a descriptor
         new = tmp_path / "new"

@@ -31,8 +31,7 @@ CHUNK = 0x10000
 
 CHILD = textwrap.dedent("""
     import random, sys, threading
-    from types import SimpleNamespace
-    from nydusd.config import CacheConfig, FileCacheConfig
+    from nydusd.config import CacheConfig, FileCacheConfig, LocalFsConfig
     from nydusd.storage.backend.localfs import LocalFsBackend
     from nydusd.storage.cache import create_cache
     from nydusd.storage.device import BlobDevice
@@ -40,7 +39,7 @@ CHILD = textwrap.dedent("""
 
     blob_dir, work_dir, compressed, seed = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
     blob = make_blob()
-    backend = LocalFsBackend(SimpleNamespace(dir=blob_dir))
+    backend = LocalFsBackend(LocalFsConfig(dir=blob_dir))
     cfg = CacheConfig(type="blobcache", compressed=compressed, filecache=FileCacheConfig(work_dir=work_dir))
     device = BlobDevice([blob.info], create_cache(cfg, backend, batch_size=0))
 

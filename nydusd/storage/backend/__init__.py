@@ -1,7 +1,8 @@
 """Blob backends: where blob bytes come from (== nydus-storage ``backend``).
 
-Owns: the registry of backend types and ``create_backend(cfg)``. Backend classes are imported
-lazily by their import string so that a missing optional library (oss2, botocore) only matters to
+Owns: ``create_backend(cfg)`` and ``backend_class(type)``. The types are ``nydusd.config``'s
+``BACKEND_TYPES`` (read off ``BackendConfig``); each is served by the module named after it (``-`` ->
+``_``), imported lazily so that a missing optional library (oss2, botocore) only matters to
 a config that uses it. Must not import cache, rafs, fs or daemon.
 
 Types (``backend.type``): ``localfs`` (localfs.py), ``localdisk`` (localdisk.py, GPT partitions),
@@ -23,51 +24,49 @@ Threading: ``create_backend`` is thread-safe; see ``base.BlobBackend`` for the i
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
+from nydusd.config import BACKEND_TYPES, BackendConfig
 from nydusd.errors import ConfigError, Unsupported
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 
-__all__ = ["BACKEND_TYPES", "BlobBackend", "RetryPolicy", "create_backend"]
+__all__ = ["BACKEND_TYPES", "BlobBackend", "RetryPolicy", "backend_class", "create_backend"]
 
-BACKEND_TYPES: dict[str, str] = {
-    "localfs": "nydusd.storage.backend.localfs:LocalFsBackend",
-    "localdisk": "nydusd.storage.backend.localdisk:LocalDiskBackend",
-    "registry": "nydusd.storage.backend.registry:RegistryBackend",
-    "oss": "nydusd.storage.backend.oss:OssBackend",
-    "s3": "nydusd.storage.backend.s3:S3Backend",
-    "http-proxy": "nydusd.storage.backend.http_proxy:HttpProxyBackend",
-}
+
+def _module_of(type_: str) -> str:
+    """The module serving ``backend.type`` ``type_``: ``http-proxy`` -> ``...backend.http_proxy``."""
+    return f"{__name__}.{type_.replace('-', '_')}"
 
 
 def backend_class(type_: str) -> type[BlobBackend]:
-    """The class registered for ``type_``. Raises Unsupported for an unknown or unavailable type."""
-    target = BACKEND_TYPES.get(type_)
-    if target is None:
+    """The class serving ``type_`` (the ``BlobBackend`` subclass in its module whose ``type`` is
+    ``type_``). Raises Unsupported for an unknown or unavailable type."""
+    if type_ not in BACKEND_TYPES:
         raise Unsupported(f"backend type {type_!r} is not supported "
                           f"(supported: {', '.join(sorted(BACKEND_TYPES))})", field="backend.type")
-    module_name, _, attr = target.partition(":")
+    module_name = _module_of(type_)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise Unsupported(f"backend type {type_!r} needs a library that is not installed: {exc.name}",
                           field="backend.type") from exc
-    cls: type[BlobBackend] = getattr(module, attr)
-    return cls
+    for value in vars(module).values():
+        if (isinstance(value, type) and issubclass(value, BlobBackend) and value.type == type_
+                and value.__module__ == module_name):
+            return value
+    raise Unsupported(f"backend type {type_!r}: {module_name} serves no such backend", field="backend.type")
 
 
-def create_backend(cfg: Any) -> BlobBackend:
+def create_backend(cfg: BackendConfig) -> BlobBackend:
     """Build the backend described by a ``BackendConfig`` (``type`` + the sub-config it names).
 
     Raises ConfigError if the sub-config is missing, Unsupported for an unknown type.
     """
-    type_ = getattr(cfg, "type", None)
-    if not type_:
+    if not cfg.type:
         raise ConfigError("backend.type is required", field="backend.type")
-    cls = backend_class(type_)
-    sub = getattr(cfg, "sub", None)
+    cls = backend_class(cfg.type)
+    sub = cfg.sub
     if sub is None:
-        sub = getattr(cfg, type_.replace("-", "_"), None)
-    if sub is None:
-        raise ConfigError(f"backend.{type_} config is missing", field=f"backend.{type_}")
-    return cls(sub)
+        raise ConfigError(f"backend.{cfg.type} config is missing", field=f"backend.{cfg.type}")
+    # each class takes the sub-config model of its own type, which is what ``sub`` is for this type
+    backend: BlobBackend = cls(sub)  # type: ignore[arg-type]
+    return backend

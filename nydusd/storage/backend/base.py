@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from nydusd.config import RemoteConfig
 from nydusd.errors import BackendError, BlobNotFound, NydusError, Unsupported
 from nydusd.log import get_logger
 from nydusd.metrics import BackendMetrics
@@ -68,11 +69,12 @@ class RetryPolicy:
         return full / 2 + random.uniform(0, full / 2)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RetryPolicy:
+    def from_config(cls, cfg: RemoteConfig) -> RetryPolicy:
         """Derive the policy from a remote backend config (``retry_limit``, ``timeout``,
         ``connect_timeout``): the whole call may take one timeout per attempt plus the backoff."""
-        limit = int(getattr(cfg, "retry_limit", 0) or 0)
-        per_try = float(getattr(cfg, "timeout", 5) or 5) + float(getattr(cfg, "connect_timeout", 5) or 5)
+        limit = cfg.retry_limit
+        # a timeout of 0 counts as the default 5 s here
+        per_try = float(cfg.timeout or 5) + float(cfg.connect_timeout or 5)
         return cls(retry_limit=limit, max_elapsed=per_try * (1 + limit) + 2.0 * limit)
 
 

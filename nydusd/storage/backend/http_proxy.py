@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import quote
 
+from nydusd.config import HttpProxyConfig
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
-from nydusd.oci.client import HttpClient
-from nydusd.oci.response import Response, status_error
+from nydusd.http import HttpClient, Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
@@ -30,8 +30,8 @@ class HttpProxyBackend(BlobBackend):
 
     type: ClassVar[str] = "http-proxy"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
-        addr: str = getattr(cfg, "addr", "") or ""
+    def __init__(self, cfg: HttpProxyConfig, retry: RetryPolicy | None = None) -> None:
+        addr: str = cfg.addr
         unix_socket: str | None = None
         if addr.startswith(("http://", "https://")):
             self.base_url = addr.rstrip("/") + "/" + (cfg.path or "").strip("/")

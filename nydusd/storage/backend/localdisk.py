@@ -22,8 +22,9 @@ import struct
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from nydusd.config import LocalDiskConfig
 from nydusd.errors import BackendError, BlobNotFound, ConfigError
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 
@@ -88,9 +89,9 @@ class LocalDiskBackend(BlobBackend):
 
     type: ClassVar[str] = "localdisk"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, cfg: LocalDiskConfig, retry: RetryPolicy | None = None) -> None:
         super().__init__(retry)
-        self.device_path: str = getattr(cfg, "device_path", "") or ""
+        self.device_path: str = cfg.device_path
         if not self.device_path:
             raise ConfigError("localdisk backend needs `device_path`", field="backend.localdisk.device_path")
         try:
@@ -102,7 +103,7 @@ class LocalDiskBackend(BlobBackend):
         self._lock = threading.Lock()
         self._blobs: dict[str, tuple[int, int]] = {}
         self.legacy_gpt = False
-        if not getattr(cfg, "disable_gpt", False):
+        if not cfg.disable_gpt:
             try:
                 self._scan()
             except ConfigError:

@@ -17,8 +17,9 @@ import contextlib
 import os
 import shutil
 import threading
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from nydusd.config import LocalFsConfig
 from nydusd.errors import BackendError, BlobNotFound, ConfigError, Unsupported
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 
@@ -28,11 +29,11 @@ class LocalFsBackend(BlobBackend):
 
     type: ClassVar[str] = "localfs"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, cfg: LocalFsConfig, retry: RetryPolicy | None = None) -> None:
         super().__init__(retry)
-        self.blob_file: str = getattr(cfg, "blob_file", "") or ""
-        self.dir: str = getattr(cfg, "dir", "") or ""
-        self.alt_dirs: list[str] = list(getattr(cfg, "alt_dirs", None) or [])
+        self.blob_file: str = cfg.blob_file
+        self.dir: str = cfg.dir
+        self.alt_dirs: list[str] = list(cfg.alt_dirs)
         if not self.blob_file and not self.dir:
             raise ConfigError("localfs backend needs `dir` or `blob_file`", field="backend.localfs.dir")
         self._fds: dict[str, int] = {}

@@ -29,6 +29,7 @@ from oss2 import exceptions as oss_exc
 from oss2.models import PartInfo
 from oss2.utils import SizedFileAdapter
 
+from nydusd.config import OssConfig
 from nydusd.errors import AuthError, BackendError, BlobNotFound, ConfigError, NydusError
 from nydusd.log import get_logger
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
@@ -83,10 +84,10 @@ class OssBackend(BlobBackend):
 
     type: ClassVar[str] = "oss"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
-        if not getattr(cfg, "endpoint", ""):
+    def __init__(self, cfg: OssConfig, retry: RetryPolicy | None = None) -> None:
+        if not cfg.endpoint:
             raise ConfigError("oss backend needs `endpoint`", field="backend.oss.endpoint")
-        if not getattr(cfg, "bucket_name", ""):
+        if not cfg.bucket_name:
             raise ConfigError("oss backend needs `bucket_name`", field="backend.oss.bucket_name")
         super().__init__(retry or RetryPolicy.from_config(cfg))
         self.bucket_name: str = cfg.bucket_name

@@ -1,7 +1,7 @@
 """The Dragonfly (P2P) proxy in front of a remote backend: routing, health and fallback (spec §2.4).
 
 Owns: ``DragonflyProxy``, built from a backend's ``proxy`` config. It satisfies
-``nydusd.oci.client.ProxyRoute``: the HTTP layer asks ``current()`` before each request and
+``nydusd.http.ProxyRoute``: the HTTP layer asks ``current()`` before each request and
 reports transport failures. A health-checker thread polls the proxy every ``check_interval``
 seconds (``ping_url`` with GET, else a TCP connect to the proxy's address) and marks it up or down:
 
@@ -14,7 +14,7 @@ seconds (``ping_url`` with GET, else a TCP connect to the proxy's address) and m
 
 Health checks pause after ``check_pause_elapsed`` seconds without requests.
 
-Must not import cache, rafs, fs; ``requests`` stays in ``oci/client.py`` (the ping uses its
+Must not import cache, rafs, fs; ``requests`` stays in ``nydusd/http.py`` (the ping uses its
 ``HttpClient``).
 
 Threading: one daemon thread per proxy (stopped by ``close()``); ``healthy`` is a single attribute
@@ -30,9 +30,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from nydusd.config import ProxyConfig, RemoteConfig
 from nydusd.errors import BackendError, ConfigError, redact_credentials
+from nydusd.http import HttpClient
 from nydusd.log import get_logger
-from nydusd.oci.client import HttpClient
 
 log = get_logger(__name__)
 
@@ -43,7 +44,7 @@ PING_TIMEOUT = 2.0
 class DragonflyProxy:
     """Route requests through a Dragonfly peer while it is healthy."""
 
-    def __init__(self, cfg: Any, *, start_checker: bool = True) -> None:
+    def __init__(self, cfg: ProxyConfig, *, start_checker: bool = True) -> None:
         self.url: str = cfg.url
         #: the URL as logs, errors and metrics show it (credentials masked)
         self.public_url = redact_credentials(self.url)
@@ -192,9 +193,8 @@ class DragonflyProxy:
         self._pinger.close()
 
 
-def proxy_from_config(cfg: Any) -> DragonflyProxy | None:
+def proxy_from_config(cfg: RemoteConfig) -> DragonflyProxy | None:
     """A DragonflyProxy when the backend config has ``proxy.url`` set, else None."""
-    pcfg = getattr(cfg, "proxy", None)
-    if pcfg is None or not getattr(pcfg, "url", ""):
+    if not cfg.proxy.url:
         return None
-    return DragonflyProxy(pcfg)
+    return DragonflyProxy(cfg.proxy)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from nydusd.config import RegistryConfig
 from nydusd.errors import BackendError, ConfigError
 from nydusd.oci.client import RegistryClient
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
@@ -30,10 +31,10 @@ class RegistryBackend(BlobBackend):
 
     type: ClassVar[str] = "registry"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
-        if not getattr(cfg, "host", ""):
+    def __init__(self, cfg: RegistryConfig, retry: RetryPolicy | None = None) -> None:
+        if not cfg.host:
             raise ConfigError("registry backend needs `host`", field="backend.registry.host")
-        if not getattr(cfg, "repo", ""):
+        if not cfg.repo:
             raise ConfigError("registry backend needs `repo`", field="backend.registry.repo")
         super().__init__(retry or RetryPolicy.from_config(cfg))
         self.proxy: DragonflyProxy | None = proxy_from_config(cfg)

@@ -2,7 +2,7 @@
 
 Owns: ``S3Backend``. Requests are signed with botocore's SigV4 signer (``S3SigV4Auth`` over an
 ``AWSRequest``; anonymous when no keys are configured) and sent through the project's HTTP layer
-(``nydusd.oci.client.HttpClient``: pooled connections, timeouts, Dragonfly proxy routing).
+(``nydusd.http.HttpClient``: pooled connections, timeouts, Dragonfly proxy routing).
 Path-style URLs ``<scheme>://<endpoint>/<bucket>/<key>``; an empty ``endpoint`` means AWS's
 ``s3.<region>.amazonaws.com``.
 
@@ -12,7 +12,7 @@ UploadPart per ``PART_SIZE`` window streamed from the file with its ``Content-MD
 CompleteMultipartUpload), each step under the backend's retry policy; any failure aborts the
 upload so that no orphaned parts stay billed. S3 caps one PUT at 5 GiB and 10000 parts per upload.
 
-Must not import ``requests`` (HTTP lives in oci/client.py), cache, rafs or fs.
+Must not import ``requests`` (HTTP lives in nydusd/http.py), cache, rafs or fs.
 
 Threading: thread-safe; signing is per request on fresh objects, the HTTP client pools.
 """
@@ -31,10 +31,10 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from nydusd.config import S3Config
 from nydusd.errors import BackendError, BlobNotFound, ConfigError, NydusError
+from nydusd.http import HttpClient, Response, status_error
 from nydusd.log import get_logger
-from nydusd.oci.client import HttpClient
-from nydusd.oci.response import Response, status_error
 from nydusd.storage.backend.base import BlobBackend, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
@@ -128,10 +128,10 @@ class S3Backend(BlobBackend):
 
     type: ClassVar[str] = "s3"
 
-    def __init__(self, cfg: Any, retry: RetryPolicy | None = None) -> None:
-        if not getattr(cfg, "bucket_name", ""):
+    def __init__(self, cfg: S3Config, retry: RetryPolicy | None = None) -> None:
+        if not cfg.bucket_name:
             raise ConfigError("s3 backend needs `bucket_name`", field="backend.s3.bucket_name")
-        if not getattr(cfg, "region", ""):
+        if not cfg.region:
             raise ConfigError("s3 backend needs `region`", field="backend.s3.region")
         super().__init__(retry or RetryPolicy.from_config(cfg))
         self.region: str = cfg.region

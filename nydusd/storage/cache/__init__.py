@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from nydusd.config import DEFAULT_BATCH_SIZE, CacheConfig
 from nydusd.errors import ConfigError, Unsupported
 from nydusd.storage.cache.base import BlobCache, CacheBackend
 from nydusd.storage.cache.blobcache import FileCacheManager
 from nydusd.storage.cache.dummy import DummyCacheManager
-from nydusd.storage.cache.manager import DEFAULT_BATCH_SIZE, BlobCacheManager
+from nydusd.storage.cache.manager import BlobCacheManager
 from nydusd.storage.chunk import chunk_key
 
 __all__ = ["BlobCache", "BlobCacheManager", "chunk_key", "create_cache"]
@@ -32,7 +33,7 @@ _FILE_TYPES = ("blobcache", "filecache")
 _DUMMY_TYPES = ("", "dummycache")
 
 
-def create_cache(cfg: Any, backend: CacheBackend, *, digest_validate: bool = False,
+def create_cache(cfg: CacheConfig, backend: CacheBackend, *, digest_validate: bool = False,
                  batch_size: int = DEFAULT_BATCH_SIZE, id: str = "") -> BlobCacheManager:
     """Build the cache manager described by ``cfg`` (a ``CacheConfig``) over ``backend``.
 
@@ -44,22 +45,21 @@ def create_cache(cfg: Any, backend: CacheBackend, *, digest_validate: bool = Fal
     Raises ConfigError for an unknown type or unusable work_dir, Unsupported for fscache and
     encrypted caches.
     """
-    type_ = getattr(cfg, "type", "") or ""
-    validate = bool(getattr(cfg, "validate", False))
+    type_ = cfg.type
+    validate = cfg.validate
     common: dict[str, Any] = {"id": id, "batch_size": batch_size,
                               "verify_fetched": digest_validate or validate,
                               "verify_cached": digest_validate or validate}
     if type_ in _DUMMY_TYPES:
         return DummyCacheManager(backend, **common)
     if type_ in _FILE_TYPES:
-        sub = getattr(cfg, "filecache", None)
-        if sub is not None and getattr(sub, "enable_encryption", False):
+        sub = cfg.filecache
+        if sub is not None and sub.enable_encryption:
             raise Unsupported("encrypted blob caches are not supported",
                               field="cache.filecache.enable_encryption")
-        work_dir = getattr(cfg, "work_dir", "") or (getattr(sub, "work_dir", "") if sub else "") or "."
-        indexed = not bool(getattr(sub, "disable_indexed_map", False))
-        compressed = bool(getattr(cfg, "compressed", False))
-        return FileCacheManager(backend, work_dir=work_dir, compressed=compressed, indexed=indexed, **common)
+        indexed = not (sub is not None and sub.disable_indexed_map)
+        return FileCacheManager(backend, work_dir=cfg.work_dir or ".", compressed=cfg.compressed,
+                                indexed=indexed, **common)
     if type_ == "fscache":
         raise Unsupported("the fscache cache needs the kernel EROFS-over-fscache path, which this nydusd "
                           "does not serve", field="cache.type")

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from nydusd.config import DEFAULT_BATCH_SIZE
 from nydusd.errors import BackendError, CorruptMetadata
 from nydusd.metrics import BlobcacheMetrics
 from nydusd.storage.cache.base import BlobCache, CacheBackend
@@ -30,7 +31,6 @@ from nydusd.storage.cache.prefetch import Prefetcher
 from nydusd.storage.chunk import BlobInfo, ChunkInfo
 from nydusd.storage.waits import BackendWaits
 
-DEFAULT_BATCH_SIZE = 1 << 20
 #: longest a streamed prefetch pauses between two pieces for running on-demand fetches
 PREFETCH_YIELD_SECONDS = 0.5
 #: a *bulk* prefetch (``prefetch_all``) also stays paused this long after the last on-demand fetch

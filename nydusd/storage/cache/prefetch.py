@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from nydusd.config import DEFAULT_BATCH_SIZE
 from nydusd.errors import NydusError
 from nydusd.log import get_logger
 from nydusd.metrics import BlobcacheMetrics
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DEFAULT_THREADS = 8
-DEFAULT_BATCH_SIZE = 1 << 20
 #: merge limit worth using for whole-blob prefetch (``prefetch_all``): requests are streamed in
 #: pieces, so a large request costs no more memory or first-chunk latency than a small one, while
 #: registries charge several milliseconds per request whatever its size
