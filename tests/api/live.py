@@ -1,7 +1,7 @@
-"""Live-daemon helpers for the API tests: tiny images built with the real builder, snapshotter-style
-configs, and ``python -m nydusd`` run as a subprocess whose API socket is waited for as the
-snapshotter does (socket file <=10 s, then state RUNNING <=2 s, spec interfaces.md §4.2). Teardown
-always SIGTERMs/kills the process by PID and lazily unmounts what is left."""
+"""Live-daemon helpers for the API tests: snapshotter-style configs, and ``python -m nydusd`` run as
+a subprocess whose API socket is waited for as the snapshotter does (socket file <=10 s, then state
+RUNNING <=2 s, spec interfaces.md §4.2). Teardown always SIGTERMs/kills the process by PID and
+lazily unmounts what is left."""
 
 from __future__ import annotations
 
@@ -15,26 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from api.client import ApiClient
-from nydusd.builder import BuildOptions, SourceType, build
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_files(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
-
-
-def build_image(source: Path, out_dir: Path, name: str = "image.boot") -> Path:
-    """Build ``source`` into ``out_dir`` (blob named by its id); returns the bootstrap path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = BuildOptions(source_type=SourceType.DIRECTORY, blob_dir=str(out_dir),
-                        bootstrap_path=str(out_dir / name))
-    out = build(str(source), opts)
-    return Path(out.bootstrap_path or "")
 
 
 def snapshotter_config(blob_dir: Path, cache_dir: Path, snapshot_id: str | None = None,

@@ -12,7 +12,8 @@ import pytest
 from api.server import ApiServer, start_api_server
 from nydusd.cli.ctl import main, table
 from tests.api.fakes import FakeDaemon
-from tests.api.live import LiveDaemon, build_image, make_files, snapshotter_config
+from tests.api.live import LiveDaemon, snapshotter_config
+from tests.harness.images import build_image, make_files
 
 
 @pytest.fixture
@@ -83,7 +84,8 @@ def test_errors_are_reported(served: tuple[str, FakeDaemon], capsys: pytest.Capt
 
 @pytest.mark.fuse
 def test_against_a_live_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    boot = build_image(make_files(tmp_path / "src", {"hello.txt": b"hi there\n"}), tmp_path / "blobs")
+    boot = build_image(make_files(tmp_path / "src", {"hello.txt": b"hi there\n"}),
+                       tmp_path / "blobs").bootstrap
     (tmp_path / "cache").mkdir()
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(snapshotter_config(tmp_path / "blobs", tmp_path / "cache")))

@@ -103,9 +103,9 @@ def test_ordered_paths_keeps_the_file_order() -> None:
 
 
 def test_paths_in_access_order_skips_what_the_image_lacks(tmp_path: Path) -> None:
-    from tests.integration.images import build_image, sample_tree
+    from tests.harness.images import build_daemon_image, sample_tree
 
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
     with load_bootstrap(image.bootstrap) as sb:
         small = sb.resolve("/dir/sub/f001").ino
         leaf = sb.resolve("/dir/sub/deeper/leaf.bin").ino

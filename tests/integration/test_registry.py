@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
+from tests.harness.images import build_daemon_image, sample_tree
 from tests.integration.proc import Nydusd
 from tests.integration.treecmp import compare_trees
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fuse
 @pytest.mark.parametrize("version", [5, 6])
 def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, version):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=version)
+    image = build_daemon_image(src, tmp_path / "img", version=version)
     repo = f"nydus/sample-v{version}"
     for blob in Path(image.blob_dir).iterdir():
         assert registry_htpasswd.push_blob(repo, blob.read_bytes()) == blob.name
@@ -46,7 +46,7 @@ def test_image_pull_auth_env_supplies_credentials(tmp_path, registry_htpasswd):
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_bytes(b"pulled with IMAGE_PULL_AUTH\n" * 1000)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/env-auth"
     for blob in Path(image.blob_dir).iterdir():
         registry_htpasswd.push_blob(repo, blob.read_bytes())
@@ -67,7 +67,7 @@ def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fau
     again the same file reads fine -- the daemon never needed a restart. Transient faults within
     the budget are invisible."""
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/outage"
     for blob in Path(image.blob_dir).iterdir():
         registry_server.push_blob(repo, blob.read_bytes())
@@ -101,7 +101,7 @@ def test_registry_auth_renewed_through_the_config_api(tmp_path, registry_htpassw
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_bytes(b"renewed credentials\n" * 3000)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/renew"
     for blob in Path(image.blob_dir).iterdir():
         registry_htpasswd.push_blob(repo, blob.read_bytes())
