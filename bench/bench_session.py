@@ -45,9 +45,9 @@ from bench_fuse import (  # noqa: E402
     read_all,
 )
 
+from tests.harness.apiclient import ApiClient  # noqa: E402
+from tests.harness.daemon import Nydusd  # noqa: E402
 from tests.harness.images import build_daemon_image  # noqa: E402
-from tests.integration.apiclient import ApiClient  # noqa: E402
-from tests.integration.proc import Nydusd  # noqa: E402
 from tests.integration.spec_supervisor import SpecSupervisor  # noqa: E402
 
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_fuse import make_big_tree, make_rootfs_like  # noqa: E402
 
+from tests.harness.daemon import Nydusd  # noqa: E402
 from tests.harness.guest import Guest, RefVirtiofsd, guest_missing, prepare, unpack  # noqa: E402
 from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
-from tests.integration.proc import Nydusd  # noqa: E402
 
 MiB = 1 << 20
 

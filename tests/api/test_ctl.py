@@ -12,7 +12,7 @@ import pytest
 from api.server import ApiServer, start_api_server
 from nydusd.cli.ctl import main, table
 from tests.api.fakes import FakeDaemon
-from tests.api.live import LiveDaemon, snapshotter_config
+from tests.harness.daemon import LiveDaemon, snapshotter_config
 from tests.harness.images import build_image, make_files
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.live import LiveDaemon
+from tests.harness.daemon import LiveDaemon
 from tests.harness.images import build_image, make_files
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from api.app import MAX_BODY
-from tests.api.live import LiveDaemon, snapshotter_config
+from tests.harness.daemon import LiveDaemon, snapshotter_config
 from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.client import ApiClient, ApiError
 from api.schemas import BackendMetrics, BlobcacheMetrics, DaemonInfo, FsIoStats
-from tests.api.live import LiveDaemon, snapshotter_config
+from tests.harness.daemon import LiveDaemon, snapshotter_config
 from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse

@@ -19,7 +19,7 @@ import pytest
 
 from api.client import ApiClient
 from api.schemas import BlobcacheMetrics, FsIoStats
-from tests.api.live import LiveDaemon, is_mounted, snapshotter_config
+from tests.harness.daemon import LiveDaemon, is_mounted, snapshotter_config
 from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse

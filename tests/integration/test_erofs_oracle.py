@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from nydusd.rafs import load_bootstrap
+from tests.harness.daemon import force_unmount
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import force_unmount
 from tests.integration.test_mount import start_dedicated
 from tests.integration.treecmp import compare_trees
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.proc import ROOT, force_unmount, is_mounted
+from tests.harness.daemon import ROOT, force_unmount, is_mounted
 from tests.servers.base import free_port
 
 pytestmark = pytest.mark.fuse

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import ROOT, force_unmount, is_mounted
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import ROOT, force_unmount, is_mounted
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 

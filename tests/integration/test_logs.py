@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import Nydusd
 
 pytestmark = pytest.mark.fuse
 

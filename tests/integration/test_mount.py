@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import ROOT, Nydusd, is_mounted, mount_line
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd, is_mounted, mount_line
 from tests.integration.treecmp import compare_trees
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
@@ -258,7 +258,7 @@ def test_shared_daemon_pseudo_mounts(tmp_path):
 def test_sequential_read_without_cache_fetches_each_chunk_once(tmp_path):
     """No blob cache: the kernel's 128 KiB requests must not refetch the same 1 MiB chunk eight
     times (the ChunkBuffer keeps it); the backend moves about the file's size, not 8x."""
-    from tests.integration.apiclient import ApiClient
+    from tests.harness.apiclient import ApiClient
 
     src = sample_tree(tmp_path / "src")
     image = build_daemon_image(src, tmp_path / "img", version=6, compressor="none")

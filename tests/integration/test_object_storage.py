@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd
 from tests.integration.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse

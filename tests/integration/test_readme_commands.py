@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.proc import ROOT, Nydusd, force_unmount
+from tests.harness.daemon import ROOT, Nydusd, force_unmount
 
 pytestmark = pytest.mark.fuse
 

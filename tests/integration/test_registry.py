@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import Nydusd
 from tests.integration.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
@@ -33,7 +33,7 @@ def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, versio
     with Nydusd(["--config", str(cfg), "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
                  "--apisock", sock], mnt, log_path=tmp_path / "log", apisock=sock):
         assert compare_trees(src, mnt) > 50
-        from tests.integration.apiclient import ApiClient
+        from tests.harness.apiclient import ApiClient
 
         status, backend = ApiClient(sock).request("GET", "/api/v1/metrics/backend")
         assert status == 200 and backend["backend_type"] == "registry"
@@ -95,7 +95,7 @@ def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fau
 def test_registry_auth_renewed_through_the_config_api(tmp_path, registry_htpasswd):
     """The snapshotter's credential renewal: PUT /api/v1/config {"registry_auth"} reaches the
     registry backend of the running mount; a later mount under that id starts with it."""
-    from tests.integration.apiclient import ApiClient
+    from tests.harness.apiclient import ApiClient
     from tests.servers.registry import basic_auth
 
     src = tmp_path / "src"

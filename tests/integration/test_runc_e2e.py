@@ -20,8 +20,8 @@ from nydusd.converter.remote import open_remote
 from tests.converter.images import run, skopeo_push, tool_env
 from tests.converter.registry import Registry
 from tests.converter.test_convert import convert
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd, force_unmount
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd, force_unmount
 
 pytestmark = pytest.mark.fuse
 

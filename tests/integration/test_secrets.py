@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.harness.apiclient import ApiClient, _UnixConnection
+from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image
-from tests.integration.apiclient import ApiClient, _UnixConnection
-from tests.integration.proc import Nydusd
 from tests.servers.tinyproxy import TinyProxy
 
 pytestmark = pytest.mark.fuse

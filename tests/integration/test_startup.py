@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import ROOT, Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd
 
 #: what ``nydusd`` must not import before it is RUNNING (the API comes up after the mount)
 NOT_AT_START = ("api", "fastapi", "starlette", "uvicorn", "rich", "requests", "urllib3",

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import ROOT, Nydusd, is_mounted
 from tests.harness.images import DaemonImage, build_daemon_image, sample_tree
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import ROOT, Nydusd, is_mounted
 
 pytestmark = pytest.mark.fuse
 

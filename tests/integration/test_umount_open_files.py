@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 

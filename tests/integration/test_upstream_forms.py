@@ -13,8 +13,8 @@ import pytest
 
 from nydusd.cli.image import main as nydus_image
 from nydusd.rafs import layout as L
+from tests.harness.daemon import Nydusd, is_mounted
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.proc import Nydusd, is_mounted
 from tests.integration.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse

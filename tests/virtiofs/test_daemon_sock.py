@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.fuse_wire import FuseClient, FuseReplyError
 from tests.harness.images import build_daemon_image, sample_tree
 from tests.harness.vhost_frontend import Frontend
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd
 from tests.integration.test_mount import run_cli
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.guest import (
     Guest,
     RefVirtiofsd,
@@ -26,8 +28,6 @@ from tests.harness.guest import (
     unpack,
 )
 from tests.harness.images import DaemonImage, build_daemon_image, sample_tree
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd
 
 pytestmark = [pytest.mark.skipif(guest_missing() is not None, reason=guest_missing() or ""),
               pytest.mark.timeout(900), pytest.mark.slow]
