@@ -48,7 +48,7 @@ from bench_fuse import (  # noqa: E402
 from tests.harness.apiclient import ApiClient  # noqa: E402
 from tests.harness.daemon import Nydusd  # noqa: E402
 from tests.harness.images import build_daemon_image  # noqa: E402
-from tests.integration.spec_supervisor import SpecSupervisor  # noqa: E402
+from tests.harness.spec_supervisor import SpecSupervisor  # noqa: E402
 
 
 def wait_state(api: ApiClient, state: str, timeout: float = 30.0) -> None:

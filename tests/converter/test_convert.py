@@ -25,8 +25,8 @@ from nydusd.converter.stores import create_store
 from nydusd.rafs import layout as L
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
-from tests.converter.images import run, skopeo_push, tool_env
-from tests.converter.registry import Registry
+from tests.harness.oci_images import run, skopeo_push, tool_env
+from tests.harness.oci_registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEPT = ", ".join([m.OCI_MANIFEST, m.OCI_INDEX, m.DOCKER_MANIFEST, m.DOCKER_LIST])

@@ -16,8 +16,8 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import open_remote
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert
+from tests.harness.oci_registry import Registry
 
 
 def nydus_manifest(ref: str) -> tuple[m.Manifest, list[str], list[str]]:

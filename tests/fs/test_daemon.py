@@ -33,7 +33,7 @@ from nydusd.errors import (
 from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.metrics import FsIoStats
-from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+from tests.harness.fakes.image import SAMPLE, FakeDevice, FakeSuper
 
 CONFIG = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/nonexistent"}}},
                      "mode": "direct", "iostats_files": True, "access_pattern": True,

@@ -16,7 +16,7 @@ import pytest
 from tests.harness.apiclient import ApiClient
 from tests.harness.daemon import Nydusd, is_mounted, mount_line
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.treecmp import compare_trees
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 

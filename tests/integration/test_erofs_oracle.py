@@ -13,8 +13,8 @@ import pytest
 from nydusd.rafs import load_bootstrap
 from tests.harness.daemon import force_unmount
 from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 from tests.integration.test_mount import start_dedicated
-from tests.integration.treecmp import compare_trees
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

@@ -21,8 +21,8 @@ import pytest
 from tests.harness.apiclient import ApiClient
 from tests.harness.daemon import ROOT, Nydusd, is_mounted
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.spec_supervisor import SpecSupervisor
-from tests.servers.content_server import ContentServer
+from tests.harness.servers.content_server import ContentServer
+from tests.harness.spec_supervisor import SpecSupervisor
 
 pytestmark = pytest.mark.fuse
 
@@ -38,7 +38,7 @@ def file_hashes(src: Path, mnt: Path) -> dict[str, str]:
 
 
 class Readers:
-    """``tests/integration/reader.py`` in a subprocess (a read blocked on a dead daemon must not
+    """``tests/harness/reader.py`` in a subprocess (a read blocked on a dead daemon must not
     block pytest)."""
 
     def __init__(self, tmp: Path, files: dict[str, str], threads: int = 4) -> None:
@@ -47,7 +47,7 @@ class Readers:
         spec = tmp / "readers.json"
         spec.write_text(json.dumps({"files": files, "threads": threads, "stop": str(self.stop),
                                     "progress": str(self.progress)}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.integration.reader", str(spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.harness.reader", str(spec)],
                                      cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def passes(self) -> int:

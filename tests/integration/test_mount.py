@@ -15,7 +15,7 @@ import pytest
 
 from tests.harness.daemon import ROOT, Nydusd, is_mounted, mount_line
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.treecmp import compare_trees
+from tests.harness.treecmp import compare_trees
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
@@ -244,7 +244,7 @@ def test_shared_daemon_pseudo_mounts(tmp_path):
     specs = [f"/pseudo_1={v5.bootstrap}={v5.write_config(tmp_path / 'c5.json', tmp_path / 'cache5')}",
              f"/a/b/c={v6.bootstrap}={v6.write_config(tmp_path / 'c6.json', tmp_path / 'cache6')}"]
     with Nydusd([str(mnt), "4", *specs], mnt, log_path=tmp_path / "log",
-                module="tests.integration.serve") as d:
+                module="tests.harness.serve") as d:
         assert sorted(os.listdir(mnt)) == ["a", "pseudo_1"]
         assert compare_trees(src, mnt / "pseudo_1") > 10
         assert compare_trees(src, mnt / "a" / "b" / "c") > 10

@@ -12,7 +12,7 @@ import pytest
 from tests.harness.apiclient import ApiClient
 from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.treecmp import compare_trees
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 

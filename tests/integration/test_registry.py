@@ -10,7 +10,7 @@ import pytest
 
 from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.treecmp import compare_trees
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
@@ -41,7 +41,7 @@ def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, versio
 
 
 def test_image_pull_auth_env_supplies_credentials(tmp_path, registry_htpasswd):
-    from tests.servers.registry import basic_auth
+    from tests.harness.servers.registry import basic_auth
 
     src = tmp_path / "src"
     src.mkdir()
@@ -96,7 +96,7 @@ def test_registry_auth_renewed_through_the_config_api(tmp_path, registry_htpassw
     """The snapshotter's credential renewal: PUT /api/v1/config {"registry_auth"} reaches the
     registry backend of the running mount; a later mount under that id starts with it."""
     from tests.harness.apiclient import ApiClient
-    from tests.servers.registry import basic_auth
+    from tests.harness.servers.registry import basic_auth
 
     src = tmp_path / "src"
     src.mkdir()

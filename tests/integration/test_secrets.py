@@ -16,7 +16,7 @@ import yaml
 from tests.harness.apiclient import ApiClient, _UnixConnection
 from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image
-from tests.servers.tinyproxy import TinyProxy
+from tests.harness.servers.tinyproxy import TinyProxy
 
 pytestmark = pytest.mark.fuse
 

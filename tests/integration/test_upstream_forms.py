@@ -15,7 +15,7 @@ from nydusd.cli.image import main as nydus_image
 from nydusd.rafs import layout as L
 from tests.harness.daemon import Nydusd, is_mounted
 from tests.harness.images import build_daemon_image, sample_tree
-from tests.integration.treecmp import compare_trees
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 

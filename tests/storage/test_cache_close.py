@@ -22,8 +22,8 @@ from nydusd.errors import BackendError
 from nydusd.storage.cache import blobcache, create_cache
 from nydusd.storage.cache.blobcache import FileCache
 from nydusd.storage.device import BlobDevice, ChunkInfo
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob
 
 CHUNK = 0x10000
 

@@ -15,8 +15,8 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.errors import CorruptMetadata
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice, ChunkInfo
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
 
 CHUNK = 0x10000
 
