@@ -3,7 +3,7 @@
 Owns: ``DaemonApi`` (the structural type of what api/ calls on ``nydusd.daemon.service.Daemon``, the
 contract in notes/contracts.md), ``get_daemon`` and the ``DaemonDep`` annotation routes use.
 Must not import: fs/storage/rafs internals; the real ``Daemon`` class is only named structurally,
-so tests can pass any object with these methods (``tests/api/fakes.py``).
+so tests can pass any object with these methods (``tests/harness/fakes/daemon.py``).
 Thread-safety: every method of the daemon is blocking and thread-safe; routes are plain ``def`` and
 run in the server's worker threads.
 """

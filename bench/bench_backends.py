@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from nydusd.config import RegistryConfig  # noqa: E402
 from nydusd.log import configure_logging  # noqa: E402
 from nydusd.storage.backend.registry import RegistryBackend  # noqa: E402
-from tests.servers.registry import RegistryServer  # noqa: E402
-from tests.servers.tinyproxy import TinyProxy  # noqa: E402
+from tests.harness.servers.registry import RegistryServer  # noqa: E402
+from tests.harness.servers.tinyproxy import TinyProxy  # noqa: E402
 
 REPO = "bench/backends"
 MIB = 1 << 20

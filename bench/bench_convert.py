@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.converter.images import run, tool_env  # noqa: E402
-from tests.converter.registry import Registry  # noqa: E402
+from tests.harness.oci_images import run, tool_env  # noqa: E402
+from tests.harness.oci_registry import Registry  # noqa: E402
 
 WORDS = tuple("""
 the of and to in is for on with as by at from or an be this that are not lib usr share

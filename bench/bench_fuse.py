@@ -40,9 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.apiclient import ApiClient  # noqa: E402
-from tests.integration.images import Image, build_image  # noqa: E402
-from tests.integration.proc import Nydusd  # noqa: E402
+from tests.harness.apiclient import ApiClient  # noqa: E402
+from tests.harness.daemon import Nydusd  # noqa: E402
+from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
 
 MiB = 1 << 20
 
@@ -284,9 +284,9 @@ class Bench:
     def build(self) -> None:
         print(f"building images in {self.work} ...", flush=True)
         self.big = make_big_tree(self.work / "big_src", self.size)
-        self.big_img = build_image(self.work / "big_src", self.work / "big_img", version=6)
+        self.big_img = build_daemon_image(self.work / "big_src", self.work / "big_img", version=6)
         self.tree_src = make_rootfs_like(self.work / "tree_src")
-        self.tree_img = build_image(self.tree_src, self.work / "tree_img", version=6)
+        self.tree_img = build_daemon_image(self.tree_src, self.work / "tree_img", version=6)
         self.entries = sum(1 for _ in self.tree_src.rglob("*"))
 
     def start(self) -> None:
@@ -300,7 +300,7 @@ class Bench:
         self.r["startup"] = time.perf_counter() - t0
         self.api = ApiClient(sock)
 
-    def mount(self, img: Image, mp: str) -> float:
+    def mount(self, img: DaemonImage, mp: str) -> float:
         t = time.perf_counter()
         status, body = self.api.mount(mp, img.bootstrap, img.config_text(self.work / "cache",
                                                                          digest_validate=False))

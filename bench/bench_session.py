@@ -45,10 +45,10 @@ from bench_fuse import (  # noqa: E402
     read_all,
 )
 
-from tests.integration.apiclient import ApiClient  # noqa: E402
-from tests.integration.images import build_image  # noqa: E402
-from tests.integration.proc import Nydusd  # noqa: E402
-from tests.integration.spec_supervisor import SpecSupervisor  # noqa: E402
+from tests.harness.apiclient import ApiClient  # noqa: E402
+from tests.harness.daemon import Nydusd  # noqa: E402
+from tests.harness.images import build_daemon_image  # noqa: E402
+from tests.harness.spec_supervisor import SpecSupervisor  # noqa: E402
 
 
 def wait_state(api: ApiClient, state: str, timeout: float = 30.0) -> None:
@@ -120,9 +120,9 @@ class SessionBench:
     def build(self) -> None:
         print(f"building images in {self.work} ...", flush=True)
         make_big_tree(self.work / "big_src", self.size)
-        self.big_img = build_image(self.work / "big_src", self.work / "big_img", version=6)
+        self.big_img = build_daemon_image(self.work / "big_src", self.work / "big_img", version=6)
         make_rootfs_like(self.work / "tree_src")
-        self.tree_img = build_image(self.work / "tree_src", self.work / "tree_img", version=6)
+        self.tree_img = build_daemon_image(self.work / "tree_src", self.work / "tree_img", version=6)
 
     def _daemon(self, name: str, *extra: str) -> list[str]:
         return ["fuse", "--mountpoint", str(self.work / name / "mnt"), "--apisock",

@@ -51,8 +51,8 @@ from nydusd.config import CacheConfig, FileCacheConfig, PrefetchConfig, Registry
 from nydusd.storage.backend.registry import RegistryBackend  # noqa: E402
 from nydusd.storage.cache import create_cache  # noqa: E402
 from nydusd.storage.device import BlobDevice  # noqa: E402
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content  # noqa: E402
-from tests.servers.registry import RegistryServer  # noqa: E402
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content  # noqa: E402
+from tests.harness.servers.registry import RegistryServer  # noqa: E402
 
 MIB = 1 << 20
 CHUNK = MIB

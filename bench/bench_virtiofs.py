@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_fuse import make_big_tree, make_rootfs_like  # noqa: E402
 
+from tests.harness.daemon import Nydusd  # noqa: E402
 from tests.harness.guest import Guest, RefVirtiofsd, guest_missing, prepare, unpack  # noqa: E402
-from tests.integration.images import Image, build_image  # noqa: E402
-from tests.integration.proc import Nydusd  # noqa: E402
+from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
 
 MiB = 1 << 20
 
@@ -56,7 +56,7 @@ echo "ENTRIES $(find /n/tree | wc -l) $(find /r/tree | wc -l)"
 """
 
 
-def engine_costs(img: Image) -> tuple[float, float, float]:
+def engine_costs(img: DaemonImage) -> tuple[float, float, float]:
     """In-process cost of our engine (no guest, no virtqueue): microseconds per LOOKUP and per
     GETATTR, and MiB/s of 128 KiB READs from the warm blob cache -- the daemon-side floor."""
     from nydusd.config import load_config
@@ -114,7 +114,7 @@ def main() -> int:
         make_big_tree(src, args.size_mib * MiB)
         make_rootfs_like(src / "tree")
         t0 = time.perf_counter()
-        img = build_image(src, work / "img")
+        img = build_daemon_image(src, work / "img")
         print(f"image built in {time.perf_counter() - t0:.1f}s")
         ref_dir = unpack(img.bootstrap, img.blob_dir, work / "unpacked")
         cfg = img.write_config(work / "config.json", work / "cache")

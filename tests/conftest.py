@@ -2,7 +2,7 @@
 errors (design R15), and the skip rules for tests that need root or a real FUSE mount.
 
 Server fixtures (docker-registry, tinyproxy, moto, the OSS protocol server) live in
-``tests/servers`` and are registered here as a pytest plugin.
+``tests/harness/servers`` and are registered here as a pytest plugin.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 UPSTREAM = SHARED / "fixtures" / "upstream" / "tests" / "texture"
 
-pytest_plugins = ["tests.servers.plugin"]
+pytest_plugins = ["tests.harness.servers.plugin"]
 
 
 def _fuse_missing() -> str | None:

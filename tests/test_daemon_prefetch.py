@@ -14,7 +14,7 @@ import pytest
 from nydusd.config import load_config
 from nydusd.daemon.instance import build_rafs_instance
 from nydusd.storage.device import BlobDevice
-from tests.integration.images import build_image, sample_tree
+from tests.harness.images import build_daemon_image, sample_tree
 
 
 def submissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefetch: tuple[str, ...],
@@ -27,7 +27,7 @@ def submissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefetch: tuple
         return 1
 
     monkeypatch.setattr(BlobDevice, "prefetch", record)
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img", prefetch=prefetch)
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img", prefetch=prefetch)
     cfg = image.config(tmp_path / "cache", fs_prefetch={"enable": True, "prefetch_all": prefetch_all})
     inst = build_rafs_instance("/m", image.bootstrap, load_config(json.dumps(cfg)))
     try:

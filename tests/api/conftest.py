@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from tests.api.fakes import FakeDaemon
+from tests.harness.fakes.daemon import FakeDaemon
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api.fakes import FakeDaemon
+from tests.harness.fakes.daemon import FakeDaemon
 
 
 def post_mount(client: TestClient, body: object, mp: str = "/x", raw: bytes | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from api.app import create_app
-from tests.api.fakes import FakeDaemon
+from tests.harness.fakes.daemon import FakeDaemon
 
 ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = "regenerate it with: .venv/bin/python -m api.app > openapi.yaml"

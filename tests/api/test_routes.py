@@ -16,7 +16,7 @@ from api.schemas import (
     FileIoStats,
     FsIoStats,
 )
-from tests.api.fakes import FakeDaemon
+from tests.harness.fakes.daemon import FakeDaemon
 
 
 def mount(client: TestClient, mp: str, bootstrap: Path, config: str, method: str = "POST") -> object:
@@ -233,7 +233,7 @@ def test_paths_match_exactly(client: TestClient) -> None:
 
 def test_runtime_config_endpoint_when_the_daemon_has_it() -> None:
     from api.app import create_app
-    from tests.api.fakes import ConfigurableFakeDaemon
+    from tests.harness.fakes.daemon import ConfigurableFakeDaemon
 
     daemon = ConfigurableFakeDaemon()
     with TestClient(create_app(daemon)) as c:

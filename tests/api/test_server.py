@@ -19,7 +19,7 @@ from api import server as server_mod
 from api.client import ApiClient, ApiError
 from api.server import ApiServer, probe_socket, start_api_server
 from nydusd.errors import AlreadyExists, InvalidArgument
-from tests.api.fakes import FakeDaemon
+from tests.harness.fakes.daemon import FakeDaemon
 
 
 @pytest.fixture

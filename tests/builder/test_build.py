@@ -23,7 +23,7 @@ from nydusd.builder import BuildOptions, SourceType, build
 from nydusd.errors import BuildError, InvalidArgument
 from nydusd.rafs import load_bootstrap
 from nydusd.rafs.content import LocalBlobs, read_chunk
-from tests.images import build_image, make_tree, snapshot_dir, snapshot_image
+from tests.harness.images import build_image, make_tree, snapshot_dir, snapshot_image
 
 ROOT = Path(__file__).resolve().parents[2]
 NYDUS_IMAGE = [str(Path(sys.executable).parent / "nydus-image")]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.pty_run import run_on_pty
+from tests.harness.pty_run import run_on_pty
 
 NYDUS_IMAGE = str(Path(sys.executable).parent / "nydus-image")
 

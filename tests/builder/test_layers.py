@@ -21,7 +21,7 @@ import pytest
 from nydusd.builder.merge import MergeOptions, merge
 from nydusd.errors import BuildError, InvalidArgument
 from nydusd.rafs import load_bootstrap
-from tests.images import Entry, build_image, make_tree, snapshot_dir, snapshot_image
+from tests.harness.images import Entry, build_image, make_tree, snapshot_dir, snapshot_image
 
 TOOL = os.urandom(1 << 20) + os.urandom(300_000)
 

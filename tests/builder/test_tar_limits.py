@@ -17,7 +17,7 @@ import pytest
 from nydusd.builder.tarball import read_tarball
 from nydusd.builder.tree import FileData, Node
 from nydusd.errors import BuildError
-from tests.images import build_image, snapshot_image
+from tests.harness.images import build_image, snapshot_image
 
 NYDUS_IMAGE = str(Path(sys.executable).parent / "nydus-image")
 

@@ -15,7 +15,7 @@ import pytest
 
 from nydusd.rafs import load_bootstrap
 from nydusd.rafs.content import LocalBlobs, read_file
-from tests.images import build_image
+from tests.harness.images import build_image
 
 SB_INODES_COUNT = 24  # v5 superblock offset of s_inodes_count (u64)
 

@@ -1,5 +1,5 @@
 """Converter fixtures: real docker-registry instances and a 3-layer OCI image built with umoci and
-pushed with skopeo (see tests/converter/images.py)."""
+pushed with skopeo (see tests/harness/oci_images.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.converter.images import build_texture_image, skopeo_push
-from tests.converter.registry import Registry
+from tests.harness.oci_images import build_texture_image, skopeo_push
+from tests.harness.oci_registry import Registry
 
 NEEDED = ("docker-registry", "skopeo", "umoci", "htpasswd")
 

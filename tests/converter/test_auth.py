@@ -1,4 +1,4 @@
-"""Conversion against registries with htpasswd and token (RS256 JWT) auth from tests/servers,
+"""Conversion against registries with htpasswd and token (RS256 JWT) auth from tests/harness/servers,
 credentials taken from a docker config.json."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from nydusd.converter.check import Checker, CheckOptions
 from nydusd.converter.remote import open_remote
 from nydusd.errors import AuthError
 from tests.converter.conftest import Image, docker_config
-from tests.converter.images import skopeo_push
 from tests.converter.test_convert import convert
-from tests.servers.registry import PASSWORD, USER, RegistryServer
+from tests.harness.oci_images import skopeo_push
+from tests.harness.servers.registry import PASSWORD, USER, RegistryServer
 
 
 @pytest.mark.parametrize("mode", ["htpasswd", "token"])

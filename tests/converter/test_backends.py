@@ -16,8 +16,8 @@ from nydusd.converter import manifest as m
 from nydusd.converter.stores import create_store
 from nydusd.errors import AuthError, BlobNotFound, ConfigError
 from tests.converter.conftest import Image
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert, get_manifest
+from tests.harness.oci_registry import Registry
 
 
 def _store_config(request: pytest.FixtureRequest, kind: str, bucket: str) -> dict[str, Any]:

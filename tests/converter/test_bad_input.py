@@ -15,8 +15,8 @@ from nydusd.errors import AuthError, BlobNotFound, BuildError, IntegrityError, N
 from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
 from tests.converter.conftest import Image, docker_config
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert, manifest_exists
+from tests.harness.oci_registry import Registry
 
 
 def layer_tar(entries: list[tuple[str, bytes, str]]) -> bytes:
@@ -151,7 +151,7 @@ def test_missing_layer_blob(registry: Registry, tmp_path: Path) -> None:
 
 def test_htpasswd_registry_with_docker_config(auth_registry: Registry, source_image: Image,
                                               tmp_path: Path) -> None:
-    from tests.converter.images import skopeo_push
+    from tests.harness.oci_images import skopeo_push
 
     src = f"{auth_registry.host}/src/texture:v1"
     skopeo_push(source_image.tmp, source_image.layout, "v1", src, auth_registry.creds)
@@ -180,7 +180,7 @@ def test_tls_registry_needs_insecure(source_image: Image, tmp_path: Path) -> Non
     from nydusd.converter.convert import Converter, ConvertOptions
     from nydusd.converter.remote import open_remote
     from nydusd.errors import BackendError
-    from tests.converter.images import skopeo_push
+    from tests.harness.oci_images import skopeo_push
 
     with Registry(tmp_path / "tls-registry", tls=True) as reg:
         src = f"{reg.host}/src/texture:v1"

@@ -26,8 +26,8 @@ from nydusd.oci import mediatypes as mtypes
 from nydusd.rafs import layout as L
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
-from tests.converter.images import run, skopeo_push, tool_env
-from tests.converter.registry import Registry
+from tests.harness.oci_images import run, skopeo_push, tool_env
+from tests.harness.oci_registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEPT = ", ".join([mtypes.OCI_MANIFEST, mtypes.OCI_INDEX, mtypes.DOCKER_MANIFEST, mtypes.DOCKER_LIST])

@@ -17,8 +17,8 @@ import pytest
 from nydusd.converter import manifest as m
 from nydusd.oci import mediatypes as mtypes
 from tests.converter.conftest import Image, docker_config
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert, get_manifest
+from tests.harness.oci_registry import Registry
 
 NYDUSIFY = str(Path(sys.executable).parent / "nydusify")
 

@@ -24,10 +24,10 @@ from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
-from tests.converter.images import skopeo_push
-from tests.converter.registry import Registry
 from tests.converter.test_bad_input import layer_tar, push_image
 from tests.converter.test_convert import check, convert, get_manifest
+from tests.harness.oci_images import skopeo_push
+from tests.harness.oci_registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.converter.conftest import Image, docker_config
-from tests.converter.registry import Registry
+from tests.harness.oci_registry import Registry
 
 NYDUSIFY = str(Path(sys.executable).parent / "nydusify")
 

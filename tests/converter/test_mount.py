@@ -14,11 +14,11 @@ import pytest
 
 from nydusd.converter.rootfs import compare, dir_rootfs
 from tests.converter.conftest import Image, docker_config
-from tests.converter.images import skopeo_push, unpack_rootfs
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert
-from tests.integration.proc import force_unmount, is_mounted
-from tests.servers.registry import PASSWORD, USER
+from tests.harness.daemon import force_unmount, is_mounted
+from tests.harness.oci_images import skopeo_push, unpack_rootfs
+from tests.harness.oci_registry import Registry
+from tests.harness.servers.registry import PASSWORD, USER
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import open_remote
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
-from tests.converter.registry import Registry
 from tests.converter.test_convert import check, convert
+from tests.harness.oci_registry import Registry
 
 
 def nydus_manifest(ref: str) -> tuple[m.Manifest, list[str], list[str]]:
@@ -103,9 +103,9 @@ def test_ordered_paths_keeps_the_file_order() -> None:
 
 
 def test_paths_in_access_order_skips_what_the_image_lacks(tmp_path: Path) -> None:
-    from tests.integration.images import build_image, sample_tree
+    from tests.harness.images import build_daemon_image, sample_tree
 
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
     with load_bootstrap(image.bootstrap) as sb:
         small = sb.resolve("/dir/sub/f001").ino
         leaf = sb.resolve("/dir/sub/deeper/leaf.bin").ino

@@ -11,9 +11,9 @@ from nydusd.converter import manifest as m
 from nydusd.errors import NotFound
 from nydusd.oci import mediatypes as mtypes
 from nydusd.oci.client import RegistryClient
-from tests.converter.registry import Registry
 from tests.converter.test_bad_input import layer_tar, push_image
 from tests.converter.test_convert import check, convert, get_manifest
+from tests.harness.oci_registry import Registry
 
 
 def _push_index(registry: Registry, repo: str, tag: str) -> list[m.Descriptor]:

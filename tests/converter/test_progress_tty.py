@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from tests.converter.conftest import Image
-from tests.converter.registry import Registry
-from tests.pty_run import run_on_pty
+from tests.harness.oci_registry import Registry
+from tests.harness.pty_run import run_on_pty
 
 NYDUSIFY = str(Path(sys.executable).parent / "nydusify")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

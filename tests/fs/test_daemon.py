@@ -27,7 +27,7 @@ from nydusd.fs.attrs import ROOT_INO
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.metrics import FsIoStats
 from nydusd.version import version_info, version_text
-from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+from tests.harness.fakes.image import SAMPLE, FakeDevice, FakeSuper
 
 CONFIG = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/nonexistent"}}},
                      "mode": "direct", "iostats_files": True, "access_pattern": True,
@@ -185,10 +185,10 @@ def test_set_config_validates_log_level():
 
 def test_three_hundred_mount_cycles_leak_nothing(tmp_path):
     """Real instances (bootstrap, localfs backend, blobcache files) mounted and unmounted 300 times."""
-    from tests.integration.images import build_image, sample_tree
+    from tests.harness.images import build_daemon_image, sample_tree
 
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=5)
+    image = build_daemon_image(src, tmp_path / "img", version=5)
     config = image.config_text(tmp_path / "cache")
     d = Daemon()
     d.mount("/warm", image.bootstrap, config)

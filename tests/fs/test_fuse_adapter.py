@@ -17,7 +17,7 @@ from nydusd.fs.fuse import FuseOperations, fuse_op
 from nydusd.fs.rafs_fs import RafsFs
 from nydusd.fs.vfs import Vfs
 from nydusd.metrics import FsIoStats
-from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+from tests.harness.fakes.image import SAMPLE, FakeDevice, FakeSuper
 
 
 class RaisingVfs:

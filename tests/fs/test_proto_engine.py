@@ -23,7 +23,7 @@ from nydusd.fs.proto.engine import FuseEngine
 from nydusd.fs.proto.messages import Opcode
 from nydusd.fs.vfs import Vfs
 from tests.harness.fuse_wire import FuseClient, FuseReplyError
-from tests.images import build_image, make_tree, snapshot_dir
+from tests.harness.images import build_image, make_tree, snapshot_dir
 
 TREE = {
     "a.txt": b"hello nydus\n",
@@ -70,7 +70,7 @@ def served(image):
 
 
 def _walk(client: FuseClient, plus: bool) -> dict[bytes, tuple]:
-    """type/mode, uid, gid, size, sha256, symlink target, link group of every path (like tests.images)."""
+    """type/mode, uid, gid, size, sha256, symlink target, link group of every path (like harness.images)."""
     out: dict[bytes, tuple] = {}
     groups: dict[int, list[bytes]] = {}
 

@@ -15,7 +15,7 @@ from nydusd.fs.attrs import INO_BITS, ROOT_INO, decode_ino, encode_ino
 from nydusd.fs.rafs_fs import NoXattr, RafsFs
 from nydusd.fs.vfs import StaleInode, Vfs, normalize_path
 from nydusd.metrics import FsIoStats, StatsFop
-from tests.fs.fake_image import SAMPLE, FakeDevice, FakeSuper
+from tests.harness.fakes.image import SAMPLE, FakeDevice, FakeSuper
 
 
 def make_fs(tree=SAMPLE, xattr=False, root_ino=1):

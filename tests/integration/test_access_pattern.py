@@ -10,15 +10,15 @@ import pytest
 
 from nydusd.converter.optimize import paths_in_access_order
 from nydusd.rafs import load_bootstrap
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
 
 pytestmark = pytest.mark.fuse
 
 
 def test_first_reads_are_recorded_in_order(tmp_path: Path) -> None:
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd, is_mounted, mount_line
-from tests.integration.treecmp import compare_trees
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd, is_mounted, mount_line
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
@@ -29,9 +29,9 @@ def images(tmp_path_factory):
     other = tmp_path / "src2"
     other.mkdir()
     (other / "small.txt").write_bytes(b"second image\n")
-    return {"src": src, "v5": build_image(src, tmp_path / "img5", version=5),
-            "v6": build_image(src, tmp_path / "img6", version=6),
-            "other": build_image(other, tmp_path / "img_other", version=6)}
+    return {"src": src, "v5": build_daemon_image(src, tmp_path / "img5", version=5),
+            "v6": build_daemon_image(src, tmp_path / "img6", version=6),
+            "other": build_daemon_image(other, tmp_path / "img_other", version=6)}
 
 
 def shared_daemon(tmp: Path, *extra: str) -> tuple[Nydusd, ApiClient]:

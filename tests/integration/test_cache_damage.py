@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
-from tests.integration.treecmp import compare_trees
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
@@ -32,7 +32,7 @@ def _data_file(tmp: Path) -> Path:
 
 def test_truncated_cache_data_file_is_refetched_not_served_as_zeros(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     with _mount(tmp_path, image, "warm") as d:
         compare_trees(src, Path(d.mountpoint))
     data = _data_file(tmp_path)
@@ -49,7 +49,7 @@ def test_truncated_cache_data_file_is_refetched_not_served_as_zeros(tmp_path):
 
 def test_cache_data_file_replaced_by_a_directory_is_eio_with_a_clear_log(tmp_path):
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     with _mount(tmp_path, image, "warm") as d:
         compare_trees(src, Path(d.mountpoint))
     data = _data_file(tmp_path)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.integration.proc import ROOT
+from tests.harness.daemon import ROOT
 
 pytestmark = pytest.mark.fuse
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from nydusd.rafs import load_bootstrap
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import force_unmount
+from tests.harness.daemon import force_unmount
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 from tests.integration.test_mount import start_dedicated
-from tests.integration.treecmp import compare_trees
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -39,7 +39,7 @@ def test_fuse_mount_agrees_with_kernel_erofs(tmp_path):
     if "erofs" not in Path("/proc/filesystems").read_text() or not shutil.which("losetup"):
         pytest.skip("kernel EROFS or losetup not available")
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6, compressor="none")
+    image = build_daemon_image(src, tmp_path / "img", version=6, compressor="none")
     raw = tmp_path / "blob.raw"
     raw_device(image.bootstrap, next(Path(image.blob_dir).iterdir()), raw)
     emnt = tmp_path / "erofs"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd, is_mounted
-from tests.integration.spec_supervisor import SpecSupervisor
-from tests.servers.content_server import ContentServer
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import ROOT, Nydusd, is_mounted
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.servers.content_server import ContentServer
+from tests.harness.spec_supervisor import SpecSupervisor
 
 pytestmark = pytest.mark.fuse
 
@@ -38,7 +38,7 @@ def file_hashes(src: Path, mnt: Path) -> dict[str, str]:
 
 
 class Readers:
-    """``tests/integration/reader.py`` in a subprocess (a read blocked on a dead daemon must not
+    """``tests/harness/reader.py`` in a subprocess (a read blocked on a dead daemon must not
     block pytest)."""
 
     def __init__(self, tmp: Path, files: dict[str, str], threads: int = 4) -> None:
@@ -47,7 +47,7 @@ class Readers:
         spec = tmp / "readers.json"
         spec.write_text(json.dumps({"files": files, "threads": threads, "stop": str(self.stop),
                                     "progress": str(self.progress)}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.integration.reader", str(spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.harness.reader", str(spec)],
                                      cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def passes(self) -> int:
@@ -111,8 +111,8 @@ def resent_of(log: str) -> int:
 
 @pytest.fixture
 def two_images(tmp_path):
-    a = build_image(sample_tree(tmp_path / "src_a", seed=1), tmp_path / "img_a", version=6)
-    b = build_image(sample_tree(tmp_path / "src_b", seed=2), tmp_path / "img_b", version=5)
+    a = build_daemon_image(sample_tree(tmp_path / "src_a", seed=1), tmp_path / "img_a", version=6)
+    b = build_daemon_image(sample_tree(tmp_path / "src_b", seed=2), tmp_path / "img_b", version=5)
     return {"/a": (tmp_path / "src_a", a), "/b": (tmp_path / "src_b", b)}
 
 
@@ -249,7 +249,7 @@ def _proc_counts(pid: int) -> tuple[int, int]:
 
 def test_hot_upgrade_20_times_under_read_load(tmp_path):
     src = sample_tree(tmp_path / "src", seed=5)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sup = SpecSupervisor(str(tmp_path / "supervisor.sock"))
@@ -310,7 +310,7 @@ def test_supervisor_protocol_errors_are_clear_and_harmless(tmp_path):
     truncated state: HTTP 500 naming the problem, the daemon stays INIT, keeps no stray fd, and a
     proper takeover afterwards still works. sendfd without a listening supervisor fails cleanly."""
     src = sample_tree(tmp_path / "src", big=False, seed=9)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock0, sock1 = str(tmp_path / "api0.sock"), str(tmp_path / "api1.sock")
@@ -378,7 +378,7 @@ def _fd_targets(pid: int) -> list[str]:
 
 def test_sendfd_needs_a_supervisor(tmp_path):
     src = sample_tree(tmp_path / "src", big=False, seed=9)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     (tmp_path / "mnt").mkdir()
     sock = str(tmp_path / "api.sock")
     args = _dedicated_args(tmp_path, image, sock)
@@ -412,7 +412,7 @@ def test_nydusctl_supervise_restarts_a_killed_daemon(tmp_path):
     """The supervisor for people without the snapshotter: kill -9 its nydusd twice under a read
     load; each time it restarts nydusd with --upgrade and hands the session over: no read fails."""
     src = sample_tree(tmp_path / "src", seed=11)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.proc import ROOT, force_unmount, is_mounted
-from tests.servers.base import free_port
+from tests.harness.daemon import ROOT, force_unmount, is_mounted
+from tests.harness.servers.base import free_port
 
 pytestmark = pytest.mark.fuse
 

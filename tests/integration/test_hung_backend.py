@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image
-from tests.integration.proc import Nydusd
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image
 
 pytestmark = pytest.mark.fuse
 
@@ -48,8 +48,8 @@ def _wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyp
 def shared(request, tmp_path, registry_server, fault_shim):  # type: ignore[no-untyped-def]
     hang_src = _tree(tmp_path / "hang-src", 12, 3 << 20, seed=1)
     fresh_src = _tree(tmp_path / "fresh-src", 4, 300_000, seed=2)
-    hang = build_image(hang_src, tmp_path / "hang-img", version=6)
-    fresh = build_image(fresh_src, tmp_path / "fresh-img", version=6)
+    hang = build_daemon_image(hang_src, tmp_path / "hang-img", version=6)
+    fresh = build_daemon_image(fresh_src, tmp_path / "fresh-img", version=6)
     repo = "nydus/hang"
     for blob in Path(hang.blob_dir).iterdir():
         registry_server.push_blob(repo, blob.read_bytes())

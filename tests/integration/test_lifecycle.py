@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import ROOT, force_unmount, is_mounted
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import ROOT, force_unmount, is_mounted
+from tests.harness.images import build_daemon_image, sample_tree
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
@@ -32,7 +32,7 @@ DELAYS = (0.0, 0.005, 0.02, 0.05, 0.1, 0.2)
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lifecycle")
-    return build_image(sample_tree(tmp / "src", big=False), tmp / "img", version=6)
+    return build_daemon_image(sample_tree(tmp / "src", big=False), tmp / "img", version=6)
 
 
 def _start(tmp: Path, image, n: int) -> tuple[subprocess.Popen[bytes], Path, str]:

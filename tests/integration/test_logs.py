@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
 
 pytestmark = pytest.mark.fuse
 
@@ -21,7 +21,7 @@ TEXT_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} [+-]\d\d:\d\d\
 
 
 def run_daemon(tmp: Path, env: dict[str, str] | None = None) -> str:
-    image = build_image(sample_tree(tmp / "src", big=False), tmp / "img")
+    image = build_daemon_image(sample_tree(tmp / "src", big=False), tmp / "img")
     mnt = tmp / "mnt"
     mnt.mkdir()
     config = image.write_config(tmp / "config.json", tmp / "cache")

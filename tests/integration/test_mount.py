@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd, is_mounted, mount_line
-from tests.integration.treecmp import compare_trees
+from tests.harness.daemon import ROOT, Nydusd, is_mounted, mount_line
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
@@ -33,7 +33,7 @@ def start_dedicated(tmp: Path, image, *, cache: bool = True, extra: list[str] | 
 @pytest.mark.parametrize("version", [5, 6])
 def test_mounted_tree_matches_source(tmp_path, version, fuse_session):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=version)
+    image = build_daemon_image(src, tmp_path / "img", version=version)
     with start_dedicated(tmp_path, image, extra=["--thread-num", "2"]) as d:
         assert compare_trees(src, Path(d.mountpoint)) > 50
         # second pass comes from the blob cache and the kernel caches: still identical
@@ -58,7 +58,7 @@ def test_mount_readahead_is_widened(tmp_path):
 
     from nydusd.fs.session import READAHEAD_KB
 
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img", version=6)
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img", version=6)
     with start_dedicated(tmp_path, image) as d:
         dev = os.stat(d.mountpoint).st_dev
         path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
@@ -72,7 +72,7 @@ def test_mount_readahead_is_widened(tmp_path):
 
 def test_no_xattr_config_hides_xattrs(tmp_path):
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     with start_dedicated(tmp_path, image, enable_xattr=False) as d:
         assert os.listxattr(Path(d.mountpoint) / "small.txt") == []
         assert compare_trees(src, Path(d.mountpoint), xattrs=False) > 10
@@ -112,9 +112,9 @@ def test_upstream_repeatable_images(tmp_path, upstream, name):
     """Upstream's own RAFS test images: every file's md5 and the tree listing from their .result."""
     boot = upstream / "repeatable" / name
     result = upstream / "repeatable" / f"{name}.result"
-    from tests.integration.images import Image
+    from tests.harness.images import DaemonImage
 
-    image = Image(str(boot), str(upstream / "repeatable" / "blobs"), 0)
+    image = DaemonImage(str(boot), str(upstream / "repeatable" / "blobs"), 0)
     with start_dedicated(tmp_path, image) as d:
         mnt = Path(d.mountpoint)
         assert _mounted_tree(mnt) == _result_tree(result)
@@ -128,10 +128,10 @@ def test_upstream_v6_image(tmp_path, upstream):
     """rafs-v6-2.2.boot: readable through the mount with digest validation on, and identical to
     what the format library reads from the blob directly."""
     from nydusd.rafs import load_bootstrap
-    from tests.integration.images import Image
+    from tests.harness.images import DaemonImage
 
     boot = upstream / "bootstrap" / "rafs-v6-2.2.boot"
-    image = Image(str(boot), str(upstream / "blobs"), 6)
+    image = DaemonImage(str(boot), str(upstream / "blobs"), 6)
     with start_dedicated(tmp_path, image) as d:
         mnt = Path(d.mountpoint)
         sb = load_bootstrap(str(boot))
@@ -145,7 +145,7 @@ def test_upstream_v6_image(tmp_path, upstream):
 
 def test_external_unmount_makes_daemon_exit(tmp_path):
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     d = start_dedicated(tmp_path, image)
     try:
         d.start()
@@ -158,7 +158,7 @@ def test_external_unmount_makes_daemon_exit(tmp_path):
 
 def test_blob_deleted_under_running_mount_gives_eio(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     with start_dedicated(tmp_path, image, cache=False) as d:
         mnt = Path(d.mountpoint)
         assert (mnt / "small.txt").read_bytes() == b"hello nydus\n"
@@ -177,7 +177,7 @@ def test_blob_deleted_under_running_mount_gives_eio(tmp_path):
 
 def test_corrupt_chunk_gives_eio_other_files_fine(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=5, compressor="none")
+    image = build_daemon_image(src, tmp_path / "img", version=5, compressor="none")
     blob = next(Path(image.blob_dir).iterdir())
     payload = (src / "dir" / "multi_chunk").read_bytes()[:4096]
     data = blob.read_bytes()
@@ -237,14 +237,14 @@ def test_cli_version_and_flag_errors(tmp_path):
 def test_shared_daemon_pseudo_mounts(tmp_path):
     """One FUSE session, several images at /sub and nested /a/b/c (the shared-daemon layout)."""
     src = sample_tree(tmp_path / "src", big=False)
-    v5 = build_image(src, tmp_path / "img5", version=5)
-    v6 = build_image(src, tmp_path / "img6", version=6)
+    v5 = build_daemon_image(src, tmp_path / "img5", version=5)
+    v6 = build_daemon_image(src, tmp_path / "img6", version=6)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     specs = [f"/pseudo_1={v5.bootstrap}={v5.write_config(tmp_path / 'c5.json', tmp_path / 'cache5')}",
              f"/a/b/c={v6.bootstrap}={v6.write_config(tmp_path / 'c6.json', tmp_path / 'cache6')}"]
     with Nydusd([str(mnt), "4", *specs], mnt, log_path=tmp_path / "log",
-                module="tests.integration.serve") as d:
+                module="tests.harness.serve") as d:
         assert sorted(os.listdir(mnt)) == ["a", "pseudo_1"]
         assert compare_trees(src, mnt / "pseudo_1") > 10
         assert compare_trees(src, mnt / "a" / "b" / "c") > 10
@@ -258,10 +258,10 @@ def test_shared_daemon_pseudo_mounts(tmp_path):
 def test_sequential_read_without_cache_fetches_each_chunk_once(tmp_path):
     """No blob cache: the kernel's 128 KiB requests must not refetch the same 1 MiB chunk eight
     times (the ChunkBuffer keeps it); the backend moves about the file's size, not 8x."""
-    from tests.integration.apiclient import ApiClient
+    from tests.harness.apiclient import ApiClient
 
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6, compressor="none")
+    image = build_daemon_image(src, tmp_path / "img", version=6, compressor="none")
     sock = str(tmp_path / "api.sock")
     with start_dedicated(tmp_path, image, cache=False, extra=["--apisock", sock]) as d:
         data = (Path(d.mountpoint) / "dir" / "multi_chunk").read_bytes()

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
-from tests.integration.treecmp import compare_trees
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
 
 def test_shared_daemon_over_s3_and_oss(tmp_path, moto_s3, oss_server):
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     blob = next(Path(image.blob_dir).iterdir())
     bucket = f"nydus-{uuid.uuid4().hex[:8]}"
     moto_s3.create_bucket(bucket)

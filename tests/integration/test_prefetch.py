@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
 
 pytestmark = pytest.mark.fuse
 
@@ -47,7 +47,7 @@ def break_backend(image) -> None:
 
 def test_prefetch_all_warms_every_file(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     d, api = start(tmp_path, image, prefetch_all=True)
     with d:
         blob_size = sum(p.stat().st_size for p in Path(image.blob_dir).iterdir())
@@ -62,7 +62,7 @@ def test_prefetch_all_warms_every_file(tmp_path):
 
 def test_prefetch_files_only_warm_the_listed_files(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=5, compressor="lz4_block")
+    image = build_daemon_image(src, tmp_path / "img", version=5, compressor="lz4_block")
     listing = tmp_path / "prefetch.txt"
     listing.write_text("/dir/multi_chunk\n\n/no/such/file\n")
     d, api = start(tmp_path, image, "--prefetch-files", str(listing), prefetch_all=False)
@@ -79,7 +79,7 @@ def test_prefetch_files_only_warm_the_listed_files(tmp_path):
 
 def test_image_prefetch_table_is_used_by_default(tmp_path):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6, prefetch=("/dir/sub",))
+    image = build_daemon_image(src, tmp_path / "img", version=6, prefetch=("/dir/sub",))
     d, api = start(tmp_path, image, prefetch_all=False)
     with d:
         wait_prefetched(api, 40_000)
@@ -101,7 +101,7 @@ def test_prefetch_all_streams_the_blob_in_few_large_requests(tmp_path):
     src.mkdir()
     for i in range(48):
         (src / f"f{i:02d}").write_bytes(rnd.randbytes(256 << 10))
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     d, api = start(tmp_path, image, prefetch_all=True, merging_size=1 << 20)
     with d:
         wait_prefetched(api, 48 * (256 << 10))

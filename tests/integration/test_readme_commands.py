@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.proc import ROOT, Nydusd, force_unmount
+from tests.harness.daemon import ROOT, Nydusd, force_unmount
 
 pytestmark = pytest.mark.fuse
 
@@ -170,8 +170,8 @@ def test_readme_nydusify_block_runs_verbatim(tmp_path: Path) -> None:
     image is a one-file image pushed there, ``/mnt/alpine`` is a temporary directory."""
     import signal
 
-    from tests.converter.images import run, tool_env
-    from tests.converter.registry import Registry
+    from tests.harness.oci_images import run, tool_env
+    from tests.harness.oci_registry import Registry
 
     cmds = block_after("### nydusify: convert")
     assert [c.split()[1] for c in cmds] == ["convert", "check", "mount"]

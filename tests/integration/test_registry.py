@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
-from tests.integration.treecmp import compare_trees
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.fuse
 @pytest.mark.parametrize("version", [5, 6])
 def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, version):
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=version)
+    image = build_daemon_image(src, tmp_path / "img", version=version)
     repo = f"nydus/sample-v{version}"
     for blob in Path(image.blob_dir).iterdir():
         assert registry_htpasswd.push_blob(repo, blob.read_bytes()) == blob.name
@@ -33,7 +33,7 @@ def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, versio
     with Nydusd(["--config", str(cfg), "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
                  "--apisock", sock], mnt, log_path=tmp_path / "log", apisock=sock):
         assert compare_trees(src, mnt) > 50
-        from tests.integration.apiclient import ApiClient
+        from tests.harness.apiclient import ApiClient
 
         status, backend = ApiClient(sock).request("GET", "/api/v1/metrics/backend")
         assert status == 200 and backend["backend_type"] == "registry"
@@ -41,12 +41,12 @@ def test_mount_from_registry_with_basic_auth(tmp_path, registry_htpasswd, versio
 
 
 def test_image_pull_auth_env_supplies_credentials(tmp_path, registry_htpasswd):
-    from tests.servers.registry import basic_auth
+    from tests.harness.servers.registry import basic_auth
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_bytes(b"pulled with IMAGE_PULL_AUTH\n" * 1000)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/env-auth"
     for blob in Path(image.blob_dir).iterdir():
         registry_htpasswd.push_blob(repo, blob.read_bytes())
@@ -67,7 +67,7 @@ def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fau
     again the same file reads fine -- the daemon never needed a restart. Transient faults within
     the budget are invisible."""
     src = sample_tree(tmp_path / "src")
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/outage"
     for blob in Path(image.blob_dir).iterdir():
         registry_server.push_blob(repo, blob.read_bytes())
@@ -95,13 +95,13 @@ def test_backend_outage_fails_reads_then_recovers(tmp_path, registry_server, fau
 def test_registry_auth_renewed_through_the_config_api(tmp_path, registry_htpasswd):
     """The snapshotter's credential renewal: PUT /api/v1/config {"registry_auth"} reaches the
     registry backend of the running mount; a later mount under that id starts with it."""
-    from tests.integration.apiclient import ApiClient
-    from tests.servers.registry import basic_auth
+    from tests.harness.apiclient import ApiClient
+    from tests.harness.servers.registry import basic_auth
 
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_bytes(b"renewed credentials\n" * 3000)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     repo = "nydus/renew"
     for blob in Path(image.blob_dir).iterdir():
         registry_htpasswd.push_blob(repo, blob.read_bytes())

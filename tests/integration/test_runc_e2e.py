@@ -17,11 +17,11 @@ import pytest
 from nydusd.converter.optimize import source_bootstrap
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import open_remote
-from tests.converter.images import run, skopeo_push, tool_env
-from tests.converter.registry import Registry
 from tests.converter.test_convert import convert
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd, force_unmount
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd, force_unmount
+from tests.harness.oci_images import run, skopeo_push, tool_env
+from tests.harness.oci_registry import Registry
 
 pytestmark = pytest.mark.fuse
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.apiclient import ApiClient, _UnixConnection
-from tests.integration.images import build_image
-from tests.integration.proc import Nydusd
-from tests.servers.tinyproxy import TinyProxy
+from tests.harness.apiclient import ApiClient, _UnixConnection
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image
+from tests.harness.servers.tinyproxy import TinyProxy
 
 pytestmark = pytest.mark.fuse
 
@@ -56,7 +56,7 @@ def test_proxy_credentials_are_used_but_never_shown(tmp_path, registry_server):
     src.mkdir()
     for name in ("a", "b", "c"):
         (src / name).write_bytes(os.urandom(200_000))
-    image = build_image(src, tmp_path / "img", version=6, chunk_size=0x10000)
+    image = build_daemon_image(src, tmp_path / "img", version=6, chunk_size=0x10000)
     repo = "nydus/secrets"
     for blob in Path(image.blob_dir).iterdir():
         registry_server.push_blob(repo, blob.read_bytes())

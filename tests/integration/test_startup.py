@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd
+from tests.harness.daemon import ROOT, Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
 
 #: what ``nydusd`` must not import before it is RUNNING (the API comes up after the mount)
 NOT_AT_START = ("api", "fastapi", "starlette", "uvicorn", "rich", "requests", "urllib3",
@@ -30,7 +30,7 @@ def test_start_path_imports_only_what_the_mount_needs() -> None:
 
 @pytest.mark.fuse
 def test_daemon_logs_its_startup_phases(tmp_path: Path) -> None:
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
+    image = build_daemon_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")

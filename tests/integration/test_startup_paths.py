@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import Image, build_image, sample_tree
-from tests.integration.proc import ROOT, Nydusd, is_mounted
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import ROOT, Nydusd, is_mounted
+from tests.harness.images import DaemonImage, build_daemon_image, sample_tree
 
 pytestmark = pytest.mark.fuse
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+def image(tmp_path_factory: pytest.TempPathFactory) -> DaemonImage:
     tmp = tmp_path_factory.mktemp("startup")
-    return build_image(sample_tree(tmp / "src", big=False), tmp / "img", version=6)
+    return build_daemon_image(sample_tree(tmp / "src", big=False), tmp / "img", version=6)
 
 
 def _fuse_mounts_at(path: Path) -> int:
@@ -56,7 +56,7 @@ def test_log_file_in_a_missing_directory(tmp_path: Path) -> None:
         assert "fuse_mounted" in log_file.read_text()
 
 
-def _dedicated(tmp: Path, image: Image, sock: str, n: int, *extra: str) -> Nydusd:
+def _dedicated(tmp: Path, image: DaemonImage, sock: str, n: int, *extra: str) -> Nydusd:
     mnt = tmp / "mnt"
     cfg = image.write_config(tmp / "cfg.json", tmp / "cache")
     return Nydusd(["fuse", "--thread-num", "4", "--config", cfg, "--bootstrap", image.bootstrap,
@@ -65,7 +65,7 @@ def _dedicated(tmp: Path, image: Image, sock: str, n: int, *extra: str) -> Nydus
                   apisock=sock)
 
 
-def test_dead_fuse_mount_is_detached_and_mounted_afresh(tmp_path: Path, image: Image) -> None:
+def test_dead_fuse_mount_is_detached_and_mounted_afresh(tmp_path: Path, image: DaemonImage) -> None:
     """kill -9, then the same command line again (what recover_policy "restart" does): serves."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -96,7 +96,7 @@ def test_dead_fuse_mount_is_detached_and_mounted_afresh(tmp_path: Path, image: I
     assert not is_mounted(mnt)
 
 
-def test_shared_daemon_restart_after_kill(tmp_path: Path, image: Image) -> None:
+def test_shared_daemon_restart_after_kill(tmp_path: Path, image: DaemonImage) -> None:
     """Shared mode: the snapshotter restarts the daemon, then POSTs each image's mount again."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -142,7 +142,7 @@ def _serves(mnt: Path) -> bool:
         return False
 
 
-def test_live_mount_is_refused_and_left_serving(tmp_path: Path, image: Image) -> None:
+def test_live_mount_is_refused_and_left_serving(tmp_path: Path, image: DaemonImage) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")
@@ -155,7 +155,7 @@ def test_live_mount_is_refused_and_left_serving(tmp_path: Path, image: Image) ->
         assert not os.path.exists(tmp_path / "other.sock")
 
 
-def test_mount_on_top_of_a_tmpfs_mount_point(tmp_path: Path, image: Image) -> None:
+def test_mount_on_top_of_a_tmpfs_mount_point(tmp_path: Path, image: DaemonImage) -> None:
     """Only a live FUSE mount is refused: an (empty) tmpfs mounted at the mountpoint is a fine
     place to mount on, as with upstream nydusd."""
     mnt = tmp_path / "mnt"
@@ -170,7 +170,7 @@ def test_mount_on_top_of_a_tmpfs_mount_point(tmp_path: Path, image: Image) -> No
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
-def test_unusable_mountpoint_messages(tmp_path: Path, image: Image, kind: str) -> None:
+def test_unusable_mountpoint_messages(tmp_path: Path, image: DaemonImage, kind: str) -> None:
     mnt = tmp_path / "mnt"
     if kind == "file":
         mnt.write_text("keep me")

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.images import build_daemon_image, sample_tree
 
 pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("fuse_session")]
 
@@ -29,7 +29,7 @@ MiB = 1 << 20
 def image(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("img")
     src = sample_tree(tmp / "src")
-    return build_image(src, tmp / "img6", version=6), src
+    return build_daemon_image(src, tmp / "img6", version=6), src
 
 
 def daemon(tmp, threads: int = 4) -> tuple[Nydusd, ApiClient]:

@@ -13,9 +13,9 @@ import pytest
 
 from nydusd.cli.image import main as nydus_image
 from nydusd.rafs import layout as L
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd, is_mounted
-from tests.integration.treecmp import compare_trees
+from tests.harness.daemon import Nydusd, is_mounted
+from tests.harness.images import build_daemon_image, sample_tree
+from tests.harness.treecmp import compare_trees
 
 pytestmark = pytest.mark.fuse
 
@@ -48,7 +48,7 @@ def test_blob_with_inlined_bootstrap_mounts_as_bootstrap(tmp_path: Path, version
 
 def test_image_with_an_unsupported_blob_feature_is_refused_at_start(tmp_path: Path) -> None:
     src = sample_tree(tmp_path / "src", big=False)
-    image = build_image(src, tmp_path / "img", version=6)
+    image = build_daemon_image(src, tmp_path / "img", version=6)
     boot = bytearray(Path(image.bootstrap).read_bytes())
     (bt_off,) = struct.unpack_from("<Q", boot, L.V6_EXT_SB_OFFSET + 8)
     (features,) = struct.unpack_from("<I", boot, bt_off + 84)

@@ -13,7 +13,7 @@ import pytest
 
 from nydusd.errors import AuthError, BlobNotFound, NotFound
 from nydusd.oci.mediatypes import OCI_INDEX, OCI_MANIFEST
-from tests.servers.registry import RegistryServer
+from tests.harness.servers.registry import RegistryServer
 
 
 def _digest(data: bytes) -> str:
@@ -104,7 +104,7 @@ def test_manifests_round_trip(registry_server: RegistryServer) -> None:
 
 
 def test_wrong_credentials(registry_htpasswd: RegistryServer) -> None:
-    from tests.servers.registry import basic_auth
+    from tests.harness.servers.registry import basic_auth
 
     with registry_htpasswd.client("oci/x", auth=basic_auth("nydus", "bad")) as c, pytest.raises(AuthError):
         c.ping()

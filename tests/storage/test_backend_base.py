@@ -228,7 +228,7 @@ def test_proxy_url_must_be_http(tmp_path: Path) -> None:
 @pytest.mark.parametrize("unix", [False, True])
 def test_http_backends_reuse_connections(tmp_path: Path, unix: bool) -> None:
     from nydusd.config import BackendConfig
-    from tests.servers.content_server import ContentServer
+    from tests.harness.servers.content_server import ContentServer
 
     data = os.urandom(2_000_000)
     sock = tmp_path / "c.sock" if unix else None

@@ -20,7 +20,7 @@ import pytest
 from nydusd.config import BackendConfig
 from nydusd.errors import BackendError, BlobNotFound, Unsupported
 from nydusd.storage.backend import BlobBackend, create_backend
-from tests.servers.content_server import ContentServer
+from tests.harness.servers.content_server import ContentServer
 
 CASES = ["localfs", "registry", "registry-htpasswd", "registry-token", "registry-proxy", "s3", "oss",
          "http-proxy", "http-proxy-unix"]

@@ -21,9 +21,9 @@ from nydusd.config import BackendConfig
 from nydusd.errors import BackendError
 from nydusd.storage.backend import BlobBackend, create_backend
 from nydusd.storage.backend.proxy import DragonflyProxy
-from tests.servers.base import QuietHandler, ThreadedServer
-from tests.servers.registry import RegistryServer
-from tests.servers.tinyproxy import TinyProxy
+from tests.harness.servers.base import QuietHandler, ThreadedServer
+from tests.harness.servers.registry import RegistryServer
+from tests.harness.servers.tinyproxy import TinyProxy
 
 DATA = os.urandom(400_000)
 

@@ -18,8 +18,8 @@ from nydusd.config import BackendConfig
 from nydusd.errors import AuthError, BackendError, BlobNotFound
 from nydusd.storage.backend import create_backend
 from nydusd.storage.backend.registry import RegistryBackend
-from tests.servers.fault_shim import BlobStore, FaultShim
-from tests.servers.registry import RegistryServer, basic_auth
+from tests.harness.servers.fault_shim import BlobStore, FaultShim
+from tests.harness.servers.registry import RegistryServer, basic_auth
 
 DATA = os.urandom(700_000)
 

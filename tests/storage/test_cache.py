@@ -19,8 +19,8 @@ from nydusd.errors import BackendError, ConfigError, IntegrityError, Unsupported
 from nydusd.storage.cache import create_cache
 from nydusd.storage.cache.chunkmap import HEADER_SIZE, MAGIC1, MAGIC2, MAGIC_ALL_READY
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import FlakyBackend, MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.fakes.backends import FlakyBackend, MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
 
 CHUNK = 0x10000
 

@@ -23,8 +23,8 @@ from nydusd.storage.cache import blobcache, create_cache
 from nydusd.storage.cache.blobcache import FileCache
 from nydusd.storage.chunk import ChunkInfo
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob
 
 CHUNK = 0x10000
 

@@ -23,8 +23,8 @@ from nydusd.config import CacheConfig, FileCacheConfig
 from nydusd.storage.cache import create_cache
 from nydusd.storage.cache.chunkmap import HEADER_SIZE
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import MemoryBackend, write_blobs
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.fakes.backends import MemoryBackend, write_blobs
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
 
 ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 0x10000

@@ -12,8 +12,8 @@ import pytest
 
 from nydusd.errors import BackendError
 from nydusd.storage.cache.chunkmap import HEADER_SIZE, MAGIC_ALL_READY
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob
 from tests.storage.test_cache import CHUNK, device_for, file_cache
 
 
@@ -117,8 +117,8 @@ def test_data_file_that_is_not_a_regular_file_is_a_clear_error(tmp_path: Path, b
 CHILD = """
 import sys
 from nydusd.errors import BackendError
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import build_blob
 from tests.storage.test_cache import CHUNK, device_for, file_cache
 
 blob = build_blob([bytes(range(256)) * 2048], chunk_size=CHUNK)

@@ -18,9 +18,9 @@ from nydusd.storage.backend.base import RetryPolicy
 from nydusd.storage.backend.registry import RegistryBackend
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
-from tests.servers.fault_shim import FaultShim
-from tests.servers.registry import RegistryServer
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.servers.fault_shim import FaultShim
+from tests.harness.servers.registry import RegistryServer
 
 CHUNK = 0x10000
 REPO = "cache/test"

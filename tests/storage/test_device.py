@@ -16,8 +16,8 @@ from nydusd.errors import CorruptMetadata
 from nydusd.storage.cache import create_cache
 from nydusd.storage.chunk import ChunkInfo
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
 
 CHUNK = 0x10000
 

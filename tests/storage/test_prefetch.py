@@ -14,8 +14,8 @@ from nydusd.config import CacheConfig, FileCacheConfig, PrefetchConfig
 from nydusd.storage.cache import create_cache
 from nydusd.storage.cache.prefetch import TokenBucket
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import FlakyBackend, MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob
+from tests.harness.fakes.backends import FlakyBackend, MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob
 
 CHUNK = 0x10000
 

@@ -21,8 +21,8 @@ from nydusd.storage.cache import base as cache_base
 from nydusd.storage.cache import create_cache
 from nydusd.storage.cache import manager as cache_manager
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob
 
 CHUNK = 0x10000
 

@@ -24,10 +24,10 @@ from nydusd.storage.cache.blobcache import WRITE_SLICE
 from nydusd.storage.cache.chunkmap import HEADER_SIZE
 from nydusd.storage.cache.prefetch import BULK_MERGE_SIZE as PREFETCH_BULK
 from nydusd.storage.device import BlobDevice
-from tests.fakes.backends import FlakyBackend, MemoryBackend
-from tests.fakes.blobs import TestBlob, build_blob, mixed_content
-from tests.servers.fault_shim import FaultShim
-from tests.servers.registry import RegistryServer
+from tests.harness.fakes.backends import FlakyBackend, MemoryBackend
+from tests.harness.fakes.blobs import TestBlob, build_blob, mixed_content
+from tests.harness.servers.fault_shim import FaultShim
+from tests.harness.servers.registry import RegistryServer
 
 MIB = 1 << 20
 REPO = "stream/test"

@@ -16,8 +16,8 @@ from nydusd.storage import waits
 from nydusd.storage.cache import create_cache
 from nydusd.storage.device import BlobDevice
 from nydusd.storage.waits import BackendBusy, BackendWaits, ImageDetached
-from tests.fakes.backends import MemoryBackend
-from tests.fakes.blobs import build_blob
+from tests.harness.fakes.backends import MemoryBackend
+from tests.harness.fakes.blobs import build_blob
 
 CHUNK = 0x10000
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.fuse_wire import FuseClient, FuseReplyError
+from tests.harness.images import build_daemon_image, sample_tree
 from tests.harness.vhost_frontend import Frontend
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import build_image, sample_tree
-from tests.integration.proc import Nydusd
 from tests.integration.test_mount import run_cli
 
 
@@ -27,9 +27,9 @@ def images(tmp_path_factory):
     other = tmp / "other"
     other.mkdir()
     (other / "small.txt").write_bytes(b"second image\n")
-    return {"src": src, "v6": build_image(src, tmp / "v6"),
-            "v5": build_image(src, tmp / "v5", version=5),
-            "other": build_image(other, tmp / "o")}
+    return {"src": src, "v6": build_daemon_image(src, tmp / "v6"),
+            "v5": build_daemon_image(src, tmp / "v5", version=5),
+            "other": build_daemon_image(other, tmp / "o")}
 
 
 def _start(tmp: Path, *args: str, sub: tuple[str, ...] = ()) -> tuple[Nydusd, str]:

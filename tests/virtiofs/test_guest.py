@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
 from tests.harness.guest import (
     Guest,
     RefVirtiofsd,
@@ -25,9 +27,7 @@ from tests.harness.guest import (
     prepare,
     unpack,
 )
-from tests.integration.apiclient import ApiClient
-from tests.integration.images import Image, build_image, sample_tree
-from tests.integration.proc import Nydusd
+from tests.harness.images import DaemonImage, build_daemon_image, sample_tree
 
 pytestmark = [pytest.mark.skipif(guest_missing() is not None, reason=guest_missing() or ""),
               pytest.mark.timeout(900), pytest.mark.slow]
@@ -52,13 +52,13 @@ def images(tmp_path_factory, upstream):
     (other / "etc").mkdir(parents=True)
     (other / "etc" / "os-release").write_bytes(b"ID=second\n")
     (other / "data.bin").write_bytes(random.Random(2).randbytes(200_000))
-    imgs = {"v6": build_image(src, tmp / "v6"), "v5": build_image(src, tmp / "v5", version=5),
-            "other": build_image(other, tmp / "other-img"),
-            "up_sha256": Image(str(upstream / "repeatable" / "sha256-nocompress-repeatable"),
+    imgs = {"v6": build_daemon_image(src, tmp / "v6"), "v5": build_daemon_image(src, tmp / "v5", version=5),
+            "other": build_daemon_image(other, tmp / "other-img"),
+            "up_sha256": DaemonImage(str(upstream / "repeatable" / "sha256-nocompress-repeatable"),
                                str(upstream / "repeatable" / "blobs"), 5),
-            "up_blake3": Image(str(upstream / "repeatable" / "blake3-lz4_block-non_repeatable"),
+            "up_blake3": DaemonImage(str(upstream / "repeatable" / "blake3-lz4_block-non_repeatable"),
                                str(upstream / "repeatable" / "blobs"), 5),
-            "up_v6": Image(str(upstream / "bootstrap" / "rafs-v6-2.2.boot"),
+            "up_v6": DaemonImage(str(upstream / "bootstrap" / "rafs-v6-2.2.boot"),
                            str(upstream / "blobs"), 6)}
     ref = tmp / "ref"
     ref.mkdir()
@@ -111,7 +111,7 @@ def test_guest_listing_equals_reference_virtiofsd(tmp_path, guest_image, images)
         broken_blobs.mkdir()
         for f in Path(images["v6"].blob_dir).iterdir():
             shutil.copyfile(f, broken_blobs / f.name)
-        broken = Image(images["v6"].bootstrap, str(broken_blobs), 6)
+        broken = DaemonImage(images["v6"].bootstrap, str(broken_blobs), 6)
         assert api.mount("/broken", broken.bootstrap, broken.config_text(None))[0] == 204
         for f in broken_blobs.iterdir():
             os.truncate(f, 0)

@@ -21,8 +21,8 @@ from nydusd.fs.vfs import Vfs
 from nydusd.virtiofs import vhost_user as vu
 from nydusd.virtiofs.server import VirtioFsServer
 from tests.harness.fuse_wire import FuseClient
+from tests.harness.images import build_image, make_tree, snapshot_dir
 from tests.harness.vhost_frontend import GPA_BASE, MEM_SIZE, Frontend
-from tests.images import build_image, make_tree, snapshot_dir
 
 TREE = {"a.txt": b"hello nydus\n", "d/": None, "d/b.bin": random.Random(5).randbytes(300_000),
         "d/link": ("symlink", "../a.txt")}

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.client import ApiClient, ApiError
 from api.schemas import BackendMetrics, BlobcacheMetrics, DaemonInfo, FsIoStats
-from tests.api.live import LiveDaemon, build_image, make_files, snapshotter_config
+from tests.harness.daemon import LiveDaemon, snapshotter_config
+from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse
 
@@ -27,8 +28,8 @@ FILES2 = {"a.txt": b"image two says hi\n", "only2.txt": b"2"}
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("images")
     blobs = root / "blobs"
-    return {"one": build_image(make_files(root / "src1", FILES1), blobs, "one.boot"),
-            "two": build_image(make_files(root / "src2", FILES2), blobs, "two.boot"),
+    return {"one": build_image(make_files(root / "src1", FILES1), blobs, bootstrap_name="one.boot").bootstrap,
+            "two": build_image(make_files(root / "src2", FILES2), blobs, bootstrap_name="two.boot").bootstrap,
             "blobs": blobs}
 
 

@@ -1,9 +1,9 @@
-"""Tiny RAFS images for tests, built with the real builder (nydusd.builder) and read back with the
-real format library (nydusd.rafs).
+"""RAFS images for tests and benchmarks, built with the real builder (nydusd.builder) and read back
+with the real format library (nydusd.rafs). The one home of ``build_image``.
 
 Use::
 
-    from tests.images import make_tree, build_image, snapshot_dir, snapshot_image
+    from tests.harness.images import make_tree, build_image, snapshot_dir, snapshot_image
     src = make_tree(tmp_path / "src", {"a.txt": b"hello", "d/": None, "d/link": ("symlink", "../a.txt"),
                                        "d/hard": ("hardlink", "a.txt"), "big": os.urandom(3 << 20)})
     img = build_image(src, tmp_path / "out", fs_version=6, compressor="zstd")
@@ -13,12 +13,18 @@ Use::
 ``snapshot_*`` return ``{path: Entry}``, comparable between a directory and an image: type+mode,
 uid/gid, mtime (s, ns), size and sha256 of file data, symlink target, user.* xattrs, rdev, and the
 hard-link group (first path of the group, in sorted order) for files with several names.
+
+For the daemon tests: ``sample_tree`` (every inode kind) and ``build_daemon_image`` (bootstrap
+``out/image.boot``, blobs in ``out/blobs``) returning a ``DaemonImage`` that writes the nydusd config
+pointing at it (localfs backend + blobcache). ``make_files`` writes a flat ``{path: bytes}`` tree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,20 +83,109 @@ class Image:
 def build_image(source: Path, out_dir: Path, *, fs_version: int = 6, compressor: str = "zstd",
                 digester: str = "blake3", chunk_size: int = 0x100000, tar: bool = False,
                 parent: Path | None = None, whiteout_spec: str = "oci", bootstrap_name: str = "image.boot",
-                **extra: Any) -> Image:
+                blob_dir: Path | None = None, **extra: Any) -> Image:
     """Build ``source`` (a directory, or a tar file with ``tar=True``) into ``out_dir``: the blob is
-    ``out_dir/<blob id>``, the bootstrap ``out_dir/<bootstrap_name>``."""
+    ``out_dir/<blob id>`` (``blob_dir/<blob id>`` when given), the bootstrap ``out_dir/<bootstrap_name>``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    blob_dir = blob_dir or out_dir
+    blob_dir.mkdir(parents=True, exist_ok=True)
     opts = BuildOptions(
         source_type=SourceType.TARBALL if tar else SourceType.DIRECTORY, fs_version=fs_version,
         compressor=Compressor.parse(compressor), digester=DigestAlgorithm.parse(digester),
         chunk_size=chunk_size, whiteout_spec=WhiteoutSpec(whiteout_spec),
-        parent_bootstrap=str(parent) if parent else None, blob_dir=str(out_dir),
+        parent_bootstrap=str(parent) if parent else None, blob_dir=str(blob_dir),
         bootstrap_path=str(out_dir / bootstrap_name), **extra)
     out = build(str(source), opts)
-    return Image(bootstrap=Path(out.bootstrap_path or ""), blob_dir=out_dir, blob_id=out.blob_id,
+    return Image(bootstrap=Path(out.bootstrap_path or ""), blob_dir=blob_dir, blob_id=out.blob_id,
                  blob_path=Path(out.blob_path) if out.blob_path else None, blobs=out.blobs)
 
+
+
+def make_files(root: Path, files: dict[str, bytes]) -> Path:
+    """Write ``{relative path: content}`` under ``root`` (parents created, times left as they are)."""
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+MTIME_NS = 1_650_000_000_123_456_789
+
+
+def sample_tree(root: Path, *, big: bool = True, seed: int = 7) -> Path:
+    """A directory tree with regular files (empty, small, multi-chunk), nested dirs, symlinks, hard
+    links, a fifo, device nodes (as root), xattrs, special modes, uid/gid and nanosecond mtimes."""
+    rnd = random.Random(seed)
+    root.mkdir(parents=True)
+    (root / "small.txt").write_bytes(b"hello nydus\n")
+    (root / "empty").write_bytes(b"")
+    (root / "dir" / "sub" / "deeper").mkdir(parents=True)
+    (root / "dir" / "sub" / "deeper" / "leaf.bin").write_bytes(rnd.randbytes(70_000))
+    (root / "dir" / "exact_chunk").write_bytes(rnd.randbytes(1 << 20))
+    if big:
+        (root / "dir" / "multi_chunk").write_bytes(rnd.randbytes(3 * (1 << 20) + 12345))
+    for i in range(40):
+        (root / "dir" / "sub" / f"f{i:03d}").write_bytes(rnd.randbytes(rnd.randrange(1, 9000)))
+    os.symlink("small.txt", root / "link_rel")
+    os.symlink("/etc/definitely/not/here", root / "link_dangling")
+    os.symlink("../../small.txt", root / "dir" / "sub" / "link_up")
+    os.link(root / "small.txt", root / "hard1")
+    os.link(root / "small.txt", root / "dir" / "hard2")
+    os.mkfifo(root / "fifo")
+    if os.geteuid() == 0:
+        os.mknod(root / "chardev", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+        os.mknod(root / "blockdev", stat.S_IFBLK | 0o600, os.makedev(7, 200))
+        os.chown(root / "dir" / "exact_chunk", 1234, 5678)
+        os.chown(root / "link_rel", 4321, 8765, follow_symlinks=False)
+    os.chmod(root / "dir" / "sub", 0o1777)
+    suid = root / "suid"
+    suid.write_bytes(b"#!/bin/sh\n")
+    os.chmod(suid, 0o4755)
+    os.setxattr(root / "small.txt", "user.greeting", b"hi")
+    os.setxattr(root / "dir", "user.empty", b"")
+    os.setxattr(root / "dir", "trusted.nydus", b"x" * 100) if os.geteuid() == 0 else None
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
+    os.utime(root, ns=(MTIME_NS, MTIME_NS))
+    return root
+
+
+@dataclass
+class DaemonImage:
+    """An image as the daemon tests hand it to nydusd (string paths, as they go into JSON)."""
+
+    bootstrap: str
+    blob_dir: str
+    version: int
+
+    def config(self, cache_dir: Path | None = None, *, digest_validate: bool = True,
+               enable_xattr: bool = True, **extra: object) -> dict[str, Any]:
+        """Legacy v1 JSON (what the snapshotter sends): localfs backend, blobcache (or no cache)."""
+        cache: dict[str, Any] = {"type": ""}
+        if cache_dir is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            cache = {"type": "blobcache", "config": {"work_dir": str(cache_dir)}}
+        return {"device": {"backend": {"type": "localfs", "config": {"dir": self.blob_dir}},
+                           "cache": cache},
+                "mode": "direct", "digest_validate": digest_validate, "enable_xattr": enable_xattr,
+                **extra}
+
+    def config_text(self, cache_dir: Path | None = None, **kw: Any) -> str:
+        return json.dumps(self.config(cache_dir, **kw))
+
+    def write_config(self, path: Path, cache_dir: Path | None = None, **kw: Any) -> str:
+        path.write_text(self.config_text(cache_dir, **kw))
+        return str(path)
+
+
+def build_daemon_image(src: Path, out: Path, *, version: int = 6, chunk_size: int = 1 << 20,
+                       compressor: str = "zstd", prefetch: tuple[str, ...] = ()) -> DaemonImage:
+    """Build ``src`` into ``out/image.boot`` + ``out/blobs/<blob id>`` with the real builder."""
+    img = build_image(src, out, fs_version=version, chunk_size=chunk_size, compressor=compressor,
+                      blob_dir=out / "blobs", prefetch_patterns=prefetch)
+    return DaemonImage(str(img.bootstrap), str(img.blob_dir), version)
 
 class Entry(NamedTuple):
     mode: int

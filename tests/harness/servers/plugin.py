@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.servers.fault_shim import BlobStore, FaultShim
-from tests.servers.moto_s3 import MotoS3Server
-from tests.servers.oss_server import OssServer
-from tests.servers.registry import RegistryServer
-from tests.servers.tinyproxy import TinyProxy
+from tests.harness.servers.fault_shim import BlobStore, FaultShim
+from tests.harness.servers.moto_s3 import MotoS3Server
+from tests.harness.servers.oss_server import OssServer
+from tests.harness.servers.registry import RegistryServer
+from tests.harness.servers.tinyproxy import TinyProxy
 
 
 def _need(binary: str, package: str) -> None:

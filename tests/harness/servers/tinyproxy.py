@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.servers.base import ProcessServer, free_port, port_open, wait_until
+from tests.harness.servers.base import ProcessServer, free_port, port_open, wait_until
 
 _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\w+) (\S+)")
 

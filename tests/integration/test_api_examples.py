@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.live import LiveDaemon, build_image, make_files
+from tests.harness.daemon import LiveDaemon
+from tests.harness.images import build_image, make_files
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -62,7 +63,7 @@ def test_the_page_has_examples() -> None:
 @pytest.mark.fuse
 def test_examples_run(tmp_path: Path) -> None:
     blobs = tmp_path / "blobs"
-    boot = build_image(make_files(tmp_path / "src", {"hello.txt": b"hello from nydus\n"}), blobs)
+    boot = build_image(make_files(tmp_path / "src", {"hello.txt": b"hello from nydus\n"}), blobs).bootstrap
     cache = tmp_path / "cache"
     cache.mkdir()
     config = tmp_path / "config.json"

@@ -18,7 +18,7 @@ from typing import Any
 import botocore.session
 from botocore.config import Config
 
-from tests.servers.base import ProcessServer, free_port, port_open, wait_until
+from tests.harness.servers.base import ProcessServer, free_port, port_open, wait_until
 
 REGION = "us-east-1"
 SETUP_CALLS = 3

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.servers.base import QuietHandler
+from tests.harness.servers.base import QuietHandler
 
 
 class _ContentHandler(QuietHandler):

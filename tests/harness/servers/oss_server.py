@@ -35,7 +35,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tests.servers.base import QuietHandler, ThreadedServer
+from tests.harness.servers.base import QuietHandler, ThreadedServer
 
 SUBRESOURCES = {"acl", "uploads", "location", "cors", "logging", "website", "referer", "lifecycle",
                 "delete", "append", "tagging", "objectMeta", "uploadId", "partNumber", "security-token",

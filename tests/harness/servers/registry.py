@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nydusd.oci.client import RegistryClient
-from tests.servers.base import ProcessServer, free_port, http_status, port_open, wait_until
-from tests.servers.token_server import ISSUER, SERVICE, TokenServer
+from tests.harness.servers.base import ProcessServer, free_port, http_status, port_open, wait_until
+from tests.harness.servers.token_server import ISSUER, SERVICE, TokenServer
 
 USER = "nydus"
 PASSWORD = "s3cret-pass"

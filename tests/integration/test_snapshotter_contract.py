@@ -19,7 +19,8 @@ import pytest
 
 from api.client import ApiClient
 from api.schemas import BlobcacheMetrics, FsIoStats
-from tests.api.live import LiveDaemon, build_image, is_mounted, make_files, snapshotter_config
+from tests.harness.daemon import LiveDaemon, is_mounted, snapshotter_config
+from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse
 
@@ -29,7 +30,7 @@ FILES = {"etc/os-release": b"ID=nydus\n", "usr/bin/tool": b"\x7fELF" + bytes(ran
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("snapimg")
-    return build_image(make_files(root / "src", FILES), root / "blobs")
+    return build_image(make_files(root / "src", FILES), root / "blobs").bootstrap
 
 
 def liveness(sock: Path) -> socket.socket:

@@ -1,7 +1,7 @@
 """Test runner: a real ``Daemon`` + FUSE session serving several images in a pseudo root, without the
 HTTP API (so the shared-daemon path is testable on its own).
 
-``python -m tests.integration.serve MOUNTPOINT THREADS /sub=BOOTSTRAP=CONFIG_FILE ...``"""
+``python -m tests.harness.serve MOUNTPOINT THREADS /sub=BOOTSTRAP=CONFIG_FILE ...``"""
 
 from __future__ import annotations
 

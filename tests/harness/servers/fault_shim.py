@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable
 
-from tests.servers.base import QuietHandler, ThreadedServer
+from tests.harness.servers.base import QuietHandler, ThreadedServer
 
 FAULTS = ("500", "502", "503", "429", "reset", "truncate", "slow", "hang", "pass")
 _BLOB_PATH = re.compile(r"^/v2/.+/blobs/(sha256:[0-9a-f]{64})$")

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.servers.base import QuietHandler, ThreadedServer
+from tests.harness.servers.base import QuietHandler, ThreadedServer
 
 REGISTRY_LEEWAY = 60
 SERVICE = "nydus-test-registry"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from api.app import MAX_BODY
-from tests.api.live import LiveDaemon, build_image, make_files, snapshotter_config
+from tests.harness.daemon import LiveDaemon, snapshotter_config
+from tests.harness.images import build_image, make_files
 
 pytestmark = pytest.mark.fuse
 
@@ -23,7 +24,8 @@ FILES = {"a.txt": b"limits\n", "dir/b.bin": os.urandom(100_000)}
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[LiveDaemon, Path, str]]:
-    image = build_image(make_files(tmp_path / "src", FILES), tmp_path / "blobs", "one.boot")
+    image = build_image(make_files(tmp_path / "src", FILES), tmp_path / "blobs",
+                        bootstrap_name="one.boot").bootstrap
     (tmp_path / "cache").mkdir()
     config = json.dumps(snapshotter_config(tmp_path / "blobs", tmp_path / "cache"))
     mnt = tmp_path / "mnt"

@@ -1,6 +1,6 @@
 """A real docker-registry (CNCF distribution 2.8) on 127.0.0.1, state in a tmp dir, stopped by PID.
 
-Used by the converter tests and the convert benchmark until/unless ``tests/servers`` provides an
+Used by the converter tests and the convert benchmark until/unless ``tests/harness/servers`` provides an
 equivalent fixture. Auth: ``none`` or ``htpasswd`` (bcrypt file made with ``htpasswd -Bbn``);
 ``tls=True`` serves https with a fresh self-signed certificate.
 """

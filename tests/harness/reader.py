@@ -1,4 +1,4 @@
-"""A reader load for the failover tests, run as a subprocess: ``python -m tests.integration.reader
+"""A reader load for the failover tests, run as a subprocess: ``python -m tests.harness.reader
 SPEC.json``. Spec: ``{"files": {path: sha256}, "threads": N, "stop": path, "progress": path}``.
 Each thread reads every file again and again (whole file, 256 KiB reads, fresh open each time,
 page cache dropped after each file so the reads reach nydusd), plus one file kept open for the whole
