@@ -17,7 +17,6 @@ nydusd is a child process (``mount.NydusdProcess``). Single-threaded.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -178,9 +177,19 @@ def record_workload(source: Remote, opts: WorkloadOptions) -> Recording:
         paths = paths_in_access_order(sb, pattern if isinstance(pattern, list) else [])
     log.info("workload_recorded", command=opts.command, files=len(paths), exit_code=result.exit_code,
              seconds=round(result.seconds, 3))
-    with contextlib.suppress(OSError):
-        shutil.rmtree(work / "cache")
+    # kept after a failure (the nydusd log is there); nothing of it is needed once recorded
+    if not _has_mounts_under(work):
+        shutil.rmtree(work, ignore_errors=True)
     return Recording(paths, result.exit_code, result.seconds, result.stdout)
+
+
+def _has_mounts_under(path: Path) -> bool:
+    prefix = os.path.realpath(path) + "/"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4].startswith(prefix) for line in f)
+    except OSError:
+        return True
 
 
 def _get_json(apisock: str, path: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -169,7 +170,13 @@ def test_optimize_records_a_workload_and_the_optimized_image_replays_it(images: 
             before = store.ranges()
             firsts = [first_request(before, chunks[p]) for p in table]
             assert None not in firsts, (table, firsts, before)
-            assert firsts == sorted(firsts), (table, firsts, before)
+            # each request stands at the place of the first listed file it serves (chunks adjacent in
+            # the blob merge into one request wherever they are in the list): non-decreasing
+            places = [min(i for i, p in enumerate(table) if first_request([r], chunks[p]) is not None)
+                      for r in before]
+            assert places == sorted(places), (table, places, before)
+            pos = dict(zip(table, firsts, strict=True))
+            assert pos["/opt/data/payload2.bin"] < pos["/opt/data/payload0.bin"]   # not the blob order
             assert first_request(before, chunks["/opt/data/payload1.bin"]) is None
             work = tmp_path / "replay" / "container"
             result = RuncContainer(Path(d.mountpoint), work, workload_args(WORKLOAD)).run(60)
@@ -246,3 +253,37 @@ def test_a_failing_workload_pushes_nothing(images: Images, tmp_path: Path,
         remote.close()
     # the nydusd mount and the container's overlayfs are gone
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_workload_still_running_at_the_timeout_is_stopped_and_its_reads_kept(
+        images: Images, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = images.nydus.replace(":nydus", ":server")
+    listing = tmp_path / "prefetch.files"
+    rc = nydusify(["--log-level", "warn", "optimize", "--source", images.nydus, "--target", target,
+                   "--plain-http", "--workload", "/bin/sh -c 'cat /etc/motd > /dev/null; exec sleep 600'",
+                   "--workload-timeout", "2s", "--nydusd", NYDUSD, "--work-dir", str(tmp_path / "work"),
+                   "--output-prefetch-files", str(listing)])
+    assert rc == 0
+    assert "(stopped at the timeout)" in capsys.readouterr().out
+    _, table, _, _ = image_files(target)
+    assert "/etc/motd" in table and listing.read_text().splitlines() == table
+    # container, overlayfs, nydusd and the work files are gone
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+    assert not (tmp_path / "work" / "workload").exists()
+    assert subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workload", "sh -c 'unterminated"], "cannot parse the workload command"),
+    (["--workload", "   "], "the workload command is empty"),
+    (["--prefetch-files", "/dev/null", "--source-backend-type", "localfs"],
+     "--source-backend-type needs --source-backend-config"),
+])
+def test_bad_workload_arguments_fail_before_anything_runs(images: Images, tmp_path: Path, argv: list[str],
+                                                          message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    rc = nydusify(["optimize", "--source", images.nydus, "--target", images.nydus + "-bad", "--plain-http",
+                   "--work-dir", str(tmp_path / "work"), *argv])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
