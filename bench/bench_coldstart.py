@@ -24,10 +24,21 @@ first registry request to the container's exit; workload
   ``fs_prefetch`` on.
 
 Bytes: blob bytes in the registry's access log, and the namespace's ``lo`` rx bytes. Medians over
-``--rounds``; ratios against the full pull measured in the same session. Where a target of the
-issue is missed, the daemon's own timestamps (``startup_phase`` events, metrics) break the time down.
+``--rounds`` (the order of the ways reversed every other round); ratios against the full pull
+measured in the same session; the load average is printed (the machine is shared).
 
-    .venv/bin/python bench/bench_coldstart.py [--rounds N] [--rate 100mbit]
+Breakdown: for per-image, shared and replayed, every timestamp on one clock (wall time, since the
+run started) -- the bench's own (bootstrap fetched, nydusd exec-ed, RUNNING seen, runc run started,
+container exited) and the daemon's: its ``startup_phase`` log events (JSON timestamps, us), the first
+read in the image (earliest ``first_access_time`` of ``/api/v1/metrics/pattern``; ``access_pattern``
+is on in every run) and prefetch begin/end (``/api/v1/metrics/blobcache``).
+
+``--study``: chunk size (``nydusify convert --chunk-size``, default 256K, 1M, 4M) x ``amplify_io``
+(0, 1M, 4M) rows, shared daemon without prefetch: time to the container's exit, GETs, bytes
+fetched against the chunks touched (what amplify_io 0 fetches at that chunk size) and against the
+read files' whole chunk lists.
+
+    .venv/bin/python bench/bench_coldstart.py [--rounds N] [--rate 100mbit] [--ways a,b] [--study]
 
 Needs root, /dev/fuse, debootstrap, umoci, skopeo, runc, docker-registry, iproute2 (tc), network
 access to the Debian mirror for the first build.
@@ -60,6 +71,8 @@ MIRROR = "http://deb.debian.org/debian"
 TOOLS = ("debootstrap", "umoci", "skopeo", "runc", "docker-registry", "ip", "tc", "nsenter")
 WORKLOAD = ["python3", "-c", "import json,sys; print(sys.version)"]
 WAYS = ("full pull", "shared", "per-image", "shared, prefetch_all", "shared, replayed")
+SHORT = {"full": "full pull", "shared": "shared", "per-image": "per-image",
+         "prefetch_all": "shared, prefetch_all", "replayed": "shared, replayed"}
 PY = sys.executable
 
 
@@ -264,6 +277,52 @@ class Registry:
         return count, total
 
 
+def startup_marks(log_path: Path) -> dict[str, float]:
+    """The daemon's ``startup_phase`` events as wall-clock times (their log timestamps, UTC, us)."""
+    from datetime import datetime
+
+    out: dict[str, float] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"startup_phase"' in line:
+            ev = json.loads(line)
+            stamp = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+            out[f"daemon: {ev['phase']}"] = stamp
+    return out
+
+
+def daemon_marks(pattern: Any, cache_m: Any) -> dict[str, float]:
+    """First read in the image (the access pattern's earliest first_access_time) and the prefetch
+    begin/end (blobcache metrics), as wall-clock times; absent ones are left out."""
+    out: dict[str, float] = {}
+    firsts = [p["first_access_time_secs"] + p["first_access_time_nanos"] / 1e9 for p in pattern or []
+              if p.get("first_access_time_secs")]
+    if firsts:
+        out["daemon: first read"] = min(firsts)
+    cache_m = cache_m or {}
+    for key, name in (("prefetch_begin", "daemon: prefetch began"),
+                      ("prefetch_end", "daemon: prefetch ended")):
+        secs = int(cache_m.get(f"{key}_time_secs", 0))
+        if secs:
+            out[name] = secs + int(cache_m.get(f"{key}_time_millis", 0)) / 1000
+    return out
+
+
+def files_read_bytes(boot: Path, pattern: Any) -> int:
+    """Compressed size of every chunk of the files the access pattern says were read (distinct
+    chunks): what fetching the read files whole would cost, an upper bound of the chunks touched."""
+    from nydusd.rafs import load_bootstrap
+
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    with load_bootstrap(boot.read_bytes()) as sb:
+        for p in pattern or []:
+            for c in sb.chunks(int(p["ino"])):
+                if (c.blob_index, c.compressed_offset) not in seen:
+                    seen.add((c.blob_index, c.compressed_offset))
+                    total += c.compressed_size
+    return total
+
+
 def get_blob(host: str, repo: str, digest: str) -> bytes:
     c = http.client.HTTPConnection(host, timeout=60)
     try:
@@ -302,16 +361,22 @@ class Session:
         self.shared_sock = ""
         self.shared_mnt = tmp / "shared-mnt"
         self.shared: subprocess.Popen[bytes] | None = None
+        self.study: dict[str, tuple[int, int]] = {}   # way -> (chunk size, amplify_io)
         self.counter = 0
+        self.runc_start = self.runc_exit = 0.0
 
-    def config(self, cache: Path, prefetch: str | None = None, pattern: bool = False) -> dict[str, Any]:
+    def config(self, cache: Path, prefetch: str | None = None, amplify: int | None = None) -> dict[str, Any]:
+        """nydusd config; ``access_pattern`` is on in every run: its first-read timestamps are the
+        breakdown's "first read" (a dict update per read, no I/O)."""
         cfg: dict[str, Any] = {
             "device": {"backend": {"type": "registry", "config": {
                 "scheme": "http", "host": self.registry.host, "repo": self.repo, "timeout": 30,
                 "connect_timeout": 10, "retry_limit": 2}},
                 "cache": {"type": "blobcache", "config": {"work_dir": str(cache)}}},
             "mode": "direct", "digest_validate": False, "enable_xattr": True,
-            "access_pattern": pattern}
+            "access_pattern": True}
+        if amplify is not None:
+            cfg["amplify_io"] = amplify
         if prefetch:
             cfg["fs_prefetch"] = {"enable": True, "threads_count": 8, "prefetch_all": prefetch == "all"}
         return cfg
@@ -355,8 +420,10 @@ class Session:
             (bundle / "config.json").write_text(json.dumps(spec))
             t0 = time.perf_counter()
             self.counter += 1
+            self.runc_start = time.time()
             out = sh(["runc", "--root", str(self.tmp / "runc-state"), "run", "--bundle", str(bundle),
                       f"bench-{self.counter}"], timeout=120)
+            self.runc_exit = time.time()
             return out, time.perf_counter() - t0
         finally:
             umount(merged)
@@ -372,25 +439,35 @@ class Session:
         out, run_s = self.run_container(work / "unpacked/rootfs", work)
         return {"prepare": t1 - t0, "container": run_s, "out": out}  # type: ignore[dict-item]
 
-    def shared_mount(self, work: Path, tag: str, prefetch: str | None) -> dict[str, Any]:
+    def shared_mount(self, work: Path, tag: str, prefetch: str | None,
+                     amplify: int | None = None) -> dict[str, Any]:
         cache = work / "cache"
         cache.mkdir(parents=True)
+        w0 = time.time()
         t0 = time.perf_counter()
         boot = work / "image.boot"
         fetch_bootstrap(self.registry.host, self.repo, self.manifests[tag], boot)
+        w_boot = time.time()
         name = f"/img{self.counter}"
         status, body = api(self.shared_sock, "POST", f"/api/v1/mount?mountpoint={name}",
                            {"source": str(boot), "fs_type": "rafs",
-                            "config": json.dumps(self.config(cache, prefetch))})
+                            "config": json.dumps(self.config(cache, prefetch, amplify))})
         if status >= 300:
             raise RuntimeError(f"mount failed: {status} {body}")
+        w_mounted = time.time()
         t1 = time.perf_counter()
         out, run_s = self.run_container(self.shared_mnt / name.lstrip("/"), work)
         t2 = time.perf_counter()
-        _, cache_m = api(self.shared_sock, "GET", "/api/v1/metrics/blobcache")
+        _, cache_m = api(self.shared_sock, "GET", "/api/v1/metrics/blobcache")  # the one mount
+        _, pattern = api(self.shared_sock, "GET", f"/api/v1/metrics/pattern?id={name}")
         api(self.shared_sock, "DELETE", f"/api/v1/mount?mountpoint={name}")
+        files_read = files_read_bytes(boot, pattern)
+        marks = {"bootstrap fetched": w_boot, "mounted (API answered)": w_mounted,
+                 "runc run started": self.runc_start, **daemon_marks(pattern, cache_m),
+                 "container exited": self.runc_exit}
         return {"prepare": t1 - t0, "container": run_s, "total": t2 - t0, "out": out,
-                "prefetched": (cache_m or {}).get("prefetch_data_amount", 0)}
+                "prefetched": (cache_m or {}).get("prefetch_data_amount", 0), "files_read": files_read,
+                **{f"mark {k}": v - w0 for k, v in marks.items() if v}}
 
     def per_image(self, work: Path) -> dict[str, Any]:
         cache, mnt = work / "cache", work / "mnt"
@@ -400,10 +477,11 @@ class Session:
         cfg.write_text(json.dumps(self.config(cache)))
         sock = str(work / "api.sock")
         log_path = work / "nydusd.log"
+        w0 = time.time()
         t0 = time.perf_counter()
         boot = work / "image.boot"
         fetch_bootstrap(self.registry.host, self.repo, self.manifests["nydus"], boot)
-        t_boot = time.perf_counter()
+        w_exec = time.time()
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([PY, "-m", "nydusd", "--config", str(cfg), "--bootstrap", str(boot),
                                      "--mountpoint", str(mnt), "--apisock", sock, "--log-level", "info"],
@@ -419,9 +497,12 @@ class Session:
                 return False
         try:
             wait_for(running, 60, "nydusd RUNNING")
+            w_running = time.time()
             t1 = time.perf_counter()
             out, run_s = self.run_container(mnt, work)
             t2 = time.perf_counter()
+            _, pattern = api(sock, "GET", "/api/v1/metrics/pattern")
+            _, cache_m = api(sock, "GET", "/api/v1/metrics/blobcache")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -429,14 +510,11 @@ class Session:
             except subprocess.TimeoutExpired:
                 proc.kill()
             umount(mnt)
-        phases = {}
-        for line in log_path.read_text(errors="replace").splitlines():
-            if '"startup_phase"' in line:
-                ev = json.loads(line)
-                phases[ev["phase"]] = ev["since_exec_s"]
+        marks = {"bootstrap fetched": w_exec, **startup_marks(log_path),
+                 "RUNNING seen by the poller": w_running, "runc run started": self.runc_start,
+                 **daemon_marks(pattern, cache_m), "container exited": self.runc_exit}
         return {"prepare": t1 - t0, "container": run_s, "total": t2 - t0, "out": out,
-                "bootstrap_s": t_boot - t0, "exec_to_running_s": t1 - t_boot, **{f"phase_{k}": v
-                                                                                  for k, v in phases.items()}}
+                **{f"mark {k}": v - w0 for k, v in marks.items() if v}}
 
     def record_pattern(self, work: Path) -> list[dict[str, Any]]:
         """One untimed run with access_pattern on: the files the workload reads, in order."""
@@ -447,13 +525,17 @@ class Session:
         name = "/record"
         status, body = api(self.shared_sock, "POST", f"/api/v1/mount?mountpoint={name}",
                            {"source": str(boot), "fs_type": "rafs",
-                            "config": json.dumps(self.config(cache, pattern=True))})
+                            "config": json.dumps(self.config(cache))})
         if status >= 300:
             raise RuntimeError(f"mount failed: {status} {body}")
         self.run_container(self.shared_mnt / "record", work)
         _, pattern = api(self.shared_sock, "GET", f"/api/v1/metrics/pattern?id={name}")
         api(self.shared_sock, "DELETE", f"/api/v1/mount?mountpoint={name}")
         return list(pattern or [])
+
+
+def study_way(chunk: int, amplify: int) -> str:
+    return f"chunk {chunk >> 10}K, amplify {amplify >> 10}K"
 
 
 def one(session: Session, way: str, work: Path) -> dict[str, Any]:
@@ -468,16 +550,27 @@ def one(session: Session, way: str, work: Path) -> dict[str, Any]:
         res = session.per_image(work)
     elif way == "shared, prefetch_all":
         res = session.shared_mount(work, "nydus", "all")
-    else:
+    elif way == "shared, replayed":
         res = session.shared_mount(work, "replayed", "table")
+    else:
+        chunk, amplify = session.study[way]
+        res = session.shared_mount(work, chunk_tag(chunk), None, amplify)
     # to the container's exit: a way that measured it itself excludes its unmount
     res.setdefault("total", time.perf_counter() - t0)
     if not str(res["out"]).startswith("3."):
         raise RuntimeError(f"{way}: unexpected container output {res['out']!r}")
     res["requests"], res["fetched"] = session.registry.blob_bytes(mark)
+    tag = ("replayed" if way == "shared, replayed"
+           else chunk_tag(session.study[way][0]) if way in session.study else "nydus")
+    if way != "full pull":   # what the data blobs gave: the bootstrap layer GET is one of the requests
+        res["data_fetched"] = res["fetched"] - int(session.manifests[tag]["layers"][-1]["size"])
     res["lo_rx"] = lo_rx() - rx
     shutil.rmtree(work, ignore_errors=True)
     return res
+
+
+def chunk_tag(chunk: int) -> str:
+    return "nydus" if chunk == 0x100000 else f"nydus-c{chunk >> 10}k"
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -498,6 +591,11 @@ def inside(args: argparse.Namespace) -> int:
         sh([PY, "-m", "nydusd.cli.convert", "--log-level", "warn", "convert", "--source",
             f"{registry.host}/{repo}:v1", "--target", f"{registry.host}/{repo}:nydus", "--plain-http",
             "--work-dir", str(tmp / "convert")], env=env, cwd=ROOT)
+        for chunk in sorted({c for c in args.chunk_sizes if chunk_tag(c) != "nydus"}):
+            sh([PY, "-m", "nydusd.cli.convert", "--log-level", "warn", "convert", "--source",
+                f"{registry.host}/{repo}:v1", "--target", f"{registry.host}/{repo}:{chunk_tag(chunk)}",
+                "--plain-http", "--chunk-size", hex(chunk), "--work-dir", str(tmp / "convert")],
+               env=env, cwd=ROOT)
         oci = nydus_manifest(registry.host, repo, "v1")
         oci_bytes = sum(int(layer["size"]) for layer in oci["layers"])
         print(f"image: 3-layer bookworm minbase + python3, {oci_bytes / 1e6:.1f} MB compressed; built, "
@@ -511,6 +609,13 @@ def inside(args: argparse.Namespace) -> int:
             f"{registry.host}/{repo}:nydus", "--target", f"{registry.host}/{repo}:replayed", "--plain-http",
             "--access-pattern", str(tmp / "pattern.json")], env=env, cwd=ROOT)
         session.manifests["replayed"] = nydus_manifest(registry.host, repo, "replayed")
+        ways = list(args.ways)
+        if args.study:
+            for chunk in args.chunk_sizes:
+                session.manifests[chunk_tag(chunk)] = nydus_manifest(registry.host, repo, chunk_tag(chunk))
+                for amplify in args.amplify:
+                    session.study[study_way(chunk, amplify)] = (chunk, amplify)
+            ways += list(session.study)
         nydus_blobs = sum(int(d["size"]) for d in session.manifests["nydus"]["layers"][:-1])
         print(f"recorded {len(pattern)} files read by the workload; nydus data blobs "
               f"{nydus_blobs / 1e6:.1f} MB", flush=True)
@@ -518,9 +623,10 @@ def inside(args: argparse.Namespace) -> int:
             "latency", "50ms"])
         print(f"link: tbf rate {args.rate} burst 256kb latency 50ms on lo of this network namespace; "
               f"{args.rounds} rounds, page cache dropped before each run", flush=True)
-        results: dict[str, list[dict[str, Any]]] = {w: [] for w in WAYS}
+        load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        results: dict[str, list[dict[str, Any]]] = {w: [] for w in ways}
         for r in range(args.rounds):
-            order = WAYS if r % 2 == 0 else tuple(reversed(WAYS))
+            order = ways if r % 2 == 0 else ways[::-1]
             for way in order:
                 res = one(session, way, tmp / f"run-{r}-{way.replace(' ', '').replace(',', '-')}")
                 results[way].append(res)
@@ -529,7 +635,11 @@ def inside(args: argparse.Namespace) -> int:
                       f"{res['fetched'] / 1e6:.2f} MB in {res['requests']} GETs, "
                       f"lo {res['lo_rx'] / 1e6:.2f} MB",
                       flush=True)
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+              f"(at the start: {load0})")
         report(results, oci_bytes, nydus_blobs)
+        if args.study:
+            report_study(results, session)
     finally:
         if session is not None:
             session.stop_shared()
@@ -546,21 +656,18 @@ def report(results: dict[str, list[dict[str, Any]]], oci_bytes: int, nydus_blobs
     print()
     print("| way | total s | prepare s | container s | vs full pull | fetched MB | % of image | lo rx MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for way in WAYS:
+    for way in [w for w in WAYS if w in results]:
         print(f"| {way} | {med(way, 'total'):.2f} | {med(way, 'prepare'):.2f} | "
               f"{med(way, 'container'):.2f} | "
               f"{med(way, 'total') / base:.3f}x | {med(way, 'fetched') / 1e6:.2f} | "
               f"{100 * med(way, 'fetched') / oci_bytes:.1f} % | {med(way, 'lo_rx') / 1e6:.2f} |")
     print(f"(image: {oci_bytes / 1e6:.1f} MB OCI layers, {nydus_blobs / 1e6:.1f} MB nydus data blobs; "
           f"medians of {len(results['full pull'])} runs)")
-    pi = results["per-image"]
-    print(f"per-image breakdown (medians): bootstrap fetch {med('per-image', 'bootstrap_s'):.3f} s, "
-          f"exec -> RUNNING {med('per-image', 'exec_to_running_s'):.3f} s (daemon: imports done at "
-          f"{med('per-image', 'phase_imported'):.3f} s, image mounted "
-          f"{med('per-image', 'phase_image_mounted'):.3f} s, RUNNING "
-          f"{med('per-image', 'phase_running'):.3f} s, "
-          f"API up {med('per-image', 'phase_api_started'):.3f} s "
-          f"since exec), container {med('per-image', 'container'):.3f} s; {len(pi)} runs")
+    for way in ("per-image", "shared", "shared, replayed"):
+        if way in results:
+            report_marks(way, results[way])
+    if not all(w in results for w in WAYS):
+        return
     targets = [("shared <= 0.06x full pull", med("shared", "total") <= 0.06 * base),
                ("per-image <= 0.10x full pull", med("per-image", "total") <= 0.10 * base),
                ("replayed never slower than no prefetch",
@@ -573,13 +680,73 @@ def report(results: dict[str, list[dict[str, Any]]], oci_bytes: int, nydus_blobs
         print(f"target {name}: {'met' if ok else 'MISSED'}")
 
 
+def report_marks(way: str, runs: list[dict[str, Any]]) -> None:
+    """Where a way's time goes: each timestamp (the bench's own and the daemon's: startup_phase log
+    events, the first read from the access pattern, prefetch begin/end from the blobcache metrics)
+    as seconds since the run started, and the step from the mark before it; medians over runs."""
+    names = {k for r in runs for k in r if k.startswith("mark ")}
+    names = {k for k in names if all(k in r for r in runs)}
+    order = sorted(names, key=lambda k: statistics.median(r[k] for r in runs))
+    print(f"\n{way}: where the time goes (medians of {len(runs)} runs; step = median of the per-run "
+          "differences to the mark above)")
+    print("| mark | s since start | step s |")
+    print("|---|---|---|")
+    for i, k in enumerate(order):
+        at = statistics.median(r[k] for r in runs)
+        step = statistics.median(r[k] - r[order[i - 1]] for r in runs) if i else at
+        print(f"| {k[5:]} | {at:.3f} | {step:.3f} |")
+
+
+def report_study(results: dict[str, list[dict[str, Any]]], session: Session) -> None:
+    """Chunk size x amplify_io: time to the container's exit, blob GETs (the bootstrap layer's
+    included), data bytes fetched (the bootstrap layer's left out) against the compressed size of
+    the chunks the workload touched (= what amplify_io 0 fetches at that chunk size: without
+    amplification and prefetch every request is for chunks a read covered)."""
+    def med(way: str, key: str) -> float:
+        return statistics.median(float(x.get(key, 0)) for x in results[way])
+
+    base = med("full pull", "total")
+    default = study_way(0x100000, 0x100000)
+    ref = med(default, "total") if default in results else None
+    print("\nchunk size x amplify_io (shared daemon, no prefetch)")
+    print("| chunk | amplify_io | total s | vs full pull | vs 1M/1M | GETs | data fetched MB | touched MB "
+          "| fetched / touched | read files' chunks MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for way, (chunk, amplify) in session.study.items():
+        touched_way = study_way(chunk, 0)
+        touched = med(touched_way, "data_fetched") if touched_way in results else float("nan")
+        print(f"| {chunk >> 10}K | {amplify >> 10}K | {med(way, 'total'):.2f} | "
+              f"{med(way, 'total') / base:.3f}x | "
+              f"{(med(way, 'total') / ref) if ref else float('nan'):.2f}x | {med(way, 'requests'):.0f} | "
+              f"{med(way, 'data_fetched') / 1e6:.2f} | {touched / 1e6:.2f} | "
+              f"{med(way, 'data_fetched') / touched:.2f} | {med(way, 'files_read') / 1e6:.2f} |")
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(x, 0) for x in text.split(",") if x]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--ways", default=",".join(SHORT),
+                    help=f"comma-separated subset of {','.join(SHORT)} (default: all; the full pull, the "
+                    "baseline, always runs)")
+    ap.add_argument("--study", action="store_true",
+                    help="add the chunk size x amplify_io rows (shared daemon, no prefetch)")
+    ap.add_argument("--chunk-sizes", type=_sizes, default=[0x40000, 0x100000, 0x400000],
+                    help="chunk sizes of the study (nydusify convert --chunk-size), default 256K,1M,4M")
+    ap.add_argument("--amplify", type=_sizes, default=[0, 0x100000, 0x400000],
+                    help="amplify_io values of the study, default 0,1M,4M")
     ap.add_argument("--build-only", action="store_true", help="build the cached root filesystems only")
     ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    chosen = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in SHORT]
+    if unknown:
+        ap.error(f"unknown ways {unknown}; choose from {','.join(SHORT)}")
+    args.ways = [w for w in WAYS if w == "full pull" or any(SHORT[c] == w for c in chosen)]
     if args.inside:
         return inside(args)
     missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -594,7 +761,7 @@ def main() -> int:
     try:
         # nsenter, not ``ip netns exec``: the latter remounts /sys, hiding the cgroup mounts runc needs
         return subprocess.call(["nsenter", f"--net=/run/netns/{ns}", PY, str(Path(__file__).resolve()),
-                                "--inside", "--rounds", str(args.rounds), "--rate", args.rate])
+                                "--inside", *sys.argv[1:]])
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)
 

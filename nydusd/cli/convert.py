@@ -1,8 +1,9 @@
 """`nydusify`: convert OCI images in a registry to nydus images, check them, mount them.
 
 Subcommands and flags follow upstream nydusify (interfaces.md §6.1): ``convert``, ``check``,
-``mount`` (alias ``view``) and ``optimize`` (a prefetch table from a file list or a recorded access
-pattern, ``nydusd.converter.optimize``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
+``mount`` (alias ``view``) and ``optimize`` (a prefetch table from a file list, a recorded access
+pattern or a command run in a container while nydusd records its reads: ``nydusd.converter.optimize``,
+``nydusd.converter.workload``); global ``--debug/-D``, ``--log-level/-l``, ``--log-file``. Errors are
 printed as one ``error: ...`` line and exit with status 1 (upstream's logrus fatal), a failed check
 exits 1 after listing every difference.
 
@@ -164,7 +165,8 @@ def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("optimize", help="rebuild a nydus image with a prefetch table (a file list)")
+    p = sub.add_parser("optimize", help="rebuild a nydus image with a prefetch table: from a file list, "
+                       "a recorded access pattern, or by recording a command run in a container")
     p.add_argument("--source", required=True, help="source nydus image reference")
     p.add_argument("--target", required=True, help="target nydus image reference")
     _add_registry_access(p)
@@ -172,11 +174,32 @@ def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     files.add_argument("--prefetch-files", help="file listing the paths to prefetch, one per line, in order")
     files.add_argument("--access-pattern", help="a nydusd /api/v1/metrics/pattern JSON: prefetch the "
                        "files it records, first read first")
-    p.add_argument("--policy", default="separated-blob-with-backend",
-                   help="accepted for compatibility: the data blobs are reused, chunks stay in place")
+    files.add_argument("--workload", help="a command line (split like a shell does, no shell runs): run "
+                       "it with runc in a container on the lazily mounted source image and prefetch the "
+                       "files it reads, first read first (needs root and runc)")
+    p.add_argument("--workload-timeout", type=_duration, default=300.0,
+                   help="stop a workload still running after this long and use what it read until then, "
+                   "e.g. 30s, 5m (default 5m)")
+    p.add_argument("--output-prefetch-files",
+                   help="also write the prefetch list used (one path per line, in order) to this file")
+    p.add_argument("--nydusd", default="nydusd",
+                   help="nydusd command that mounts the image for --workload (default: nydusd in PATH)")
+    p.add_argument("--runc", default="runc", help="runc command for --workload (default: runc in PATH)")
+    p.add_argument("--policy", default="separated-blob-with-prefetch-files",
+                   choices=("separated-blob-with-prefetch-files",),
+                   help="the optimizing way (default and only one: separated-blob-with-prefetch-files; the "
+                   "data blobs are reused, chunks stay in place)")
     p.add_argument("--platform", help="accepted for compatibility; ignored (the source must be one image)")
-    p.add_argument("--work-dir", default="./tmp", help="accepted for compatibility (nothing is unpacked)")
+    p.add_argument("--work-dir", default="./tmp", help="working directory (the --workload mount, its cache "
+                   "and the container; default ./tmp)")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
+    p.add_argument("--push-chunk-size", default="0MB", help="accepted; uploads are monolithic (0MB)")
+    p.add_argument("--source-backend-type", choices=("oss", "s3", "localfs"),
+                   help="the source's nydus blobs are in this backend (converted with --backend-type); "
+                   "--workload reads them from there")
+    sbc = p.add_mutually_exclusive_group()
+    sbc.add_argument("--source-backend-config", help="that backend's config as a JSON string")
+    sbc.add_argument("--source-backend-config-file", help="that backend's config in a file")
     p.set_defaults(func=cmd_optimize)
 
 
@@ -191,20 +214,38 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from nydusd.converter.optimize import Optimizer, ordered_paths, prefetch_list
     from nydusd.converter.remote import open_remote
 
+    if args.source_backend_type and not (args.source_backend_config or args.source_backend_config_file):
+        raise InvalidArgument("--source-backend-type needs --source-backend-config(-file)")
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
-        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env)
+        source = open_remote(args.source, insecure=args.source_insecure, plain_http=args.plain_http, env=env,
+                             insecure_flag="--source-insecure")
         stack.callback(source.close)
-        target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env)
+        target = open_remote(args.target, insecure=args.target_insecure, plain_http=args.plain_http, env=env,
+                             insecure_flag="--target-insecure", push=True)
         stack.callback(target.close)
         if args.prefetch_files:
             paths = ordered_paths(_read_text(args.prefetch_files, "prefetch files").splitlines())
-        else:
+        elif args.access_pattern:
             try:
                 pattern = json.loads(_read_text(args.access_pattern, "access pattern"))
             except ValueError:
                 raise InvalidArgument("the access pattern is not JSON", path=args.access_pattern) from None
             paths = prefetch_list(source, pattern)
+        else:
+            from nydusd.converter.workload import WorkloadOptions, record_workload
+
+            recording = record_workload(source, WorkloadOptions(
+                command=args.workload, work_dir=Path(args.work_dir), timeout=args.workload_timeout,
+                nydusd=args.nydusd, runc=args.runc, backend_type=args.source_backend_type,
+                backend_config=_backend_config_text(args.source_backend_config,
+                                                    args.source_backend_config_file)))
+            paths = recording.paths
+            ended = ("stopped at the timeout" if recording.exit_code is None
+                     else f"exit status {recording.exit_code}")
+            print(f"workload read {len(paths)} files in {recording.seconds:.2f} s ({ended})")
+        if args.output_prefetch_files:
+            Path(args.output_prefetch_files).write_text("".join(f"{p}\n" for p in paths))
         result = Optimizer(source, target, paths).optimize()
     print(f"optimized {args.source} -> {result.target} ({result.digest}, "
           f"{result.prefetch_files} prefetch files)")

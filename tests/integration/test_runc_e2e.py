@@ -29,7 +29,7 @@ TOOLS = ("runc", "umoci", "skopeo", "docker-registry", "busybox")
 PAYLOAD = 3 * (4 << 20)     # incompressible bytes the container never reads
 
 
-def _busybox_image(tmp: Path) -> Path:
+def busybox_image(tmp: Path) -> Path:
     """An OCI layout ``tmp/oci:v1``: static busybox (+ sh link), /etc files, and a payload."""
     env = tool_env(tmp)
     layout, bundle = tmp / "oci", tmp / "bundle"
@@ -65,7 +65,7 @@ def test_runc_runs_a_container_from_a_lazily_mounted_nydus_image(tmp_path: Path)
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)}")
-    layout = _busybox_image(tmp_path)
+    layout = busybox_image(tmp_path)
     with Registry(tmp_path / "registry") as registry:
         src, dst = f"{registry.host}/e2e/busybox:v1", f"{registry.host}/e2e/busybox:nydus"
         skopeo_push(tmp_path, layout, "v1", src)
