@@ -19,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import stat
-import threading
-from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field

@@ -25,13 +25,13 @@ from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import open_remote
 from nydusd.converter.workload import RuncContainer, workload_args
 from nydusd.rafs import load_bootstrap
-from tests.converter.images import skopeo_push
-from tests.converter.registry import Registry
 from tests.converter.test_convert import convert
-from tests.integration.apiclient import ApiClient
-from tests.integration.proc import Nydusd
+from tests.harness.apiclient import ApiClient
+from tests.harness.daemon import Nydusd
+from tests.harness.oci_images import skopeo_push
+from tests.harness.oci_registry import Registry
+from tests.harness.servers.fault_shim import BlobStore, FaultShim
 from tests.integration.test_runc_e2e import busybox_image
-from tests.servers.fault_shim import BlobStore, FaultShim
 
 pytestmark = pytest.mark.fuse
 
