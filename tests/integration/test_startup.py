@@ -34,42 +34,16 @@ def test_start_path_imports_only_what_the_mount_needs() -> None:
 
 
 @pytest.mark.fuse
-def test_daemon_logs_its_startup_phases(tmp_path: Path) -> None:
+def test_daemon_logs_its_startup_phases_and_imports_only_what_it_serves(tmp_path: Path) -> None:
     image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")
     cfg = image.write_config(tmp_path / "cfg.json", tmp_path / "cache")
+    log = tmp_path / "log"
     d = Nydusd(["--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
-                "--apisock", sock, "--log-level", "info"], mnt, log_path=tmp_path / "log", apisock=sock)
-    try:
-        d.start()
-        d.wait(lambda: "api_started" in d.log(), 15, "the API start")
-        phases = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()
-                  if '"startup_phase"' in line]
-        assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_imported",
-                                                "api_started"]
-        times = [p["since_exec_s"] for p in phases]
-        assert times[0] > 0 and times == sorted(times)
-    finally:
-        d.terminate()
-        d.cleanup()
-
-
-@pytest.mark.fuse
-def test_serving_daemon_imported_only_what_it_serves(tmp_path: Path) -> None:
-    # the real process's sys.modules once its API is up (the debug event ``startup_modules``):
-    # laziness that regresses (a module-level import of a session, the hand-over, prometheus_client,
-    # a lost import guard ...) fails here
-    image = build_image(sample_tree(tmp_path / "src", big=False), tmp_path / "img")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sock = str(tmp_path / "api.sock")
-    cfg = image.write_config(tmp_path / "cfg.json", tmp_path / "cache")
-    log = tmp_path / "daemon.log"
-    d = Nydusd(["--config", cfg, "--bootstrap", image.bootstrap, "--mountpoint", str(mnt),
-                "--apisock", sock, "--log-file", str(log), "--log-level", "debug"], mnt,
-               log_path=tmp_path / "stderr", apisock=sock, env={"NYDUS_LOG_FORMAT": "json"})
+                "--apisock", sock, "--log-level", "debug"], mnt, log_path=log, apisock=sock,
+               env={"NYDUS_LOG_FORMAT": "json"})
     try:
         d.start()
         assert ApiClient(sock).info()["state"] == "RUNNING"
@@ -77,8 +51,16 @@ def test_serving_daemon_imported_only_what_it_serves(tmp_path: Path) -> None:
     finally:
         d.terminate()
         d.cleanup()
-    events = [json.loads(line) for line in log.read_text().splitlines() if '"startup_modules"' in line]
-    imported = set(events[0]["modules"])
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    phases = [e for e in events if e["event"] == "startup_phase"]
+    assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_imported",
+                                            "api_started"]
+    times = [p["since_exec_s"] for p in phases]
+    assert times[0] > 0 and times == sorted(times)
+    # the real process's sys.modules once its API is up (the debug event ``startup_modules``):
+    # laziness that regresses (a module-level import of a session, the hand-over, prometheus_client,
+    # a lost import guard ...) fails here
+    imported = set(next(e for e in events if e["event"] == "startup_modules")["modules"])
     assert {"fastapi", "uvicorn", "api.server", "nydusd.fs.session", "llfuse"} <= imported  # it looked
     loaded = sorted(m for m in imported if any(m == p or m.startswith(p + ".") for p in NOT_WHILE_SERVING))
     assert loaded == []
