@@ -22,7 +22,7 @@ Code under test: ``--before DIR`` is a copy of another revision's ``nydusd`` and
 this tree (``PYTHONPATH=DIR``); runs alternate before/after in each round (paired), after one
 unmeasured warm-up run of each (writes the .pyc files). Medians over ``--rounds`` (default 5).
 
-    sudo .venv/bin/python bench/bench_start.py --before /tmp/nydus-before [--rounds 5]
+    sudo .venv/bin/python bench/bench_start.py --before /tmp/nydus-before [--rounds 5] [--warm]
 
 Needs root (drop_caches, FUSE mounts) and /dev/fuse.
 """
@@ -107,7 +107,13 @@ def build_image(tmp: Path) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- a run
+#: ``--warm``: leave the page cache as it is (the daemon's files cached by the previous run)
+WARM = False
+
+
 def drop_caches() -> None:
+    if WARM:
+        return
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
@@ -266,7 +272,10 @@ def main() -> int:
     p.add_argument("--before", type=Path, help="a copy of another revision's nydusd + api packages")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--forms", default="cli,api")
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache before a run")
     a = p.parse_args()
+    global WARM
+    WARM = a.warm
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench_start: needs root and /dev/fuse")
         return 1
@@ -288,7 +297,8 @@ def main() -> int:
             for lab, _code in codes:
                 results[lab]["floor"].append(floor)
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
-    print(f"nydusd start, page cache dropped before each run; medians of {a.rounds} paired rounds "
+    cache = "warm page cache" if WARM else "page cache dropped before each run"
+    print(f"nydusd start, {cache}; medians of {a.rounds} paired rounds "
           f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")
     print(table(results, [lab for lab, _ in codes]))
     return 0
