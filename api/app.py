@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import DaemonApi
 from api.errors import error_body, install_error_handlers
-from api.prometheus import create_registry
 from api.routes import daemon as daemon_routes
 from api.routes import metrics as metrics_routes
 from api.routes import mount as mount_routes
@@ -162,7 +161,6 @@ def create_app(daemon: DaemonApi) -> FastAPI:
     app = FastAPI(title="Nydus API", version="1.0.0", description=DESCRIPTION, redirect_slashes=False,
                   docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.daemon = daemon
-    app.state.prometheus_registry = create_registry(daemon)
     for router in (daemon_routes.router, daemon_routes.config_router, mount_routes.router,
                    metrics_routes.router, daemon_routes.v2_router, metrics_routes.prometheus_router):
         app.include_router(router)

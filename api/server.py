@@ -265,7 +265,7 @@ def _json_str(text: str) -> str:
 
 def _uvicorn_config(daemon: DaemonApi, **overrides: Any) -> uvicorn.Config:
     options: dict[str, Any] = {
-        "lifespan": "off", "log_config": None, "access_log": False, "server_header": False,
+        "lifespan": "off", "ws": "none", "log_config": None, "access_log": False, "server_header": False,
         "http": LimitedH11Protocol, "h11_max_incomplete_event_size": MAX_REQUEST_HEAD,
         "loop": "asyncio", "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": 5,

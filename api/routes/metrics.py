@@ -14,7 +14,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import DaemonDep
-from api.prometheus import render_prometheus
 from api.responses import EMPTY, METRIC_ERRORS, json_ok, no_content
 from api.schemas import (
     AccessPattern,
@@ -73,5 +72,12 @@ def metrics_inflight(daemon: DaemonDep) -> Response:
                                         "description": "Prometheus text exposition format"},
                                   **METRIC_ERRORS})
 def prometheus_metrics(request: Request) -> Response:
-    body, content_type = render_prometheus(request.app.state.prometheus_registry)
+    # prometheus_client is imported at the first scrape, not on the daemon's start-up path
+    from api.prometheus import create_registry, render_prometheus
+
+    state = request.app.state
+    registry = getattr(state, "prometheus_registry", None)
+    if registry is None:  # two first scrapes at once make two equal registries: harmless
+        registry = state.prometheus_registry = create_registry(state.daemon)
+    body, content_type = render_prometheus(registry)
     return Response(content=body, media_type=content_type)

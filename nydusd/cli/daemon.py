@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import resource
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
 # Start-up time (issue 13): structlog renders exceptions with rich when it can import it, ~100 ms
 # of pretty-printer imports before the mount; the daemon logs JSON lines or plain console lines.
-sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+# FastAPI imports pydantic's whole v1 compatibility package (~80 modules) only to check that no
+# route uses a v1 model; this daemon has none, and the check treats a missing v1 as "not v1".
+for _unused in ("rich", "pydantic.v1"):
+    sys.modules.setdefault(_unused, None)  # type: ignore[arg-type]
 
-from nydusd.errors import ConfigError, InvalidArgument, NydusError, Unsupported  # noqa: E402 - after the rich guard
-from nydusd.log import configure_logging, get_logger  # noqa: E402 - after the rich guard
+from nydusd.errors import ConfigError, InvalidArgument, NydusError, Unsupported  # noqa: E402 - after the import guards
+from nydusd.log import configure_logging, get_logger  # noqa: E402 - after the import guards
 
 log = get_logger(__name__)
 
@@ -186,16 +191,63 @@ def _raise_nofile(limit: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-_M_ARENA_MAX = -8  # glibc <malloc.h>
+# glibc <malloc.h> mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+#: llfuse's request buffer, allocated and zeroed by each of its workers as it starts (max_write
+#: 128 KiB + one page): at this threshold it is a fresh mmap, touched only by the requests it holds
+_FUSE_BUFFER = (128 << 10) + resource.getpagesize()
+#: once the workers run: chunk-sized (1 MiB) buffers come from the heap again -- a fresh mmap costs
+#: its page faults on every allocation, ~20x the copy itself (what glibc's dynamic threshold avoids)
+_SERVING_MMAP_THRESHOLD = 4 << 20
+#: and the heap keeps up to this much free at its top: trimming it after every freed chunk would
+#: cost the same page faults again (glibc's dynamic rule keeps twice the mmap threshold, 8 MiB: 2 MiB
+#: holds a freed 1 MiB chunk buffer for the next one at a quarter of the memory)
+_SERVING_TRIM_THRESHOLD = 2 << 20
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas: every FUSE worker would otherwise keep its own arena of
-    freed 128 KiB-1 MiB read buffers, and the daemon's RSS creeps up with the worker count."""
+def _mallopt(param: int, value: int) -> None:
     try:  # the process's own symbols include libc's (ctypes.util would cost 25 ms of imports)
-        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas)
+        ctypes.CDLL(None).mallopt(param, value)
     except (OSError, AttributeError):
         pass
+
+
+def _tune_malloc_for_start() -> None:
+    """In this process only (mallopt, not MALLOC_* variables that children would inherit):
+
+    - at most 2 malloc arenas: every FUSE worker would otherwise keep its own arena of freed
+      128 KiB-1 MiB read buffers, and the RSS would creep up with the worker count;
+    - until the FUSE workers have started, blocks of ``_FUSE_BUFFER`` bytes and more are mmapped:
+      from the heap, the 132 KiB each llfuse worker zeroes at start would be resident at once
+      (about 17 MB for the --thread-num + 128 backend-wait workers). Setting a threshold turns
+      glibc's dynamic one off for good: ``_tune_malloc_for_serving`` sets the serving values."""
+    _mallopt(_M_ARENA_MAX, 2)
+    _mallopt(_M_MMAP_THRESHOLD, _FUSE_BUFFER)
+
+
+def _tune_malloc_for_serving(workers: int, started: threading.Event, timeout: float = 5.0) -> None:
+    """Thread: once ``workers`` more threads run (the FUSE workers, started by the session's loop
+    right after this) and the API is up (``started``), raise the mmap threshold to
+    ``_SERVING_MMAP_THRESHOLD`` for the hot path and hand the heap the start-up freed (import and
+    schema-building garbage) back to the kernel."""
+    def threads() -> int:
+        try:
+            return len(os.listdir("/proc/self/task"))
+        except OSError:
+            return 1 << 30
+    target = threads() + workers
+    deadline = time.monotonic() + timeout
+    while threads() < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+    started.wait(max(0.0, deadline - time.monotonic()))
+    _mallopt(_M_MMAP_THRESHOLD, _SERVING_MMAP_THRESHOLD)
+    _mallopt(_M_TRIM_THRESHOLD, _SERVING_TRIM_THRESHOLD)
+    gc.collect()  # the cycles import and schema building left: their arenas go back to the kernel
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    log.debug("malloc_tuned", mmap_threshold=_SERVING_MMAP_THRESHOLD, workers=workers)
 
 
 def _startup_config(args: argparse.Namespace) -> Any:
@@ -262,24 +314,51 @@ def _since_exec() -> float:
 
 
 class _ApiStarter:
-    """Starts the API server on ``apisock`` once the daemon is RUNNING; stops it at shutdown."""
+    """Starts the API server on ``apisock`` once the daemon is RUNNING; stops it at shutdown.
 
-    def __init__(self, daemon: Any, apisock: str | None) -> None:
-        self.daemon = daemon
+    ``prepare`` imports the API stack (FastAPI, pydantic, uvicorn: the largest part of the start)
+    in a thread of its own while the main thread imports the daemon and mounts; with a cold page
+    cache the two read their files in parallel. The socket still appears only once RUNNING."""
+
+    def __init__(self, apisock: str | None) -> None:
         self.apisock = apisock
+        self.daemon: Any = None
         self.server: Any = None
+        self._start: Any = None
+        self._importer: threading.Thread | None = None
 
-    def __call__(self) -> None:
-        log.info("startup_phase", phase="running", since_exec_s=round(_since_exec(), 4))
-        if not self.apisock:
-            return
+    def prepare(self) -> None:
+        if self.apisock:
+            self._importer = threading.Thread(target=self._import, name="nydusd-api-import",
+                                              daemon=True)
+            self._importer.start()
+
+    def _import(self) -> None:
         try:
             from api.server import start_api_server  # composition root: imports both sides
         except ImportError as e:
             log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
             return
-        self.server = start_api_server(self.daemon, self.apisock)
-        log.info("startup_phase", phase="api_started", since_exec_s=round(_since_exec(), 4))
+        self._start = start_api_server
+
+    def __call__(self) -> None:
+        log.info("startup_phase", phase="running", since_exec_s=round(_since_exec(), 4))
+        started = threading.Event()
+        threading.Thread(target=_tune_malloc_for_serving, args=(self.daemon.worker_threads, started),
+                         name="nydusd-malloc", daemon=True).start()
+        try:
+            if self._importer is None:
+                return
+            self._importer.join()
+            if self._start is None:
+                return
+            log.info("startup_phase", phase="api_imported", since_exec_s=round(_since_exec(), 4))
+            self.server = self._start(self.daemon, self.apisock)
+            log.info("startup_phase", phase="api_started", since_exec_s=round(_since_exec(), 4))
+        finally:
+            started.set()
+            # what the start imported (tests/integration/test_startup.py keeps it lean)
+            log.debug("startup_modules", modules=sorted(k for k, v in list(sys.modules.items()) if v))
 
     def stop(self) -> None:
         if self.server is not None:
@@ -287,16 +366,20 @@ class _ApiStarter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nydusd.daemon.service import Daemon, block_stop_signals
+    from nydusd.daemon import block_stop_signals
+
+    # Before any thread exists (the API importer, prefetch threads): every thread inherits the
+    # mask, and the daemon's signal thread alone receives SIGTERM/SIGINT/SIGHUP.
+    block_stop_signals()
+    _tune_malloc_for_start()
+    api = _ApiStarter(args.apisock)
+    api.prepare()
+    from nydusd.daemon.service import Daemon
     from nydusd.fs.mountpoint import check_mountable
 
-    # Before any thread exists (the startup mount may start prefetch threads): every thread
-    # inherits the mask, and the daemon's signal thread alone receives SIGTERM/SIGINT/SIGHUP.
-    block_stop_signals()
     log_file = _log_file(args.log_file)
     configure_logging(args.log_level, log_file)
     log.info("startup_phase", phase="imported", since_exec_s=round(_since_exec(), 4))
-    _limit_malloc_arenas()
     _raise_nofile(args.rlimit_nofile)
     mountpoint = _canonical_mountpoint(args.mountpoint) if args.mountpoint else None
     upgrade = args.upgrade
@@ -319,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
         daemon.mount(args.virtual_mountpoint, args.bootstrap, _startup_config(args),
                      prefetch_files=_prefetch_list(args.prefetch_files))
         log.info("startup_phase", phase="image_mounted", since_exec_s=round(_since_exec(), 4))
-    api = _ApiStarter(daemon, args.apisock)
+    api.daemon = daemon
     try:
         return daemon.run(on_running=api)
     finally:

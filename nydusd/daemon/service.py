@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nydusd.config import ConfigV2
+from nydusd.daemon import STOP_SIGNALS, block_stop_signals
 from nydusd.daemon.events import EventLog, RuntimeConfig, apply
 from nydusd.daemon.instance import InstanceFactory, RafsInstance, build_rafs_instance
 from nydusd.daemon.mounts import MountTable, Session, check_fs_type
@@ -55,16 +56,6 @@ from nydusd.version import version_info
 log = get_logger(__name__)
 
 INIT, READY, RUNNING, STOPPED = "INIT", "READY", "RUNNING", "STOPPED"
-#: signals that stop the daemon (llfuse's set: SIGHUP too)
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-
-
-def block_stop_signals() -> None:
-    """Block the stop signals in the calling thread -- call it in the main thread before any other
-    thread starts, so every thread inherits the mask and only ``sigwait`` receives them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
 class UnexpectedEvent(InvalidArgument):
     """An event the state machine does not accept in the current state (HTTP 400)."""
 
@@ -98,6 +89,8 @@ class Daemon:
         self.vfs = Vfs(uid=os.getuid(), gid=os.getgid(), on_error=self.record_error,
                        first_fh=time.time_ns() if fuse_session == "own" else 1)
         self.session: Session | None = None
+        #: threads the session's loop starts when it runs (0: started as requests need them)
+        self.worker_threads = 0
         self.table = MountTable(self.vfs, instance_factory, self.runtime_config,
                                 session=lambda: self.session, on_error=self.record_error)
         self._set_log_level = set_log_level
@@ -356,6 +349,7 @@ class Daemon:
         if self.fuse_session == "own":
             from nydusd.fs.devfuse import DevFuseSession
 
+            self.worker_threads = self.threads
             # cloned fds lose their in-flight requests with the process: not when handing over
             # Not yet the llfuse session's reserve of workers for backend waits (below): this
             # session starts every worker up front, each with a request buffer of max_pages
@@ -368,6 +362,7 @@ class Daemon:
         # --thread-num workers plus one per possible backend wait: a read waiting on a backend
         # holds its worker, and storage/waits.py bounds those waits, so --thread-num workers
         # always stay free for everything else (README of nydusd/fs, "A hung backend")
+        self.worker_threads = self.threads + shared
         return FuseSession(FuseOperations(self.vfs), self.mountpoint,
                            threads=self.threads + shared, writable=self.writable,
                            max_background=2 * (self.threads + shared))
