@@ -287,3 +287,26 @@ def test_bad_workload_arguments_fail_before_anything_runs(images: Images, tmp_pa
     assert rc == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_workload_on_an_image_whose_blobs_are_in_a_storage_backend(images: Images, tmp_path: Path) -> None:
+    """Converted with --backend-type localfs (the manifest holds the bootstrap layer only): the
+    recording nydusd reads the blobs from --source-backend-*, and the optimized image still has
+    no data layer in the registry."""
+    from nydusd.converter.stores import create_store
+
+    blobs = tmp_path / "blobs"
+    src = f"{images.registry.host}/opt/busybox:v1"
+    dst = f"{images.registry.host}/opt/localfs:nydus"
+    with create_store("localfs", json.dumps({"dir": str(blobs)})) as store:
+        convert(src, dst, tmp_path / "convert", blob_store=store)
+    target = f"{images.registry.host}/opt/localfs:optimized"
+    base = ["--log-level", "warn", "optimize", "--source", dst, "--target", target, "--plain-http",
+            "--workload", "/bin/sh -c 'cat /opt/data/payload1.bin > /dev/null'", "--nydusd", NYDUSD,
+            "--work-dir", str(tmp_path / "work")]
+    # without the backend the recording daemon has nowhere to read the blobs from: the workload fails
+    assert nydusify(base) == 1
+    assert nydusify([*base, "--source-backend-type", "localfs", "--source-backend-config",
+                     json.dumps({"dir": str(blobs)})]) == 0
+    _, table, _, data_layers = image_files(target)
+    assert "/opt/data/payload1.bin" in table and data_layers == []
