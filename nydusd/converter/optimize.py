@@ -2,8 +2,10 @@
 
 Owns: ``Optimizer`` (source nydus image -> target image whose bootstrap lists the given files, in
 the given order, in its prefetch table; the data blobs are reused as they are, copied into the
-target repository when it is another one) and ``paths_in_access_order`` (a daemon's recorded
-``/api/v1/metrics/pattern`` -> the paths read, first read first: a prefetch list).
+target repository when it is another one), ``parse_prefetch_files`` (upstream's JSON list or a
+plain one) and ``paths_in_access_order`` (a daemon's recorded ``/api/v1/metrics/pattern`` -> the
+paths read, first read first: a prefetch list; ``workload.record_workload`` makes one by running
+a command in a container).
 
 At mount, nydusd fetches the prefetch table's chunks in table order, adjacent chunks merged, ahead
 of the container's reads: a table written from a recorded run replays that run's reads. Unlike
