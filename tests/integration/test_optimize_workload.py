@@ -204,7 +204,7 @@ def test_a_reader_overtakes_a_running_table_prefetch(images: Images, tmp_path: P
     boot, table, chunks, _ = image_files(target)
     assert table == payloads
     store = SlowStore()
-    store.delay = 0.15   # one chunk per request: 12 prefetch requests, about 2 s
+    store.delay = 0.3    # one chunk per request: 12 prefetch requests, about 4 s
     shim = FaultShim(images.registry.port, redirect_to=store)
     d, _ = mount(tmp_path / "m", boot, shim, "opt/busybox", threads_count=1, merging_size=0)
     try:
