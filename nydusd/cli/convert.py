@@ -171,7 +171,9 @@ def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--target", required=True, help="target nydus image reference")
     _add_registry_access(p)
     files = p.add_mutually_exclusive_group(required=True)
-    files.add_argument("--prefetch-files", help="file listing the paths to prefetch, one per line, in order")
+    files.add_argument("--prefetch-files", help="the files to prefetch, in order: upstream's JSON "
+                       "({\"version\": \"v1\", \"files\": [{\"path\": ...}]}; ranges prefetch the whole "
+                       "file) or one absolute path per line")
     files.add_argument("--access-pattern", help="a nydusd /api/v1/metrics/pattern JSON: prefetch the "
                        "files it records, first read first")
     files.add_argument("--workload", help="a command line (split like a shell does, no shell runs): run "
@@ -211,7 +213,7 @@ def _read_text(path: str, what: str) -> str:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from nydusd.converter.optimize import Optimizer, ordered_paths, prefetch_list
+    from nydusd.converter.optimize import Optimizer, parse_prefetch_files, prefetch_list
     from nydusd.converter.remote import open_remote
 
     if args.source_backend_type and not (args.source_backend_config or args.source_backend_config_file):
@@ -225,7 +227,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                              insecure_flag="--target-insecure", push=True)
         stack.callback(target.close)
         if args.prefetch_files:
-            paths = ordered_paths(_read_text(args.prefetch_files, "prefetch files").splitlines())
+            paths = parse_prefetch_files(_read_text(args.prefetch_files, "prefetch files"))
         elif args.access_pattern:
             try:
                 pattern = json.loads(_read_text(args.access_pattern, "access pattern"))

@@ -2,8 +2,10 @@
 
 Owns: ``Optimizer`` (source nydus image -> target image whose bootstrap lists the given files, in
 the given order, in its prefetch table; the data blobs are reused as they are, copied into the
-target repository when it is another one) and ``paths_in_access_order`` (a daemon's recorded
-``/api/v1/metrics/pattern`` -> the paths read, first read first: a prefetch list).
+target repository when it is another one), ``parse_prefetch_files`` (upstream's JSON list or a
+plain one) and ``paths_in_access_order`` (a daemon's recorded ``/api/v1/metrics/pattern`` -> the
+paths read, first read first: a prefetch list; ``workload.record_workload`` makes one by running
+a command in a container).
 
 At mount, nydusd fetches the prefetch table's chunks in table order, adjacent chunks merged, ahead
 of the container's reads: a table written from a recorded run replays that run's reads. Unlike
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -46,6 +49,32 @@ def ordered_paths(lines: Iterable[str]) -> list[str]:
         if line.startswith("/"):
             out.setdefault("/" + os.path.normpath(line).lstrip("/"), None)
     return list(out)
+
+
+def parse_prefetch_files(text: str) -> list[str]:
+    """A ``--prefetch-files`` file: upstream's JSON (``{"version": "v1", "files": [{"path": ...,
+    "ranges": [[offset, size], ...] | null}]}``) or a plain list, one path per line (older
+    upstream). Paths in file order (``ordered_paths``); ranges are not kept: the table lists
+    files, so a listed file is prefetched whole. Raises InvalidArgument for JSON of another shape
+    or version."""
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
+        return ordered_paths(text.splitlines())
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"the prefetch files are not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != "v1" or not isinstance(doc.get("files"), list):
+        raise InvalidArgument("unsupported prefetch file: want {\"version\": \"v1\", \"files\": [...]}",
+                              version=doc.get("version") if isinstance(doc, dict) else None)
+    paths = []
+    for entry in doc["files"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise InvalidArgument("a prefetch file entry needs a \"path\" string", entry=str(entry)[:200])
+        if entry.get("ranges"):
+            log.info("prefetch_ranges_whole_file", path=entry["path"])
+        paths.append(entry["path"])
+    return ordered_paths(paths)
 
 
 def paths_in_access_order(sb: RafsSuper, pattern: Iterable[dict[str, Any]]) -> list[str]:

@@ -17,6 +17,7 @@ nydusd is a child process (``mount.NydusdProcess``). Single-threaded.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -146,6 +147,7 @@ def record_workload(source: Remote, opts: WorkloadOptions) -> Recording:
     child that records reads; returns the files read. Raises WorkloadFailed, NotReady, NotFound,
     Unsupported (not a nydus image)."""
     args = workload_args(opts.command)
+    created = not opts.work_dir.exists()
     work = opts.work_dir / "workload"
     shutil.rmtree(work, ignore_errors=True)
     (work / "mnt").mkdir(parents=True)
@@ -180,6 +182,9 @@ def record_workload(source: Remote, opts: WorkloadOptions) -> Recording:
     # kept after a failure (the nydusd log is there); nothing of it is needed once recorded
     if not _has_mounts_under(work):
         shutil.rmtree(work, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                opts.work_dir.rmdir()   # only if empty
     return Recording(paths, result.exit_code, result.seconds, result.stdout)
 
 

@@ -11,9 +11,15 @@ import pytest
 
 from nydusd.cli.convert import main as nydusify
 from nydusd.converter import manifest as m
-from nydusd.converter.optimize import ordered_paths, paths_in_access_order, source_bootstrap
+from nydusd.converter.optimize import (
+    ordered_paths,
+    parse_prefetch_files,
+    paths_in_access_order,
+    source_bootstrap,
+)
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import open_remote
+from nydusd.errors import InvalidArgument
 from nydusd.rafs import load_bootstrap
 from tests.converter.conftest import Image
 from tests.converter.test_convert import check, convert
@@ -62,6 +68,21 @@ def test_optimize_writes_the_list_in_order_and_keeps_the_blobs(registry: Registr
     assert check(target, source_image.ref, tmp_path / "check") == []
 
 
+def test_optimize_reads_upstreams_json_prefetch_files(registry: Registry, nydus_image: str,
+                                                     tmp_path: Path) -> None:
+    _, _, files = nydus_manifest(nydus_image)
+    wanted = [files[1], files[-1]]
+    listing = tmp_path / "prefetch.json"
+    listing.write_text(json.dumps({"version": "v1", "files": [
+        {"path": wanted[0], "ranges": [[0, 4096], [8192, 4096]]},
+        {"path": "relative/skipped", "ranges": None},
+        {"path": wanted[1], "ranges": None}]}))
+    target = f"{registry.host}/opt/texture:json"
+    assert nydusify(["--log-level", "warn", "optimize", "--source", nydus_image, "--target", target,
+                     "--plain-http", "--prefetch-files", str(listing)]) == 0
+    assert nydus_manifest(target)[1] == wanted
+
+
 def test_optimize_from_a_recorded_access_pattern(registry: Registry, nydus_image: str,
                                                  tmp_path: Path) -> None:
     remote = open_remote(nydus_image, plain_http=True)
@@ -96,6 +117,18 @@ def test_optimize_refuses_an_oci_image_and_a_bad_list(registry: Registry, source
     assert nydusify(["optimize", "--source", source_image.ref, "--target", f"{registry.host}/opt/x:y",
                      "--plain-http", "--prefetch-files", str(tmp_path / "missing")]) == 1
     assert "cannot read the prefetch files" in capsys.readouterr().err
+
+
+def test_parse_prefetch_files_takes_both_forms_and_refuses_others() -> None:
+    assert parse_prefetch_files("/b\n/a\n") == ["/b", "/a"]
+    doc = {"version": "v1", "files": [{"path": "/z/1", "ranges": [[0, 1]]}, {"path": "/a"}, {"path": "/z/1"}]}
+    assert parse_prefetch_files(json.dumps(doc)) == ["/z/1", "/a"]
+    assert parse_prefetch_files('{"version": "v1", "files": []}') == []
+    for bad, message in [('{"version": "v2", "files": []}', "unsupported prefetch file"),
+                         ('{"version": "v1", "files": [{"ranges": null}]}', "needs a \"path\""),
+                         ('{"version": "v1", "files": [', "not valid JSON")]:
+        with pytest.raises(InvalidArgument, match=message):
+            parse_prefetch_files(bad)
 
 
 def test_ordered_paths_keeps_the_file_order() -> None:

@@ -204,7 +204,7 @@ def test_a_reader_overtakes_a_running_table_prefetch(images: Images, tmp_path: P
     boot, table, chunks, _ = image_files(target)
     assert table == payloads
     store = SlowStore()
-    store.delay = 0.15   # one chunk per request: 12 prefetch requests, about 2 s
+    store.delay = 0.3    # one chunk per request: 12 prefetch requests, about 4 s
     shim = FaultShim(images.registry.port, redirect_to=store)
     d, _ = mount(tmp_path / "m", boot, shim, "opt/busybox", threads_count=1, merging_size=0)
     try:
@@ -269,7 +269,7 @@ def test_a_workload_still_running_at_the_timeout_is_stopped_and_its_reads_kept(
     assert "/etc/motd" in table and listing.read_text().splitlines() == table
     # container, overlayfs, nydusd and the work files are gone
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
-    assert not (tmp_path / "work" / "workload").exists()
+    assert not (tmp_path / "work").exists()   # created for the recording, removed with it
     assert subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True).returncode != 0
 
 
@@ -287,3 +287,26 @@ def test_bad_workload_arguments_fail_before_anything_runs(images: Images, tmp_pa
     assert rc == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_a_workload_on_an_image_whose_blobs_are_in_a_storage_backend(images: Images, tmp_path: Path) -> None:
+    """Converted with --backend-type localfs (the manifest holds the bootstrap layer only): the
+    recording nydusd reads the blobs from --source-backend-*, and the optimized image still has
+    no data layer in the registry."""
+    from nydusd.converter.stores import create_store
+
+    blobs = tmp_path / "blobs"
+    src = f"{images.registry.host}/opt/busybox:v1"
+    dst = f"{images.registry.host}/opt/localfs:nydus"
+    with create_store("localfs", json.dumps({"dir": str(blobs)})) as store:
+        convert(src, dst, tmp_path / "convert", blob_store=store)
+    target = f"{images.registry.host}/opt/localfs:optimized"
+    base = ["--log-level", "warn", "optimize", "--source", dst, "--target", target, "--plain-http",
+            "--workload", "/bin/sh -c 'cat /opt/data/payload1.bin > /dev/null'", "--nydusd", NYDUSD,
+            "--work-dir", str(tmp_path / "work")]
+    # without the backend the recording daemon has nowhere to read the blobs from: the workload fails
+    assert nydusify(base) == 1
+    assert nydusify([*base, "--source-backend-type", "localfs", "--source-backend-config",
+                     json.dumps({"dir": str(blobs)})]) == 0
+    _, table, _, data_layers = image_files(target)
+    assert "/opt/data/payload1.bin" in table and data_layers == []
