@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nydusd.converter import manifest as m
-from nydusd.converter.layers import LayerStream
+from nydusd.converter.layer_stream import LayerStream
 from nydusd.converter.mount import MountOptions, NydusdProcess, nydusd_config
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote

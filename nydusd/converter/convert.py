@@ -28,8 +28,8 @@ from typing import Any
 
 from nydusd import __version__
 from nydusd.converter import manifest as m
-from nydusd.converter.layerbuild import LayerBuilder, LayerOutput
-from nydusd.converter.layers import LayerStream
+from nydusd.converter.layer_builder import LayerBuilder, LayerOutput
+from nydusd.converter.layer_stream import LayerStream
 from nydusd.converter.progress import Metrics, Progress
 from nydusd.converter.publish import (
     blob_meta_file,
