@@ -21,16 +21,17 @@ import os
 import platform as host_platform
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nydusd import __version__
 from nydusd.converter import manifest as m
 from nydusd.converter.layer_builder import LayerBuilder, LayerOutput
 from nydusd.converter.layer_stream import LayerStream
-from nydusd.converter.progress import Metrics, Progress
+from nydusd.converter.progress import Metrics, Progress, Task
 from nydusd.converter.publish import (
     blob_meta_file,
     bootstrap_layer_tar,
@@ -123,7 +124,8 @@ class Converter:
     """Converts ``source`` to ``target`` (two ``Remote``s; they may share a registry)."""
 
     def __init__(self, source: Remote, target: Remote, opts: ConvertOptions,
-                 *, progress: Progress | None = None, remote_factory: Any = None) -> None:
+                 *, progress: Progress | None = None,
+                 remote_factory: Callable[[str], Remote] | None = None) -> None:
         self.source, self.target, self.opts = source, target, opts
         self.progress = progress or Progress()
         self.metrics = Metrics()
@@ -313,7 +315,7 @@ class Converter:
         return layers
 
     # ---- pushing -------------------------------------------------------------------------------
-    def _submit(self, fn: Any, *args: Any) -> None:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._pool is not None
         # Fail fast: a push that already failed (bad target credentials ...) stops the conversion
         # before more layers are built.
@@ -461,10 +463,14 @@ def _pull_nydus_bootstrap(remote: Remote) -> bytes:
     return extract_bootstrap(remote.get_blob_bytes(layer.digest, expected_size=layer.size))
 
 
+class _Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
 class _CountingReader:
     """Feeds a progress task with the bytes read through it."""
 
-    def __init__(self, raw: Any, task: Any) -> None:
+    def __init__(self, raw: _Readable, task: Task) -> None:
         self._raw, self._task = raw, task
 
     def read(self, n: int = -1) -> bytes:
@@ -479,7 +485,7 @@ class _CountingReader:
 class _TimedReader:
     """Counts wall time spent waiting for the source (pull time) and feeds the progress bar."""
 
-    def __init__(self, raw: Any, task: Any) -> None:
+    def __init__(self, raw: _Readable, task: Task) -> None:
         self._raw, self._task = raw, task
         self.ns = 0
 
