@@ -25,13 +25,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from nydusd import __version__
 from nydusd.converter import manifest as m
 from nydusd.converter.layer_builder import LayerBuilder, LayerOutput
 from nydusd.converter.layer_stream import LayerStream
-from nydusd.converter.progress import Metrics, Progress, Task
+from nydusd.converter.progress import CountingReader, Metrics, Progress, TimedReader
 from nydusd.converter.publish import (
     blob_meta_file,
     bootstrap_layer_tar,
@@ -282,10 +282,10 @@ class Converter:
         build = self.progress.task("build", label, None)
         t0 = time.monotonic_ns()
         with self.source.open_blob(layer.digest, layer.size) as raw:
-            timed = _TimedReader(raw, pull)
+            timed = TimedReader(raw, pull)
             stream = LayerStream(timed, compression, expected_digest=layer.digest,
                                  expected_diff_id=diff_id)
-            out = builder.build_layer(index, _CountingReader(stream, build), label=layer.digest)
+            out = builder.build_layer(index, CountingReader(stream, build), label=layer.digest)
             stream.finish()
         self.metrics.add(source_pull_ns=timed.ns, bytes_pulled=stream.bytes_in,
                          conversion_ns=time.monotonic_ns() - t0 - timed.ns)
@@ -461,40 +461,6 @@ def _pull_nydus_bootstrap(remote: Remote) -> bytes:
         raise Unsupported("not a nydus image (no bootstrap layer)", image=str(remote.ref))
     layer = doc.layers[-1]
     return extract_bootstrap(remote.get_blob_bytes(layer.digest, expected_size=layer.size))
-
-
-class _Readable(Protocol):
-    def read(self, n: int = -1) -> bytes: ...
-
-
-class _CountingReader:
-    """Feeds a progress task with the bytes read through it."""
-
-    def __init__(self, raw: _Readable, task: Task) -> None:
-        self._raw, self._task = raw, task
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
-        self._task.update(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-
-class _TimedReader:
-    """Counts wall time spent waiting for the source (pull time) and feeds the progress bar."""
-
-    def __init__(self, raw: _Readable, task: Task) -> None:
-        self._raw, self._task = raw, task
-        self.ns = 0
-
-    def read(self, n: int = -1) -> bytes:
-        t = time.monotonic_ns()
-        data: bytes = self._raw.read(n)
-        self.ns += time.monotonic_ns() - t
-        self._task.update(len(data))
-        return data
 
 
 __all__ = ["ConvertOptions", "ConvertResult", "Converter", "ManifestResult", "NydusError",
