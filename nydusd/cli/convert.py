@@ -298,7 +298,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from nydusd.cli.progress import TerminalDisplay, wants_display
     from nydusd.converter.convert import Converter, ConvertOptions
     from nydusd.converter.progress import Progress
-    from nydusd.converter.remote import open_remote
+    from nydusd.converter.remote import Remote, open_remote
     from nydusd.converter.stores import create_store
     from nydusd.oci.reference import parse_reference
 
@@ -334,7 +334,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # On a terminal: one display, bars at the bottom and the log lines above them.
         display = stack.enter_context(TerminalDisplay()) if wants_display(args.progress) else None
 
-        def factory(ref: str) -> object:
+        def factory(ref: str) -> Remote:
             return open_remote(ref, insecure=args.chunk_dict_insecure, plain_http=args.plain_http, env=env,
                                insecure_flag="--chunk-dict-insecure")
 

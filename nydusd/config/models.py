@@ -170,10 +170,10 @@ def model_of(annotation: Any) -> type[BaseModel] | None:
 
 # The backend registry, read off BackendConfig: ``backend.type`` -> its sub-config model (and the
 # field holding it), in declaration order. Everything that lists backend types derives from it.
-_BACKEND_FIELD: dict[str, str] = {f.alias or n: n for n, f in BackendConfig.model_fields.items()
-                                  if model_of(f.annotation) is not None}
 BACKEND_MODELS: dict[str, type[BaseModel]] = {
-    t: m for t, n in _BACKEND_FIELD.items() if (m := model_of(BackendConfig.model_fields[n].annotation))}
+    f.alias or n: m for n, f in BackendConfig.model_fields.items() if (m := model_of(f.annotation))}
+_BACKEND_FIELD: dict[str, str] = {f.alias or n: n for n, f in BackendConfig.model_fields.items()
+                                  if (f.alias or n) in BACKEND_MODELS}
 BACKEND_TYPES: tuple[str, ...] = tuple(BACKEND_MODELS)
 #: the types a v1 document may name: upstream's v1 converter predates http-proxy
 V1_BACKEND_TYPES: tuple[str, ...] = tuple(t for t in BACKEND_TYPES if t != "http-proxy")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nydusd.converter import manifest as m
-from nydusd.converter.layers import LayerStream
+from nydusd.converter.layer_stream import LayerStream
 from nydusd.converter.mount import MountOptions, NydusdProcess, nydusd_config
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
@@ -35,7 +35,7 @@ from nydusd.converter.stores import BlobStore, create_store
 from nydusd.errors import NotFound, NydusError
 from nydusd.log import get_logger
 from nydusd.oci import mediatypes as mtypes
-from nydusd.rafs import load_bootstrap
+from nydusd.rafs import RafsSuper, load_bootstrap
 
 log = get_logger(__name__)
 
@@ -204,7 +204,7 @@ class Checker:
         for line in compare(oci, nydus):
             self._problem(f"{p}filesystem: {line}")
 
-    def _decoded_tree(self, p: str, rs: Any, blob_files: dict[str, Path]) -> dict[str, Entry] | None:
+    def _decoded_tree(self, p: str, rs: RafsSuper, blob_files: dict[str, Path]) -> dict[str, Entry] | None:
         """The nydus rootfs decoded in process from the bootstrap and the downloaded blobs."""
         try:
             return nydus_rootfs(rs, lambda blob_id, off, size: _pread(blob_files[blob_id], off, size))

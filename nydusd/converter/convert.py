@@ -21,6 +21,7 @@ import os
 import platform as host_platform
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,9 @@ from typing import Any
 
 from nydusd import __version__
 from nydusd.converter import manifest as m
-from nydusd.converter.layerbuild import LayerBuilder, LayerOutput
-from nydusd.converter.layers import LayerStream
-from nydusd.converter.progress import Metrics, Progress
+from nydusd.converter.layer_builder import LayerBuilder, LayerOutput
+from nydusd.converter.layer_stream import LayerStream
+from nydusd.converter.progress import CountingReader, Metrics, Progress, TimedReader
 from nydusd.converter.publish import (
     blob_meta_file,
     bootstrap_layer_tar,
@@ -123,7 +124,8 @@ class Converter:
     """Converts ``source`` to ``target`` (two ``Remote``s; they may share a registry)."""
 
     def __init__(self, source: Remote, target: Remote, opts: ConvertOptions,
-                 *, progress: Progress | None = None, remote_factory: Any = None) -> None:
+                 *, progress: Progress | None = None,
+                 remote_factory: Callable[[str], Remote] | None = None) -> None:
         self.source, self.target, self.opts = source, target, opts
         self.progress = progress or Progress()
         self.metrics = Metrics()
@@ -280,10 +282,10 @@ class Converter:
         build = self.progress.task("build", label, None)
         t0 = time.monotonic_ns()
         with self.source.open_blob(layer.digest, layer.size) as raw:
-            timed = _TimedReader(raw, pull)
+            timed = TimedReader(raw, pull)
             stream = LayerStream(timed, compression, expected_digest=layer.digest,
                                  expected_diff_id=diff_id)
-            out = builder.build_layer(index, _CountingReader(stream, build), label=layer.digest)
+            out = builder.build_layer(index, CountingReader(stream, build), label=layer.digest)
             stream.finish()
         self.metrics.add(source_pull_ns=timed.ns, bytes_pulled=stream.bytes_in,
                          conversion_ns=time.monotonic_ns() - t0 - timed.ns)
@@ -313,7 +315,7 @@ class Converter:
         return layers
 
     # ---- pushing -------------------------------------------------------------------------------
-    def _submit(self, fn: Any, *args: Any) -> None:
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._pool is not None
         # Fail fast: a push that already failed (bad target credentials ...) stops the conversion
         # before more layers are built.
@@ -459,36 +461,6 @@ def _pull_nydus_bootstrap(remote: Remote) -> bytes:
         raise Unsupported("not a nydus image (no bootstrap layer)", image=str(remote.ref))
     layer = doc.layers[-1]
     return extract_bootstrap(remote.get_blob_bytes(layer.digest, expected_size=layer.size))
-
-
-class _CountingReader:
-    """Feeds a progress task with the bytes read through it."""
-
-    def __init__(self, raw: Any, task: Any) -> None:
-        self._raw, self._task = raw, task
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
-        self._task.update(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-
-class _TimedReader:
-    """Counts wall time spent waiting for the source (pull time) and feeds the progress bar."""
-
-    def __init__(self, raw: Any, task: Any) -> None:
-        self._raw, self._task = raw, task
-        self.ns = 0
-
-    def read(self, n: int = -1) -> bytes:
-        t = time.monotonic_ns()
-        data: bytes = self._raw.read(n)
-        self.ns += time.monotonic_ns() - t
-        self._task.update(len(data))
-        return data
 
 
 __all__ = ["ConvertOptions", "ConvertResult", "Converter", "ManifestResult", "NydusError",

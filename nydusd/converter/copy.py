@@ -29,6 +29,7 @@ from nydusd.converter import manifest as m
 from nydusd.converter.convert import host_platform_spec
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
+from nydusd.converter.stores import BlobStore
 from nydusd.errors import BlobNotFound, IntegrityError, InvalidArgument, NotFound, Unsupported
 from nydusd.log import get_logger
 from nydusd.oci import mediatypes as mtypes
@@ -46,8 +47,8 @@ class CopyOptions:
     all_platforms: bool = False
     work_dir: Path = Path("./tmp")
     #: where the source's nydus blobs are when its registry holds only the bootstrap layer
-    #: (converted with ``--backend-type``): a ``stores.BlobStore``
-    source_store: Any = None
+    #: (converted with ``--backend-type``)
+    source_store: BlobStore | None = None
 
 
 @dataclass
@@ -219,12 +220,12 @@ class _Copier:
         for desc in [doc.config, *doc.layers]:
             self.blob(desc)
         if self.opts.source_store is not None and m.is_nydus_manifest(doc):
-            doc = self.store_blobs(doc)
+            doc = self.store_blobs(doc, self.opts.source_store)
             data = m.encode(doc)
         return self.put_manifest(data, doc.mediaType or media_type, top)
 
-    def store_blobs(self, doc: m.Manifest) -> m.Manifest:
-        """Copy the blobs the bootstrap names but the manifest lacks from the source store to the
+    def store_blobs(self, doc: m.Manifest, store: BlobStore) -> m.Manifest:
+        """Copy the blobs the bootstrap names but the manifest lacks from ``store`` to the
         target, and add them as nydus blob layers (before the bootstrap layer)."""
         boot = doc.layers[-1]
         with load_bootstrap(extract_bootstrap(self.small_blob(boot))) as rs:
@@ -235,7 +236,7 @@ class _Copier:
         for blob_id in [b for b in blob_ids if b not in have]:
             path = self.opts.work_dir / f"copy-blob-{blob_id}"
             try:
-                if self.opts.source_store.download(blob_id, path) != blob_id:
+                if store.download(blob_id, path) != blob_id:
                     raise IntegrityError("blob digest mismatch in the source backend", blob_id=blob_id)
                 desc = m.blob_layer(blob_id, path.stat().st_size)
                 if isinstance(self.target, Remote):

@@ -1,13 +1,14 @@
-"""Conversion progress: per-layer download / build / push bars on a terminal (drawn by a display
-the command line injects), structured log lines always, and the timing/size counters behind
-``convert --output-json``.
+"""Conversion progress: per-layer download / build / push bars on a terminal (drawn by a display the
+command line injects), structured log lines always, and the timing/size counters behind ``convert
+--output-json``.
 
-Owns: ``Progress`` (factory of ``Task`` objects; bars when given a display),
-``Task`` (a byte counter with start/finish events) and ``Metrics`` (upstream's output-json fields:
+Owns: ``Progress`` (factory of ``Task`` objects; bars when given a display), ``Task`` (a byte
+counter with start/finish events), the readers that feed a task (``CountingReader``,
+``TimedReader``: also the wall time spent waiting) and ``Metrics`` (upstream's output-json fields:
 SourceImageSize, TargetImageSize, SourcePullElapsed, ConversionElapsed, TargetPushElapsed, in bytes
-and nanoseconds). Must not import the registry client or the builder.
-Threading: a ``Task`` is updated by the one thread running that phase; ``Metrics`` guards its
-counters with a lock because pushes run in a worker pool.
+and nanoseconds). Must not import the registry client or the builder. Threading: a ``Task`` is
+updated by the one thread running that phase; ``Metrics`` guards its counters with a lock because
+pushes run in a worker pool.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nydusd.log import get_logger
 
@@ -84,3 +85,39 @@ class Metrics:
                 "SourcePullElapsed": self.source_pull_ns, "ConversionElapsed": self.conversion_ns,
                 "TargetPushElapsed": self.target_push_ns, "BytesPulled": self.bytes_pulled,
                 "BytesPushed": self.bytes_pushed}
+
+
+class Readable(Protocol):
+    """Anything read front to back with ``read(n)`` (a layer blob, a decompressed layer stream)."""
+
+    def read(self, n: int = -1) -> bytes: ...
+
+
+class CountingReader:
+    """Feeds a progress task with the bytes read through it."""
+
+    def __init__(self, raw: Readable, task: Task) -> None:
+        self._raw, self._task = raw, task
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self._task.update(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class TimedReader:
+    """Counts wall time spent waiting for the source (pull time) and feeds the progress bar."""
+
+    def __init__(self, raw: Readable, task: Task) -> None:
+        self._raw, self._task = raw, task
+        self.ns = 0
+
+    def read(self, n: int = -1) -> bytes:
+        t = time.monotonic_ns()
+        data: bytes = self._raw.read(n)
+        self.ns += time.monotonic_ns() - t
+        self._task.update(len(data))
+        return data

@@ -6,7 +6,7 @@ actually sent, cross-repository mounts/copies) and ``open_remote`` (reference pa
 from the docker config, ``--plain-http`` / insecure handling: an insecure registry is tried over
 https without certificate checks, then over plain http). Must not import requests directly.
 Threading: a Remote may be used by the converter thread and the push pool at once (the client is
-thread-safe); a ``BlobReader`` belongs to one thread (its read-ahead runs in a private thread).
+thread-safe); a ``RegistryBlobFile`` belongs to one thread (its read-ahead runs in a private thread).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def read_with_retry(client: RegistryClient, digest: str, offset: int = 0, size: 
             time.sleep(RETRY_DELAY * attempt)
 
 
-class BlobReader:
+class RegistryBlobFile:
     """A file-like view of a registry blob, fetched as sequential ranges with one range prefetched
     (so the network and the caller's work overlap). Never buffers more than two ranges."""
 
@@ -139,7 +139,7 @@ class Remote:
             return None
 
     @contextlib.contextmanager
-    def open_blob(self, digest: str, size: int | None = None) -> Iterator[BlobReader]:
+    def open_blob(self, digest: str, size: int | None = None) -> Iterator[RegistryBlobFile]:
         """A streaming reader of a blob of ``size`` bytes (the manifest's size; asked with HEAD when
         None). The caller verifies the digest as it reads. Raises BlobNotFound."""
         if size is None:
@@ -147,7 +147,7 @@ class Remote:
         if size is None:
             raise BlobNotFound("layer blob not found in the source repository", digest=digest,
                                repo=str(self.ref))
-        reader = BlobReader(self.client, digest, size)
+        reader = RegistryBlobFile(self.client, digest, size)
         try:
             yield reader
         finally:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from nydusd.converter.layers import safe_member_name
+from nydusd.converter.layer_stream import safe_member_name
 from nydusd.errors import BuildError, IntegrityError
 from nydusd.rafs import RafsSuper
 from nydusd.storage.chunk import decode_chunk
@@ -168,10 +168,11 @@ def oci_rootfs(layers: Iterable[IO[bytes] | Any]) -> dict[str, Entry]:
     return tree
 
 
-BlobReader = Callable[[str, int, int], bytes]
+#: ``read_blob(blob_id, offset, size)`` -> the stored bytes of that range of a blob
+ReadBlobRange = Callable[[str, int, int], bytes]
 
 
-def nydus_rootfs(rs: RafsSuper, read_blob: BlobReader) -> dict[str, Entry]:
+def nydus_rootfs(rs: RafsSuper, read_blob: ReadBlobRange) -> dict[str, Entry]:
     """The tree of a RAFS image; ``read_blob(blob_id, offset, size)`` returns stored chunk bytes.
     Raises IntegrityError when a chunk fails to decompress or verify."""
     tree: dict[str, Entry] = {}
@@ -192,7 +193,7 @@ def nydus_rootfs(rs: RafsSuper, read_blob: BlobReader) -> dict[str, Entry]:
     return tree
 
 
-def _hash_file(rs: RafsSuper, ino: int, size: int, read_blob: BlobReader, path: str) -> str:
+def _hash_file(rs: RafsSuper, ino: int, size: int, read_blob: ReadBlobRange, path: str) -> str:
     h = hashlib.sha256()
     total = 0
     for chunk in rs.chunks(ino):

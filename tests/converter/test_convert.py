@@ -18,7 +18,7 @@ import pytest
 from nydusd.converter import manifest as m
 from nydusd.converter.check import Checker, CheckOptions
 from nydusd.converter.convert import Converter, ConvertOptions, ConvertResult
-from nydusd.converter.layers import LayerStream
+from nydusd.converter.layer_stream import LayerStream
 from nydusd.converter.remote import open_remote
 from nydusd.converter.rootfs import oci_rootfs
 from nydusd.converter.stores import create_store

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nydusd.compress import stream_decompressor
-from nydusd.converter import credentials, layers
+from nydusd.converter import credentials, layer_stream
 from nydusd.converter import manifest as m
 from nydusd.errors import BuildError, ConfigError, IntegrityError, InvalidArgument, Unsupported
 from nydusd.oci import mediatypes as mtypes
@@ -44,7 +44,7 @@ def _zstd(data: bytes) -> bytes:
 def test_layer_stream_decompresses_and_verifies_both_digests(comp: str) -> None:
     plain = _tar({"a": b"x" * 100_000, "dir/b": b"hello"})
     blob = {"gzip": lambda d: gzip.compress(d, mtime=0), "zstd": _zstd, "none": lambda d: d}[comp](plain)
-    stream = layers.LayerStream(io.BytesIO(blob), comp, expected_digest=_sha(blob),
+    stream = layer_stream.LayerStream(io.BytesIO(blob), comp, expected_digest=_sha(blob),
                                 expected_diff_id=_sha(plain))
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
         names = [t.name for t in tar]
@@ -56,7 +56,7 @@ def test_layer_stream_decompresses_and_verifies_both_digests(comp: str) -> None:
 def test_layer_stream_multi_member_gzip() -> None:
     plain = _tar({"a": b"1" * 5000})
     blob = gzip.compress(plain[:1000], mtime=0) + gzip.compress(plain[1000:], mtime=0)
-    stream = layers.LayerStream(io.BytesIO(blob), "gzip")
+    stream = layer_stream.LayerStream(io.BytesIO(blob), "gzip")
     out = b""
     while chunk := stream.read(700):
         out += chunk
@@ -66,10 +66,10 @@ def test_layer_stream_multi_member_gzip() -> None:
 
 def test_layer_stream_digest_mismatch() -> None:
     blob = gzip.compress(_tar({"a": b"1"}), mtime=0)
-    stream = layers.LayerStream(io.BytesIO(blob), "gzip", expected_digest="sha256:" + "0" * 64)
+    stream = layer_stream.LayerStream(io.BytesIO(blob), "gzip", expected_digest="sha256:" + "0" * 64)
     with pytest.raises(IntegrityError, match="layer digest mismatch"):
         stream.finish()
-    stream = layers.LayerStream(io.BytesIO(blob), "gzip", expected_diff_id="sha256:" + "1" * 64)
+    stream = layer_stream.LayerStream(io.BytesIO(blob), "gzip", expected_diff_id="sha256:" + "1" * 64)
     with pytest.raises(IntegrityError, match="diff_id mismatch"):
         stream.finish()
 
@@ -77,18 +77,18 @@ def test_layer_stream_digest_mismatch() -> None:
 def test_layer_stream_corrupt_and_truncated() -> None:
     blob = gzip.compress(_tar({"a": b"abc" * 10000}), mtime=0)
     with pytest.raises(IntegrityError, match="truncated"):
-        layers.LayerStream(io.BytesIO(blob[: len(blob) // 2]), "gzip").finish()
+        layer_stream.LayerStream(io.BytesIO(blob[: len(blob) // 2]), "gzip").finish()
     bad = blob[:20] + bytes(b ^ 0xFF for b in blob[20:60]) + blob[60:]
     with pytest.raises(IntegrityError):
-        layers.LayerStream(io.BytesIO(bad), "gzip").finish()
+        layer_stream.LayerStream(io.BytesIO(bad), "gzip").finish()
     zblob = _zstd(_tar({"a": b"q" * 50000}))
     with pytest.raises(IntegrityError):
-        layers.LayerStream(io.BytesIO(zblob[:-10] + b"\0" * 10), "zstd").finish()
+        layer_stream.LayerStream(io.BytesIO(zblob[:-10] + b"\0" * 10), "zstd").finish()
 
 
 def test_layer_stream_trusts_magic_over_media_type() -> None:
     plain = _tar({"a": b"1"})
-    stream = layers.LayerStream(io.BytesIO(plain), "gzip")
+    stream = layer_stream.LayerStream(io.BytesIO(plain), "gzip")
     assert stream.compression == "none"
     assert stream.finish()[1] == _sha(plain)
     assert stream_decompressor("zstd") is not None
@@ -97,16 +97,16 @@ def test_layer_stream_trusts_magic_over_media_type() -> None:
 @pytest.mark.parametrize(("name", "want"), [("a/b", "a/b"), ("./a/./b/", "a/b"), ("/abs/x", "abs/x"),
                                             ("a/../b", "b"), (".", ""), ("./", "")])
 def test_safe_member_name(name: str, want: str) -> None:
-    assert layers.safe_member_name(name) == want
+    assert layer_stream.safe_member_name(name) == want
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/../../b", "/../x", "./.."])
 def test_safe_member_name_rejects_escapes(name: str) -> None:
     with pytest.raises(BuildError, match="escapes"):
-        layers.safe_member_name(name)
+        layer_stream.safe_member_name(name)
     with pytest.raises(BuildError):
-        layers.safe_link_target("x", name, hard=True)
-    assert layers.safe_link_target("x", name, hard=False) == name
+        layer_stream.safe_link_target("x", name, hard=True)
+    assert layer_stream.safe_link_target("x", name, hard=False) == name
 
 
 def _manifest(media: str = mtypes.OCI_LAYER_GZIP) -> m.Manifest:
@@ -227,10 +227,10 @@ def test_parse_config() -> None:
 def test_layer_stream_trusts_magic_when_media_type_says_plain() -> None:
     plain = _tar({"a": b"z" * 1000})
     blob = gzip.compress(plain, mtime=0)
-    stream = layers.LayerStream(io.BytesIO(blob), "none", expected_diff_id=_sha(plain))
+    stream = layer_stream.LayerStream(io.BytesIO(blob), "none", expected_diff_id=_sha(plain))
     assert stream.compression == "gzip" and stream.finish()[1] == _sha(plain)
     with pytest.raises(Unsupported):
-        layers.LayerStream(io.BytesIO(b""), "lzma")
+        layer_stream.LayerStream(io.BytesIO(b""), "lzma")
 
 
 def test_credential_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs) -> None:  # type: ignore[no-untyped-def]

@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from nydusd.config import RemoteConfig
 from nydusd.errors import BackendError, BlobNotFound, NydusError, Unsupported
@@ -78,6 +78,16 @@ class RetryPolicy:
         return cls(retry_limit=limit, max_elapsed=per_try * (1 + limit) + 2.0 * limit)
 
 
+class RangeStream(Protocol):
+    """What ``try_open_range`` returns: one range of a blob on the wire, read front to back."""
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` with the next ``len(view)`` bytes or raise a transient BackendError."""
+
+    def close(self) -> None:
+        """Release the connection (a partly read one is dropped)."""
+
+
 def _as_backend_error(exc: BaseException) -> BackendError:
     """Wrap an unexpected OSError (socket, file) as a BackendError, keeping its transience."""
     if isinstance(exc, BackendError):
@@ -119,7 +129,8 @@ class BlobBackend(ABC):
     #: whether ``try_open_range`` streams a range (else ``open_range`` falls back to ``read``)
     streams_ranges: ClassVar[bool] = False
 
-    def try_open_range(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> Any:
+    def try_open_range(self, blob_id: str, offset: int, size: int, *,
+                       prefetch: bool = False) -> RangeStream | None:
         """One attempt to start streaming ``size`` bytes at ``offset``: an object with
         ``readinto(view)`` (fills ``view`` or raises a transient BackendError) and ``close()``; None
         when the range starts at or past the end of the blob. Only for ``streams_ranges`` backends."""
@@ -320,7 +331,7 @@ class RangeReader:
         self.pos = offset
         self.end = offset + size
         self.prefetch = prefetch
-        self._stream: Any = None
+        self._stream: RangeStream | None = None
         self._whole: memoryview | None = None  # non-streaming backends: the range, read at once
         self._start = time.monotonic()
         self._done = 0

@@ -12,12 +12,12 @@ Threading: thread-safe; the client pools connections and guards its auth state.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from nydusd.config import RegistryConfig
 from nydusd.errors import BackendError, ConfigError
 from nydusd.oci.client import RegistryClient
-from nydusd.storage.backend.base import BlobBackend, RetryPolicy
+from nydusd.storage.backend.base import BlobBackend, RangeStream, RetryPolicy
 from nydusd.storage.backend.proxy import DragonflyProxy, proxy_from_config
 
 
@@ -52,7 +52,8 @@ class RegistryBackend(BlobBackend):
 
     streams_ranges: ClassVar[bool] = True
 
-    def try_open_range(self, blob_id: str, offset: int, size: int, *, prefetch: bool = False) -> Any:
+    def try_open_range(self, blob_id: str, offset: int, size: int, *,
+                       prefetch: bool = False) -> RangeStream | None:
         return self.client.open_blob(blob_digest(blob_id), offset, size, prefetch=prefetch)
 
     def is_transient(self, exc: BaseException) -> bool:

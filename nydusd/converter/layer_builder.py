@@ -8,7 +8,8 @@ merge of all layers below it). v6 blobs carry chunk digests and a ToC, as upstre
 ``--features blob-toc``; every blob id is the SHA-256 of the whole blob file (the registry layer
 digest; upstream reaches the same ids by naming each layer's bootstrap after the layer digest
 for ``merge``), not the builder's own id that leaves out the ``blob.digest`` payload (spec §4.1).
-Must not import requests or the registry client.
+Must not import requests, the registry client or ``convert`` (``LayerSettings`` is what it needs
+of ``ConvertOptions``).
 Threading: one LayerBuilder per converted manifest, used by one thread; the blob files it leaves
 are read afterwards by the push pool (read-only).
 """
@@ -20,7 +21,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from nydusd.builder.build import build
 from nydusd.builder.options import BuildOptions, SourceType, WhiteoutSpec
@@ -29,9 +30,6 @@ from nydusd.errors import BuildError, IntegrityError
 from nydusd.log import get_logger
 from nydusd.rafs import load_bootstrap
 from nydusd.storage.chunk import BlobInfo
-
-if TYPE_CHECKING:
-    from nydusd.converter.convert import ConvertOptions
 
 log = get_logger(__name__)
 
@@ -62,8 +60,23 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class LayerSettings(Protocol):
+    """The build settings a LayerBuilder reads (``convert.ConvertOptions`` has them)."""
+
+    @property
+    def fs_version(self) -> int: ...
+    @property
+    def compressor(self) -> str: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def aligned_chunk(self) -> bool: ...
+    @property
+    def prefetch_patterns(self) -> tuple[str, ...]: ...
+
+
 class LayerBuilder:
-    def __init__(self, opts: ConvertOptions, work: Path, chunk_dict: Path | None) -> None:
+    def __init__(self, opts: LayerSettings, work: Path, chunk_dict: Path | None) -> None:
         self.opts = opts
         self.work = work
         self.dir = work / "layers"
