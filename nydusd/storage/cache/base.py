@@ -139,6 +139,13 @@ class BlobCache(ABC):
     def _persist(self, items: Sequence[Fetched]) -> None:
         """Store fetched chunks durably, then mark them ready. May raise OSError."""
 
+    def read_nowait(self, chunk: ChunkInfo, lo: int, hi: int) -> memoryview | None:
+        """Plain bytes ``[lo, hi)`` of a ready chunk if they can be had without blocking (no lock
+        held for long, no disk wait), in a buffer owned by the calling thread that stays valid
+        until its next call; else None (nothing counted). For callers that hold a global lock
+        (llfuse's) and reply before their next read."""
+        return None
+
     def read_cached(self, chunks: Sequence[ChunkInfo], lo: int, hi: int) -> bytes | None:
         """Plain bytes of consecutive file chunks ``chunks`` (all of this blob) from byte ``lo`` of
         the first to byte ``hi`` of the last, straight from local state, when the cache can serve
