@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,7 +76,7 @@ class ThreadCounters:
         self._lock = threading.Lock()   # guards the list of cells (first use per thread, totals)
 
     def cell(self) -> list[int]:
-        cell: list[int] | None = getattr(self._tls, "cell", None)
+        cell: list[int] | None = self._tls.__dict__.get("cell")
         if cell is None:
             cell = self._tls.cell = [0] * self.width
             with self._lock:
@@ -90,6 +91,10 @@ class ThreadCounters:
             for i, v in enumerate(cell):
                 out[i] += v
         return out
+
+
+#: first cell of the latency buckets in ``FsIoStats``' per-thread read cells
+_LATENCY_CELL = 3 + BLOCK_READ_SIZES_MAX
 
 
 def size_bucket(size: int) -> int:
@@ -150,6 +155,7 @@ class FsIoStats:
         # READ without per-file accounting: per-thread cells (``read_done``), laid out as
         # [hits, data_read, cumulative latency us, 8 size buckets, 8 latency buckets]
         self._reads = ThreadCounters(3 + BLOCK_READ_SIZES_MAX + READ_LATENCY_RANGE_MAX)
+        self._per_file_reads = files_account or access_pattern or latest_read_files
         self._files: dict[int, _InodeIoStats] = {}
         # ino -> [nr_read, first_access_time_secs, first_access_time_nanos]
         self._patterns: dict[int, list[int]] = {}
@@ -181,17 +187,15 @@ class FsIoStats:
     def read_done(self, ino: int, size: int, latency_ns: int) -> None:
         """Account one successful READ of ``size`` bytes (the hot path: no lock unless per-file
         accounting, access patterns or the latest-read-files record are on)."""
-        if self.files_account_enabled or self.access_pattern_enabled or \
-                self.record_latest_read_files_enabled:
+        if self._per_file_reads:
             self.fop_done(StatsFop.READ, ino=ino, size=size, latency_us=latency_ns / 1000)
             return
         cell = self._reads.cell()
-        latency_us = latency_ns // 1000
         cell[0] += 1
         cell[1] += size
-        cell[2] += latency_us
-        cell[3 + _bucket(size, _SIZE_LIMITS, False)] += 1
-        cell[3 + BLOCK_READ_SIZES_MAX + _bucket(latency_ns / 1000, _FS_LATENCY_LIMITS_US, True)] += 1
+        cell[2] += latency_ns // 1000
+        cell[3 + bisect_right(_SIZE_LIMITS, size)] += 1
+        cell[_LATENCY_CELL + bisect_left(_FS_LATENCY_LIMITS_US, latency_ns / 1000)] += 1
 
     def _update_global(self, fop: StatsFop, success: bool, size: int) -> None:
         if not success:

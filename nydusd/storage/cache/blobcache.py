@@ -77,13 +77,15 @@ RAW_SUFFIX = ".blob.raw"
 PRIVATE_DIR_MODE = 0o700
 
 
-#: largest warm read served from a thread's reusable buffer (a FUSE request: 1 MiB at most)
-READ_BUFFER = 1 << 20
+#: warm reads up to this size land in the calling thread's reusable buffer; larger ones in a fresh
+#: one. Kept small because llfuse serves requests from --thread-num + 128 threads (the backend-wait
+#: reserve) in turn: every thread's buffer ends up resident, 4 MiB at most in all at this size.
+READ_BUFFER = 32 << 10
 _tls = threading.local()
 
 
 def _read_buffer(size: int) -> memoryview:
-    """A writable view of ``size`` bytes of the calling thread's read buffer (larger: a fresh one)."""
+    """A writable view of ``size`` bytes: of the calling thread's buffer, or fresh if larger."""
     if size > READ_BUFFER:
         return memoryview(bytearray(size))
     buf: memoryview | None = getattr(_tls, "buf", None)
