@@ -712,12 +712,11 @@ class Daemon:
         elif self.upgrade or self.mountpoint is None:
             return self._run_idle(on_running)
         elif self.fuse_session == "own":
-            # cloned fds lose their in-flight requests with the process: not when handing over
-            # Not yet the llfuse session's reserve of workers for backend waits (below): this
-            # session starts every worker up front, each with a request buffer of max_pages
+            # cloned fds lose their in-flight requests with the process: not when handing over;
+            # the same reserve as llfuse (below), its workers started only when all are busy
             session = DevFuseSession(self.vfs, self.mountpoint, threads=self.threads,
                                      writable=self.writable, failover_policy=self.failover_policy,
-                                     clone_fd=self.supervisor is None)
+                                     clone_fd=self.supervisor is None, max_threads=self.threads + shared)
         else:
             # --thread-num workers plus one per possible backend wait: a read waiting on a backend
             # holds its worker, and storage/waits.py bounds those waits, so --thread-num workers
