@@ -209,12 +209,14 @@ class BlobDevice:
     def _read_chunks(self, chunks: Sequence[ChunkInfo], first: int, last: int, offset: int,
                      end: int) -> list[memoryview]:
         """The full path: whole chunks ``first..last`` through their caches' fetch path, sliced to
-        ``[offset, end)``. A piece of one chunk is served from (or, read from its first byte,
-        enters) the chunk buffer."""
+        ``[offset, end)``. With a cache that serves only whole chunks, a piece of one chunk is
+        served from (or, read from its first byte, enters) the chunk buffer; a cache that serves
+        parts answers the next pieces from its file (the warm path), so nothing is buffered."""
         csize = self.chunk_size
         chunk = chunks[first]
         start = first * csize
-        if first == last and (offset > start or end - start < chunk.uncompressed_size):
+        if first == last and (offset > start or end - start < chunk.uncompressed_size) and \
+                not self.cache(chunk.blob_index).partial_reads:
             key = (chunk.blob_index, chunk_key(chunk))
             data = self.buffer.get(key)
             if data is None and offset == start:

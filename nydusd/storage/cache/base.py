@@ -119,6 +119,8 @@ class BlobCache(ABC):
 
     #: whether local state keeps the stored (compressed) payload rather than plain bytes
     stores_payload = False
+    #: whether ``read_cached`` serves parts of ready chunks (else only whole chunks come out)
+    partial_reads = False
 
     def __init__(self, blob: BlobInfo, manager: CacheOwner) -> None:
         self.blob = blob

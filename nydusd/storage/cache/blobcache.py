@@ -238,6 +238,7 @@ class FileCache(BlobCache):
         _check_blob_id(blob.blob_id)
         self.compressed = manager.compressed
         self.stores_payload = self.compressed
+        self.partial_reads = not (self.compressed or manager.verify_cached)
         self.verify_cached = manager.verify_cached
         base = os.path.join(manager.work_dir, blob.blob_id)
         self.data_path = base + (RAW_SUFFIX if self.compressed else DATA_SUFFIX)
