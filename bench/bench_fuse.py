@@ -193,7 +193,7 @@ def passthrough_server(mountpoint: str, backing: str) -> int:
 
     llfuse.init(Ops(), mountpoint, {"fsname=passthrough", "ro", "allow_other", *llfuse.default_options})
     try:
-        llfuse.main(workers=4)
+        llfuse.main(workers=int(os.environ.get("PASSTHROUGH_WORKERS", "4")))
     finally:
         llfuse.close()
     return 0
@@ -202,11 +202,11 @@ def passthrough_server(mountpoint: str, backing: str) -> int:
 class Passthrough:
     """A running passthrough server (see ``passthrough_server``)."""
 
-    def __init__(self, work: Path, name: str, backing: Path) -> None:
+    def __init__(self, work: Path, name: str, backing: Path, workers: int = 4) -> None:
         self.mnt = work / name
         self.mnt.mkdir()
         self.proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(self.mnt),
-                                      str(backing)])
+                                      str(backing)], env={**os.environ, "PASSTHROUGH_WORKERS": str(workers)})
         deadline = time.monotonic() + 15
         while not os.path.ismount(self.mnt):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -369,6 +369,19 @@ class Bench:
                       timed(lambda: fio_randread(pt_file, secs), pt_pid))
         self.add(f"[{session}] random 4 KiB fio direct 4 jobs (IOPS)", pairs, "IOPS", 1.0,
                  "us/req", 1e6, ">= 0.8x passthrough")
+        if session == "llfuse":
+            # the same passthrough with nydusd's llfuse worker count (--thread-num 4 + the 128 of
+            # the backend-wait reserve): the kernel hands requests to idle workers in turn
+            wide = Passthrough(self.work, "pt_file_132", self.big, workers=132)
+            try:
+                wide_pairs = Pairs()
+                for _ in range(max(2, self.reps - 1)):
+                    wide_pairs.add(timed(lambda: fio_randread(fuse_big, secs), self.pid(session)),
+                                   timed(lambda: fio_randread(wide.mnt / "f", secs), wide.proc.pid))
+                self.add("  same vs passthrough with 132 workers", wide_pairs, "IOPS", 1.0, "us/req", 1e6,
+                         "(worker-pool share of the gap)")
+            finally:
+                wide.close()
         pairs = Pairs()
         blobs = [f for f in Path(self.big_img.blob_dir).glob("*") if f.is_file()]
         for _ in range(self.reps):
