@@ -1,24 +1,22 @@
-"""FUSE read-path benchmark: nydusd (real mount, localfs backend + blobcache) against the native
-filesystem the image was built from, measured in the same run (warm-up, medians).
+"""FUSE read-path benchmark: nydusd (real mount, localfs backend + blobcache) against a minimal
+llfuse passthrough of the same data, measured in the same run for every row (warm-up, medians of
+paired runs: each repetition runs nydusd and the baseline back to back, the ratio is the median of
+the per-pair ratios).
 
-Rows: sequential read of a big file (1 GiB; 256 MiB with --quick), also against a minimal llfuse
-passthrough of the same file (the ceiling of any llfuse filesystem here); random 4 KiB pread IOPS
-with 4 worker threads (O_DIRECT: every read reaches the filesystem); ``find -printf %s`` over a
-~7,000-entry tree (first pass on a fresh mount, second pass with the kernel's entry/attr caches
-warm); API mount time; daemon RSS.
-
-Cache states, stated per row (every figure is a median of ``reps`` runs after a warm-up run):
-- "nydusd" sequential: the mounted file's page cache is dropped (posix_fadvise DONTNEED) before
-  each pass, so every byte goes through the daemon; the blob cache file stays in the page cache
-  (a warm node). Its like-for-like calibration is the minimal llfuse passthrough, whose backing
-  file is also in the page cache.
-- "nydusd cold": the blob cache files' pages are dropped too, so the daemon reads from the disk --
-  compared with the native file with its pages dropped (both cold w.r.t. the page cache).
-- ``--thread-num 1``: the same warm read through a daemon with one FUSE worker (upstream's default;
-  the main run uses 4).
-- find: first pass on a fresh mount vs native with dentries/inodes dropped
-  (/proc/sys/vm/drop_caches=2) and vs the passthrough's first pass; second pass vs native warm.
-Needs root and /dev/fuse. Run: ``.venv/bin/python bench/bench_fuse.py [--quick]``.
+Rows, each for nydusd's llfuse session and its own /dev/fuse session (``--fuse-session own``):
+- sequential read of a big file (1 GiB; 256 MiB with --quick): the mounted file's page cache is
+  dropped before each pass, so every byte goes through the daemon; the blob cache file stays in
+  the page cache (a warm node) -- as the passthrough's backing file;
+- random 4 KiB reads: ``fio --rw=randread --bs=4k --direct=1 --numjobs=4`` (every read reaches
+  the filesystem);
+- cold sequential read from localfs: a fresh mount with an empty cache dir and the blob file's
+  pages dropped, against the native file read with its pages dropped;
+- ``find -printf %s`` over a ~7,000-entry tree: first pass on a fresh mount (a fresh passthrough
+  server; native with dentries/inodes dropped), second pass with the kernel's caches warm;
+- API mount time and daemon RSS.
+Next to throughput each row reports the CPU the serving process used per request (or per MiB, or
+per entry): the delta of utime+stime in ``/proc/<pid>/stat`` over the pass, divided by the count.
+Needs root, /dev/fuse and fio. Run: ``.venv/bin/python bench/bench_fuse.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -35,26 +33,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.harness.apiclient import ApiClient  # noqa: E402
-from tests.harness.daemon import Nydusd  # noqa: E402
 from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
+from tests.harness.daemon import Nydusd  # noqa: E402
 
 MiB = 1 << 20
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def drop_file_cache(path: Path) -> None:
@@ -202,7 +193,7 @@ def passthrough_server(mountpoint: str, backing: str) -> int:
 
     llfuse.init(Ops(), mountpoint, {"fsname=passthrough", "ro", "allow_other", *llfuse.default_options})
     try:
-        llfuse.main(workers=4)
+        llfuse.main(workers=int(os.environ.get("PASSTHROUGH_WORKERS", "4")))
     finally:
         llfuse.close()
     return 0
@@ -211,11 +202,11 @@ def passthrough_server(mountpoint: str, backing: str) -> int:
 class Passthrough:
     """A running passthrough server (see ``passthrough_server``)."""
 
-    def __init__(self, work: Path, name: str, backing: Path) -> None:
+    def __init__(self, work: Path, name: str, backing: Path, workers: int = 4) -> None:
         self.mnt = work / name
         self.mnt.mkdir()
         self.proc = subprocess.Popen([sys.executable, __file__, "--passthrough", str(self.mnt),
-                                      str(backing)])
+                                      str(backing)], env={**os.environ, "PASSTHROUGH_WORKERS": str(workers)})
         deadline = time.monotonic() + 15
         while not os.path.ismount(self.mnt):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -236,31 +227,6 @@ class Passthrough:
         self.proc.wait(10)
 
 
-def measure_passthrough(work: Path, backing: Path, reps: int) -> float:
-    """Median seconds to read ``backing`` through the minimal llfuse passthrough (page cache dropped)."""
-    server = Passthrough(work, "pt_file", backing)
-    try:
-        def one() -> None:
-            drop_file_cache(server.mnt / "f")
-            read_all(server.mnt / "f")
-        return median_time(one, reps)
-    finally:
-        server.close()
-
-
-def measure_passthrough_find(work: Path, tree: Path, reps: int) -> tuple[float, float]:
-    """``find`` first pass (a fresh server each time) and second pass through the passthrough."""
-    firsts, seconds = [], []
-    for i in range(reps):
-        server = Passthrough(work, f"pt_tree{i}", tree)
-        try:
-            firsts.append(find_sizes(server.mnt))
-            seconds.append(min(find_sizes(server.mnt) for _ in range(2)))
-        finally:
-            server.close()
-    return statistics.median(firsts), statistics.median(seconds)
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -269,17 +235,76 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def row(name: str, fuse: str, native: str, ratio: str, target: str) -> None:
-    print(f"{name:<38} {fuse:>14} {native:>14} {ratio:>9}  {target}")
+def read_mib(path: Path) -> float:
+    return read_all(path) / MiB
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], Any], pid: int) -> tuple[float, float, Any]:
+    """(seconds, CPU seconds of ``pid``, result) of one call."""
+    c, t = cpu_seconds(pid), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, cpu_seconds(pid) - c, out
+
+
+def fio_randread(path: Path, seconds: float) -> int:
+    """Requests completed by 4 fio jobs of 4 KiB O_DIRECT random reads in ``seconds``."""
+    out = subprocess.run(["fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k",
+                          "--direct=1", "--numjobs=4", "--ioengine=psync", "--readonly",
+                          "--time_based", f"--runtime={seconds}", "--group_reporting",
+                          "--output-format=json", f"--size={path.stat().st_size}"],
+                         check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return int(job["read"]["total_ios"])
+
+
+class Pairs:
+    """Paired measurements of one row: per repetition (time, cpu, count) of nydusd and baseline."""
+
+    def __init__(self) -> None:
+        self.fuse: list[tuple[float, float, float]] = []
+        self.base: list[tuple[float, float, float]] = []
+
+    def add(self, fuse: tuple[float, float, float], base: tuple[float, float, float]) -> None:
+        self.fuse.append(fuse)
+        self.base.append(base)
+
+    @staticmethod
+    def rate(runs: list[tuple[float, float, float]]) -> float:
+        return statistics.median(n / t for t, _, n in runs)
+
+    @staticmethod
+    def cpu(runs: list[tuple[float, float, float]]) -> float:
+        return statistics.median(c / n for _, c, n in runs if n)
+
+    def ratio(self) -> float:
+        """Median of per-pair rate ratios (nydusd / baseline)."""
+        return statistics.median((nf / tf) / (nb / tb) for (tf, _, nf), (tb, _, nb)
+                                 in zip(self.fuse, self.base, strict=True))
+
+
+def row(name: str, fuse: str, base: str, ratio: str, cpu: str, target: str) -> None:
+    print(f"{name:<44} {fuse:>10} {base:>10} {ratio:>7} {cpu:>17}  {target}")
 
 
 class Bench:
-    """One benchmark run: the images, the daemon, and one method per measurement (results in ``r``)."""
+    """One benchmark run: images, daemons, baselines, one method per row (results in ``rows``)."""
 
     def __init__(self, work: Path, size: int, reps: int, quick: bool) -> None:
         self.work, self.size, self.reps, self.quick = work, size, reps, quick
-        self.r: dict[str, float] = {}
-        self.daemon: Nydusd | None = None
+        self.daemons: dict[str, Nydusd] = {}
+        self.apis: dict[str, ApiClient] = {}
+        self.mounts: dict[str, Path] = {}
+        self.pt: Passthrough | None = None
+        self.rows: list[tuple[str, str, str, str, str, str]] = []
+        self.extra: dict[str, float] = {}
+        self.n_cold = 0
 
     def build(self) -> None:
         print(f"building images in {self.work} ...", flush=True)
@@ -289,141 +314,150 @@ class Bench:
         self.tree_img = build_daemon_image(self.tree_src, self.work / "tree_img", version=6)
         self.entries = sum(1 for _ in self.tree_src.rglob("*"))
 
-    def start(self) -> None:
-        self.mnt = self.work / "mnt"
-        self.mnt.mkdir()
-        sock = str(self.work / "api.sock")
+    def start(self, session: str) -> None:
+        mnt = self.work / f"mnt_{session}"
+        mnt.mkdir()
+        sock = str(self.work / f"api_{session}.sock")
         t0 = time.perf_counter()
-        self.daemon = Nydusd(["--mountpoint", str(self.mnt), "--apisock", sock, "--thread-num", "4",
-                              "--log-level", "warn"], self.mnt, log_path=self.work / "nydusd.log",
-                             apisock=sock).start()
-        self.r["startup"] = time.perf_counter() - t0
-        self.api = ApiClient(sock)
+        self.daemons[session] = Nydusd(["--mountpoint", str(mnt), "--apisock", sock, "--thread-num", "4",
+                                        "--fuse-session", session, "--log-level", "warn"], mnt,
+                                       log_path=self.work / f"nydusd_{session}.log", apisock=sock).start()
+        self.extra[f"startup_{session}"] = time.perf_counter() - t0
+        self.apis[session] = ApiClient(sock)
+        self.mounts[session] = mnt
 
-    def mount(self, img: DaemonImage, mp: str) -> float:
+    def mount(self, session: str, img: DaemonImage, mp: str, cache: Path | None = None) -> float:
         t = time.perf_counter()
-        status, body = self.api.mount(mp, img.bootstrap, img.config_text(self.work / "cache",
-                                                                         digest_validate=False))
+        status, body = self.apis[session].mount(mp, img.bootstrap, img.config_text(
+            cache or self.work / "cache", digest_validate=False))
         assert status == 204, body
         return time.perf_counter() - t
 
-    def sequential(self) -> None:
-        self.mount(self.big_img, "/big")
-        self.fuse_big = fuse_big = self.mnt / "big" / "big.bin"
+    def pid(self, session: str) -> int:
+        return self.daemons[session].proc.pid
+
+    def add(self, name: str, pairs: Pairs, unit: str, scale: float, cpu_unit: str, cpu_scale: float,
+            target: str) -> None:
+        cpu = f"{pairs.cpu(pairs.fuse) * cpu_scale:.1f}/{pairs.cpu(pairs.base) * cpu_scale:.1f} {cpu_unit}"
+        self.rows.append((name, f"{pairs.rate(pairs.fuse) * scale:.0f}",
+                          f"{pairs.rate(pairs.base) * scale:.0f}", f"{pairs.ratio():.2f}x", cpu, target))
+        print(*self.rows[-1], flush=True)
+
+    def data_rows(self, session: str) -> None:
+        self.mount(session, self.big_img, "/big")
+        fuse_big = self.mounts[session] / "big" / "big.bin"
         read_all(fuse_big)  # fills the blob cache (first fetch from the backend)
-        big = self.big
-        self.r["native_seq"] = median_time(lambda: read_all(big), self.reps)
+        if self.pt is None:
+            self.pt = Passthrough(self.work, "pt_file", self.big)
+        pt_file, pt_pid = self.pt.mnt / "f", self.pt.proc.pid
+        mib = self.size / MiB
 
-        def cold(path: Path) -> None:
+        def seq(path: Path) -> float:
             drop_file_cache(path)
-            read_all(path)
-        self.r["native_cold_seq"] = median_time(lambda: cold(big), self.reps)
-        self.r["ceiling_seq"] = measure_passthrough(self.work, big, self.reps)
-        self.r["fuse_seq"] = median_time(lambda: cold(fuse_big), self.reps)
-        cache_files = [f for f in (self.work / "cache").rglob("*") if f.is_file()]
-
-        def fully_cold() -> None:
-            for f in cache_files:
+            return read_all(path) / MiB
+        seq(fuse_big)
+        seq(pt_file)
+        pairs = Pairs()
+        for _ in range(self.reps):
+            pairs.add(timed(lambda: seq(fuse_big), self.pid(session)), timed(lambda: seq(pt_file), pt_pid))
+        self.add(f"[{session}] sequential {mib:.0f} MiB, warm (MB/s)", pairs, "MB/s", MiB / 1e6,
+                 "ms/MiB", 1e3, ">= 0.9x passthrough")
+        secs = 3 if self.quick else 5
+        pairs = Pairs()
+        for _ in range(max(2, self.reps - 1)):
+            pairs.add(timed(lambda: fio_randread(fuse_big, secs), self.pid(session)),
+                      timed(lambda: fio_randread(pt_file, secs), pt_pid))
+        self.add(f"[{session}] random 4 KiB fio direct 4 jobs (IOPS)", pairs, "IOPS", 1.0,
+                 "us/req", 1e6, ">= 0.8x passthrough")
+        if session == "llfuse":
+            # the same passthrough with nydusd's llfuse worker count (--thread-num 4 + the 128 of
+            # the backend-wait reserve): the kernel hands requests to idle workers in turn
+            wide = Passthrough(self.work, "pt_file_132", self.big, workers=132)
+            try:
+                wide_pairs = Pairs()
+                for _ in range(max(2, self.reps - 1)):
+                    wide_pairs.add(timed(lambda: fio_randread(fuse_big, secs), self.pid(session)),
+                                   timed(lambda: fio_randread(wide.mnt / "f", secs), wide.proc.pid))
+                self.add("  same vs passthrough with 132 workers", wide_pairs, "IOPS", 1.0, "us/req", 1e6,
+                         "(worker-pool share of the gap)")
+            finally:
+                wide.close()
+        pairs = Pairs()
+        blobs = [f for f in Path(self.big_img.blob_dir).glob("*") if f.is_file()]
+        for _ in range(self.reps):
+            self.n_cold += 1
+            cache = self.work / f"cold_cache{self.n_cold}"
+            self.mount(session, self.big_img, f"/cold{self.n_cold}", cache)
+            path = self.mounts[session] / f"cold{self.n_cold}" / "big.bin"
+            for f in blobs:
                 drop_file_cache(f)
-            cold(fuse_big)
-        self.r["fuse_cold_seq"] = median_time(fully_cold, self.reps)
-        self.r["fuse_seq_1thr"] = self.one_worker_sequential()
+            fuse = timed(partial(read_mib, path), self.pid(session))
+            self.apis[session].umount(f"/cold{self.n_cold}")
+            shutil.rmtree(cache, ignore_errors=True)
+            pairs.add(fuse, timed(partial(seq, self.big), os.getpid()))
+        self.add(f"[{session}] cold sequential from localfs (MB/s)", pairs, "MB/s", MiB / 1e6,
+                 "ms/MiB", 1e3, ">= 0.5x native (baseline: native cold)")
 
-    def one_worker_sequential(self) -> float:
-        mnt = self.work / "mnt1"
-        mnt.mkdir()
-        sock = str(self.work / "api1.sock")
-        daemon = Nydusd(["--mountpoint", str(mnt), "--apisock", sock, "--thread-num", "1",
-                         "--log-level", "warn"], mnt, log_path=self.work / "nydusd1.log",
-                        apisock=sock).start()
-        try:
-            status, body = ApiClient(sock).mount("/big", self.big_img.bootstrap, self.big_img.config_text(
-                self.work / "cache", digest_validate=False))
-            assert status == 204, body
-            path = mnt / "big" / "big.bin"
-
-            def one() -> None:
-                drop_file_cache(path)
-                read_all(path)
-            return median_time(one, self.reps)
-        finally:
-            daemon.terminate()
-            daemon.cleanup()
-
-    def iops(self) -> None:
-        drop_file_cache(self.fuse_big)
-        secs = 2.0 if self.quick else 4.0
-        self.r["fuse_iops"] = statistics.median(
-            [random_iops(self.fuse_big, secs) for _ in range(1 if self.quick else 3)])
-        self.r["native_iops"] = random_iops(self.big, secs)
-
-    def find(self) -> None:
+    def find_rows(self, session: str) -> None:
         tree = self.tree_src
-        self.r["native_find"] = median_time(lambda: find_sizes(tree), self.reps)
 
         def native_cold_find() -> float:
-            # drop dentries and inodes (not data pages): what a first walk of a fresh tree costs
-            with open("/proc/sys/vm/drop_caches", "w") as f:
+            with open("/proc/sys/vm/drop_caches", "w") as f:   # dentries and inodes, not data
                 f.write("2\n")
             return find_sizes(tree)
-        self.r["native_cold_find"] = statistics.median(native_cold_find() for _ in range(self.reps))
-        firsts, seconds, mounts = [], [], []
+        first, second, native_first, native_second = Pairs(), Pairs(), Pairs(), Pairs()
+        mounts = []
+        n = self.entries
         for i in range(self.reps):
-            mounts.append(self.mount(self.tree_img, f"/tree{i}"))
-            firsts.append(find_sizes(self.mnt / f"tree{i}"))
-            seconds.append(min(find_sizes(self.mnt / f"tree{i}") for _ in range(2)))
-        self.r.update(first=statistics.median(firsts), second=statistics.median(seconds),
-                      mount=statistics.median(mounts))
-        self.r["pt_first"], self.r["pt_second"] = measure_passthrough_find(self.work, tree, self.reps)
-        assert self.daemon is not None
-        self.r["rss"] = rss_mb(self.daemon.proc.pid)
+            mounts.append(self.mount(session, self.tree_img, f"/tree{i}"))
+            mp = self.mounts[session] / f"tree{i}"
+            f1 = timed(partial(find_sizes, mp), self.pid(session))
+            f2 = min((timed(partial(find_sizes, mp), self.pid(session)) for _ in range(2)),
+                     key=lambda r: r[0])
+            server = Passthrough(self.work, f"pt_tree_{session}{i}", tree)
+            try:
+                p1 = timed(partial(find_sizes, server.mnt), server.proc.pid)
+                p2 = min((timed(partial(find_sizes, server.mnt), server.proc.pid) for _ in range(2)),
+                         key=lambda r: r[0])
+            finally:
+                server.close()
+            first.add((f1[0], f1[1], n), (p1[0], p1[1], n))
+            second.add((f2[0], f2[1], n), (p2[0], p2[1], n))
+            t = native_cold_find()
+            native_first.add((f1[0], f1[1], n), (t, 0.0, n))
+            t = find_sizes(tree)
+            native_second.add((f2[0], f2[1], n), (t, 0.0, n))
+        self.add(f"[{session}] find {n} entries, 1st pass (entries/s)", first, "entries/s", 1.0,
+                 "us/entry", 1e6, "(vs passthrough)")
+        self.add("  same vs native, dentries dropped", native_first, "entries/s", 1.0, "us/entry", 1e6,
+                 "<= 3x native time (own session)" if session == "own" else "")
+        self.add(f"[{session}] find {n} entries, 2nd pass (entries/s)", second, "entries/s", 1.0,
+                 "us/entry", 1e6, "(vs passthrough)")
+        self.add("  same vs native, dentries cached", native_second, "entries/s", 1.0, "us/entry", 1e6, "")
+        self.extra[f"mount_ms_{session}"] = statistics.median(mounts) * 1000
+        self.extra[f"rss_mb_{session}"] = rss_mb(self.pid(session))
 
     def report(self) -> None:
-        r, size = self.r, self.size
-        mbs = size / r["fuse_seq"] / 1e6
         print()
-        row("benchmark", "nydusd", "native", "ratio", "target")
-        row(f"sequential read {size // MiB} MiB (MB/s)", f"{mbs:.0f}", f"{size / r['native_seq'] / 1e6:.0f}",
-            f"{r['native_seq'] / r['fuse_seq']:.2f}x", "(native page cache)")
-        row("  vs native read from disk (MB/s)", f"{mbs:.0f}", f"{size / r['native_cold_seq'] / 1e6:.0f}",
-            f"{r['native_cold_seq'] / r['fuse_seq']:.2f}x", ">= 0.6x")
-        row("  minimal llfuse passthrough (MB/s)", f"{mbs:.0f}", f"{size / r['ceiling_seq'] / 1e6:.0f}",
-            f"{r['ceiling_seq'] / r['fuse_seq']:.2f}x", "(llfuse ceiling, backing warm)")
-        cold_mbs = size / r["fuse_cold_seq"] / 1e6
-        row("  nydusd cold vs native cold (MB/s)", f"{cold_mbs:.0f}",
-            f"{size / r['native_cold_seq'] / 1e6:.0f}", f"{r['native_cold_seq'] / r['fuse_cold_seq']:.2f}x",
-            ">= 0.6x (both from disk)")
-        one_mbs = size / r["fuse_seq_1thr"] / 1e6
-        row("  --thread-num 1 vs native cold (MB/s)", f"{one_mbs:.0f}",
-            f"{size / r['native_cold_seq'] / 1e6:.0f}", f"{r['native_cold_seq'] / r['fuse_seq_1thr']:.2f}x",
-            "(blob cache warm)")
-        row("random 4 KiB O_DIRECT pread, 4 thr (IOPS)", f"{r['fuse_iops']:.0f}",
-            f"{r['native_iops']:.0f}", f"{r['fuse_iops'] / r['native_iops']:.3f}x", ">= 15000 IOPS")
-        row(f"find -printf %s, {self.entries} entries, 1st (s)", f"{r['first']:.3f}",
-            f"{r['native_find']:.3f}", f"{r['first'] / r['native_find']:.1f}x", "(native dentries cached)")
-        row("  vs native with dentries dropped (s)", f"{r['first']:.3f}", f"{r['native_cold_find']:.3f}",
-            f"{r['first'] / r['native_cold_find']:.1f}x", "<= 5x")
-        row("  minimal llfuse passthrough (s)", f"{r['first']:.3f}", f"{r['pt_first']:.3f}",
-            f"{r['first'] / r['pt_first']:.1f}x", "(llfuse ceiling)")
-        row("find -printf %s, 2nd pass (s)", f"{r['second']:.3f}", f"{r['native_find']:.3f}",
-            f"{r['second'] / r['native_find']:.1f}x", "<= 2x")
-        row("  minimal llfuse passthrough (s)", f"{r['second']:.3f}", f"{r['pt_second']:.3f}",
-            f"{r['second'] / r['pt_second']:.1f}x", "(llfuse ceiling)")
-        row("API mount of the tree image (ms)", f"{r['mount'] * 1000:.1f}", "-", "-", "")
-        row("daemon start to RUNNING socket (ms)", f"{r['startup'] * 1000:.0f}", "-", "-", "")
-        row("daemon RSS after the run (MB)", f"{r['rss']:.1f}", "-", "-", "<= 100 MB")
-        print(json.dumps({k: round(v, 4) for k, v in r.items()}))
+        row("benchmark", "nydusd", "baseline", "ratio", "cpu nydusd/base", "target")
+        for r in self.rows:
+            row(*r)
+        for k, v in self.extra.items():
+            print(f"{k:<44} {v:10.1f}")
 
     def close(self) -> None:
-        if self.daemon is not None:
-            self.daemon.terminate()
-            self.daemon.cleanup()
+        if self.pt is not None:
+            self.pt.close()
+        for daemon in self.daemons.values():
+            daemon.terminate()
+            daemon.cleanup()
         shutil.rmtree(self.work, ignore_errors=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="256 MiB file, fewer repetitions")
+    ap.add_argument("--sessions", default="llfuse,own", help="FUSE sessions to measure")
     ap.add_argument("--passthrough", nargs=2, metavar=("MNT", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.passthrough:
@@ -435,10 +469,10 @@ def main() -> int:
                   (256 if args.quick else 1024) * MiB, 3 if args.quick else 5, args.quick)
     try:
         bench.build()
-        bench.start()
-        bench.sequential()
-        bench.iops()
-        bench.find()
+        for session in args.sessions.split(","):
+            bench.start(session)
+            bench.data_rows(session)
+            bench.find_rows(session)
         bench.report()
         return 0
     finally:

@@ -9,7 +9,10 @@ Must not import anything from the project beyond the leaf set (it is a leaf modu
 
 Threading contract: every counter object is shared by FUSE worker threads, prefetch workers and the
 API thread; each object guards its fields with its own ``threading.Lock`` (held only for the few
-integer updates, never across I/O). ``snapshot()`` returns a consistent copy.
+integer updates, never across I/O). ``snapshot()`` returns a consistent copy. The counters of the
+read hot path (``FsIoStats.read_done``, ``BlobcacheMetrics.record_read``) take no lock: each
+thread adds to its own cells (``ThreadCounters``) and a snapshot sums them, so the API figures are
+exact once the reads they count have returned.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from typing import Any
 
@@ -58,6 +62,39 @@ def _bucket(value: float, limits: tuple[int, ...], inclusive: bool) -> int:
         if value < limit or (inclusive and value == limit):
             return i
     return len(limits)
+
+
+class ThreadCounters:
+    """``width`` integer counters updated without a lock: ``cell()`` is the calling thread's own
+    list (only that thread writes it; under the GIL its ``+=`` cannot be torn), ``totals()`` sums
+    every thread's list. Cells of finished threads are kept, so no count is ever lost."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._tls = threading.local()
+        self._cells: list[list[int]] = []
+        self._lock = threading.Lock()   # guards the list of cells (first use per thread, totals)
+
+    def cell(self) -> list[int]:
+        cell: list[int] | None = self._tls.__dict__.get("cell")
+        if cell is None:
+            cell = self._tls.cell = [0] * self.width
+            with self._lock:
+                self._cells.append(cell)
+        return cell
+
+    def totals(self) -> list[int]:
+        with self._lock:
+            cells = list(self._cells)
+        out = [0] * self.width
+        for cell in cells:
+            for i, v in enumerate(cell):
+                out[i] += v
+        return out
+
+
+#: first cell of the latency buckets in ``FsIoStats``' per-thread read cells
+_LATENCY_CELL = 3 + BLOCK_READ_SIZES_MAX
 
 
 def size_bucket(size: int) -> int:
@@ -115,6 +152,10 @@ class FsIoStats:
         self.fop_errors = [0] * FOP_MAX
         self.fop_cumulative_latency_total = [0] * FOP_MAX
         self.read_latency_dist = [0] * READ_LATENCY_RANGE_MAX
+        # READ without per-file accounting: per-thread cells (``read_done``), laid out as
+        # [hits, data_read, cumulative latency us, 8 size buckets, 8 latency buckets]
+        self._reads = ThreadCounters(3 + BLOCK_READ_SIZES_MAX + READ_LATENCY_RANGE_MAX)
+        self._per_file_reads = files_account or access_pattern or latest_read_files
         self._files: dict[int, _InodeIoStats] = {}
         # ino -> [nr_read, first_access_time_secs, first_access_time_nanos]
         self._patterns: dict[int, list[int]] = {}
@@ -142,6 +183,19 @@ class FsIoStats:
             if ino is None:
                 return
             self._update_file(ino, fop, success, size)
+
+    def read_done(self, ino: int, size: int, latency_ns: int) -> None:
+        """Account one successful READ of ``size`` bytes (the hot path: no lock unless per-file
+        accounting, access patterns or the latest-read-files record are on)."""
+        if self._per_file_reads:
+            self.fop_done(StatsFop.READ, ino=ino, size=size, latency_us=latency_ns / 1000)
+            return
+        cell = self._reads.cell()
+        cell[0] += 1
+        cell[1] += size
+        cell[2] += latency_ns // 1000
+        cell[3 + bisect_right(_SIZE_LIMITS, size)] += 1
+        cell[_LATENCY_CELL + bisect_left(_FS_LATENCY_LIMITS_US, latency_ns / 1000)] += 1
 
     def _update_global(self, fop: StatsFop, success: bool, size: int) -> None:
         if not success:
@@ -180,7 +234,14 @@ class FsIoStats:
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/api/v1/metrics`` object."""
+        reads = self._reads.totals()
+        sizes = reads[3:3 + BLOCK_READ_SIZES_MAX]
+        latencies = reads[3 + BLOCK_READ_SIZES_MAX:]
         with self._lock:
+            fop_hits = list(self.fop_hits)
+            fop_hits[StatsFop.READ] += reads[0]
+            latency_total = list(self.fop_cumulative_latency_total)
+            latency_total[StatsFop.READ] += reads[2]
             return {
                 "files_account_enabled": self.files_account_enabled,
                 "access_pattern_enabled": self.access_pattern_enabled,
@@ -188,12 +249,12 @@ class FsIoStats:
                 "measure_latency": True,
                 "id": self.id,
                 "nr_opens": self.nr_opens,
-                "data_read": self.data_read,
-                "block_count_read": list(self.block_count_read),
-                "fop_hits": list(self.fop_hits),
+                "data_read": self.data_read + reads[1],
+                "block_count_read": [a + b for a, b in zip(self.block_count_read, sizes, strict=True)],
+                "fop_hits": fop_hits,
                 "fop_errors": list(self.fop_errors),
-                "fop_cumulative_latency_total": list(self.fop_cumulative_latency_total),
-                "read_latency_dist": list(self.read_latency_dist),
+                "fop_cumulative_latency_total": latency_total,
+                "read_latency_dist": [a + b for a, b in zip(self.read_latency_dist, latencies, strict=True)],
             }
 
     def files_snapshot(self) -> dict[str, dict[str, Any]]:
@@ -287,9 +348,8 @@ class BlobcacheMetrics:
         self.store_path = store_path
         self._lock = threading.Lock()
         self.underlying_files: set[str] = set()
-        self.partial_hits = 0
-        self.whole_hits = 0
-        self.total = 0
+        #: [total, whole_hits, partial_hits] per thread (``record_read`` is on the read hot path)
+        self._reads = ThreadCounters(3)
         self.entries_count = 0
         self.prefetch_data_amount = 0
         self.prefetch_requests_count = 0
@@ -311,12 +371,24 @@ class BlobcacheMetrics:
 
     def record_read(self, chunks: int, cached: int) -> None:
         """One read request touching ``chunks`` chunks of which ``cached`` were ready."""
-        with self._lock:
-            self.total += 1
-            if chunks and cached == chunks:
-                self.whole_hits += 1
-            elif cached:
-                self.partial_hits += 1
+        cell = self._reads.cell()
+        cell[0] += 1
+        if chunks and cached == chunks:
+            cell[1] += 1
+        elif cached:
+            cell[2] += 1
+
+    @property
+    def total(self) -> int:
+        return self._reads.totals()[0]
+
+    @property
+    def whole_hits(self) -> int:
+        return self._reads.totals()[1]
+
+    @property
+    def partial_hits(self) -> int:
+        return self._reads.totals()[2]
 
     def add_entries(self, n: int) -> None:
         with self._lock:
@@ -353,14 +425,15 @@ class BlobcacheMetrics:
             self.data_all_ready = ready
 
     def snapshot(self) -> dict[str, Any]:
+        total, whole_hits, partial_hits = self._reads.totals()
         with self._lock:
             return {
                 "id": self.id,
                 "underlying_files": sorted(self.underlying_files),
                 "store_path": self.store_path,
-                "partial_hits": self.partial_hits,
-                "whole_hits": self.whole_hits,
-                "total": self.total,
+                "partial_hits": partial_hits,
+                "whole_hits": whole_hits,
+                "total": total,
                 "entries_count": self.entries_count,
                 "prefetch_data_amount": self.prefetch_data_amount,
                 "prefetch_requests_count": self.prefetch_requests_count,

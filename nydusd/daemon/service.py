@@ -349,13 +349,12 @@ class Daemon:
         if self.fuse_session == "own":
             from nydusd.fs.devfuse import DevFuseSession
 
-            self.worker_threads = self.threads
-            # cloned fds lose their in-flight requests with the process: not when handing over
-            # Not yet the llfuse session's reserve of workers for backend waits (below): this
-            # session starts every worker up front, each with a request buffer of max_pages
+            self.worker_threads = self.threads  # started up front; the reserve only when all are busy
+            # cloned fds lose their in-flight requests with the process: not when handing over;
+            # the same reserve as llfuse (below), its workers started only when all are busy
             return DevFuseSession(self.vfs, self.mountpoint, threads=self.threads,
                                   writable=self.writable, failover_policy=self.failover_policy,
-                                  clone_fd=self.supervisor is None)
+                                  clone_fd=self.supervisor is None, max_threads=self.threads + shared)
         from nydusd.fs.fuse import FuseOperations
         from nydusd.fs.session import FuseSession
 

@@ -16,7 +16,10 @@ Must not import: llfuse, the daemon, the API. Offers the session interface ``Dae
 (``mount``/``run``/``stop``/``close``, ``quiesced``, ``settle``, ``invalidate_*``, ``ops.inflight``).
 
 Threading: ``mount``/``run``/``close`` belong to the main thread; ``stop`` and ``invalidate_*``
-may come from any thread and never block. Workers (``fuse-worker-N``) each wait in their own epoll
+may come from any thread and never block. ``threads`` workers start with the session; whenever
+every running one is busy, a worker starts one more, up to ``max_threads`` (the daemon passes
+``--thread-num`` + the backend-wait reserve of ``storage/waits.py``, as for llfuse), so requests
+stuck on a dead backend never stall the others. Workers (``fuse-worker-N``) each wait in their own epoll
 on the device (``EPOLLEXCLUSIVE``: one wakes per request) and on a stop pipe; the device fd is
 non-blocking, so a worker that loses the race for a request just waits again. A worker finishes
 the request it is serving before it notices a stop, so ``exit`` hands no half-served request to
@@ -35,6 +38,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import queue
 import select
@@ -82,12 +86,15 @@ class DevFuseSession:
 
     def __init__(self, vfs: Vfs, mountpoint: str, *, threads: int = 4, writable: bool = False,
                  fsname: str = "rafs", failover_policy: str = "resend", clone_fd: bool = False,
-                 engine: FuseEngine | None = None) -> None:
+                 engine: FuseEngine | None = None, max_threads: int | None = None) -> None:
         if failover_policy not in FAILOVER_POLICIES:
             raise NydusError("unknown failover policy", policy=failover_policy)
         self.vfs = vfs
         self.mountpoint = mountpoint
         self.threads = max(1, threads)
+        #: workers started at most: ``threads`` run from the start, one more is started whenever
+        #: every running worker is busy (a read waiting on a backend holds its worker)
+        self.max_threads = max(self.threads, max_threads or 0)
         self.writable = writable
         self.fsname = fsname
         self.failover_policy = failover_policy
@@ -104,6 +111,7 @@ class DevFuseSession:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._ended = threading.Event()  # the kernel ended the connection (unmounted)
         self._workers: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a request (guarded by ``_lock``)
         self._notify: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._notifier: threading.Thread | None = None
         #: requests re-sent after a takeover and answered per the failover policy
@@ -164,17 +172,13 @@ class DevFuseSession:
             self.running = True
         self._notifier = threading.Thread(target=self._notify_loop, name="fuse-notify", daemon=True)
         self._notifier.start()
-        for i in range(self.threads):
-            fd = self._worker_fd()
-            t = threading.Thread(target=self._worker, args=(fd,), name=f"fuse-worker-{i}",
-                                 daemon=True)
-            self._workers.append(t)
-            t.start()
+        for _ in range(self.threads):
+            self._start_worker()
         if self.adopted:
             self._apply_failover_policy()
         else:
             threading.Thread(target=self._set_readahead, name="fuse-readahead", daemon=True).start()
-        for t in self._workers:
+        for t in self._workers:   # also those started meanwhile (appended while iterating)
             t.join()
         with self._lock:
             self.running = False
@@ -196,10 +200,24 @@ class DevFuseSession:
             return self.fd
         return clone
 
+    def _start_worker(self) -> None:
+        """Start one more worker, counted idle from now on (none past ``max_threads``)."""
+        with self._lock:
+            if len(self._workers) >= self.max_threads:
+                return
+            self._idle += 1
+            t = threading.Thread(target=self._worker, args=(self._worker_fd(),),
+                                 name=f"fuse-worker-{len(self._workers)}", daemon=True)
+            self._workers.append(t)
+        t.start()
+
     def _worker(self, fd: int) -> None:
-        buf = bytearray(BUFFER_SIZE)
+        # an anonymous mapping: only the pages requests touch become resident (a READ request is
+        # a few dozen bytes), so a worker costs little memory until it serves a large request
+        buf = mmap.mmap(-1, BUFFER_SIZE)
         view = memoryview(buf)
         ep = select.epoll()
+        lock = self._lock
         try:
             ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             ep.register(self._stop_r, select.EPOLLIN)
@@ -216,9 +234,23 @@ class DevFuseSession:
                         log.error("fuse_read_failed", error=e.strerror)
                     self._end()
                     return
-                self._serve(fd, view[:n])
+                with lock:
+                    self._idle -= 1
+                    more = self._idle == 0 and len(self._workers) < self.max_threads
+                if more:  # every worker busy: one more, so a request stuck on a backend stalls none
+                    self._start_worker()
+                try:
+                    self._serve(fd, view[:n])
+                finally:
+                    with lock:
+                        self._idle += 1
         finally:
+            with lock:
+                self._idle -= 1
             ep.close()
+            with contextlib.suppress(BufferError):  # a request view still referenced: GC frees it
+                view.release()
+                buf.close()
             if fd != self.fd:
                 os.close(fd)
 

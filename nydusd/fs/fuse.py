@@ -10,8 +10,8 @@ Must not import: the daemon, the API, storage or rafs internals. Only this modul
 ``fs/session.py`` import llfuse. Handlers are thin (design R2): meaning lives in ``fs/vfs.py``.
 
 Threading: llfuse runs handlers in its worker threads with its global lock held. ``read`` RELEASES
-the lock around ``Vfs.read`` (storage I/O) so several workers fetch data in parallel; nothing else
-releases it.
+the lock around ``Vfs.read`` (storage I/O) so several workers fetch data in parallel -- unless the
+bytes are in the page cache already (``Vfs.read_nowait``); nothing else releases it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from threading import get_ident
 from typing import Any, TypeVar, cast
 
 import llfuse
@@ -60,6 +61,7 @@ OPCODES = {"lookup": 1, "getattr": 3, "readlink": 5, "open": 14, "read": 15, "st
            "releasedir": 29, "fsyncdir": 30, "access": 34, "fsync": 20}
 
 _unique = itertools.count(1)
+_READ_OPCODE = OPCODES["read"]
 
 
 class Inflight:
@@ -211,11 +213,25 @@ class FuseOperations(llfuse.Operations):  # type: ignore[misc]  # llfuse ships n
     def open(self, inode: int, flags: int, ctx: Any = None) -> int:
         return self.vfs.open(inode, flags)
 
-    @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        # Storage I/O may block on the network: let other workers run meanwhile (design R13).
-        with llfuse.lock_released:
-            return self.vfs.read(fh, off, size)
+        """The hot path, with ``fuse_op``'s boundary and in-flight record written out (one frame
+        less per request). Warm bytes already in the page cache are served with llfuse's lock
+        held (``Vfs.read_nowait``: no I/O wait, no lock; llfuse replies from the returned view
+        before this worker reads its next request). Anything else -- a miss, a disk read, the
+        backend -- runs with the lock released so other workers keep going (design R13)."""
+        slots = self.inflight.slots
+        ident = get_ident()
+        slots[ident] = (fh, _READ_OPCODE, next(_unique), int(time.time()))
+        try:
+            fast = self.vfs.read_nowait(fh, off, size)
+            if fast is not None:
+                return fast
+            with llfuse.lock_released:
+                return self.vfs.read(fh, off, size)
+        except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
+            raise _translate(e, "read") from None
+        finally:
+            slots.pop(ident, None)
 
     @fuse_op
     def release(self, fh: int) -> None:

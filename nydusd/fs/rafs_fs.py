@@ -64,6 +64,8 @@ class FileData(Protocol):
 
     def read(self, offset: int, size: int) -> bytes | memoryview: ...
 
+    def read_nowait(self, offset: int, size: int) -> memoryview | None: ...
+
 
 def _no_data(offset: int, size: int) -> bytes:
     return b""
@@ -73,20 +75,29 @@ def _no_device(offset: int, size: int) -> bytes:
     raise NydusError("image has no blob device", offset=offset)
 
 
+def _never(offset: int, size: int) -> None:
+    return None
+
+
 class RafsFile:
     """An open regular file: its attributes and ``read(offset, size)`` -- the bound read of its
     data on the device (``ChunkedFile.read``), so the file adds no frame to the read path.
     Immutable; thread-safe."""
 
-    __slots__ = ("attr", "ino", "read")
+    __slots__ = ("attr", "ino", "read", "read_nowait")
 
-    def __init__(self, ino: int, attr: Attr, read: Callable[[int, int], bytes | memoryview]) -> None:
+    def __init__(self, ino: int, attr: Attr, read: Callable[[int, int], bytes | memoryview],
+                 read_nowait: Callable[[int, int], memoryview | None] = _never) -> None:
         self.ino = ino
         self.attr = attr
         #: up to ``size`` bytes at ``offset`` (short at EOF): ``bytes``, or a read-only
         #: ``memoryview`` into a buffered chunk (llfuse replies from any buffer). Runs with
         #: llfuse's lock RELEASED. Raises BackendError/IntegrityError (EIO).
         self.read = read
+        #: the same bytes when they can be had at once without blocking (warm, page-cached), as a
+        #: view of the calling thread's read buffer valid until its next call; else None. For the
+        #: llfuse handler, which calls it with the lock held and replies before its next read.
+        self.read_nowait = read_nowait
 
 
 _I64_MAX = (1 << 63) - 1
@@ -200,7 +211,8 @@ class RafsFs:
             return RafsFile(ino, attr, _no_data)
         if self.device is None:
             return RafsFile(ino, attr, _no_device)
-        return RafsFile(ino, attr, self.device.open_file(list(self.sb.chunks(ino)), attr.size).read)
+        data = self.device.open_file(list(self.sb.chunks(ino)), attr.size)
+        return RafsFile(ino, attr, data.read, data.read_nowait)
 
     # -- prefetch -----------------------------------------------------------------------------
 

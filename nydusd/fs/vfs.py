@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import Any, TypeVar
 
 from nydusd.errors import AlreadyExists, InvalidArgument, NotFound, NydusError, ReadOnly
@@ -555,19 +556,36 @@ class Vfs:
             # umounted or remounted since the open: its device and cache are closed (or closing)
             raise StaleInode("file's filesystem is no longer mounted", fh=fh, inode=handle.file.ino)
         file = handle.file
-        start = time.perf_counter_ns()
+        start = perf_counter_ns()
         try:
             data = file.read(offset, size)
         except NydusError as e:
             mount.stats.fop_done(StatsFop.READ, ino=file.ino, success=False,
-                                 latency_us=(time.perf_counter_ns() - start) / 1000)
+                                 latency_us=(perf_counter_ns() - start) / 1000)
             log.warning("read_failed", mountpoint=mount.path, inode=file.ino, offset=offset,
                         size=size, error=str(e))
             if self._on_error is not None:
                 self._on_error(f"read of inode {file.ino} in {mount.path} failed: {e}")
             raise
-        mount.stats.fop_done(StatsFop.READ, ino=file.ino, size=len(data),
-                             latency_us=(time.perf_counter_ns() - start) / 1000)
+        mount.stats.read_done(file.ino, len(data), perf_counter_ns() - start)
+        return data
+
+    def read_nowait(self, fh: int, offset: int, size: int) -> memoryview | None:
+        """``read`` when the bytes can be had at once without blocking (see
+        ``RafsFile.read_nowait``: a view of the calling thread's buffer, valid until its next
+        call); None otherwise -- also for a bad or stale handle, which ``read`` then reports.
+        For the llfuse handler, with llfuse's lock held: no I/O wait, no lock."""
+        handle = self._handles.get(fh)
+        if handle is None:
+            return None
+        mount = handle.mount
+        if self._mounts.get(mount.index) is not mount:
+            return None
+        file = handle.file
+        start = perf_counter_ns()
+        data = file.read_nowait(offset, size)
+        if data is not None:
+            mount.stats.read_done(file.ino, len(data), perf_counter_ns() - start)
         return data
 
     def adopt_handle(self, fh: int, ino: int) -> None:

@@ -88,6 +88,27 @@ class ChunkedFile:
         ``BlobDevice.read``."""
         return self.device.read_range(self.chunks, offset, min(offset + size, self.size))
 
+    def read_nowait(self, offset: int, size: int) -> memoryview | None:
+        """``read`` for a request inside one chunk whose bytes are in the page cache of a plain
+        cache file right now: a view of the calling thread's read buffer, valid until its next
+        call (see ``BlobCache.read_nowait``). None when that does not apply (the caller then
+        takes ``read``). Never blocks on I/O, takes no lock; for llfuse's lock-held fast path."""
+        device = self.device
+        end = min(offset + size, self.size)
+        csize = device.chunk_size
+        if offset >= end or csize <= 0 or offset < 0:
+            return None
+        index = offset // csize
+        base = index * csize
+        if end - base > csize or index >= len(self.chunks) or device.closed:
+            return None
+        chunk = self.chunks[index]
+        caches = device.caches
+        if chunk.blob_index >= len(caches) or chunk.uncompressed_size < end - base:
+            return None
+        cache = caches[chunk.blob_index]
+        return None if cache is None else cache.read_nowait(chunk, offset - base, end - base)
+
 
 class BlobDevice:
     """The blobs of one image, read through one cache manager.
@@ -110,9 +131,10 @@ class BlobDevice:
         self.batch_size = cache_manager.batch_size if batch_size is None else batch_size
         self.prefetch_config = prefetch_config
         self.buffer = ChunkBuffer()
-        self._caches: list[BlobCache | None] = [None] * len(self.blobs)
+        #: per-blob cache handles, filled on first use (read without a lock by the fast path)
+        self.caches: list[BlobCache | None] = [None] * len(self.blobs)
         self._lock = threading.Lock()
-        self._closed = False
+        self.closed = False
 
     # ------------------------------------------------------------------ reads
     def cache(self, blob_index: int) -> BlobCache:
@@ -120,12 +142,12 @@ class BlobDevice:
         if not 0 <= blob_index < len(self.blobs):
             raise CorruptMetadata("chunk refers to a blob the image does not list",
                                   blob_index=blob_index, blobs=len(self.blobs))
-        cache = self._caches[blob_index]
+        cache = self.caches[blob_index]
         if cache is None:
             with self._lock:
-                cache = self._caches[blob_index]
+                cache = self.caches[blob_index]
                 if cache is None:
-                    cache = self._caches[blob_index] = self.cache_manager.get(self.blobs[blob_index])
+                    cache = self.caches[blob_index] = self.cache_manager.get(self.blobs[blob_index])
         return cache
 
     def open_file(self, chunks: Sequence[ChunkInfo], size: int) -> ChunkedFile:
@@ -145,7 +167,7 @@ class BlobDevice:
         fails verification, BackendError/BlobNotFound when it cannot be fetched, CorruptMetadata
         for chunk records that contradict the image.
         """
-        if self._closed:
+        if self.closed:
             raise BackendError("blob device closed")
         if offset < 0 or offset >= end or not chunks:
             return b""
@@ -161,7 +183,7 @@ class BlobDevice:
         lo = offset - first * csize
         if first == last:
             if chunk.uncompressed_size >= end - first * csize:
-                cache = self._caches[blob_index] if blob_index < len(self._caches) else None
+                cache = self.caches[blob_index] if blob_index < len(self.caches) else None
                 data = (cache or self.cache(blob_index)).read_cached((chunk,), lo, end - first * csize)
                 if data is not None:
                     return data
@@ -187,12 +209,14 @@ class BlobDevice:
     def _read_chunks(self, chunks: Sequence[ChunkInfo], first: int, last: int, offset: int,
                      end: int) -> list[memoryview]:
         """The full path: whole chunks ``first..last`` through their caches' fetch path, sliced to
-        ``[offset, end)``. A piece of one chunk is served from (or, read from its first byte,
-        enters) the chunk buffer."""
+        ``[offset, end)``. With a cache that serves only whole chunks, a piece of one chunk is
+        served from (or, read from its first byte, enters) the chunk buffer; a cache that serves
+        parts answers the next pieces from its file (the warm path), so nothing is buffered."""
         csize = self.chunk_size
         chunk = chunks[first]
         start = first * csize
-        if first == last and (offset > start or end - start < chunk.uncompressed_size):
+        if first == last and (offset > start or end - start < chunk.uncompressed_size) and \
+                not self.cache(chunk.blob_index).partial_reads:
             key = (chunk.blob_index, chunk_key(chunk))
             data = self.buffer.get(key)
             if data is None and offset == start:
@@ -245,7 +269,7 @@ class BlobDevice:
     def start_prefetch(self, cfg: Any = None) -> Prefetcher | None:
         """Start the cache manager's prefetch workers (idempotent) from ``cfg`` or
         ``prefetch_config``. Returns the ``Prefetcher``, None once the device is closed."""
-        if self._closed:
+        if self.closed:
             return None
         return self.cache_manager.start_prefetch(cfg if cfg is not None else self.prefetch_config,
                                                  self.blobs)
@@ -289,11 +313,11 @@ class BlobDevice:
     def abort(self, reason: str = "image unmounted") -> None:
         """Fail every read waiting on the backend now and refuse new ones (EIO), without waiting
         for anything: the first step of an umount, before the slower ``close``."""
-        self._closed = True
+        self.closed = True
         self.cache_manager.abort(reason)
 
     def close(self) -> None:
         """Stop prefetching and close the cache manager. Idempotent; the backend stays open."""
-        self._closed = True
+        self.closed = True
         self.buffer.clear()
         self.cache_manager.close()

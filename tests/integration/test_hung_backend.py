@@ -5,7 +5,7 @@ A real docker-registry sits behind ``FaultShim``, which accepts every blob GET a
 full backend timeout. ``/fresh`` is served from localfs. With the default 4 ``--thread-num``,
 eight parallel ``cat`` under ``/hang`` used to take every FUSE worker (and the kernel's background
 request slots), so a read under ``/fresh`` waited ~28 s; and ``DELETE /api/v1/mount`` of ``/hang``
-answered 204 while its readers stayed blocked until the backend timeout.
+answered 204 while its readers stayed blocked until the backend timeout. Both FUSE sessions.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def _wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyp
         time.sleep(0.02)
 
 
-@pytest.fixture(params=["ondemand", "prefetch"])
+@pytest.fixture(params=[("ondemand", "llfuse"), ("prefetch", "llfuse"), ("ondemand", "own")],
+                ids=["ondemand", "prefetch", "ondemand-own-session"])
 def shared(request, tmp_path, registry_server, fault_shim):  # type: ignore[no-untyped-def]
+    mode, session = request.param
     hang_src = _tree(tmp_path / "hang-src", 12, 3 << 20, seed=1)
     fresh_src = _tree(tmp_path / "fresh-src", 4, 300_000, seed=2)
     hang = build_daemon_image(hang_src, tmp_path / "hang-img", version=6)
@@ -60,13 +62,14 @@ def shared(request, tmp_path, registry_server, fault_shim):  # type: ignore[no-u
                                                 "config": {"work_dir": str(tmp_path / "c1")}}},
                            "mode": "direct",
                            # prefetch workers stuck on the dead backend too (they are no FUSE workers)
-                           "fs_prefetch": {"enable": request.param == "prefetch", "threads_count": 4,
+                           "fs_prefetch": {"enable": mode == "prefetch", "threads_count": 4,
                                            "prefetch_all": True}})
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sock = str(tmp_path / "api.sock")
-    with Nydusd(["--mountpoint", str(mnt), "--apisock", sock], mnt, log_path=tmp_path / "log",
-                apisock=sock) as daemon:
+    # the own /dev/fuse session starts more workers as they are taken (the backend-wait reserve)
+    with Nydusd(["--mountpoint", str(mnt), "--apisock", sock, "--fuse-session", session], mnt,
+                log_path=tmp_path / "log", apisock=sock) as daemon:
         api = ApiClient(sock)
         assert api.mount("/hang", hang.bootstrap, hang_cfg)[0] == 204
         fault_shim.hang_all()

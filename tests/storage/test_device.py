@@ -218,3 +218,86 @@ def test_chunk_buffer_serves_sequential_pieces_of_a_chunk_from_one_fetch(tmp_pat
             assert file.read(len(content), 100) == b""
         finally:
             device.close()
+
+
+def test_read_nowait_serves_only_page_cached_warm_bytes(tmp_path: Path) -> None:
+    """The lock-held FUSE fast path: bytes of a ready chunk that are in the page cache come back
+    at once (counted as one cached read); a chunk not cached yet, cache-file pages not in memory
+    (RWF_NOWAIT would block), a request across chunks, a compressed cache and a closed cache all
+    answer None and count nothing -- the caller then takes the normal read."""
+    content = mixed_content(4 * CHUNK, seed=9)
+    blob = build_blob([content], chunk_size=CHUNK)
+    device, _ = make_device(blob, file_cache(tmp_path / "plain"), batch_size=0)
+    try:
+        file = device.open_file(blob.files[0], len(content))
+        assert file.read_nowait(100, 4096) is None            # no cache handle yet
+        assert bytes(file.read(0, 10)) == content[:10]         # opens the cache, fetches chunk 0
+        assert file.read_nowait(CHUNK + 100, 4096) is None     # chunk 1 not cached
+        device.flush()                                         # durable: its pages can be dropped
+        cache = device.cache(0)
+        data_path = cache.data_path  # type: ignore[attr-defined]
+        fd = os.open(data_path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        before = device.metrics()
+        assert file.read_nowait(8192, 4096) is None            # would wait for the disk
+        assert device.metrics()["total"] == before["total"]
+        assert bytes(file.read(8192, 4096)) == content[8192:12288]   # the normal path reads it in
+        got = file.read_nowait(8192, 4096)
+        assert got is not None and bytes(got) == content[8192:12288]
+        snap = device.metrics()
+        assert snap["total"] == before["total"] + 2
+        assert snap["whole_hits"] == before["whole_hits"] + 2
+        assert file.read_nowait(CHUNK - 10, 20) is None        # across two chunks
+        assert file.read_nowait(len(content), 10) is None      # at EOF
+        device.close()
+        assert file.read_nowait(8192, 4096) is None            # closed
+    finally:
+        device.close()
+    device, _ = make_device(blob, file_cache(tmp_path / "raw", compressed=True))
+    try:
+        file = device.open_file(blob.files[0], len(content))
+        assert bytes(file.read(0, CHUNK)) == content[:CHUNK]
+        assert file.read_nowait(100, 4096) is None             # compressed: whole chunks only
+    finally:
+        device.close()
+
+
+def test_cache_metrics_exact_after_concurrent_fast_and_normal_reads(tmp_path: Path) -> None:
+    """Reads counted without locks (per-thread cells) still add up exactly: 8 threads mixing
+    the fast path and the normal path, then total == whole_hits == reads made."""
+    content = mixed_content(8 * CHUNK, seed=4)
+    blob = build_blob([content], chunk_size=CHUNK)
+    device, _ = make_device(blob, file_cache(tmp_path))
+    try:
+        file = device.open_file(blob.files[0], len(content))
+        assert bytes(file.read(0, len(content))) == content
+        base = device.metrics()
+        counts = [0] * 8
+        errors: list[str] = []
+
+        def reader(n: int) -> None:
+            rng = random.Random(n)
+            for _ in range(300):
+                off = rng.randrange(0, len(content) - 4096)
+                off -= off % 4096 if (off % CHUNK) + 4096 > CHUNK else 0
+                got = file.read_nowait(off, 4096) if rng.random() < 0.5 else None
+                if got is None:
+                    got = file.read(off, 4096)
+                if bytes(got) != content[off:off + len(got)]:
+                    errors.append(f"wrong bytes at {off}")
+                counts[n] += 1
+
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        snap = device.metrics()
+        assert snap["total"] - base["total"] == sum(counts) == 2400
+        assert snap["whole_hits"] - base["whole_hits"] == 2400 and snap["partial_hits"] == 0
+    finally:
+        device.close()

@@ -361,8 +361,11 @@ class FuseEngine:
             with self._handles_lock:
                 self._handles.add(fh)
         limit = self.max_read if not out_size else min(self.max_read, out_size - m.OUT_HEADER.size)
-        data = self.vfs.read(fh, offset, min(size, max(limit, 0)))
-        return [data]
+        size = min(size, max(limit, 0))
+        # warm bytes in the page cache without the full read path; the view it may return lives
+        # until this thread's next read, and every transport writes the reply before that
+        data = self.vfs.read_nowait(fh, offset, size)
+        return [data if data is not None else self.vfs.read(fh, offset, size)]
 
     def _release(self, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
         fh, *_ = _args(m.RELEASE_IN, args)

@@ -119,6 +119,8 @@ class BlobCache(ABC):
 
     #: whether local state keeps the stored (compressed) payload rather than plain bytes
     stores_payload = False
+    #: whether ``read_cached`` serves parts of ready chunks (else only whole chunks come out)
+    partial_reads = False
 
     def __init__(self, blob: BlobInfo, manager: CacheOwner) -> None:
         self.blob = blob
@@ -138,6 +140,13 @@ class BlobCache(ABC):
     @abstractmethod
     def _persist(self, items: Sequence[Fetched]) -> None:
         """Store fetched chunks durably, then mark them ready. May raise OSError."""
+
+    def read_nowait(self, chunk: ChunkInfo, lo: int, hi: int) -> memoryview | None:
+        """Plain bytes ``[lo, hi)`` of a ready chunk if they can be had without blocking (no lock
+        held for long, no disk wait), in a buffer owned by the calling thread that stays valid
+        until its next call; else None (nothing counted). For callers that hold a global lock
+        (llfuse's) and reply before their next read."""
+        return None
 
     def read_cached(self, chunks: Sequence[ChunkInfo], lo: int, hi: int) -> bytes | None:
         """Plain bytes of consecutive file chunks ``chunks`` (all of this blob) from byte ``lo`` of

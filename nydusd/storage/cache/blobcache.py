@@ -43,6 +43,11 @@ registers as a user first (``_users``, a small condition of its own, held for th
 before it closes the descriptor and the map; if they do not leave in time, the last one out closes
 them. A descriptor is therefore never used after ``os.close``: a stale ``pwrite`` through a number
 the next mount's cache file reused would corrupt another blob's cache.
+
+The warm read of a FUSE request (``read_nowait``) takes no lock: the reading thread announces
+itself in ``_fast`` (thread id -> 1; a GIL-atomic dict store), then checks ``closing``; ``close``
+sets ``closing`` first and then waits for ``_fast`` to drain before it closes the descriptor (a
+reader that outlives ``CLOSE_WAIT`` leaves the descriptor open rather than risk a reused number).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from os import RWF_NOWAIT
+from threading import get_ident
 
 from nydusd.errors import BackendError, ConfigError, IntegrityError, InvalidArgument
 from nydusd.log import get_logger
@@ -68,6 +75,23 @@ DATA_SUFFIX = ".blob.data"
 RAW_SUFFIX = ".blob.raw"
 #: a work_dir the daemon creates is private to its user (an existing one is left as it is)
 PRIVATE_DIR_MODE = 0o700
+
+
+#: warm reads up to this size land in the calling thread's reusable buffer; larger ones in a fresh
+#: one. Kept small because llfuse serves requests from --thread-num + 128 threads (the backend-wait
+#: reserve) in turn: every thread's buffer ends up resident, 4 MiB at most in all at this size.
+READ_BUFFER = 32 << 10
+_tls = threading.local()
+
+
+def _read_buffer(size: int) -> memoryview:
+    """A writable view of ``size`` bytes: of the calling thread's buffer, or fresh if larger."""
+    if size > READ_BUFFER:
+        return memoryview(bytearray(size))
+    buf: memoryview | None = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = memoryview(bytearray(READ_BUFFER))
+    return buf[:size]
 
 
 def _adjacent(chunks: Sequence[ChunkInfo]) -> bool:
@@ -214,6 +238,7 @@ class FileCache(BlobCache):
         _check_blob_id(blob.blob_id)
         self.compressed = manager.compressed
         self.stores_payload = self.compressed
+        self.partial_reads = not (self.compressed or manager.verify_cached)
         self.verify_cached = manager.verify_cached
         base = os.path.join(manager.work_dir, blob.blob_id)
         self.data_path = base + (RAW_SUFFIX if self.compressed else DATA_SUFFIX)
@@ -250,6 +275,7 @@ class FileCache(BlobCache):
         self._unsynced: list[int] = []
         self._flusher = manager.flusher
         self._users = _Users(blob.blob_id)
+        self._fast: dict[int, int] = {}   # threads inside ``read_nowait`` (see module docstring)
         manager.counters.add_underlying_file(os.path.basename(self.data_path))
         if self._map is not None:
             manager.counters.add_entries(self._map.ready_count)
@@ -295,6 +321,32 @@ class FileCache(BlobCache):
     def _leave(self) -> None:
         if self._users.leave():
             self._release()
+
+    def read_nowait(self, chunk: ChunkInfo, lo: int, hi: int) -> memoryview | None:
+        """Plain bytes ``[lo, hi)`` of a ready chunk when they are in the page cache now
+        (``RWF_NOWAIT``): a view of this thread's read buffer, valid until the thread's next call
+        (the FUSE worker replies from it before it reads the next request). None -- nothing
+        counted -- when the cache cannot serve parts of chunks, the chunk is not ready, the read
+        would block or came back short, or the cache is closing: the caller takes ``read_cached``
+        or the full path. No lock (see the module docstring)."""
+        if self.compressed or self.verify_cached:
+            return None
+        fast = self._fast
+        ident = get_ident()
+        fast[ident] = 1
+        try:
+            if self._users.closing or not self._is_ready(chunk):
+                return None
+            size = hi - lo
+            buf = _read_buffer(size)
+            if os.preadv(self._fd, (buf,), chunk.uncompressed_offset + lo, RWF_NOWAIT) != size:
+                return None
+        except OSError:   # EAGAIN: not in the page cache
+            return None
+        finally:
+            del fast[ident]
+        self.manager.counters.record_read(1, 1)
+        return buf
 
     def all_ready(self) -> bool:
         return self._map is not None and self._map.ready_count + len(self._volatile) >= self._map.count
@@ -421,6 +473,13 @@ class FileCache(BlobCache):
             return
         if not now:
             log.warning("cache_close_deferred", path=self.data_path, users=self._users.count,
+                        waited_s=CLOSE_WAIT)
+            return
+        deadline = time.monotonic() + CLOSE_WAIT
+        while self._fast and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._fast:
+            log.warning("cache_fd_left_open", path=self.data_path, readers=len(self._fast),
                         waited_s=CLOSE_WAIT)
             return
         self._release()

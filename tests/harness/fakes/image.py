@@ -104,6 +104,9 @@ class FakeFile:
     def read(self, offset: int, size: int) -> bytes:
         return self.device.read(self.chunks, offset, max(0, min(offset + size, self.size) - offset))
 
+    def read_nowait(self, offset: int, size: int) -> memoryview | None:
+        return None   # the fake's data is never "in the page cache": every read takes ``read``
+
 
 class FakeDevice:
     def __init__(self, sb: FakeSuper) -> None:
