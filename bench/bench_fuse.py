@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.harness.apiclient import ApiClient  # noqa: E402
-from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
 from tests.harness.daemon import Nydusd  # noqa: E402
+from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
 
 MiB = 1 << 20
 

@@ -32,8 +32,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_fuse import make_big_tree, make_rootfs_like  # noqa: E402
 
-from tests.harness.daemon import Nydusd  # noqa: E402
-from tests.harness.guest import Guest, RefVirtiofsd, guest_missing, prepare, unpack  # noqa: E402
+from tests.harness.guest import (  # noqa: E402
+    RefVirtiofsd,
+    beside_reference,
+    guest_missing,
+    prepare,
+    start_backend,
+    unpack,
+)
 from tests.harness.images import DaemonImage, build_daemon_image  # noqa: E402
 
 MiB = 1 << 20
@@ -119,25 +125,17 @@ def main() -> int:
         ref_dir = unpack(img.bootstrap, img.blob_dir, work / "unpacked")
         cfg = img.write_config(work / "config.json", work / "cache")
         lookup_us, getattr_us, read_mibs = engine_costs(img)
-        sock = str(work / "nydusd.sock")
-        d = Nydusd(["--sock", sock, "--config", cfg, "--bootstrap", img.bootstrap,
-                    "--thread-num", str(args.threads)], work / "unused", log_path=work / "nydusd.log")
+        d, sock = start_backend(work, "--config", cfg, "--bootstrap", img.bootstrap,
+                                "--thread-num", str(args.threads))
         ref = RefVirtiofsd(ref_dir, str(work / "ref.sock"), work / "virtiofsd.log")
-        guest = None
         try:
-            d.start(wait_mount=False)
-            d.wait(lambda: os.path.exists(sock), 30, "the vhost-user socket")
-            ref.start()
             assert d.proc is not None
-            cpu0 = cpu_seconds(d.proc.pid)
-            guest = Guest(image, {"nydus": sock, "ref": ref.sock}, SCRIPT.format(reps=args.reps),
-                          work, mem_mb=1024).start()
-            lines = guest.finish(1800)
-            cpu = cpu_seconds(d.proc.pid) - cpu0
+            with beside_reference(image, sock, ref, SCRIPT.format(reps=args.reps), work,
+                                  mem_mb=1024) as guest:
+                cpu0 = cpu_seconds(d.proc.pid)
+                lines = guest.start().finish(1800)
+                cpu = cpu_seconds(d.proc.pid) - cpu0
         finally:
-            if guest is not None:
-                guest.kill()
-            ref.stop()
             d.terminate()
             d.cleanup()
     times: dict[tuple[str, str], list[float]] = {}

@@ -1,1 +1,2 @@
-"""Reusable harnesses for end-to-end tests and benchmarks (real external components)."""
+"""Everything the tests and benchmarks share: images, the nydusd harness, real servers and rigs, fakes
+(the layout is in docs/testing.md)."""

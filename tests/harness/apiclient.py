@@ -22,13 +22,14 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class ApiClient:
-    def __init__(self, sock_path: str) -> None:
+    def __init__(self, sock_path: str, timeout: float = 30.0) -> None:
         self.sock_path = sock_path
+        self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None, **query: str) -> tuple[int, Any]:
         if query:
             path += "?" + urllib.parse.urlencode(query)
-        conn = _UnixConnection(self.sock_path)
+        conn = _UnixConnection(self.sock_path, self.timeout)
         try:
             payload = None if body is None else json.dumps(body)
             conn.request(method, path, body=payload,

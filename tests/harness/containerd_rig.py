@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.harness.servers.base import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RIG_DIR = ROOT.parent / "shared" / "rigs" / "nydus-snapshotter"
 CACHE_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -162,12 +164,6 @@ def build_snapshotter(out: Path = CACHE_DIR) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
     """Signal one process we started; SIGKILL it after ``timeout``; reap it if it is our child."""
     if not pid:
@@ -263,6 +259,7 @@ class AccessLogRegistry:
 
     def blob_gets(self, since: int = 0, digests: set[str] | None = None) -> tuple[int, int]:
         """(GET requests, bytes written) of ``/blobs/`` since ``since`` (only ``digests`` if given)."""
+        time.sleep(0.05)  # the registry writes its log line after the response
         with open(self.log_path, "rb") as f:
             f.seek(since)
             text = f.read().decode(errors="replace")
@@ -589,8 +586,10 @@ def netns(name: str) -> Iterator[str]:
         subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
 
 
-def shape_loopback(name: str, spec: str) -> None:
+def shape_loopback(name: str | None, spec: str) -> None:
     """``tc qdisc add dev lo root SPEC`` on the loopback of network namespace ``name`` (never the
-    host's own loopback)."""
-    subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", *spec.split()],
-                   check=True, capture_output=True)
+    host's own loopback); ``None``: this process's own namespace, for a caller already inside one
+    made by ``netns``."""
+    enter = ["ip", "netns", "exec", name] if name is not None else []
+    subprocess.run([*enter, "tc", "qdisc", "add", "dev", "lo", "root", *spec.split()], check=True,
+                   capture_output=True)

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness.daemon import Nydusd
+
 CACHE = Path(os.environ.get("NYDUS_GUEST_CACHE", "~/.cache/nydus-py/guest")).expanduser()
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -377,3 +379,30 @@ class RefVirtiofsd:
                 self.proc.wait()
         if os.path.exists(self.sock):
             os.unlink(self.sock)
+
+
+def start_backend(work: Path, *args: str, api: bool = False) -> tuple[Nydusd, str]:
+    """``nydusd --sock S ARGS`` as a vhost-user-fs back-end (with ``--apisock`` when ``api``), waited
+    for until its sockets exist; returns the daemon and the vhost-user socket path."""
+    sock = str(work / "nydusd-vhost.sock")
+    apisock = str(work / "api.sock") if api else None
+    d = Nydusd(["--sock", sock, *(["--apisock", apisock] if apisock else []), *args], work / "unused",
+               log_path=work / "nydusd.log", apisock=apisock)
+    d.start(wait_mount=False)
+    d.wait(lambda: os.path.exists(sock) and (apisock is None or os.path.exists(apisock)), 30, "the sockets")
+    return d, sock
+
+
+@contextmanager
+def beside_reference(image: GuestImage, sock: str, ref: RefVirtiofsd, script: str, workdir: Path,
+                     **guest_kw: int) -> Iterator[Guest]:
+    """A guest (not started yet) with our back-end on ``sock`` as tag ``nydus`` and the reference
+    virtiofsd ``ref`` (started here) as tag ``ref``; on the way out the guest is killed and virtiofsd
+    stopped."""
+    guest = Guest(image, {"nydus": sock, "ref": ref.sock}, script, workdir, **guest_kw)
+    try:
+        ref.start()
+        yield guest
+    finally:
+        guest.kill()
+        ref.stop()

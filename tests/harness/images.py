@@ -26,6 +26,7 @@ import json
 import os
 import random
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -204,6 +205,15 @@ def _user_xattrs(x: dict[bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted((k, v) for k, v in x.items() if k.startswith(b"user.")))
 
 
+def _with_link_groups(entries: dict[bytes, Entry], groups: Iterable[list[bytes]]) -> dict[bytes, Entry]:
+    """Mark every member of each hard-link group with the group's first path (sorted order)."""
+    for members in groups:
+        first = min(members)
+        for m in members:
+            entries[m] = entries[m]._replace(link_group=first)
+    return entries
+
+
 def snapshot_dir(root: Path, *, with_owner: bool = True) -> dict[bytes, Entry]:
     """Snapshot a real directory tree (not following symlinks)."""
     top = os.fsencode(root)
@@ -234,11 +244,7 @@ def snapshot_dir(root: Path, *, with_owner: bool = True) -> dict[bytes, Entry]:
                 st.st_size if not stat.S_ISDIR(st.st_mode) else 0, data,
                 os.readlink(full) if stat.S_ISLNK(st.st_mode) else None, _user_xattrs(xattrs),
                 st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0, None)
-    for members in groups.values():
-        first = min(members)
-        for m in members:
-            entries[m] = entries[m]._replace(link_group=first)
-    return entries
+    return _with_link_groups(entries, groups.values())
 
 
 def snapshot_image(bootstrap: Path, blob_dir: Path | None = None, *, blob_files: dict[str, str] | None = None,
@@ -265,8 +271,4 @@ def snapshot_image(bootstrap: Path, blob_dir: Path | None = None, *, blob_files:
                 (ino.mtime, ino.mtime_nsec), ino.size if not ino.is_dir else 0, data,
                 sb.readlink(ino.ino) if ino.is_symlink else None, _user_xattrs(sb.xattrs(ino.ino)),
                 ino.rdev if stat.S_ISCHR(ino.mode) or stat.S_ISBLK(ino.mode) else 0, None)
-    for members in groups.values():
-        first = min(members)
-        for m in members:
-            entries[m] = entries[m]._replace(link_group=first)
-    return entries
+    return _with_link_groups(entries, groups.values())

@@ -187,7 +187,7 @@ def test_readme_nydusify_block_runs_verbatim(tmp_path: Path) -> None:
     with Registry(tmp_path / "registry", tls=True) as reg:
         run(["skopeo", "--tmpdir", str(tmp_path / "home/run"), "copy", "--dest-tls-verify=false",
              f"oci:{layout}:3", f"docker://{reg.host}/library/alpine:3"], env)
-        env = {**env, **trust_certificate(tmp_path / "trust", reg.root / "cert.pem"),
+        env = {**env, **trust_certificate(tmp_path / "trust", reg.cert),
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         fill = [c.replace("registry.example.com", reg.host).replace("/mnt/alpine", str(mnt)) for c in cmds]
         for cmd in fill[:2]:

@@ -20,11 +20,13 @@ from tests.harness.daemon import Nydusd
 from tests.harness.guest import (
     Guest,
     RefVirtiofsd,
+    beside_reference,
     guest_missing,
     host_listing,
     listing_script,
     parse_listing,
     prepare,
+    start_backend,
     unpack,
 )
 from tests.harness.images import DaemonImage, build_daemon_image, sample_tree
@@ -68,13 +70,7 @@ def images(tmp_path_factory, upstream):
 
 
 def _nydusd(tmp: Path, *args: str) -> tuple[Nydusd, str]:
-    sock = str(tmp / "nydusd-vhost.sock")
-    api = str(tmp / "api.sock")
-    d = Nydusd(["--sock", sock, "--apisock", api, *args], tmp / "unused",
-               log_path=tmp / "nydusd.log", apisock=api)
-    d.start(wait_mount=False)
-    d.wait(lambda: os.path.exists(sock) and os.path.exists(api), 30, "the sockets")
-    return d, sock
+    return start_backend(tmp, *args, api=True)
 
 
 def _warnings(log_path: Path, allowed: tuple[str, ...] = ()) -> list[str]:
@@ -98,7 +94,6 @@ def test_guest_listing_equals_reference_virtiofsd(tmp_path, guest_image, images)
     names = ["v6", "v5", "up_sha256", "up_blake3", "up_v6"]
     d, sock = _nydusd(tmp_path)
     ref = RefVirtiofsd(images["ref"], str(tmp_path / "ref.sock"), tmp_path / "virtiofsd.log")
-    guest = None
     try:
         api = ApiClient(d.apisock or "")
         for name in names:
@@ -115,7 +110,6 @@ def test_guest_listing_equals_reference_virtiofsd(tmp_path, guest_image, images)
         assert api.mount("/broken", broken.bootstrap, broken.config_text(None))[0] == 204
         for f in broken_blobs.iterdir():
             os.truncate(f, 0)
-        ref.start()
         script = MOUNT_BOTH + "".join(listing_script(f"/n/{n}", f"N:{n}:") + listing_script(
             f"/r/{n}", f"R:{n}:") for n in names) + """
 stat -c 'BROKEN_SIZE %s' /n/broken/dir/exact_chunk
@@ -125,12 +119,9 @@ sed 's/^/BROKEN_ERR /' /tmp/err
 echo "BROKEN_LS $(ls /n/broken | wc -l)"
 echo "TOP $(ls /n | tr '\\n' ' ')"
 """
-        guest = Guest(guest_image, {"nydus": sock, "ref": ref.sock}, script, tmp_path).start()
-        lines = guest.finish(300)
+        with beside_reference(guest_image, sock, ref, script, tmp_path) as guest:
+            lines = guest.start().finish(300)
     finally:
-        if guest is not None:
-            guest.kill()
-        ref.stop()
         d.terminate()
         d.cleanup()
     for name in names:
@@ -153,16 +144,11 @@ def test_bootstrap_at_the_root(tmp_path, guest_image, images):
     cfg = img.write_config(tmp_path / "config.json", tmp_path / "cache")
     d, sock = _nydusd(tmp_path, "--config", cfg, "--bootstrap", img.bootstrap)
     ref = RefVirtiofsd(images["ref"] / "v6", str(tmp_path / "ref.sock"), tmp_path / "vfsd.log")
-    guest = None
     try:
-        ref.start()
         script = MOUNT_BOTH + listing_script("/n", "N:") + listing_script("/r", "R:")
-        guest = Guest(guest_image, {"nydus": sock, "ref": ref.sock}, script, tmp_path).start()
-        lines = guest.finish(300)
+        with beside_reference(guest_image, sock, ref, script, tmp_path) as guest:
+            lines = guest.start().finish(300)
     finally:
-        if guest is not None:
-            guest.kill()
-        ref.stop()
         d.terminate()
         d.cleanup()
     _assert_same(parse_listing(lines, "N:"), parse_listing(lines, "R:"), "root", 40)

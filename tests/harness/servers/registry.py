@@ -59,7 +59,7 @@ def make_tls_cert(directory: Path) -> tuple[Path, Path]:
 
 
 def _config(root: Path, port: int, auth: str, token: TokenServer | None,
-            tls: tuple[Path, Path] | None = None) -> str:
+            tls: tuple[Path, Path] | None = None, user: str = USER, password: str = PASSWORD) -> str:
     lines = [
         "version: 0.1",
         "log:",
@@ -80,7 +80,7 @@ def _config(root: Path, port: int, auth: str, token: TokenServer | None,
     if tls is not None:
         lines += ["  tls:", f"    certificate: {tls[0]}", f"    key: {tls[1]}"]
     if auth == "htpasswd":
-        htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True,
+        htpasswd = subprocess.run(["htpasswd", "-Bbn", user, password], check=True,
                                   capture_output=True, text=True).stdout
         (root / "htpasswd").write_text(htpasswd)
         lines += ["auth:", "  htpasswd:", "    realm: nydus-test", f"    path: {root / 'htpasswd'}"]
@@ -94,21 +94,24 @@ def _config(root: Path, port: int, auth: str, token: TokenServer | None,
 class RegistryServer:
     """docker-registry on 127.0.0.1; ``stop()`` ends it by PID."""
 
-    def __init__(self, root: Path, auth: AuthMode = "none", *, tls: bool = False, **token_opts: Any) -> None:
+    def __init__(self, root: Path, auth: AuthMode = "none", *, tls: bool = False, user: str = USER,
+                 password: str = PASSWORD, **token_opts: Any) -> None:
         if shutil.which("docker-registry") is None:
             raise RuntimeError("docker-registry is not installed (apt install docker-registry)")
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.auth_mode = auth
+        self.user, self.password = user, password
         self.token: TokenServer | None = None
         if auth == "token":
-            self.token = TokenServer(root, users={USER: PASSWORD}, **token_opts)
+            self.token = TokenServer(root, users={user: password}, **token_opts)
         self.port = free_port()
         self.tls_cert: Path | None = None
         tls_files = make_tls_cert(root) if tls else None
         if tls_files:
             self.tls_cert = tls_files[0]
-        (root / "registry.yml").write_text(_config(root, self.port, auth, self.token, tls_files))
+        config = _config(root, self.port, auth, self.token, tls_files, user, password)
+        (root / "registry.yml").write_text(config)
         self.process = ProcessServer(["docker-registry", "serve", str(root / "registry.yml")],
                                      root / "registry.log")
         try:
@@ -125,7 +128,7 @@ class RegistryServer:
     @property
     def auth(self) -> str | None:
         """The ``auth`` config value that this registry accepts (None when it needs none)."""
-        return None if self.auth_mode == "none" else basic_auth()
+        return None if self.auth_mode == "none" else basic_auth(self.user, self.password)
 
     @property
     def scheme(self) -> str:
