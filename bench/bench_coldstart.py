@@ -51,10 +51,7 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,9 +63,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.harness.apiclient import ApiClient  # noqa: E402
+from tests.harness.containerd_rig import AccessLogRegistry, netns, shape_loopback, stop_pid  # noqa: E402
+from tests.harness.daemon import is_mounted  # noqa: E402
+from tests.harness.oci_images import tool_env  # noqa: E402
+
 CACHE = Path(os.environ.get("NYDUS_BENCH_CACHE", Path.home() / ".cache/nydus-py/coldstart"))
 MIRROR = "http://deb.debian.org/debian"
-TOOLS = ("debootstrap", "umoci", "skopeo", "runc", "docker-registry", "ip", "tc", "nsenter")
+TOOLS = ("debootstrap", "umoci", "skopeo", "runc", "docker-registry", "ip", "tc", "nsenter", "curl")
 WORKLOAD = ["python3", "-c", "import json,sys; print(sys.version)"]
 WAYS = ("full pull", "shared", "per-image", "shared, prefetch_all", "shared, replayed")
 SHORT = {"full": "full pull", "shared": "shared", "per-image": "per-image",
@@ -82,15 +84,6 @@ def sh(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 90
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
-
-
-def tool_env(tmp: Path) -> dict[str, str]:
-    home = tmp / "home"
-    for d in ("", ".config", ".cache", "run"):
-        (home / d).mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_CACHE_HOME": str(home / ".cache"), "XDG_RUNTIME_DIR": str(home / "run"),
-            "TMPDIR": str(home / "run"), "PYTHONPATH": str(ROOT)}
 
 
 def drop_caches() -> None:
@@ -109,28 +102,8 @@ def lo_rx() -> int:
     raise RuntimeError("no lo in /proc/net/dev")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def api(sock: str, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(timeout)
-            self.sock.connect(sock)
-
-    conn = Conn("localhost", timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw else None
-    finally:
-        conn.close()
+    return ApiClient(sock, timeout).request(method, path, body)
 
 
 def wait_for(cond: Any, timeout: float, what: str, step: float = 0.002) -> None:
@@ -139,12 +112,6 @@ def wait_for(cond: Any, timeout: float, what: str, step: float = 0.002) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(step)
-
-
-def is_mounted(path: Path) -> bool:
-    p = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == p for line in f)
 
 
 def umount(path: Path) -> None:
@@ -218,65 +185,7 @@ def build_layout(tmp: Path, base: Path, py: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ registry
-class Registry:
-    """docker-registry on 127.0.0.1 (inside this namespace) with its access log on."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.host = f"127.0.0.1:{free_port()}"
-        self.log_path = root / "registry.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Registry:
-        self.root.mkdir(parents=True, exist_ok=True)
-        cfg = self.root / "registry.yml"
-        cfg.write_text("\n".join([
-            "version: 0.1", "log:", "  level: info", "  accesslog:", "    disabled: false",
-            "storage:", "  filesystem:", f"    rootdirectory: {self.root / 'data'}",
-            "http:", f"  addr: {self.host}", "  secret: nydus-bench"]) + "\n")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=log,
-                                         stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            try:
-                c = http.client.HTTPConnection(self.host, timeout=1)
-                c.request("GET", "/v2/")
-                ok = c.getresponse().status == 200
-                c.close()
-                return ok
-            except OSError:
-                return False
-        wait_for(up, 15, "docker-registry", step=0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def mark(self) -> int:
-        return self.log_path.stat().st_size
-
-    def blob_bytes(self, since: int) -> tuple[int, int]:
-        """(blob GET requests, bytes sent) in the access log since ``since``."""
-        time.sleep(0.05)  # the registry writes its log line after the response
-        with open(self.log_path, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        count = total = 0
-        for line in text.splitlines():
-            if 'msg="response completed"' not in line or "http.request.method=GET" not in line:
-                continue
-            uri = re.search(r'http\.request\.uri="([^"]+)"', line)
-            written = re.search(r"http\.response\.written=(\d+)", line)
-            if uri and written and "/blobs/" in uri.group(1):
-                count += 1
-                total += int(written.group(1))
-        return count, total
-
-
+# docker-registry with its access log read back: tests/harness/containerd_rig.py AccessLogRegistry
 def startup_marks(log_path: Path) -> dict[str, float]:
     """The daemon's ``startup_phase`` events as wall-clock times (their log timestamps, UTC, us)."""
     from datetime import datetime
@@ -355,7 +264,7 @@ def fetch_bootstrap(host: str, repo: str, manifest: dict[str, Any], out: Path) -
 class Session:
     """State shared by the runs of one benchmark session (inside the namespace)."""
 
-    def __init__(self, tmp: Path, registry: Registry, repo: str) -> None:
+    def __init__(self, tmp: Path, registry: AccessLogRegistry, repo: str) -> None:
         self.tmp, self.registry, self.repo = tmp, registry, repo
         self.manifests = {"nydus": nydus_manifest(registry.host, repo, "nydus")}
         self.shared_sock = ""
@@ -395,12 +304,7 @@ class Session:
 
     def stop_shared(self) -> None:
         if self.shared is not None:
-            self.shared.send_signal(signal.SIGTERM)
-            try:
-                self.shared.wait(20)
-            except subprocess.TimeoutExpired:
-                self.shared.kill()
-                self.shared.wait()
+            stop_pid(self.shared.pid, timeout=20)
             umount(self.shared_mnt)
 
     def run_container(self, lower: Path, work: Path) -> tuple[str, float]:
@@ -504,11 +408,7 @@ class Session:
             _, pattern = api(sock, "GET", "/api/v1/metrics/pattern")
             _, cache_m = api(sock, "GET", "/api/v1/metrics/blobcache")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_pid(proc.pid, timeout=20)
             umount(mnt)
         marks = {"bootstrap fetched": w_exec, **startup_marks(log_path),
                  "RUNNING seen by the poller": w_running, "runc run started": self.runc_start,
@@ -559,7 +459,7 @@ def one(session: Session, way: str, work: Path) -> dict[str, Any]:
     res.setdefault("total", time.perf_counter() - t0)
     if not str(res["out"]).startswith("3."):
         raise RuntimeError(f"{way}: unexpected container output {res['out']!r}")
-    res["requests"], res["fetched"] = session.registry.blob_bytes(mark)
+    res["requests"], res["fetched"] = session.registry.blob_gets(mark)
     tag = ("replayed" if way == "shared, replayed"
            else chunk_tag(session.study[way][0]) if way in session.study else "nydus")
     if way != "full pull":   # what the data blobs gave: the bootstrap layer GET is one of the requests
@@ -576,10 +476,9 @@ def chunk_tag(chunk: int) -> str:
 # ------------------------------------------------------------------------------------------ main
 def inside(args: argparse.Namespace) -> int:
     """The benchmark proper, running inside the network namespace."""
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     base, py = CACHE / "bookworm-minbase", CACHE / "bookworm-python3"
     tmp = Path(tempfile.mkdtemp(prefix="nydus-bench-coldstart-"))
-    registry = Registry(tmp / "registry").start()
+    registry = AccessLogRegistry(tmp / "registry").start()
     session: Session | None = None
     try:
         t0 = time.perf_counter()
@@ -619,8 +518,7 @@ def inside(args: argparse.Namespace) -> int:
         nydus_blobs = sum(int(d["size"]) for d in session.manifests["nydus"]["layers"][:-1])
         print(f"recorded {len(pattern)} files read by the workload; nydus data blobs "
               f"{nydus_blobs / 1e6:.1f} MB", flush=True)
-        sh(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.rate, "burst", "256kb",
-            "latency", "50ms"])
+        shape_loopback(None, f"tbf rate {args.rate} burst 256kb latency 50ms")
         print(f"link: tbf rate {args.rate} burst 256kb latency 50ms on lo of this network namespace; "
               f"{args.rounds} rounds, page cache dropped before each run", flush=True)
         load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -756,14 +654,10 @@ def main() -> int:
     build_rootfs()  # outside the namespace: the first build needs the Debian mirror
     if args.build_only:
         return 0
-    ns = f"nydus-coldstart-{os.getpid()}"
-    sh(["ip", "netns", "add", ns])
-    try:
+    with netns(f"nydus-coldstart-{os.getpid()}") as ns:
         # nsenter, not ``ip netns exec``: the latter remounts /sys, hiding the cgroup mounts runc needs
         return subprocess.call(["nsenter", f"--net=/run/netns/{ns}", PY, str(Path(__file__).resolve()),
                                 "--inside", *sys.argv[1:]])
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)
 
 
 if __name__ == "__main__":
