@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+from nydusd.config import PrefetchConfig
 from nydusd.errors import InvalidArgument, NydusError
 from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, Attr, DirEntry, StatFs
 from nydusd.log import get_logger
@@ -216,13 +217,13 @@ class RafsFs:
 
     # -- prefetch -----------------------------------------------------------------------------
 
-    def start_prefetch(self, config: Any, prefetch_files: list[str] | None, *,
+    def start_prefetch(self, config: PrefetchConfig, prefetch_files: list[str] | None, *,
                        name: str = "") -> Callable[[], None] | None:
         """fs_prefetch: warm the cache with ``prefetch_files`` (absolute paths in the image), else
         the image's prefetch table, then with ``config.prefetch_all`` every other file, from a
         background thread named after ``name``. Best effort: failures are logged. Returns the
         function that stops it (call before closing the device), None when ``config`` is off."""
-        if not getattr(config, "enable", False) or self.device is None:
+        if not config.enable or self.device is None:
             return None
         device = self.device
         stop = threading.Event()
@@ -236,7 +237,7 @@ class RafsFs:
             device.stop_prefetch()
         return halt
 
-    def _prefetch_walk(self, config: Any, prefetch_files: list[str] | None, stop: threading.Event,
+    def _prefetch_walk(self, config: PrefetchConfig, prefetch_files: list[str] | None, stop: threading.Event,
                        name: str) -> None:
         sb, device = self.sb, self.device
         assert device is not None
@@ -258,7 +259,7 @@ class RafsFs:
             # the hinted files (a recorded access order) in one submission: their chunks are
             # fetched in hint order, adjacent ones merged whatever their place in the list
             queued = self._queue_prefetch(roots, stop, seen, together=True)
-            if getattr(config, "prefetch_all", False) or whole:
+            if config.prefetch_all or whole:
                 # walking a whole image costs CPU (and the GIL) the container's first reads need
                 device.wait_ondemand_quiet(stop)
                 # upstream: the hinted files first, then everything else. The whole-image pass

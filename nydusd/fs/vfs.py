@@ -5,6 +5,11 @@ own inode space: kernel inode = ``(mount index << 56) | image inode``), the pseu
 lead to the mountpoints, the open-file table, and per-mount filesystem statistics (``FsIoStats``).
 Every operation takes and returns kernel-visible inode numbers; ``RafsFs`` works in image inodes.
 
+Over 500 lines because every operation is routed through the same two tables: a kernel inode
+is resolved to a pseudo directory or a mount's image inode (``_resolve``), and the mount table and
+the pseudo directories are replaced together, under one lock, by ``attach``/``detach``/``replace``.
+Split, the operations would need the tables' internals and their inode encoding.
+
 Must not import: llfuse (the adapter in ``fs/fuse.py`` does), the daemon, the API. Raises NydusError
 subclasses only; the adapter maps them to errnos.
 

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from nydusd.config import PrefetchConfig
 from nydusd.errors import BackendError, CorruptMetadata
 from nydusd.storage.chunk import BlobInfo, ChunkInfo, chunk_key
 
@@ -124,7 +125,7 @@ class BlobDevice:
 
     def __init__(self, blobs: Sequence[BlobInfo], cache_manager: BlobCacheManager, *,
                  chunk_size: int | None = None, batch_size: int | None = None,
-                 prefetch_config: Any = None) -> None:
+                 prefetch_config: PrefetchConfig | None = None) -> None:
         self.blobs = list(blobs)
         self.cache_manager = cache_manager
         self.chunk_size = chunk_size or (self.blobs[0].chunk_size if self.blobs else 0)
@@ -266,7 +267,7 @@ class BlobDevice:
         return self.cache(chunk.blob_index).is_ready(chunk)
 
     # ------------------------------------------------------------------ prefetch (the manager's)
-    def start_prefetch(self, cfg: Any = None) -> Prefetcher | None:
+    def start_prefetch(self, cfg: PrefetchConfig | None = None) -> Prefetcher | None:
         """Start the cache manager's prefetch workers (idempotent) from ``cfg`` or
         ``prefetch_config``. Returns the ``Prefetcher``, None once the device is closed."""
         if self.closed:

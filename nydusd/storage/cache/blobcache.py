@@ -27,6 +27,10 @@ as zeros; an existing shorter file is therefore never extended. A data file that
 file (a directory, a fifo) fails the open with a clear BackendError. With ``validate`` every chunk read from
 the data file is verified again and refetched from the backend on a mismatch.
 
+Over 500 lines because one blob file's lifecycle is one unit: the write protocol above (volatile
+set, flusher, chunk-map bits), the damage checks on open and the two modes all act on the same
+data file and chunk map under the same lock; split, each half would reach into the other's state.
+
 Must not import rafs, fs, daemon or any transport.
 
 Threading: ``os.pread``/``os.pwrite`` at fixed offsets need no shared position, so reads and writes

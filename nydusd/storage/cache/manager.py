@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from nydusd.config import DEFAULT_BATCH_SIZE
+from nydusd.config import DEFAULT_BATCH_SIZE, PrefetchConfig
 from nydusd.errors import BackendError, CorruptMetadata
 from nydusd.metrics import BlobcacheMetrics
 from nydusd.storage.cache.base import BlobCache, CacheBackend
@@ -143,7 +143,7 @@ class BlobCacheManager(ABC):
             return list(self._caches.values())
 
     # ------------------------------------------------------------------ prefetch workers
-    def start_prefetch(self, cfg: Any, blobs: Sequence[BlobInfo]) -> Prefetcher | None:
+    def start_prefetch(self, cfg: PrefetchConfig | None, blobs: Sequence[BlobInfo]) -> Prefetcher | None:
         """Start the prefetch workers (idempotent) from ``cfg`` (a ``PrefetchConfig``) for the
         blob table ``blobs`` (chunks name their blob by index in it). None once closed."""
         with self._lock:

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from nydusd.config import DEFAULT_BATCH_SIZE
+from nydusd.config import DEFAULT_BATCH_SIZE, PrefetchConfig
 from nydusd.errors import NydusError
 from nydusd.log import get_logger
 from nydusd.metrics import BlobcacheMetrics
@@ -117,11 +117,13 @@ class Prefetcher:
         self.errors = 0
 
     @classmethod
-    def from_config(cls, cfg: Any, cache_of: Callable[[int], BlobCache], **kw: Any) -> Prefetcher:
-        """From a ``PrefetchConfig`` (``threads``, ``batch_size``, ``bandwidth_limit``)."""
-        return cls(cache_of, threads=int(getattr(cfg, "threads", DEFAULT_THREADS) or DEFAULT_THREADS),
-                   batch_size=int(getattr(cfg, "batch_size", DEFAULT_BATCH_SIZE)),
-                   bandwidth_limit=int(getattr(cfg, "bandwidth_limit", 0) or 0), **kw)
+    def from_config(cls, cfg: PrefetchConfig | None, cache_of: Callable[[int], BlobCache],
+                    **kw: Any) -> Prefetcher:
+        """From a ``PrefetchConfig`` (``threads``, ``batch_size``, ``bandwidth_limit``); None: the
+        defaults."""
+        cfg = cfg or PrefetchConfig()
+        return cls(cache_of, threads=cfg.threads or DEFAULT_THREADS, batch_size=cfg.batch_size,
+                   bandwidth_limit=cfg.bandwidth_limit, **kw)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
