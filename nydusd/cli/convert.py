@@ -155,13 +155,17 @@ def _add_copy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--push-chunk-size", default="0", help="accepted; uploads are monolithic (0)")
     p.add_argument("--work-dir", default="./tmp", help="temporary files of file://*.tar copies")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: nothing is built")
-    p.add_argument("--source-backend-type", choices=("oss", "s3", "localfs"),
-                   help="the source's nydus blobs are in this backend (converted with --backend-type): "
-                   "copy them into the target as layers")
+    _add_source_backend(p, "the source's nydus blobs are in this backend (converted with --backend-type): "
+                        "copy them into the target as layers")
+    p.set_defaults(func=cmd_copy)
+
+
+def _add_source_backend(p: argparse.ArgumentParser, help: str) -> None:
+    """--source-backend-type/-config/-config-file (upstream's flags for copy and optimize)."""
+    p.add_argument("--source-backend-type", choices=("oss", "s3", "localfs"), help=help)
     sbc = p.add_mutually_exclusive_group()
     sbc.add_argument("--source-backend-config", help="that backend's config as a JSON string")
     sbc.add_argument("--source-backend-config-file", help="that backend's config in a file")
-    p.set_defaults(func=cmd_copy)
 
 
 def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -196,12 +200,8 @@ def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    "and the container; default ./tmp)")
     p.add_argument("--nydus-image", default="nydus-image", help="ignored: the builder is built in")
     p.add_argument("--push-chunk-size", default="0MB", help="accepted; uploads are monolithic (0MB)")
-    p.add_argument("--source-backend-type", choices=("oss", "s3", "localfs"),
-                   help="the source's nydus blobs are in this backend (converted with --backend-type); "
-                   "--workload reads them from there")
-    sbc = p.add_mutually_exclusive_group()
-    sbc.add_argument("--source-backend-config", help="that backend's config as a JSON string")
-    sbc.add_argument("--source-backend-config-file", help="that backend's config in a file")
+    _add_source_backend(p, "the source's nydus blobs are in this backend (converted with --backend-type); "
+                        "--workload reads them from there")
     p.set_defaults(func=cmd_optimize)
 
 
