@@ -15,7 +15,7 @@ import math
 import struct
 from enum import IntEnum
 
-from nydusd.fs.attrs import Attr, StatFs
+from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, StatFs
 
 KERNEL_MAJOR = 7
 #: the newest minor we speak; the reply carries min(kernel's, ours)
@@ -159,8 +159,12 @@ _U64 = (1 << 64) - 1
 
 def pack_entry(attr: Attr) -> bytes:
     """``fuse_entry_out`` (128 bytes) for a lookup-style reply."""
-    e_s, e_ns = split_timeout(attr.entry_timeout)
-    a_s, a_ns = split_timeout(attr.attr_timeout)
+    if attr.entry_timeout == IMAGE_TIMEOUT and attr.attr_timeout == IMAGE_TIMEOUT:
+        e_s = a_s = _TIMEOUT_MAX  # the common case (one per READDIRPLUS entry): no float split
+        e_ns = a_ns = 0
+    else:
+        e_s, e_ns = split_timeout(attr.entry_timeout)
+        a_s, a_ns = split_timeout(attr.attr_timeout)
     return ENTRY_OUT_HEAD.pack(attr.ino, 0, e_s, a_s, e_ns, a_ns) + pack_attr(attr)
 
 
