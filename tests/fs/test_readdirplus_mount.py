@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class CountingSession:
             return handle(request, out_size)
         self.session.engine.handle = counting  # type: ignore[method-assign]
         self.session.mount()
-        self.thread = threading.Thread(target=self.session.run, daemon=True)
+        self.thread: threading.Thread | None = threading.Thread(target=self.session.run, daemon=True)
         self.thread.start()
 
     def take(self) -> collections.Counter[str]:
@@ -87,10 +88,13 @@ class CountingSession:
         return counts
 
     def close(self) -> None:
+        if self.thread is None:
+            return
         self.session.stop("test done")
         self.thread.join(10)
         self.session.close()
         self.inst.close()
+        self.thread = None
 
 
 def test_first_find_needs_no_per_entry_lookup_or_getattr(tmp_path, image):
@@ -136,3 +140,54 @@ def test_first_find_needs_no_per_entry_lookup_or_getattr(tmp_path, image):
     finally:
         daemon.terminate()
         daemon.cleanup()
+
+
+GETDENTS = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+buf = ctypes.create_string_buffer(1 << 20)
+names, calls = [], 0
+while (n := libc.syscall(217, fd, buf, len(buf))) > 0:  # getdents64 with a 1 MiB buffer
+    calls += 1
+    raw, at = buf.raw[:n], 0
+    while at < n:
+        reclen = int.from_bytes(raw[at + 16:at + 18], "little")
+        names.append(raw[at + 19:at + reclen].split(b"\0")[0].decode())
+        at += reclen
+if n < 0:
+    raise OSError(ctypes.get_errno(), "getdents64")
+print(calls, *names)
+"""
+
+
+def test_big_getdents_buffer_lists_a_big_directory(tmp_path):
+    # a 1 MiB getdents64 buffer makes the kernel ask for up to 1 MiB of READDIRPLUS entries: one
+    # reply of ~3,000 entries, which as two segments per entry exceeded writev's 1,024 (EINVAL,
+    # logged, and the request was never answered -- the lister hung for ever)
+    names = [f"entry-with-a-longish-name-{i:05d}" for i in range(3000)]
+    src = make_tree(tmp_path / "src", {"big/": None, **{f"big/{n}": b"" for n in names}})
+    image = (src, build_image(src, tmp_path / "out"))
+    mnt = tmp_path / "own"
+    mnt.mkdir()
+    own = CountingSession(mnt, image)
+    try:
+        lister = subprocess.Popen([sys.executable, "-c", GETDENTS, str(mnt / "tree" / "big")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            stdout, _ = lister.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            # the kernel waits for the reply for ever (not even SIGKILL ends the wait): ending
+            # the session aborts the connection, which ends the lister
+            own.close()
+            lister.kill()
+            lister.communicate()
+            pytest.fail("the READDIRPLUS request was never answered")
+        assert lister.returncode == 0
+        out = stdout.split()
+        calls, listed = int(out[0]), out[1:]
+        assert calls < 10  # the big buffer was used: thousands of entries per call
+        assert sorted(n for n in listed if n not in (".", "..")) == names
+        assert own.take()["READDIRPLUS"] >= 1
+    finally:
+        own.close()

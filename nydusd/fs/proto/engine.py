@@ -422,7 +422,9 @@ class FuseEngine:
                 out.append(self._plus_entry(fh, name, attr, in_image))
             out.append(m.pack_dirent(attr.ino, entry.next_offset, attr.mode, name))
             used += need
-        return out
+        # one segment: a big getdents buffer (1 MiB requests) lists thousands of entries, and a
+        # transport's writev takes at most IOV_MAX (1024) segments
+        return [b"".join(out)]
 
     def _plus_entry(self, dir_ino: int, name: bytes, attr: Attr, in_image: bool) -> bytes:
         """The ``fuse_entry_out`` of a READDIRPLUS entry: nodeid 0 ("look it up yourself") for
