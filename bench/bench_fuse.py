@@ -16,7 +16,8 @@ Rows, each for nydusd's llfuse session and its own /dev/fuse session (``--fuse-s
 - API mount time and daemon RSS.
 Next to throughput each row reports the CPU the serving process used per request (or per MiB, or
 per entry): the delta of utime+stime in ``/proc/<pid>/stat`` over the pass, divided by the count.
-Needs root, /dev/fuse and fio. Run: ``.venv/bin/python bench/bench_fuse.py [--quick]``.
+Needs root, /dev/fuse and fio. Run: ``.venv/bin/python bench/bench_fuse.py [--quick]``
+(``--sessions own`` and ``--rows find`` select what runs).
 """
 
 from __future__ import annotations
@@ -458,6 +459,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="256 MiB file, fewer repetitions")
     ap.add_argument("--sessions", default="llfuse,own", help="FUSE sessions to measure")
+    ap.add_argument("--rows", default="data,find", help="row groups to run: data (read rows), find")
     ap.add_argument("--passthrough", nargs=2, metavar=("MNT", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.passthrough:
@@ -468,11 +470,14 @@ def main() -> int:
     bench = Bench(Path(tempfile.mkdtemp(prefix="bench-fuse-")),
                   (256 if args.quick else 1024) * MiB, 3 if args.quick else 5, args.quick)
     try:
+        rows = args.rows.split(",")
         bench.build()
         for session in args.sessions.split(","):
             bench.start(session)
-            bench.data_rows(session)
-            bench.find_rows(session)
+            if "data" in rows:
+                bench.data_rows(session)
+            if "find" in rows:
+                bench.find_rows(session)
         bench.report()
         return 0
     finally:

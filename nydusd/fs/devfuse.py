@@ -71,6 +71,8 @@ BUFFER_SIZE = (1 << 20) + (64 << 10)
 #: kernel readahead window (KiB) set after INIT (which caps it at 128 KiB); 1 MiB = one request
 READAHEAD_KB = 1024
 FAILOVER_POLICIES = ("none", "resend", "flush")
+#: the most segments one writev takes (Linux UIO_MAXIOV)
+IOV_MAX = 1024
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -267,6 +269,8 @@ class DevFuseSession:
             self._write(fd, reply)
 
     def _write(self, fd: int, segments: list[Any]) -> None:
+        if len(segments) > IOV_MAX:  # writev refuses more (EINVAL): the request would never end
+            segments = [b"".join(segments)]
         try:
             os.writev(fd, segments)
         except OSError as e:

@@ -163,13 +163,22 @@ class RafsFs:
         """Entries of directory ``ino`` from ``offset`` on (``.`` and ``..`` included when the image
         lists them, as upstream does; ``ls -a`` shows them).
 
-        The entries' ``Attr`` carry only ``ino`` and ``mode``: a FUSE readdir reply holds nothing
-        else, and the kernel looks each name up for the rest.
+        The entries carry the child's full ``Attr`` (its inode is decoded here anyway): a
+        READDIRPLUS reply hands them to the kernel, which then needs no LOOKUP/GETATTR per entry.
+        An entry whose attributes cannot be built (a corrupt symlink) carries only ``ino`` and
+        ``mode`` with ``nlink`` 0 -- "incomplete": the listing still works, the name's own lookup
+        reports the error.
         """
         self._require_dir(ino)
         get_inode = self.sb.get_inode
+        attr_of = self._attr
         for name, child, next_offset in self.sb.iter_dir(ino, offset):
-            yield DirEntry(bytes(name), Attr(child, get_inode(child).mode), next_offset)
+            inode = get_inode(child)
+            try:
+                attr = attr_of(inode)
+            except NydusError:
+                attr = Attr(child, inode.mode, 0)
+            yield DirEntry(bytes(name), attr, next_offset)
 
     def readlink(self, ino: int) -> bytes:
         """Target of symlink ``ino``. Raises InvalidArgument if it is not a symlink."""

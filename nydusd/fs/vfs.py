@@ -489,8 +489,12 @@ class Vfs:
     def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...] | None:
         """The whole listing of image directory ``local``, cached; None if its offsets are not
         positions (then it cannot be sliced by offset and is read lazily instead)."""
-        listing = tuple(DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
-                        for item in mount.fs.readdir(local, 0))
+        # ``_expose`` inlined (one call per entry less on a cold listing)
+        root_ino = mount.fs.root_ino if mount is self._root_mount else -1
+        index = mount.index
+        listing = tuple(DirEntry(item.name, item.attr.with_ino(
+            ROOT_INO if item.attr.ino == root_ino else encode_ino(index, item.attr.ino)),
+            item.next_offset) for item in mount.fs.readdir(local, 0))
         if any(e.next_offset != i for i, e in enumerate(listing, start=1)):
             return None
         if sum(m.listed for m in self._mounts.values()) + len(listing) > DIR_CACHE_ENTRIES:

@@ -412,27 +412,32 @@ class FuseEngine:
         size = min(size, self.max_read)
         out: list[Buffer] = []
         used = 0
+        in_image = decode_ino(fh)[0] != 0  # the handle is the directory's inode (Vfs.opendir)
         for entry in self.vfs.readdir(fh, offset):
-            need = m.dirent_size(len(entry.name), plus)
+            name, attr = entry.name, entry.attr
+            need = m.dirent_size(len(name), plus)
             if used + need > size:
                 break
-            dirent = m.pack_dirent(entry.attr.ino, entry.next_offset, entry.attr.mode, entry.name)
             if plus:
-                out.append(self._plus_entry(fh, entry.name, entry.attr.ino))
-            out.append(dirent)
+                out.append(self._plus_entry(fh, name, attr, in_image))
+            out.append(m.pack_dirent(attr.ino, entry.next_offset, attr.mode, name))
             used += need
-        return out
+        # one segment: a big getdents buffer (1 MiB requests) lists thousands of entries, and a
+        # transport's writev takes at most IOV_MAX (1024) segments
+        return [b"".join(out)]
 
-    def _plus_entry(self, dir_ino: int, name: bytes, ino: int) -> bytes:
+    def _plus_entry(self, dir_ino: int, name: bytes, attr: Attr, in_image: bool) -> bytes:
         """The ``fuse_entry_out`` of a READDIRPLUS entry: nodeid 0 ("look it up yourself") for
         ``.``/``..`` and for an entry whose attributes fail, so one bad entry never fails the
-        listing. Inside an image the entry's inode is known: its attributes are fetched directly
-        (no name search); in a pseudo directory it goes through lookup (short timeouts)."""
-        if name in (b".", b".."):
+        listing. Inside an image the listing already carries the entry's full attributes (with
+        the image's timeouts): the kernel keeps them and sends no LOOKUP/GETATTR for the name;
+        an incomplete one (``nlink`` 0, see ``RafsFs.readdir``) is fetched by inode. In a pseudo
+        directory it goes through lookup (short timeouts)."""
+        if name == b"." or name == b"..":
             return m.EMPTY_ENTRY
         try:
-            if decode_ino(dir_ino)[0] != 0:
-                return m.pack_entry(self.vfs.getattr(ino))
+            if in_image:
+                return m.pack_entry(attr if attr.nlink else self.vfs.getattr(attr.ino))
             return m.pack_entry(self._lookup_attr(dir_ino, name))
         except NydusError:
             return m.EMPTY_ENTRY

@@ -15,7 +15,7 @@ import math
 import struct
 from enum import IntEnum
 
-from nydusd.fs.attrs import Attr, StatFs
+from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, StatFs
 
 KERNEL_MAJOR = 7
 #: the newest minor we speak; the reply carries min(kernel's, ours)
@@ -159,9 +159,23 @@ _U64 = (1 << 64) - 1
 
 def pack_entry(attr: Attr) -> bytes:
     """``fuse_entry_out`` (128 bytes) for a lookup-style reply."""
-    e_s, e_ns = split_timeout(attr.entry_timeout)
-    a_s, a_ns = split_timeout(attr.attr_timeout)
-    return ENTRY_OUT_HEAD.pack(attr.ino, 0, e_s, a_s, e_ns, a_ns) + pack_attr(attr)
+    ino, mode, nlink, uid, gid, rdev, size, blocks, blksize, at, mt, ct, entry_t, attr_t = attr
+    if entry_t == IMAGE_TIMEOUT and attr_t == IMAGE_TIMEOUT:
+        e_s = a_s = _TIMEOUT_MAX  # the common case (one per READDIRPLUS entry): no float split
+        e_ns = a_ns = 0
+    else:
+        e_s, e_ns = split_timeout(entry_t)
+        a_s, a_ns = split_timeout(attr_t)
+    a_s2, a_ns2 = divmod(at, 1_000_000_000)
+    m_s, m_ns = divmod(mt, 1_000_000_000)
+    c_s, c_ns = divmod(ct, 1_000_000_000)
+    return _ENTRY_OUT.pack(ino, 0, e_s, a_s, e_ns, a_ns,  # one pack: one per READDIRPLUS entry
+                           ino, size, blocks, a_s2 & _U64, m_s & _U64, c_s & _U64, a_ns2, m_ns, c_ns,
+                           mode & _U32, nlink & _U32, uid & _U32, gid & _U32, rdev & _U32,
+                           blksize & _U32, 0)
+
+
+_ENTRY_OUT = struct.Struct("<QQQQII" + ATTR.format[1:])  # fuse_entry_out: head + fuse_attr
 
 
 #: a ``fuse_entry_out`` with nodeid 0: "no entry, nothing to remember" (readdirplus . and ..)
