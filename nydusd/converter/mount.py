@@ -65,20 +65,27 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def api_get(apisock: str, path: str, timeout: float) -> tuple[int, bytes]:
+    """``GET path`` on a nydusd API socket: ``(status, body)``. Raises OSError or
+    http.client.HTTPException when the API does not answer."""
+    conn = _UnixConnection(apisock, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def daemon_state(apisock: str) -> str | None:
     """``state`` of ``GET /api/v1/daemon``, or None when the API does not answer (yet)."""
-    conn = _UnixConnection(apisock, timeout=2.0)
     try:
-        conn.request("GET", "/api/v1/daemon")
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
+        status, body = api_get(apisock, "/api/v1/daemon", timeout=2.0)
+        if status != 200:
             return None
         return str(json.loads(body).get("state"))
     except (OSError, ValueError, http.client.HTTPException):
         return None
-    finally:
-        conn.close()
 
 
 def nydusd_config(remote: Remote, opts: MountOptions, cache_dir: Path) -> dict[str, Any]:

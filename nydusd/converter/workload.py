@@ -23,14 +23,13 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nydusd.converter.mount import MountOptions, NydusdProcess, nydusd_config
+from nydusd.converter.mount import MountOptions, NydusdProcess, api_get, nydusd_config
 from nydusd.converter.optimize import paths_in_access_order, source_bootstrap
 from nydusd.converter.publish import extract_bootstrap
 from nydusd.converter.remote import Remote
@@ -198,22 +197,11 @@ def _has_mounts_under(path: Path) -> bool:
 
 
 def _get_json(apisock: str, path: str) -> Any:
-    class Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(10)
-            self.sock.connect(apisock)
-
-    conn = Conn("localhost", timeout=10)
     try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise WorkloadFailed(f"nydusd answered {resp.status} to GET {path}", body=body[:500].decode(
+        status, body = api_get(apisock, path, timeout=10)
+        if status != 200:
+            raise WorkloadFailed(f"nydusd answered {status} to GET {path}", body=body[:500].decode(
                 errors="replace"))
         return json.loads(body)
     except (OSError, ValueError, http.client.HTTPException) as e:
         raise WorkloadFailed(f"cannot read the access pattern from nydusd: {e}") from None
-    finally:
-        conn.close()
