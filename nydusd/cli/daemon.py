@@ -237,9 +237,12 @@ def _tune_malloc_for_serving(workers: int, started: threading.Event, timeout: fl
             return 1 << 30
     target = threads() + workers
     deadline = time.monotonic() + timeout
+    # wait for the API first: the thread count is then polled (a /proc listing every 5 ms) only
+    # while workers are still starting after it, not throughout the start-up, whose imports need
+    # the CPU; the bound on the whole wait stays ``timeout``
+    started.wait(timeout)
     while threads() < target and time.monotonic() < deadline:
         time.sleep(0.005)
-    started.wait(max(0.0, deadline - time.monotonic()))
     _mallopt(_M_MMAP_THRESHOLD, _SERVING_MMAP_THRESHOLD)
     _mallopt(_M_TRIM_THRESHOLD, _SERVING_TRIM_THRESHOLD)
     gc.collect()  # the cycles import and schema building left: their arenas go back to the kernel
