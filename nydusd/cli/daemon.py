@@ -6,8 +6,9 @@ checks upstream's clap definitions make (``--id`` needs ``--supervisor``, ``--bo
 composition of ``Daemon`` + ``api.server`` -- this module is the composition root, the only place
 importing both ``nydusd.*`` and ``api``.
 
-Threading: runs in the main thread and ends in ``Daemon.run`` (llfuse.main); the API server runs in
-a thread of its own, started once the daemon is RUNNING (so the socket appears only then).
+Threading: runs in the main thread and ends in ``Daemon.run`` (llfuse.main). Once the daemon is
+RUNNING the API socket is bound and ``api/early.py`` answers the state poll on it; the full API
+server (imported meanwhile on a thread of its own) takes the socket over a moment later.
 """
 
 from __future__ import annotations
@@ -316,56 +317,79 @@ def _since_exec() -> float:
         return -1.0
 
 
-class _ApiStarter:
-    """Starts the API server on ``apisock`` once the daemon is RUNNING; stops it at shutdown.
+#: GIL switch interval while the API stack is imported and built (after RUNNING, alongside the first
+#: FUSE requests of a starting container): a FUSE worker waits at most this long for the importing
+#: thread to let go of the GIL, instead of the default 5 ms per request
+_IMPORT_SWITCH_INTERVAL = 0.0005
 
-    ``prepare`` imports the API stack (FastAPI, pydantic, uvicorn: the largest part of the start)
-    in a thread of its own while the main thread imports the daemon and mounts; with a cold page
-    cache the two read their files in parallel. The socket still appears only once RUNNING."""
+
+class _ApiStarter:
+    """The admin API on ``apisock``, from the moment the daemon is RUNNING; stops it at shutdown.
+
+    At RUNNING (``__call__``, main thread) the socket is bound and ``api/early.py`` answers the
+    snapshotter's state poll at once; the FUSE session starts serving right after. The API stack
+    (FastAPI, pydantic, uvicorn: the largest part of a start) is imported on the thread
+    ``nydusd-api-start``, which then hands the socket over to the full server. The socket still
+    appears only once RUNNING (INIT in upgrade mode)."""
 
     def __init__(self, apisock: str | None) -> None:
         self.apisock = apisock
         self.daemon: Any = None
         self.server: Any = None
-        self._start: Any = None
-        self._importer: threading.Thread | None = None
-
-    def prepare(self) -> None:
-        if self.apisock:
-            self._importer = threading.Thread(target=self._import, name="nydusd-api-import",
-                                              daemon=True)
-            self._importer.start()
-
-    def _import(self) -> None:
-        try:
-            from api.server import start_api_server  # composition root: imports both sides
-        except ImportError as e:
-            log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
-            return
-        self._start = start_api_server
+        self.early: Any = None
+        self._starter: threading.Thread | None = None
 
     def __call__(self) -> None:
         log.info("startup_phase", phase="running", since_exec_s=round(_since_exec(), 4))
         started = threading.Event()
         threading.Thread(target=_tune_malloc_for_serving, args=(self.daemon.worker_threads, started),
                          name="nydusd-malloc", daemon=True).start()
+        if not self.apisock:
+            started.set()
+            return
+        from api.early import EarlyApi
+
+        self.early = EarlyApi(self.daemon.info, self.apisock)
         try:
-            if self._importer is None:
-                return
-            self._importer.join()
-            if self._start is None:
+            self.early.start()  # AlreadyExists / InvalidArgument: the daemon fails, as it should
+        except BaseException:
+            started.set()
+            raise
+        log.info("startup_phase", phase="api_socket", since_exec_s=round(_since_exec(), 4))
+        self._starter = threading.Thread(target=self._start_full, args=(started,),
+                                         name="nydusd-api-start", daemon=True)
+        self._starter.start()
+
+    def _start_full(self, started: threading.Event) -> None:
+        default_interval = sys.getswitchinterval()
+        sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
+        try:
+            try:
+                from api.server import start_api_server  # composition root: imports both sides
+            except ImportError as e:
+                log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
+                self.early.fail()
                 return
             log.info("startup_phase", phase="api_imported", since_exec_s=round(_since_exec(), 4))
-            self.server = self._start(self.daemon, self.apisock)
+            path = self.early.path
+            self.server = self.early.hand_over(
+                lambda sock: start_api_server(self.daemon, path, sock=sock))
             log.info("startup_phase", phase="api_started", since_exec_s=round(_since_exec(), 4))
+        except Exception as e:  # noqa: BLE001 - a thread must report, not die silently
+            log.exception("api_server_failed", error=str(e), apisock=self.apisock)
         finally:
+            sys.setswitchinterval(default_interval)
             started.set()
             # what the start imported (tests/integration/test_startup.py keeps it lean)
             log.debug("startup_modules", modules=sorted(k for k, v in list(sys.modules.items()) if v))
 
     def stop(self) -> None:
+        if self._starter is not None:
+            self._starter.join(10.0)
         if self.server is not None:
             self.server.stop(timeout=2.0)
+        if self.early is not None:
+            self.early.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,7 +400,6 @@ def run(args: argparse.Namespace) -> int:
     block_stop_signals()
     _tune_malloc_for_start()
     api = _ApiStarter(args.apisock)
-    api.prepare()
     from nydusd.daemon.service import Daemon
     from nydusd.fs.mountpoint import check_mountable
 

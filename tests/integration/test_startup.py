@@ -53,8 +53,8 @@ def test_daemon_logs_its_startup_phases_and_imports_only_what_it_serves(tmp_path
         d.cleanup()
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     phases = [e for e in events if e["event"] == "startup_phase"]
-    assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_imported",
-                                            "api_started"]
+    assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_socket",
+                                            "api_imported", "api_started"]
     times = [p["since_exec_s"] for p in phases]
     assert times[0] > 0 and times == sorted(times)
     # the real process's sys.modules once its API is up (the debug event ``startup_modules``):
