@@ -20,8 +20,9 @@ How:
   full server runs -- turns the connection into a byte pipe to the full server (a connection of
   its own to the same socket), the bytes already read first. It waits for the full server to run;
   if the full server can never run (its import failed), it answers 503 and closes.
-- ``hand_over(start)`` stops accepting, lets ``start(sock)`` serve the same listening socket (no
-  moment without a listener: connections wait in the backlog) and releases the waiting pipes.
+- ``hand_over(start)`` lets ``start(sock)`` serve the same listening socket, accepting alongside
+  until it runs (no moment in which nobody answers), then stops accepting and releases the
+  waiting pipes (they connect only then, so they always reach the full server).
 - A connection is never closed by this side while the daemon lives (the snapshotter treats a
   hang-up of its idle connection as the daemon's death).
 
@@ -87,18 +88,18 @@ class EarlyApi:
         self._acceptor.start()
 
     def hand_over(self, start: Callable[[socket.socket], Any]) -> Any:
-        """Stop accepting, call ``start(sock)`` (the full server, now serving this socket) and
-        return what it returns. If it raises, this server accepts again: the daemon info stays
-        answered, every other request gets 503."""
+        """Call ``start(sock)`` (the full server, from then on serving this socket too), then stop
+        accepting and return what ``start`` returned. If it raises, this server goes on: the daemon
+        info stays answered, every other request gets 503."""
         assert self.sock is not None
-        self._stop_accepting()
         try:
+            # both accept until the full server runs (whoever accepts a connection serves it):
+            # there is no moment in which nobody answers the state poll
             result = start(self.sock)
         except BaseException:
-            self.fail()
-            os.read(self._stop_r, 1)
-            self._start_accepting()  # the daemon info stays answered, the rest gets 503
+            self.fail()  # this server keeps accepting: the daemon info stays answered, the rest 503
             raise
+        self._stop_accepting()
         self._handed_over = True
         self._full.set()
         log.info("api_handed_over", path=self.path, answered_early=self.answered)

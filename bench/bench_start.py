@@ -2,10 +2,14 @@
 much memory it holds -- measured the way nydus-snapshotter sees it, with the page cache dropped
 before every run.
 
-Two forms:
-- ``cli``: ``nydusd --config C --bootstrap B --mountpoint M --apisock S`` (image mounted at start);
-- ``api``: ``nydusd --mountpoint M --apisock S``, then ``POST /api/v1/mount?mountpoint=/`` (what
-  the snapshotter does for a dedicated daemon).
+Three forms:
+- ``cli``: ``nydusd --config C --bootstrap B --mountpoint M --apisock S`` (image mounted at start:
+  what nydus-snapshotter runs for a dedicated daemon);
+- ``api``: ``nydusd --mountpoint M --apisock S``, then ``POST /api/v1/mount?mountpoint=/`` (the
+  shared daemon's way);
+- ``zygote``: the ``cli`` form with ``NYDUSD_ZYGOTE`` set, served by a fork of ``nydusd-zygote``
+  (started once, before the rounds; trees without ``nydusd/cli/zygote.py`` have no such row). The
+  page cache is dropped before each run as for the others; the zygote's memory is its own.
 
 Per run: ``sync; echo 3 > /proc/sys/vm/drop_caches``, exec, then poll for the socket file (``socket``),
 ``GET /api/v1/daemon`` answering ``RUNNING`` (``running``; the snapshotter waits for exactly this),
@@ -49,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PY = sys.executable
-FORMS = ("cli", "api", "floor")
+FORMS = ("cli", "api", "zygote", "floor")
 POLL = 0.002
 TIMEOUT = 30.0
 #: files read through the mount for the "after reads" memory figures
@@ -152,18 +156,49 @@ def running(sock: str) -> bool:
     return status == 200 and json.loads(body).get("state") == "RUNNING"
 
 
+class Zygote:
+    """``nydusd-zygote`` of ``code``, started (and warmed) once; the ``zygote`` form's daemons are
+    its forks: ``nydusd`` (the ``nydusd.cli.launch`` entry point) with ``NYDUSD_ZYGOTE`` set."""
+
+    def __init__(self, code: Path, tmp: Path) -> None:
+        self.sock = str(tmp / f"zygote-{os.getpid()}.sock")
+        self.log = tmp / "zygote.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([PY, "-m", "nydusd.cli.zygote", "--socket", self.sock],
+                                         env={**os.environ, "PYTHONPATH": str(code)}, cwd=str(code),
+                                         stdout=out, stderr=subprocess.STDOUT)
+        wait_for("the zygote", lambda: "zygote_ready" in self.log.read_text(), self.proc, self.log)
+
+    def daemon_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return int(out.stdout.split()[0])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+#: the zygote per code tree (only trees that have one: ``nydusd/cli/zygote.py``)
+ZYGOTES: dict[Path, Zygote] = {}
+
+
 def one_run(code: Path, form: str, tmp: Path, bootstrap: str, config: str) -> dict[str, float]:
     """One cold start of ``form`` with the packages in ``code``; seconds and KiB."""
     work = Path(tempfile.mkdtemp(dir=tmp))
     mnt, sock, log = str(work / "mnt"), str(work / "api.sock"), work / "nydusd.log"
     os.mkdir(mnt)
     (work / "cfg.json").write_text(config)
-    args = [PY, "-m", "nydusd", "--mountpoint", mnt, "--apisock", sock, "--log-level", "info",
-            "--log-file", str(log)]
-    if form == "cli":
+    zygote = ZYGOTES.get(code) if form == "zygote" else None
+    if form == "zygote" and zygote is None:
+        return {}  # a tree without a zygote
+    args = [PY, "-m", "nydusd.cli.launch" if zygote else "nydusd", "--mountpoint", mnt,
+            "--apisock", sock, "--log-level", "info", "--log-file", str(log)]
+    if form in ("cli", "zygote"):
         args += ["--config", str(work / "cfg.json"), "--bootstrap", bootstrap]
     env = {**os.environ, "PYTHONPATH": str(code), "NYDUS_LOG_FORMAT": "json"}
     env.pop("NYDUSD_FUSE_SESSION", None)
+    if zygote:
+        env["NYDUSD_ZYGOTE"] = zygote.sock
     drop_caches()
     r: dict[str, float] = {}
     t0 = time.monotonic()
@@ -183,13 +218,14 @@ def one_run(code: Path, form: str, tmp: Path, bootstrap: str, config: str) -> di
             r["api mount"] = time.monotonic() - t1
         r["mounted"] = time.monotonic() - t0
         time.sleep(0.3)  # let start-up threads settle before "idle"
-        idle = proc_status(proc.pid)
+        daemon = zygote.daemon_pid() if zygote else proc.pid  # the fork, not its starter
+        idle = proc_status(daemon)
         r["idle RSS KiB"], r["threads"] = idle["VmRSS"], idle["Threads"]
         for name in READ_FILES:
             with open(os.path.join(mnt, name), "rb") as f:
                 while f.read(1 << 20):
                     pass
-        after = proc_status(proc.pid)
+        after = proc_status(daemon)
         r["read RSS KiB"], r["read HWM KiB"] = after["VmRSS"], after["VmHWM"]
         for line in log.read_text().splitlines():
             with contextlib.suppress(ValueError):
@@ -226,7 +262,8 @@ def floor_run() -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- table
 METRICS = ("python -c pass", "import required stack", "socket", "running", "api mount", "mounted",
            "threads", "idle RSS KiB", "read RSS KiB", "read HWM KiB")
-TARGETS = {("cli", "running"): 0.3, ("api", "mounted"): 0.3, ("api", "api mount"): 0.3,
+TARGETS = {("cli", "running"): 0.3, ("zygote", "running"): 0.3, ("api", "mounted"): 0.3,
+           ("api", "api mount"): 0.3,
            ("cli", "read RSS KiB"): 60 * 1024, ("api", "read RSS KiB"): 60 * 1024}
 
 
@@ -271,7 +308,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", type=Path, help="a copy of another revision's nydusd + api packages")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--forms", default="cli,api")
+    p.add_argument("--forms", default="cli,api,zygote")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache before a run")
     a = p.parse_args()
     global WARM
@@ -280,11 +317,14 @@ def main() -> int:
         print("bench_start: needs root and /dev/fuse")
         return 1
     codes = ([("before", a.before.resolve())] if a.before else []) + [("after", ROOT)]
-    forms = [f for f in a.forms.split(",") if f in ("cli", "api")]
+    forms = [f for f in a.forms.split(",") if f in ("cli", "api", "zygote")]
     results: dict[str, dict[str, list[dict[str, float]]]] = {lab: {f: [] for f in FORMS} for lab, _ in codes}
     with tempfile.TemporaryDirectory(prefix="bench-start-") as d:
         tmp = Path(d)
         bootstrap, config = build_image(tmp)
+        if "zygote" in forms:
+            ZYGOTES.update((code, Zygote(code, tmp)) for _lab, code in codes
+                           if (code / "nydusd" / "cli" / "zygote.py").exists())
         for _lab, code in codes:  # warm-up: .pyc files written, nothing measured
             for form in forms:
                 one_run(code, form, tmp, bootstrap, config)
@@ -297,6 +337,8 @@ def main() -> int:
             for lab, _code in codes:
                 results[lab]["floor"].append(floor)
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
+        for z in ZYGOTES.values():
+            z.stop()
     cache = "warm page cache" if WARM else "page cache dropped before each run"
     print(f"nydusd start, {cache}; medians of {a.rounds} paired rounds "
           f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs)")

@@ -327,10 +327,10 @@ class _ApiStarter:
     """The admin API on ``apisock``, from the moment the daemon is RUNNING; stops it at shutdown.
 
     At RUNNING (``__call__``, main thread) the socket is bound and ``api/early.py`` answers the
-    snapshotter's state poll at once; the FUSE session starts serving right after. The API stack
-    (FastAPI, pydantic, uvicorn: the largest part of a start) is imported on the thread
-    ``nydusd-api-start``, which then hands the socket over to the full server. The socket still
-    appears only once RUNNING (INIT in upgrade mode)."""
+    snapshotter's state poll at once; the FUSE session starts serving right after. The thread
+    ``nydusd-api-start`` then imports the API stack (FastAPI, pydantic, uvicorn: the largest part of
+    a start) unless ``prepare`` already did, and hands the socket over to the full server. The
+    socket still appears only once RUNNING (INIT in upgrade mode)."""
 
     def __init__(self, apisock: str | None) -> None:
         self.apisock = apisock
@@ -338,6 +338,26 @@ class _ApiStarter:
         self.server: Any = None
         self.early: Any = None
         self._starter: threading.Thread | None = None
+        self._importer: threading.Thread | None = None
+        self._start_api: Any = None
+
+    def prepare(self, mounting: bool) -> None:
+        """Without an image to mount at start (``mounting`` False), the first mount comes through
+        the API, so the stack is imported now, alongside the daemon's own imports (with a cold page
+        cache the two read their files in parallel); with one, only after RUNNING (the import
+        would hold the GIL the mount needs, and nothing waits for the full API then)."""
+        if self.apisock and not mounting:
+            self._importer = threading.Thread(target=self._import, name="nydusd-api-import",
+                                              daemon=True)
+            self._importer.start()
+
+    def _import(self) -> None:
+        try:
+            from api.server import start_api_server  # composition root: imports both sides
+        except ImportError as e:
+            log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
+        else:
+            self._start_api = start_api_server
 
     def __call__(self) -> None:
         log.info("startup_phase", phase="running", since_exec_s=round(_since_exec(), 4))
@@ -364,10 +384,12 @@ class _ApiStarter:
         default_interval = sys.getswitchinterval()
         sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
         try:
-            try:
-                from api.server import start_api_server  # composition root: imports both sides
-            except ImportError as e:
-                log.warning("api_server_unavailable", error=str(e), apisock=self.apisock)
+            if self._importer is None:
+                self._import()  # not imported in parallel (``prepare``): here, after RUNNING
+            else:
+                self._importer.join()
+            start_api_server = self._start_api
+            if start_api_server is None:
                 self.early.fail()
                 return
             log.info("startup_phase", phase="api_imported", since_exec_s=round(_since_exec(), 4))
@@ -400,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
     block_stop_signals()
     _tune_malloc_for_start()
     api = _ApiStarter(args.apisock)
+    api.prepare(mounting=bool(args.bootstrap) and not args.upgrade)
     from nydusd.daemon.service import Daemon
     from nydusd.fs.mountpoint import check_mountable
 

@@ -348,7 +348,7 @@ class SnapshotterRig:
 
     def __init__(self, work: Path, bin_dir: Path, *, mode: str = "multiple",
                  recover_policy: str = "restart", namespace: str = "nydus-py",
-                 netns: str | None = None, log_level: str = "info") -> None:
+                 netns: str | None = None, log_level: str = "info", zygote: bool = False) -> None:
         self.work = work
         self.bin_dir = bin_dir
         self.mode = mode
@@ -364,6 +364,10 @@ class SnapshotterRig:
         self.holder: subprocess.Popen[bytes] | None = None
         self.snapshotter: subprocess.Popen[bytes] | None = None
         self.containerd: subprocess.Popen[bytes] | None = None
+        #: with ``zygote``: a ``nydusd-zygote`` in the namespace, named to the snapshotter (and so
+        #: to every nydusd it starts) by ``NYDUSD_ZYGOTE``
+        self.zygote_sock = self.d / "zygote.sock" if zygote else None
+        self.zygote: subprocess.Popen[bytes] | None = None
 
     # -- namespace --------------------------------------------------------------------------------
     def _enter(self) -> list[str]:
@@ -409,6 +413,14 @@ class SnapshotterRig:
             log_dir=self.root / "logs", log_level=self.log_level,
             metrics_address=self.metrics_address, cache_dir=self.root / "cache"))
         (self.work / "containerd.toml").write_text(CONTAINERD_TOML.format(d=self.d))
+        if self.zygote_sock is not None:
+            self.zygote = self._spawn([str(VENV_BIN / "nydusd-zygote"), "--socket", str(self.zygote_sock)],
+                                      "zygote.out")
+            deadline = time.monotonic() + 30
+            while "zygote_ready" not in self._tail("zygote.out"):
+                if time.monotonic() > deadline or self.zygote.poll() is not None:
+                    raise RuntimeError("the zygote did not come up:\n" + self._tail("zygote.out"))
+                time.sleep(0.05)
         self.start_snapshotter()
         self.containerd = self._spawn(["containerd", "--config", str(self.work / "containerd.toml"),
                                        "--log-level", "info"], "containerd.out")
@@ -419,11 +431,13 @@ class SnapshotterRig:
             time.sleep(0.1)
         return self
 
-    def _spawn(self, cmd: list[str], out: str, path: str = SYS_PATH) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], out: str, path: str = SYS_PATH,
+               env: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         with open(self.work / "logs" / out, "ab") as f:
             # nsenter, env and the daemon all exec: the Popen pid is the daemon's own
-            return subprocess.Popen([*self._enter(), "env", f"PATH={path}", *cmd], stdin=subprocess.DEVNULL,
-                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen([*self._enter(), "env", f"PATH={path}", *env, *cmd],
+                                    stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def start_snapshotter(self) -> None:
         """Start (or restart) the snapshotter on the same root; waits for its socket."""
@@ -435,7 +449,8 @@ class SnapshotterRig:
              "--fs-driver", "fusedev", "--log-level", self.log_level,
              "--nydusd-config", str(self.work / "nydusd-config.json"),
              "--nydusd", str(VENV_BIN / "nydusd"), "--nydus-image", str(VENV_BIN / "nydus-image")],
-            "snapshotter.out", path=f"{VENV_BIN}:{SYS_PATH}")
+            "snapshotter.out", path=f"{VENV_BIN}:{SYS_PATH}",
+            env=(f"NYDUSD_ZYGOTE={self.zygote_sock}",) if self.zygote_sock is not None else ())
         deadline = time.monotonic() + 30
         while not self.ssock.exists():
             if time.monotonic() > deadline or self.snapshotter.poll() is not None:

@@ -73,9 +73,9 @@ def rig_factory(bin_dir: Path) -> Iterator[Any]:
     # a short state path: the snapshotter's API socket paths must fit in sun_path (108 bytes)
     work = Path(tempfile.mkdtemp(prefix="nydus-ctrd-"))
 
-    def make(mode: str, recover_policy: str = "restart") -> SnapshotterRig:
+    def make(mode: str, recover_policy: str = "restart", zygote: bool = False) -> SnapshotterRig:
         rig = SnapshotterRig(work / mode, bin_dir, mode=mode, recover_policy=recover_policy,
-                             namespace=f"nydus-py-test-{os.getpid()}")
+                             namespace=f"nydus-py-test-{os.getpid()}", zygote=zygote)
         rigs.append(rig)
         return rig.start()
 
@@ -151,6 +151,30 @@ def test_lazy_run_snapshotter_restart_and_image_removal(rig_factory: Any, regist
         rig.wait_for(lambda: not rig.api(sock, "/api/v1/daemon")["backend_collection"], 30,
                      "the shared nydusd to unmount the image")
         assert rig.nydusd_pids() == daemons
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_multiple_mode_daemons_forked_by_a_zygote(rig_factory: Any, image: dict[str, Any]) -> None:
+    """``NYDUSD_ZYGOTE`` in the snapshotter's environment: every nydusd it starts is served by a fork
+    of the warm zygote, and the snapshotter cannot tell (state poll, container, image removal)."""
+    rig: SnapshotterRig = rig_factory("multiple", zygote=True)
+    assert rig.zygote is not None
+    ref = image["nydus"]
+    rig.rpull(ref)
+    assert rig.run(ref, "c1", "/bin/cat", "/etc/greeting") == GREETING.decode()
+    (starter,) = rig.nydusd_pids()  # the process the snapshotter started and watches
+    (daemon,) = _children(rig.zygote.pid)  # the one serving the image
+    assert daemon != starter
+    assert "zygote_forked" in rig._tail("zygote.out")
+    # removal: the snapshotter's SIGTERM to its nydusd reaches the fork, which unmounts and exits
+    rig.ctr("images", "rm", "--sync", ref)
+    rig.wait_for(lambda: not rig.nydusd_pids() and not _children(rig.zygote.pid), 30,
+                 "the image's nydusd and its fork to end")
+    assert '"exit": 0' in rig._tail("zygote.out")
 
 
 @pytest.mark.parametrize("mode", MODES)
