@@ -10,13 +10,14 @@ Owns: the zygote server (``serve``), the daemon side of a fork (``_child``) and 
 (``run_via_zygote``, called by ``nydusd/cli/launch.py``, the ``nydusd`` entry point).
 
 The ``nydusd`` process the caller started stays the one it knows (its pid, its exit status, its
-signals): it sends the zygote its arguments, working directory, environment and stdin/stdout/
+signals): it sends the zygote its arguments, working directory, umask, environment and stdin/stdout/
 stderr (SCM_RIGHTS over a SOCK_SEQPACKET unix socket), then waits. The forked daemon gets those,
 joins the caller's cgroups and runs ``nydusd.cli.daemon.main`` with the arguments. The caller
 forwards the signals it gets (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) to the daemon
 and exits with the daemon's status (a daemon killed by a signal: the caller kills itself with it).
 If the caller is killed (SIGKILL), the daemon kills itself at once (it watches a pidfd of the
-caller): to the caller's parent, the daemon is that process.
+caller): to the caller's parent, the daemon is that process. Stopping the zygote (SIGTERM) leaves
+its daemons running; their callers then wait for them on a pidfd, still forwarding signals.
 
 Refusals (the caller then starts the daemon itself, as without a zygote, and says why on stderr):
 no zygote at the path, another user (``SO_PEERCRED``), or another mount/pid/network namespace than
@@ -60,7 +61,10 @@ def run_via_zygote(path: str, argv: list[str]) -> int | None:
     try:
         sock.settimeout(5.0)
         sock.connect(path)
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "umask": umask}).encode()
         socket.send_fds(sock, [request], [_open_fd(0), _open_fd(1), _open_fd(2)])
         reply = json.loads(sock.recv(MAX_MESSAGE) or b"{}")
     except (OSError, ValueError) as e:
@@ -87,10 +91,26 @@ def run_via_zygote(path: str, argv: list[str]) -> int | None:
         signal.signal(end["signal"], signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [end["signal"]])
         os.kill(os.getpid(), end["signal"])
-    if "exit" not in end:
-        _note(f"zygote {path} went away; the daemon's exit status is unknown")
-        return 1
-    return int(end["exit"])
+    if "exit" in end:
+        return int(end["exit"])
+    # the zygote stopped (a restart, an upgrade): its daemons live on, so this waits for ours
+    # itself -- ending here would make the daemon kill itself -- and then knows no exit status
+    _note(f"zygote {path} went away; waiting for daemon {child} (its exit status will be unknown)")
+    _wait_for(child)
+    return 0
+
+
+def _wait_for(pid: int) -> None:
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [])  # readable once the process ended; retried after signals
+    finally:
+        os.close(fd)
 
 
 def _open_fd(fd: int) -> int:
@@ -284,6 +304,7 @@ def _child(request: dict[str, Any], fds: list[int], caller: int, caller_pid: int
             if fd > 2:
                 os.close(fd)
         os.chdir(request["cwd"])
+        os.umask(int(request.get("umask", 0o022)))
         os.environ.clear()
         os.environ.update(request["env"])
         _join_cgroups(caller_pid)

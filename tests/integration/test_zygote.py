@@ -150,3 +150,25 @@ def test_refused_or_missing_zygote_falls_back_to_a_normal_start(
     finally:
         d.terminate()
         d.cleanup()
+
+
+def test_stopping_the_zygote_leaves_its_daemons_serving(
+        tree: tuple[DaemonImage, Path], tmp_path: Path,
+        zygote: tuple[str, subprocess.Popen[bytes], Path]) -> None:
+    image, src = tree
+    sock, zproc, _ = zygote
+    d = start(image, tmp_path, sock).start()
+    try:
+        (child,) = daemon_pids(zproc.pid)
+        zproc.terminate()  # e.g. restarted for an upgrade
+        zproc.wait(10)
+        time.sleep(0.3)
+        assert d.alive() and os.path.exists(f"/proc/{child}")
+        assert ApiClient(d.apisock).info()["state"] == "RUNNING"
+        some = next(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+        assert (Path(d.mountpoint) / some.relative_to(src)).read_bytes() == some.read_bytes()
+        assert d.terminate() == 0  # still forwarded; the status is unknown, so 0
+        assert not is_mounted(d.mountpoint)
+        assert "went away" in d.log()
+    finally:
+        d.cleanup()
