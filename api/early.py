@@ -70,6 +70,8 @@ class EarlyApi:
         self._full = threading.Event()  # set: the full server runs, or never will (``_failed``)
         self._failed = False
         self._handed_over = False
+        #: set when a request needs the full server (it waits in a pipe until it runs)
+        self.wanted = threading.Event()
         self._closed = False
         #: requests answered here (the rest were piped to the full server)
         self.answered = 0
@@ -196,6 +198,7 @@ class EarlyApi:
 
     def _pipe(self, conn: socket.socket, pending: bytes) -> None:
         """Hand the connection to the full server: bytes both ways until both sides are done."""
+        self.wanted.set()
         self._full.wait()
         if self._failed:
             body = b'{"code":"NotReady","message":"the API server is not available"}'

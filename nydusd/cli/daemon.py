@@ -317,6 +317,11 @@ def _since_exec() -> float:
         return -1.0
 
 
+#: without an image mounted at start the API stack is imported during the start (``prepare``); with
+#: one it waits until a request needs it, or the daemon has served no request for ``_QUIET`` seconds
+#: (a starting container's reads do not share the CPU and the GIL with a second of imports), or
+#: ``_API_LATEST`` seconds passed; the FUSE session is sampled every ``_QUIET_STEP`` seconds
+_QUIET, _QUIET_STEP, _API_LATEST = 0.3, 0.005, 5.0
 #: GIL switch interval while the API stack is imported and built (after RUNNING, alongside the first
 #: FUSE requests of a starting container): a FUSE worker waits at most this long for the importing
 #: thread to let go of the GIL, instead of the default 5 ms per request
@@ -329,8 +334,9 @@ class _ApiStarter:
     At RUNNING (``__call__``, main thread) the socket is bound and ``api/early.py`` answers the
     snapshotter's state poll at once; the FUSE session starts serving right after. The thread
     ``nydusd-api-start`` then imports the API stack (FastAPI, pydantic, uvicorn: the largest part of
-    a start) unless ``prepare`` already did, and hands the socket over to the full server. The
-    socket still appears only once RUNNING (INIT in upgrade mode)."""
+    a start) unless ``prepare`` already did -- once it is wanted or the daemon is quiet, see
+    ``_QUIET`` -- and hands the socket over to the full server. The socket still appears only once
+    RUNNING (INIT in upgrade mode)."""
 
     def __init__(self, apisock: str | None) -> None:
         self.apisock = apisock
@@ -380,7 +386,24 @@ class _ApiStarter:
                                          name="nydusd-api-start", daemon=True)
         self._starter.start()
 
+    def _wait_for_quiet(self) -> str:
+        """Until the full API is wanted (a request waits for it), the daemon is quiet, or at the
+        latest ``_API_LATEST`` seconds: which of them."""
+        now = time.monotonic()
+        quiet_since, latest = now, now + _API_LATEST
+        while not self.early.wanted.wait(_QUIET_STEP):
+            now = time.monotonic()
+            if self.daemon.serving():
+                quiet_since = now
+            elif now - quiet_since >= _QUIET:
+                return "quiet"
+            if now >= latest:
+                return "latest"
+        return "wanted"
+
     def _start_full(self, started: threading.Event) -> None:
+        if self._importer is None:
+            log.debug("api_import_deferred", until=self._wait_for_quiet())
         default_interval = sys.getswitchinterval()
         sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
         try:

@@ -304,6 +304,11 @@ class Daemon:
             raise NotFound("this filesystem has no blob cache", mountpoint=inst.mountpoint)
         return dict(inst.device.metrics())
 
+    def serving(self) -> bool:
+        """Whether a FUSE (or virtio-fs) request is being served at this moment. Cheap: no lock."""
+        session = self.session
+        return session is not None and bool(session.ops.inflight.slots)
+
     def metrics_inflight(self) -> list[dict[str, Any]]:
         """Requests currently being served (empty list -> HTTP 204)."""
         session = self.session

@@ -55,6 +55,9 @@ def test_daemon_logs_its_startup_phases_and_imports_only_what_it_serves(tmp_path
     phases = [e for e in events if e["event"] == "startup_phase"]
     assert [p["phase"] for p in phases] == ["imported", "image_mounted", "running", "api_socket",
                                             "api_imported", "api_started"]
+    # the API stack waited until the daemon was quiet or a request wanted it (not at RUNNING)
+    (deferred,) = [e for e in events if e["event"] == "api_import_deferred"]
+    assert deferred["until"] in ("quiet", "wanted", "latest")
     times = [p["since_exec_s"] for p in phases]
     assert times[0] > 0 and times == sorted(times)
     # the real process's sys.modules once its API is up (the debug event ``startup_modules``):
