@@ -298,6 +298,7 @@ def _child(request: dict[str, Any], fds: list[int], caller: int, caller_pid: int
         for fd in wake:
             os.close(fd)
         os.setsid()
+        _set_name(b"nydusd")  # what ps and pgrep show (the command line stays the zygote's)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         for fd in fds:
@@ -330,6 +331,13 @@ def _child(request: dict[str, Any], fds: list[int], caller: int, caller_pid: int
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(code)
+
+
+def _set_name(name: bytes) -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
 
 
 def _die_with(pidfd: int) -> None:

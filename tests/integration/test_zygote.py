@@ -81,6 +81,7 @@ def test_a_daemon_forked_by_the_zygote_serves_and_stops_with_its_starter(
         assert ApiClient(d.apisock).info()["state"] == "RUNNING"
         children = daemon_pids(zproc.pid)
         assert len(children) == 1 and d.proc is not None and children[0] != d.proc.pid
+        assert Path(f"/proc/{children[0]}/comm").read_text().strip() == "nydusd"
         # the daemon got its starter's stdout/stderr and working directory
         with open(f"/proc/{children[0]}/cwd/.probe-zygote", "w"):
             pass
