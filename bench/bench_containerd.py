@@ -1,7 +1,8 @@
 """Benchmark: container start through containerd 1.6 -- full pull with the overlayfs snapshotter
 (the baseline) vs lazy start with the real nydus-snapshotter v0.6.1 and our nydusd, in both daemon
 modes (``multiple``: one nydusd per image, started inside ``ctr run``; ``shared``: one nydusd started
-with the snapshotter, outside the timed window).
+with the snapshotter, outside the timed window), and ``multiple`` with ``NYDUSD_ZYGOTE`` (each nydusd
+a fork of a ``nydusd-zygote`` started with the snapshotter).
 
 The link is shaped: registry, containerd, snapshotter and nydusd all run in a fresh network namespace
 whose ``lo`` is limited with ``tc qdisc add dev lo root tbf rate 100mbit burst 256kb latency 50ms``
@@ -10,7 +11,7 @@ random file no container reads (``--big-mb``), converted with our ``nydusify con
 Command: ``/bin/cat /etc/greeting``.
 
 Each run is cold: fresh containerd + snapshotter state, ``echo 3 > /proc/sys/vm/drop_caches``, new
-nydusd. The three ways alternate within each round; medians over ``--rounds``. pull = ``ctr image
+nydusd. The ways alternate within each round; medians over ``--rounds``. pull = ``ctr image
 pull`` (overlayfs) or ``nydus-rpull``; run = ``ctr run --rm``; fetched = blob bytes in the registry's
 access log during pull + run.
 
@@ -47,7 +48,7 @@ from tests.harness.containerd_rig import (  # noqa: E402
 )
 
 SHAPE = "tbf rate 100mbit burst 256kb latency 50ms"
-WAYS = ("overlayfs", "nydus multiple", "nydus shared")
+WAYS = ("overlayfs", "nydus multiple", "nydus multiple+zygote", "nydus shared")
 
 
 def drop_caches() -> None:
@@ -59,9 +60,11 @@ def drop_caches() -> None:
 def one_run(way: str, work: Path, bin_dir: Path, ns: str, registry: AccessLogRegistry,
             image: dict[str, Any]) -> dict[str, float]:
     mode = "shared" if way == "nydus shared" else "multiple"
-    rig = SnapshotterRig(work, bin_dir, mode=mode, namespace="nydus-bench", netns=ns)
+    rig = SnapshotterRig(work, bin_dir, mode=mode, namespace="nydus-bench", netns=ns,
+                         zygote=way.endswith("+zygote"))
     with rig:
-        if mode == "shared":  # its nydusd starts with the snapshotter: not part of the timing
+        # started with the snapshotter, outside the timed window: the shared nydusd, the zygote
+        if mode == "shared":
             rig.wait_for(lambda: bool(rig.api_socks()), 30, "the shared nydusd")
         drop_caches()
         mark = registry.mark()

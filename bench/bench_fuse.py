@@ -381,6 +381,13 @@ class Bench:
                                    timed(lambda: fio_randread(wide.mnt / "f", secs), wide.proc.pid))
                 self.add("  same vs passthrough with 132 workers", wide_pairs, "IOPS", 1.0, "us/req", 1e6,
                          "(worker-pool share of the gap)")
+                seq(wide.mnt / "f")
+                wide_seq = Pairs()
+                for _ in range(self.reps):
+                    wide_seq.add(timed(lambda: seq(fuse_big), self.pid(session)),
+                                 timed(lambda: seq(wide.mnt / "f"), wide.proc.pid))
+                self.add("  sequential vs passthrough with 132 workers", wide_seq, "MB/s", MiB / 1e6,
+                         "ms/MiB", 1e3, "(worker-pool share of the gap)")
             finally:
                 wide.close()
         pairs = Pairs()
