@@ -322,9 +322,9 @@ def _since_exec() -> float:
 #: (a starting container's reads do not share the CPU and the GIL with a second of imports), or
 #: ``_API_LATEST`` seconds passed; the FUSE session is sampled every ``_QUIET_STEP`` seconds
 _QUIET, _QUIET_STEP, _API_LATEST = 0.3, 0.005, 5.0
-#: GIL switch interval while the API stack is imported and built (after RUNNING, alongside the first
-#: FUSE requests of a starting container): a FUSE worker waits at most this long for the importing
-#: thread to let go of the GIL, instead of the default 5 ms per request
+#: GIL switch interval while the API stack is imported and built after RUNNING with no request
+#: waiting for it (alongside a starting container's FUSE requests): a FUSE worker waits at most this
+#: long for the importing thread to let go of the GIL, instead of the default 5 ms per request
 _IMPORT_SWITCH_INTERVAL = 0.0005
 
 
@@ -347,12 +347,13 @@ class _ApiStarter:
         self._importer: threading.Thread | None = None
         self._start_api: Any = None
 
-    def prepare(self, mounting: bool) -> None:
-        """Without an image to mount at start (``mounting`` False), the first mount comes through
-        the API, so the stack is imported now, alongside the daemon's own imports (with a cold page
-        cache the two read their files in parallel); with one, only after RUNNING (the import
-        would hold the GIL the mount needs, and nothing waits for the full API then)."""
-        if self.apisock and not mounting:
+    def prepare(self, deferrable: bool) -> None:
+        """When the full API is needed right after RUNNING (``deferrable`` False: the first mount
+        comes through the API, or a supervisor asks for the FUSE session at once so that a crash
+        can be taken over), the stack is imported now, alongside the daemon's own imports (with a
+        cold page cache the two read their files in parallel). Otherwise only after RUNNING: the
+        import would hold the GIL the mount needs, and nothing waits for the full API then."""
+        if self.apisock and not deferrable:
             self._importer = threading.Thread(target=self._import, name="nydusd-api-import",
                                               daemon=True)
             self._importer.start()
@@ -402,15 +403,16 @@ class _ApiStarter:
         return "wanted"
 
     def _start_full(self, started: threading.Event) -> None:
-        if self._importer is None:
-            log.debug("api_import_deferred", until=self._wait_for_quiet())
         default_interval = sys.getswitchinterval()
-        sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
         try:
-            if self._importer is None:
-                self._import()  # not imported in parallel (``prepare``): here, after RUNNING
+            if self._importer is not None:
+                self._importer.join()  # imported during the start (``prepare``)
             else:
-                self._importer.join()
+                until = self._wait_for_quiet()
+                log.debug("api_import_deferred", until=until)
+                if until != "wanted":  # nobody waits for it: the FUSE requests come first
+                    sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
+                self._import()
             start_api_server = self._start_api
             if start_api_server is None:
                 self.early.fail()
@@ -445,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     block_stop_signals()
     _tune_malloc_for_start()
     api = _ApiStarter(args.apisock)
-    api.prepare(mounting=bool(args.bootstrap) and not args.upgrade)
+    api.prepare(deferrable=bool(args.bootstrap) and not args.upgrade and not args.supervisor)
     from nydusd.daemon.service import Daemon
     from nydusd.fs.mountpoint import check_mountable
 
