@@ -281,7 +281,9 @@ class DevFuseSession:
         view = memoryview(buf)
         bufs = [buf]
         ep = select.epoll()
-        readv, poll, serve, workers, threads = os.readv, ep.poll, self._serve, self._workers, self.threads
+        readv, writev, poll = os.readv, os.writev, ep.poll
+        workers, threads, handle = self._workers, self.threads, self.engine.handle
+        resend = self.adopted  # only a successor asks the kernel to re-send requests
         backend_waits.set_blocking_listener(self._blocking)
         try:
             ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
@@ -302,7 +304,17 @@ class DevFuseSession:
                         log.error("fuse_read_failed", error=e.strerror)
                     self._end()
                     return
-                serve(fd, view[:n])
+                reply = self._resent(view[:n]) if resend else handle(view[:n])
+                if not reply:
+                    continue
+                if len(reply) > IOV_MAX:  # writev refuses more (EINVAL): the request would never end
+                    reply = [b"".join(reply)]
+                try:
+                    writev(fd, reply)
+                except OSError as e:
+                    # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: connection gone
+                    if e.errno not in (errno.ENOENT, errno.ENODEV):
+                        log.warning("fuse_reply_failed", error=e.strerror)
         finally:
             backend_waits.set_blocking_listener(None)
             ep.close()
@@ -312,27 +324,15 @@ class DevFuseSession:
             if fd != self.fd:
                 os.close(fd)
 
-    def _serve(self, fd: int, request: memoryview) -> None:
+    def _resent(self, request: memoryview) -> list[Any] | None:
+        """A successor's request: one the kernel re-sent (``UNIQUE_RESEND``) is counted, and
+        answered EIO under the ``flush`` policy (the dead predecessor had taken it)."""
         unique = struct.unpack_from("<Q", request, 8)[0] if len(request) >= 16 else 0
         if unique & UNIQUE_RESEND:
             self.resent += 1
             if self.failover_policy == "flush":
-                # the request the dead predecessor had taken: abort it (the kernel re-sent it)
-                self._write(fd, [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)])
-                return
-        reply = self.engine.handle(request)
-        if reply:
-            self._write(fd, reply)
-
-    def _write(self, fd: int, segments: list[Any]) -> None:
-        if len(segments) > IOV_MAX:  # writev refuses more (EINVAL): the request would never end
-            segments = [b"".join(segments)]
-        try:
-            os.writev(fd, segments)
-        except OSError as e:
-            # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: connection gone
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.warning("fuse_reply_failed", error=e.strerror)
+                return [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)]
+        return self.engine.handle(request)
 
     def _end(self) -> None:
         if not self._ended.is_set():
