@@ -251,7 +251,7 @@ class DevFuseSession:
                 return
         try:
             self._start_worker()
-        except RuntimeError as e:  # no more threads: the waits' bounds still hold
+        except (RuntimeError, OSError) as e:  # no thread or fd left: the waits' bounds still hold
             log.warning("fuse_worker_start_failed", error=str(e))
 
     def _park(self) -> bool:
