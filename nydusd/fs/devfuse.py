@@ -16,20 +16,20 @@ Must not import: llfuse, the daemon, the API. Offers the session interface ``Dae
 (``mount``/``run``/``stop``/``close``, ``quiesced``, ``settle``, ``invalidate_*``, ``ops.inflight``).
 
 Threading: ``mount``/``run``/``close`` belong to the main thread; ``stop`` and ``invalidate_*``
-may come from any thread and never block. ``threads`` workers (``fuse-worker-N``) read requests;
-that many stay readers: a worker about to wait on a backend (``storage/waits.py`` calls its blocking
-listener) starts one more while fewer than ``threads`` others are free, up to ``max_threads`` (the
-daemon passes ``--thread-num`` + the backend-wait reserve, as for llfuse), so requests stuck on a
-dead backend never stall the others. A worker that found no request for ``RETIRE_SECONDS`` while
-more than ``threads`` are free ends. Busy workers alone start none: with more readers than
-concurrent requests each request would go to a sleeping worker (a wakeup and a GIL hand-off per
-request; 132 llfuse workers serve half the IOPS of 4). Each worker tries a non-blocking read of the
-device and, when none is queued, waits in its own epoll on the device (``EPOLLEXCLUSIVE``: one
-wakes per request) and on a stop pipe; a worker that loses the race for a request just waits
-again. A worker finishes the request it is serving before it notices a stop, so ``exit`` hands no
-half-served request to the successor. Invalidations go through a queue to a ``fuse-notify``
-thread: a notify write may wait for the kernel, which may wait for a worker (libfuse's documented
-deadlock), never a caller.
+may come from any thread and never block. ``threads`` workers (``fuse-worker-N``) read requests,
+and that many stay readers: a worker about to wait on a backend (``storage/waits.py`` calls its
+blocking listener) wakes a parked worker or starts one while fewer than ``threads`` others read,
+up to ``max_threads`` (the daemon passes ``--thread-num`` + the backend-wait reserve, as for
+llfuse), so requests stuck on a dead backend never stall the others. When a wait ends, a surplus
+reader parks (takes no requests) until a reader blocks again; one parked for ``RETIRE_SECONDS``
+ends. Busy workers alone start none: with more readers than concurrent requests each request
+would go to a sleeping worker (a wakeup and a GIL hand-off per request; 132 llfuse workers serve
+half the IOPS of 4). Each worker tries a non-blocking read of the device and, when none is
+queued, waits in its own epoll on the device (``EPOLLEXCLUSIVE``: one wakes per request) and on a
+stop pipe; a worker that loses the race for a request just waits again. A worker finishes the
+request it is serving before it notices a stop, so ``exit`` hands no half-served request to the
+successor. Invalidations go through a queue to a ``fuse-notify`` thread: a notify write may wait
+for the kernel, which may wait for a worker (libfuse's documented deadlock), never a caller.
 
 Cloned device fds (``FUSE_DEV_IOC_CLONE``) give each worker its own processing queue, but a
 clone's requests are aborted (ECONNABORTED to the reader) when its process dies, while requests
