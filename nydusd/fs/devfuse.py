@@ -16,15 +16,20 @@ Must not import: llfuse, the daemon, the API. Offers the session interface ``Dae
 (``mount``/``run``/``stop``/``close``, ``quiesced``, ``settle``, ``invalidate_*``, ``ops.inflight``).
 
 Threading: ``mount``/``run``/``close`` belong to the main thread; ``stop`` and ``invalidate_*``
-may come from any thread and never block. ``threads`` workers start with the session; whenever
-every running one is busy, a worker starts one more, up to ``max_threads`` (the daemon passes
-``--thread-num`` + the backend-wait reserve of ``storage/waits.py``, as for llfuse), so requests
-stuck on a dead backend never stall the others. Workers (``fuse-worker-N``) each wait in their own epoll
-on the device (``EPOLLEXCLUSIVE``: one wakes per request) and on a stop pipe; the device fd is
-non-blocking, so a worker that loses the race for a request just waits again. A worker finishes
-the request it is serving before it notices a stop, so ``exit`` hands no half-served request to
-the successor. Invalidations go through a queue to a ``fuse-notify`` thread: a notify write may
-wait for the kernel, which may wait for a worker (libfuse's documented deadlock), never a caller.
+may come from any thread and never block. ``threads`` workers (``fuse-worker-N``) read requests,
+and that many stay readers: a worker about to wait on a backend (``storage/waits.py`` calls its
+blocking listener) wakes a parked worker or starts one while fewer than ``threads`` others read,
+up to ``max_threads`` (the daemon passes ``--thread-num`` + the backend-wait reserve, as for
+llfuse), so requests stuck on a dead backend never stall the others. When a wait ends, a surplus
+reader parks (takes no requests) until a reader blocks again; one parked for ``RETIRE_SECONDS``
+ends. Busy workers alone start none: with more readers than concurrent requests each request
+would go to a sleeping worker (a wakeup and a GIL hand-off per request; 132 llfuse workers serve
+half the IOPS of 4). Each worker tries a non-blocking read of the device and, when none is
+queued, waits in its own epoll on the device (``EPOLLEXCLUSIVE``: one wakes per request) and on a
+stop pipe; a worker that loses the race for a request just waits again. A worker finishes the
+request it is serving before it notices a stop, so ``exit`` hands no half-served request to the
+successor. Invalidations go through a queue to a ``fuse-notify`` thread: a notify write may wait
+for the kernel, which may wait for a worker (libfuse's documented deadlock), never a caller.
 
 Cloned device fds (``FUSE_DEV_IOC_CLONE``) give each worker its own processing queue, but a
 clone's requests are aborted (ECONNABORTED to the reader) when its process dies, while requests
@@ -53,6 +58,7 @@ from nydusd.errors import NydusError
 from nydusd.fs.proto.engine import FuseEngine
 from nydusd.fs.vfs import Vfs
 from nydusd.log import get_logger
+from nydusd.storage import waits as backend_waits
 
 log = get_logger(__name__)
 
@@ -73,6 +79,8 @@ READAHEAD_KB = 1024
 FAILOVER_POLICIES = ("none", "resend", "flush")
 #: the most segments one writev takes (Linux UIO_MAXIOV)
 IOV_MAX = 1024
+#: a parked worker (beyond ``threads`` readers) ends after this long unneeded
+RETIRE_SECONDS = 5.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -94,9 +102,11 @@ class DevFuseSession:
         self.vfs = vfs
         self.mountpoint = mountpoint
         self.threads = max(1, threads)
-        #: workers started at most: ``threads`` run from the start, one more is started whenever
-        #: every running worker is busy (a read waiting on a backend holds its worker)
-        self.max_threads = max(self.threads, max_threads or 0)
+        #: workers at most: ``threads`` readers plus one per worker waiting on a backend (default:
+        #: the backend-wait reserve of ``storage/waits.py``, which bounds those waits anyway)
+        if max_threads is None:
+            max_threads = self.threads + backend_waits.limits()[1]
+        self.max_threads = max(self.threads, max_threads)
         self.writable = writable
         self.fsname = fsname
         self.failover_policy = failover_policy
@@ -112,8 +122,13 @@ class DevFuseSession:
         self._stop_reason: str | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._ended = threading.Event()  # the kernel ended the connection (unmounted)
-        self._workers: list[threading.Thread] = []
-        self._idle = 0  # workers waiting for a request (guarded by ``_lock``)
+        self._halt = False  # stop or ended: what the workers check per request (a plain bool)
+        self._workers: list[threading.Thread] = []  # live ones (guarded by ``_lock``)
+        self._blocked = 0  # workers waiting on a backend (guarded by ``_lock``)
+        self._parked = 0  # workers parked in ``_park``, not reading (guarded by ``_lock``)
+        self._wakeups = 0  # parked workers told to read again, not yet running (``_lock``)
+        self._wake = threading.Condition(self._lock)
+        self._started = 0  # workers started so far (names)
         self._notify: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._notifier: threading.Thread | None = None
         #: requests re-sent after a takeover and answered per the failover policy
@@ -180,8 +195,13 @@ class DevFuseSession:
             self._apply_failover_policy()
         else:
             threading.Thread(target=self._set_readahead, name="fuse-readahead", daemon=True).start()
-        for t in self._workers:   # also those started meanwhile (appended while iterating)
-            t.join()
+        while True:  # also those started meanwhile; a retiring worker removes itself
+            with self._lock:
+                live = [t for t in self._workers if t.is_alive()]
+            if not live:
+                break
+            for t in live:
+                t.join()
         with self._lock:
             self.running = False
         self._notify.put(None)
@@ -203,31 +223,79 @@ class DevFuseSession:
         return clone
 
     def _start_worker(self) -> None:
-        """Start one more worker, counted idle from now on (none past ``max_threads``)."""
+        """Start one more worker (none past ``max_threads`` or once stopping)."""
         with self._lock:
-            if len(self._workers) >= self.max_threads:
+            if len(self._workers) >= self.max_threads or self._halt:
                 return
-            self._idle += 1
             t = threading.Thread(target=self._worker, args=(self._worker_fd(),),
-                                 name=f"fuse-worker-{len(self._workers)}", daemon=True)
+                                 name=f"fuse-worker-{self._started}", daemon=True)
+            self._started += 1
             self._workers.append(t)
-        t.start()
+            t.start()  # under the lock: ``run`` joins only started threads
+
+    def _blocking(self, entering: bool) -> None:
+        """Blocking listener of every worker (``storage/waits.py``): a worker is about to wait on
+        a backend (True) or done waiting (False). Keeps ``threads`` workers reading: wakes a
+        parked one, or starts one."""
+        with self._lock:
+            if not entering:
+                self._blocked -= 1
+                return
+            self._blocked += 1
+            if len(self._workers) - self._blocked - self._parked >= self.threads:
+                return
+            if self._parked:
+                self._parked -= 1
+                self._wakeups += 1
+                self._wake.notify()
+                return
+        try:
+            self._start_worker()
+        except (RuntimeError, OSError) as e:  # no thread or fd left: the waits' bounds still hold
+            log.warning("fuse_worker_start_failed", error=str(e))
+
+    def _park(self) -> bool:
+        """More than ``threads`` workers read (a wait on a backend ended): park this one until a
+        reader blocks again. False: it stayed parked for ``RETIRE_SECONDS`` and ends (removed
+        from the live ones)."""
+        with self._lock:
+            if self._halt or len(self._workers) - self._blocked - self._parked <= self.threads:
+                return True
+            self._parked += 1
+            while not self._wakeups and not self._halt:
+                if not self._wake.wait(RETIRE_SECONDS) and not self._wakeups and not self._halt:
+                    self._parked -= 1
+                    with contextlib.suppress(ValueError):
+                        self._workers.remove(threading.current_thread())
+                    return False
+            if self._wakeups:
+                self._wakeups -= 1  # the waker counted this one unparked
+            else:
+                self._parked -= 1  # halted
+            return True
 
     def _worker(self, fd: int) -> None:
         # an anonymous mapping: only the pages requests touch become resident (a READ request is
         # a few dozen bytes), so a worker costs little memory until it serves a large request
         buf = mmap.mmap(-1, BUFFER_SIZE)
         view = memoryview(buf)
+        bufs = [buf]
         ep = select.epoll()
-        lock = self._lock
+        readv, writev, poll = os.readv, os.writev, ep.poll
+        workers, threads, handle = self._workers, self.threads, self.engine.handle
+        resend = self.adopted  # only a successor asks the kernel to re-send requests
+        backend_waits.set_blocking_listener(self._blocking)
         try:
             ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             ep.register(self._stop_r, select.EPOLLIN)
-            while self._stop_reason is None and not self._ended.is_set():
+            while not self._halt:
+                # surplus readers once a backend wait ended (an unlocked peek; ``_park`` checks)
+                if len(workers) - self._blocked - self._parked > threads and not self._park():
+                    return
                 try:
-                    n = os.readv(fd, [buf])
+                    n = readv(fd, bufs)
                 except BlockingIOError:
-                    ep.poll()
+                    poll()
                     continue
                 except OSError as e:
                     if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we got it
@@ -236,19 +304,19 @@ class DevFuseSession:
                         log.error("fuse_read_failed", error=e.strerror)
                     self._end()
                     return
-                with lock:
-                    self._idle -= 1
-                    more = self._idle == 0 and len(self._workers) < self.max_threads
-                if more:  # every worker busy: one more, so a request stuck on a backend stalls none
-                    self._start_worker()
+                reply = self._resent(view[:n]) if resend else handle(view[:n])
+                if not reply:
+                    continue
+                if len(reply) > IOV_MAX:  # writev refuses more (EINVAL): the request would never end
+                    reply = [b"".join(reply)]
                 try:
-                    self._serve(fd, view[:n])
-                finally:
-                    with lock:
-                        self._idle += 1
+                    writev(fd, reply)
+                except OSError as e:
+                    # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: connection gone
+                    if e.errno not in (errno.ENOENT, errno.ENODEV):
+                        log.warning("fuse_reply_failed", error=e.strerror)
         finally:
-            with lock:
-                self._idle -= 1
+            backend_waits.set_blocking_listener(None)
             ep.close()
             with contextlib.suppress(BufferError):  # a request view still referenced: GC frees it
                 view.release()
@@ -256,31 +324,22 @@ class DevFuseSession:
             if fd != self.fd:
                 os.close(fd)
 
-    def _serve(self, fd: int, request: memoryview) -> None:
+    def _resent(self, request: memoryview) -> list[Any] | None:
+        """A successor's request: one the kernel re-sent (``UNIQUE_RESEND``) is counted, and
+        answered EIO under the ``flush`` policy (the dead predecessor had taken it)."""
         unique = struct.unpack_from("<Q", request, 8)[0] if len(request) >= 16 else 0
         if unique & UNIQUE_RESEND:
             self.resent += 1
             if self.failover_policy == "flush":
-                # the request the dead predecessor had taken: abort it (the kernel re-sent it)
-                self._write(fd, [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)])
-                return
-        reply = self.engine.handle(request)
-        if reply:
-            self._write(fd, reply)
-
-    def _write(self, fd: int, segments: list[Any]) -> None:
-        if len(segments) > IOV_MAX:  # writev refuses more (EINVAL): the request would never end
-            segments = [b"".join(segments)]
-        try:
-            os.writev(fd, segments)
-        except OSError as e:
-            # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: connection gone
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.warning("fuse_reply_failed", error=e.strerror)
+                return [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)]
+        return self.engine.handle(request)
 
     def _end(self) -> None:
         if not self._ended.is_set():
             self._ended.set()
+            with self._lock:
+                self._halt = True
+                self._wake.notify_all()
             os.write(self._stop_w, b"x")  # workers run: the session is not closed yet
             log.info("fuse_session_ended", mountpoint=self.mountpoint)
 
@@ -329,6 +388,8 @@ class DevFuseSession:
             if self._stop_reason is not None:
                 return
             self._stop_reason = reason
+            self._halt = True
+            self._wake.notify_all()
             if not self._closed:  # the pipe is closed with the session
                 os.write(self._stop_w, b"x")
 

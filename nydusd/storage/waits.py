@@ -25,6 +25,14 @@ Cancellation: the wait itself runs on the calling worker, but the fetch runs on 
 unmounted -- wakes every waiting worker at once with EIO (``ImageDetached``) while the helpers
 finish or time out on their own, holding no worker.
 
+Blocking listener: a FUSE transport that keeps only a few threads reading requests (the own
+``/dev/fuse`` session) must learn when one of them is about to wait on a backend, to start another
+reader meanwhile. ``set_blocking_listener`` registers a callback for the calling thread; ``blocked()``
+(entered around the wait of ``run`` and around a wait for another thread's fetch of the same chunk,
+``cache/singleflight.py``) calls it with True before the thread blocks and with False after -- only
+for the outermost wait of a thread. Threads without a listener (helpers, prefetch workers, llfuse
+workers) pay one thread-local lookup. Storage thereby knows nothing of the transport.
+
 Threading: every method may be called from any thread; one small lock guards the counters and the
 set of pending waits, never held while waiting or fetching.
 """
@@ -37,6 +45,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TypeVar
 
 from nydusd.errors import BackendError
@@ -50,6 +59,45 @@ T = TypeVar("T")
 PER_MOUNT_WAITS = 64
 #: backend waits all images together may have at once (the extra llfuse workers)
 SHARED_WAITS = 128
+
+
+class _ThreadState(threading.local):
+    listener: Callable[[bool], None] | None = None
+    depth = 0  # nested ``blocked()`` of this thread: only the outermost one is announced
+
+
+_thread = _ThreadState()
+
+
+def set_blocking_listener(listener: Callable[[bool], None] | None) -> None:
+    """Register (None: drop) the calling thread's blocking listener (see module docstring). It
+    must not raise and must not block: it runs on the reader's path."""
+    _thread.listener = listener
+    _thread.depth = 0
+
+
+class blocked:  # noqa: N801 - used like a function: ``with blocked(): future.result()``
+    """Context of a wait on a backend: tells the calling thread's listener, if any."""
+
+    __slots__ = ("_listener",)
+
+    def __enter__(self) -> None:
+        state = _thread
+        listener = state.listener
+        self._listener = listener
+        if listener is not None:
+            state.depth += 1
+            if state.depth == 1:
+                listener(True)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        listener = self._listener
+        if listener is not None:
+            state = _thread
+            state.depth -= 1
+            if state.depth == 0:
+                listener(False)
 
 
 class BackendBusy(BackendError):
@@ -116,7 +164,8 @@ class BackendWaits:
             _budget.used += 1
         try:
             _helpers.submit(future, fetch)
-            return future.result()  # type: ignore[return-value]
+            with blocked():
+                return future.result()  # type: ignore[return-value]
         finally:
             with _budget_lock:
                 self._pending.discard(future)

@@ -5,7 +5,8 @@ claims a key becomes its *leader* and must later ``resolve`` or ``fail`` it; eve
 gets the leader's ``Flight`` and waits on it. Must not import backends, rafs, fs or daemon.
 
 Threading: one small lock guards the table; it is held only to look up / insert / remove entries,
-never while a fetch runs or while a waiter blocks (waiters block on the flight's own future).
+never while a fetch runs or while a waiter blocks (waiters block on the flight's own future, and
+tell their thread's blocking listener, see ``storage/waits.py``).
 Lock order: a caller may hold no other cache lock when calling ``claim`` except that the
 ``is_ready`` callback it passes is invoked under the table lock (it must be a cheap, non-blocking
 bitmap lookup). That ordering -- the leader marks a chunk ready *before* removing its flight --
@@ -19,6 +20,8 @@ from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from nydusd.storage.waits import blocked
 
 K = TypeVar("K", bound=Hashable)
 
@@ -35,8 +38,13 @@ class Flight:
 
     def wait(self, timeout: float | None = None) -> bytes | None:
         """The leader's plain chunk bytes, or ``None`` when the leader fetched nothing for this key
-        (the caller should look again). Raises whatever the leader failed with."""
-        return self.future.result(timeout)
+        (the caller should look again). Raises whatever the leader failed with. A wait that
+        blocks is announced to the calling thread's blocking listener (``storage/waits.py``)."""
+        future = self.future
+        if future.done():
+            return future.result()
+        with blocked():
+            return future.result(timeout)
 
 
 @dataclass
