@@ -21,11 +21,11 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from nydusd.config import PrefetchConfig
 from nydusd.errors import InvalidArgument, NydusError
-from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, Attr, DirEntry, StatFs
+from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, INO_MASK, Attr, DirEntry, StatFs, encode_ino
 from nydusd.log import get_logger
 from nydusd.storage.cache.prefetch import BULK_MERGE_SIZE
 
@@ -116,6 +116,25 @@ def _mtime_ns(mtime: int, mtime_nsec: int) -> int:
     return max(_I64_MIN, min(_I64_MAX, secs * 1_000_000_000 + mtime_nsec))
 
 
+#: below this many seconds ``mtime * 10**9 + mtime_nsec`` (nsec < 2**32) fits a signed 64-bit ns
+_FAST_MTIME_MAX = (_I64_MAX - (1 << 32)) // 1_000_000_000
+
+
+class _StatView(NamedTuple):
+    """A ``StatTuple`` with the ``Inode`` field names ``RafsFs._attr`` reads (the rare path)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    mtime: int
+    mtime_nsec: int
+
+
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
@@ -179,6 +198,39 @@ class RafsFs:
             except NydusError:
                 attr = Attr(child, inode.mode, 0)
             yield DirEntry(bytes(name), attr, next_offset)
+
+    def listing(self, ino: int, base: int = 0, root: int = -1) -> list[DirEntry]:
+        """The whole listing of directory ``ino``, as ``readdir`` gives it from 0 (entry k carries
+        ``next_offset`` k + 1), each child's inode number re-encoded for the caller: ``base | ino``,
+        or 1 (the FUSE root) for the image root when ``root`` is the image's root inode. One bulk
+        decode (``RafsSuper.dir_stats``) and one ``Attr`` per entry: the listing hot path."""
+        self._require_dir(ino)
+        dir_stats = getattr(self.sb, "dir_stats", None)
+        if dir_stats is None:  # a reader without the bulk decoder (test doubles)
+            return [e._replace(attr=e.attr.with_ino(1 if e.attr.ino == root else base | e.attr.ino))
+                    for e in self.readdir(ino)]
+        t = self.timeout
+        new = tuple.__new__
+        out: list[DirEntry] = []
+        append = out.append
+        for pos, (name, (child, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec)) in enumerate(
+                dir_stats(ino), 1):
+            if child > INO_MASK:
+                encode_ino(0, child)  # raises OverflowError, as re-encoding one entry would
+            kino = 1 if child == root else base | child
+            if size == 0 and mode & 0o170000 == stat.S_IFLNK or mtime >= _FAST_MTIME_MAX \
+                    or size > _I64_MAX or blocks > _I64_MAX:
+                try:
+                    attr = self._attr(_StatView(child, mode, nlink, uid, gid, rdev, size, blocks,
+                                                mtime, nsec)).with_ino(kino)
+                except NydusError:
+                    attr = Attr(kino, mode, 0)
+            else:
+                mt = mtime * 1_000_000_000 + nsec
+                attr = new(Attr, (kino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt, mt,
+                                  mt, t, t))
+            append(new(DirEntry, (name, attr, pos)))
+        return out
 
     def readlink(self, ino: int) -> bytes:
         """Target of symlink ``ino``. Raises InvalidArgument if it is not a symlink."""

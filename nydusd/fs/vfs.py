@@ -478,25 +478,15 @@ class Vfs:
             return
         start = time.perf_counter_ns()
         listing = mount.listings.get(local) or self._list_dir(mount, local)
-        if listing is not None:
-            yield from listing[offset:]  # entry i (0-based) carries next_offset i + 1
-        else:
-            for item in mount.fs.readdir(local, offset):
-                yield DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
+        yield from listing[offset:]  # entry i (0-based) carries next_offset i + 1
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
 
-    def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...] | None:
-        """The whole listing of image directory ``local``, cached; None if its offsets are not
-        positions (then it cannot be sliced by offset and is read lazily instead)."""
-        # ``_expose`` inlined (one call per entry less on a cold listing)
+    def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...]:
+        """The whole listing of image directory ``local`` (``RafsFs.listing``), cached."""
+        # built with kernel inode numbers (``_expose`` of every entry, without a copy per entry)
         root_ino = mount.fs.root_ino if mount is self._root_mount else -1
-        index = mount.index
-        listing = tuple(DirEntry(item.name, item.attr.with_ino(
-            ROOT_INO if item.attr.ino == root_ino else encode_ino(index, item.attr.ino)),
-            item.next_offset) for item in mount.fs.readdir(local, 0))
-        if any(e.next_offset != i for i, e in enumerate(listing, start=1)):
-            return None
+        listing = tuple(mount.fs.listing(local, encode_ino(mount.index, 0), root_ino))
         if sum(m.listed for m in self._mounts.values()) + len(listing) > DIR_CACHE_ENTRIES:
             for m in self._mounts.values():
                 m.listings = {}

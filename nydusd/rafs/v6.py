@@ -24,7 +24,7 @@ from nydusd.digest import DigestAlgorithm
 from nydusd.errors import NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
-from nydusd.rafs.rafs_super import Inode, RafsSuper
+from nydusd.rafs.rafs_super import Inode, RafsSuper, StatTuple
 from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 INODE_CACHE_SIZE = 16384  # decoded inodes (~250 bytes each)
@@ -34,6 +34,15 @@ _U32 = struct.Struct("<I")
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
           stat.S_IFSOCK)
 _NO_RECORD = -1
+_COMPACT = L.V6_COMPACT_INODE
+_EXTENDED = L.V6_EXTENDED_INODE
+_DIRENT = L.V6_DIRENT
+#: i_format values ``_decode_inode`` accepts: bit 0 = extended, layout (bits 1-3) FLAT_PLAIN,
+#: FLAT_INLINE or CHUNK_BASED, nothing above
+_FORMATS = frozenset({0, 1, 4, 5, 8, 9})
+_IFREG, _IFDIR, _IFLNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+_DEVICES = frozenset({stat.S_IFCHR, stat.S_IFBLK})
+_OTHER_TYPES = frozenset({stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
 
 
 class RafsV6Super(RafsSuper):
@@ -95,6 +104,7 @@ class RafsV6Super(RafsSuper):
         self.root_ino = root_nid
         self.inode_count = self.inodes_count_field = inos
         self._max_nid = (len(buf) - self._meta) // 32 - 1
+        self._len = len(buf)
         self._ct_off, self._ct_n = ct_off, ct_size // L.CHUNK.size
         self._pf_off, self._pf_n = pf_off, (pf_size // 4 if pf_off else 0)
         self.blobs = [self._parse_blob(bt_off + i * L.V6_BLOB.size, i) for i in range(nblobs)]
@@ -231,6 +241,72 @@ class RafsV6Super(RafsSuper):
                     raise corrupt("inline data crosses its block", off, "i_size", value=size,
                                   nid=inode.ino)
 
+    # ---- attributes without an Inode (listings: one per entry) -------------------------------
+    def stat(self, ino: int) -> StatTuple:
+        if not 0 <= ino <= self._max_nid:
+            raise NotFound("inode number out of range", ino=ino)
+        return self._stat(ino)
+
+    def _stat(self, nid: int) -> StatTuple:
+        """``StatTuple`` of an in-range ``nid``: the checks of ``_decode_inode`` + ``_check_layout``
+        as plain arithmetic on one or two ``unpack_from``; anything they would reject (or that
+        this shortcut does not cover) goes to ``_decode_inode`` itself, which raises the error --
+        so the fast path never answers differently from the reference decoder."""
+        buf, n = self._buf, self._len
+        off = self._meta + 32 * nid
+        fmt, icount, mode, nlink, size, _r, i_u, _ino, uid, gid, _r2 = _COMPACT.unpack_from(buf, off)
+        if fmt & 1:
+            if off + 64 > n:
+                return self._stat_slow(nid)
+            (fmt, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, nsec,
+             nlink) = _EXTENDED.unpack_from(buf, off)
+            isize = 64
+        else:
+            isize, mtime, nsec = 32, 0, 0
+        if icount:
+            isize += 4 * icount + 8
+        ftype = mode & 0o170000
+        if fmt not in _FORMATS or off + isize > n:
+            return self._stat_slow(nid)
+        chunked = fmt & 8
+        if ftype == _IFREG:
+            if chunked:
+                if off + ((isize + 7) & ~7) + 8 * -(-size // self.chunk_size) > n:
+                    return self._stat_slow(nid)
+            elif size:
+                return self._stat_slow(nid)
+        elif chunked:
+            return self._stat_slow(nid)
+        elif ftype in (_IFDIR, _IFLNK):
+            if (size < 12) if ftype == _IFDIR else not 1 <= size <= BS:
+                return self._stat_slow(nid)
+            nblocks = -(-size // BS)
+            if fmt & 4:  # FLAT_INLINE: the last block follows the inode, inside its block
+                tail = size - (nblocks - 1) * BS
+                if (nblocks > 1 and (i_u + nblocks - 1) * BS > n) or off % BS + isize + tail > BS \
+                        or off + isize + tail > n:
+                    return self._stat_slow(nid)
+            elif (i_u + nblocks) * BS > n:
+                return self._stat_slow(nid)
+        elif ftype in _DEVICES:
+            return (nid, mode, nlink, uid, gid, L.decode_dev(i_u), size, (size + 511) >> 9, mtime,
+                    nsec)
+        elif ftype not in _OTHER_TYPES:
+            return self._stat_slow(nid)
+        return (nid, mode, nlink, uid, gid, 0, size, (size + 511) >> 9, mtime, nsec)
+
+    def _stat_slow(self, nid: int) -> StatTuple:
+        i = self._decode_inode(nid)  # raises the reference decoder's error
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
+
+    def dir_stats(self, ino: int) -> list[tuple[bytes, StatTuple]]:
+        inode = self._dir(ino)
+        st = self._stat
+        out: list[tuple[bytes, StatTuple]] = []
+        for b in range(-(-inode.size // BS)):
+            out += [(name, st(nid)) for name, nid, _ft in self._dir_block(ino, b)]
+        return out
+
     def _block(self, inode: Inode, b: int) -> bytes:
         """Data block ``b`` of a FLAT inode, cut to its valid length."""
         nblocks = -(-inode.size // BS)
@@ -245,6 +321,29 @@ class RafsV6Super(RafsSuper):
     def _decode_dir_block(self, nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
         inode = self.get_inode(nid)
         data = self._block(inode, b)
+        size = len(data)
+        if size >= 12:
+            first = data[8] | data[9] << 8
+            if first % 12 == 0 and 0 < first <= size:
+                ents = list(_DIRENT.iter_unpack(data[:first]))
+                offs = [e[1] for e in ents]
+                nul = data.find(b"\0", offs[-1])
+                offs.append(nul if nul >= 0 else size)
+                # every name ends where the next begins (the last at its NUL or the block's end):
+                # strictly increasing offsets, none longer than 255 bytes, no '/' or NUL in them
+                # (one scan of the contiguous name area), every nid inside the bootstrap
+                ends = offs[1:]
+                if all(map(int.__lt__, offs, ends)) and max(map(int.__sub__, ends, offs)) <= 255 \
+                        and max(ents)[0] <= self._max_nid:
+                    area = data[offs[0]:offs[-1]]
+                    if b"/" not in area and b"\0" not in area:
+                        return tuple((data[a:z], e[0], e[2])
+                                     for a, z, e in zip(offs, ends, ents, strict=False))
+        return self._decode_dir_block_checked(inode, data, nid, b)
+
+    def _decode_dir_block_checked(self, inode: Inode, data: bytes, nid: int,
+                                  b: int) -> tuple[tuple[bytes, int, int], ...]:
+        """The entry-by-entry decode that names the first bad field (the reference decoder)."""
         where = inode.meta_offset if inode.layout == L.V6_LAYOUT_FLAT_INLINE else (inode.raw_u + b) * BS
         if len(data) < 12:
             raise corrupt("directory block too short", where, "dirent", nid=nid, block=b)
