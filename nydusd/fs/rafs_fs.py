@@ -145,6 +145,10 @@ class RafsFs:
         self.enable_xattr = enable_xattr
         self.timeout = timeout
         self.root_ino: int = int(sb.root_ino)
+        # the bulk decoders of RafsSuper (absent from readers that only offer the basic API)
+        self._stat: Callable[[int], tuple[int, ...]] | None = getattr(sb, "stat", None)
+        self._lookup_stat: Callable[[int, bytes], tuple[int, ...]] | None = getattr(
+            sb, "lookup_stat", None)
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -161,8 +165,21 @@ class RafsFs:
         return Attr(inode.ino, mode, inode.nlink, inode.uid, inode.gid, inode.rdev, min(size, _I64_MAX),
                     min(blocks, _I64_MAX), BLOCK_SIZE, mtime_ns, mtime_ns, mtime_ns, t, t)
 
+    def _stat_attr(self, st: tuple[int, ...]) -> Attr:
+        """``_attr`` of a ``StatTuple`` (``RafsSuper.stat``): the common case without a copy."""
+        ino, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = st
+        if size == 0 and mode & 0o170000 == stat.S_IFLNK or mtime >= _FAST_MTIME_MAX \
+                or size > _I64_MAX or blocks > _I64_MAX:
+            return self._attr(_StatView(*st))
+        mt = mtime * 1_000_000_000 + nsec
+        t = self.timeout
+        return tuple.__new__(Attr, (ino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt,
+                                    mt, mt, t, t))
+
     def getattr(self, ino: int) -> Attr:
         """Attributes of image inode ``ino``. Raises NotFound for an unknown inode."""
+        if self._stat is not None:
+            return self._stat_attr(self._stat(ino))
         return self._attr(self.sb.get_inode(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
@@ -170,13 +187,18 @@ class RafsFs:
 
         The kernel only looks names up in directories, so ``parent`` is not type-checked here.
         """
+        if self._lookup_stat is not None:
+            return self._stat_attr(self._lookup_stat(parent, name))
         return self._attr(self.sb.lookup(parent, name))
 
-    def _require_dir(self, ino: int) -> Any:
-        inode = self.sb.get_inode(ino)
-        if not stat.S_ISDIR(inode.mode):
+    def is_dir(self, ino: int) -> bool:
+        """Whether image inode ``ino`` is a directory. Raises NotFound for an unknown inode."""
+        mode = self._stat(ino)[1] if self._stat is not None else self.sb.get_inode(ino).mode
+        return stat.S_ISDIR(mode)
+
+    def _require_dir(self, ino: int) -> None:
+        if not self.is_dir(ino):
             raise NotADirectory("not a directory", inode=ino)
-        return inode
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         """Entries of directory ``ino`` from ``offset`` on (``.`` and ``..`` included when the image

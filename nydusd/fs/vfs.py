@@ -456,10 +456,9 @@ class Vfs:
     def opendir(self, ino: int) -> FileHandle:
         """Check ``ino`` is a directory; the handle is the inode itself (directories are stateless)."""
         mount, local = self._resolve(ino)
-        if mount is not None:
-            attr = self._call(mount, StatsFop.OPENDIR, local, lambda: mount.fs.getattr(local))
-            if not attr.is_dir:
-                raise NotADirectory("not a directory", inode=ino)
+        if mount is not None and not self._call(mount, StatsFop.OPENDIR, local,
+                                                lambda: mount.fs.is_dir(local)):
+            raise NotADirectory("not a directory", inode=ino)
         return FileHandle(ino)
 
     def readdir(self, ino: int, offset: int) -> Iterator[DirEntry]:

@@ -167,6 +167,11 @@ class RafsSuper(ABC):
         i = self.get_inode(ino)
         return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
 
+    def lookup_stat(self, parent_ino: int, name: bytes) -> StatTuple:
+        """``lookup`` as attribute fields (see ``StatTuple``). Raises as ``lookup``."""
+        i = self.lookup(parent_ino, name)
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
+
     def dir_stats(self, ino: int) -> list[tuple[bytes, StatTuple]]:
         """Every entry of directory ``ino`` (``iter_dir`` from 0: entry k has ``next_offset``
         k + 1) with the attribute fields of its inode, as ``get_inode`` decodes them. Raises as

@@ -21,19 +21,21 @@ from typing import Any
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import NotFound, Unsupported
+from nydusd.errors import InvalidArgument, NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
 from nydusd.rafs.rafs_super import Inode, RafsSuper, StatTuple
 from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 INODE_CACHE_SIZE = 16384  # decoded inodes (~250 bytes each)
+DIR_CACHE_SIZE = 4096  # directory geometries (a 5-tuple each); the table starts over when full
 DIR_BLOCK_CACHE_SIZE = 256  # decoded directory blocks (up to ~300 entries each)
 BS = L.V6_BLOCK_SIZE
 _U32 = struct.Struct("<I")
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
           stat.S_IFSOCK)
 _NO_RECORD = -1
+_HH = struct.Struct("<HH")
 _COMPACT = L.V6_COMPACT_INODE
 _EXTENDED = L.V6_EXTENDED_INODE
 _DIRENT = L.V6_DIRENT
@@ -56,6 +58,9 @@ class RafsV6Super(RafsSuper):
         self._inode = lru_cache(maxsize=INODE_CACHE_SIZE)(self._decode_inode)
         self._dir_block = lru_cache(maxsize=DIR_BLOCK_CACHE_SIZE)(self._decode_dir_block)
         self._chunk_index: list[Any] | None = None
+        #: directory nid -> (size, layout, i_u, inode offset, inode + xattr size): what reading
+        #: its blocks needs, without an ``Inode``
+        self._dirs: dict[int, tuple[int, int, int, int, int]] = {}
         root = self.get_inode(self.root_ino)
         if not root.is_dir:
             raise corrupt("root inode is not a directory", L.EROFS_SB_OFFSET + 14, "s_root_nid",
@@ -300,27 +305,31 @@ class RafsV6Super(RafsSuper):
         return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
 
     def dir_stats(self, ino: int) -> list[tuple[bytes, StatTuple]]:
-        inode = self._dir(ino)
+        size = self._dir(ino)[0]
         st = self._stat
         out: list[tuple[bytes, StatTuple]] = []
-        for b in range(-(-inode.size // BS)):
+        for b in range(-(-size // BS)):
             out += [(name, st(nid)) for name, nid, _ft in self._dir_block(ino, b)]
         return out
 
-    def _block(self, inode: Inode, b: int) -> bytes:
-        """Data block ``b`` of a FLAT inode, cut to its valid length."""
-        nblocks = -(-inode.size // BS)
-        valid = min(BS, inode.size - b * BS)
-        if inode.layout == L.V6_LAYOUT_FLAT_INLINE and b == nblocks - 1:
-            start = inode.meta_offset + inode.inode_size
+    def _block(self, geo: tuple[int, int, int, int, int], b: int) -> bytes:
+        """Data block ``b`` of a FLAT inode (``geo`` as ``_dir`` gives it), cut to its valid length."""
+        size, layout, raw_u, meta_offset, inode_size = geo
+        valid = min(BS, size - b * BS)
+        if layout == L.V6_LAYOUT_FLAT_INLINE and b == -(-size // BS) - 1:
+            start = meta_offset + inode_size
         else:
-            start = (inode.raw_u + b) * BS
+            start = (raw_u + b) * BS
         return bytes(self._buf[start:start + valid])
+
+    @staticmethod
+    def _geo(inode: Inode) -> tuple[int, int, int, int, int]:
+        return inode.size, inode.layout, inode.raw_u, inode.meta_offset, inode.inode_size
 
     # ---- directories --------------------------------------------------------------------------------
     def _decode_dir_block(self, nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
-        inode = self.get_inode(nid)
-        data = self._block(inode, b)
+        geo = self._dir(nid)
+        data = self._block(geo, b)
         size = len(data)
         if size >= 12:
             first = data[8] | data[9] << 8
@@ -339,12 +348,13 @@ class RafsV6Super(RafsSuper):
                     if b"/" not in area and b"\0" not in area:
                         return tuple((data[a:z], e[0], e[2])
                                      for a, z, e in zip(offs, ends, ents, strict=False))
-        return self._decode_dir_block_checked(inode, data, nid, b)
+        return self._decode_dir_block_checked(geo, data, nid, b)
 
-    def _decode_dir_block_checked(self, inode: Inode, data: bytes, nid: int,
+    def _decode_dir_block_checked(self, geo: tuple[int, int, int, int, int], data: bytes, nid: int,
                                   b: int) -> tuple[tuple[bytes, int, int], ...]:
         """The entry-by-entry decode that names the first bad field (the reference decoder)."""
-        where = inode.meta_offset if inode.layout == L.V6_LAYOUT_FLAT_INLINE else (inode.raw_u + b) * BS
+        _size, layout, raw_u, meta_offset, _isize = geo
+        where = meta_offset if layout == L.V6_LAYOUT_FLAT_INLINE else (raw_u + b) * BS
         if len(data) < 12:
             raise corrupt("directory block too short", where, "dirent", nid=nid, block=b)
         first = struct.unpack_from("<H", data, 8)[0]
@@ -370,14 +380,32 @@ class RafsV6Super(RafsSuper):
             out.append((name, e_nid, ftype))
         return tuple(out)
 
-    def _dir(self, ino: int) -> Inode:
-        inode = self.get_inode(ino)
-        self._require(inode, "dir")
-        return inode
+    def _dir(self, ino: int) -> tuple[int, int, int, int, int]:
+        """The geometry of directory ``ino`` (see ``_dirs``). Raises as ``get_inode``, and
+        InvalidArgument for another file type."""
+        geo = self._dirs.get(ino)
+        if geo is None:
+            st = self.stat(ino)  # the inode's checks, fast or through the reference decoder
+            if st[1] & 0o170000 != _IFDIR:
+                raise InvalidArgument("inode is not a dir", ino=ino)
+            off = self._meta + 32 * ino
+            fmt, icount = _HH.unpack_from(self._buf, off)
+            (i_u,) = _U32.unpack_from(self._buf, off + 16)  # compact and extended alike
+            isize = (64 if fmt & 1 else 32) + (4 * icount + 8 if icount else 0)
+            geo = (st[6], (fmt >> 1) & 7, i_u, off, isize)
+            if len(self._dirs) >= DIR_CACHE_SIZE:
+                self._dirs = {}
+            self._dirs[ino] = geo
+        return geo
 
     def lookup(self, parent_ino: int, name: bytes) -> Inode:
-        inode = self._dir(parent_ino)
-        lo, hi = 0, -(-inode.size // BS) - 1
+        return self._entry_inode(self._lookup_nid(parent_ino, name))
+
+    def lookup_stat(self, parent_ino: int, name: bytes) -> StatTuple:
+        return self._stat(self._lookup_nid(parent_ino, name))  # the dirent nid is in range
+
+    def _lookup_nid(self, parent_ino: int, name: bytes) -> int:
+        lo, hi = 0, -(-self._dir(parent_ino)[0] // BS) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
             ents = self._dir_block(parent_ino, mid)
@@ -390,7 +418,7 @@ class RafsV6Super(RafsSuper):
                 while a <= z:
                     m = (a + z) // 2
                     if ents[m][0] == name:
-                        return self._entry_inode(ents[m][1])
+                        return int(ents[m][1])
                     if ents[m][0] < name:
                         a = m + 1
                     else:
@@ -403,9 +431,9 @@ class RafsV6Super(RafsSuper):
         return self.get_inode(nid)
 
     def iter_dir(self, ino: int, offset: int = 0) -> Iterator[tuple[bytes, int, int]]:
-        inode = self._dir(ino)
+        size = self._dir(ino)[0]
         pos = 0
-        for b in range(-(-inode.size // BS)):
+        for b in range(-(-size // BS)):
             ents = self._dir_block(ino, b)
             if pos + len(ents) <= offset:
                 pos += len(ents)
@@ -419,7 +447,8 @@ class RafsV6Super(RafsSuper):
     def readlink(self, ino: int) -> bytes:
         inode = self.get_inode(ino)
         self._require(inode, "symlink")
-        return b"".join(self._block(inode, b) for b in range(-(-inode.size // BS)))
+        geo = self._geo(inode)
+        return b"".join(self._block(geo, b) for b in range(-(-inode.size // BS)))
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         inode = self.get_inode(ino)
