@@ -135,6 +135,10 @@ class _StatView(NamedTuple):
     mtime_nsec: int
 
 
+#: one listing entry as ``RafsFs.listing`` gives it: name and the fields of its ``Attr``
+RawEntry = tuple[bytes, tuple[Any, ...]]
+
+
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
@@ -221,37 +225,37 @@ class RafsFs:
                 attr = Attr(child, inode.mode, 0)
             yield DirEntry(bytes(name), attr, next_offset)
 
-    def listing(self, ino: int, base: int = 0, root: int = -1) -> list[DirEntry]:
-        """The whole listing of directory ``ino``, as ``readdir`` gives it from 0 (entry k carries
-        ``next_offset`` k + 1), each child's inode number re-encoded for the caller: ``base | ino``,
-        or 1 (the FUSE root) for the image root when ``root`` is the image's root inode. One bulk
-        decode (``RafsSuper.dir_stats``) and one ``Attr`` per entry: the listing hot path."""
+    def listing(self, ino: int, base: int = 0, root: int = -1) -> list[RawEntry]:
+        """The whole listing of directory ``ino``, as ``readdir`` gives it from 0 (entry k has
+        ``next_offset`` k + 1), as ``(name, attr fields)`` pairs of plain tuples (``Attr(*fields)``
+        is the entry's ``Attr``): a cache of them costs the garbage collector nothing after its
+        first look, unlike ``DirEntry``/``Attr`` objects. Each child's inode number is re-encoded
+        for the caller: ``base | ino``, or 1 (the FUSE root) for the image root when ``root`` is the
+        image's root inode. One bulk decode (``RafsSuper.dir_stats``): the listing hot path."""
         self._require_dir(ino)
         dir_stats = getattr(self.sb, "dir_stats", None)
         if dir_stats is None:  # a reader without the bulk decoder (test doubles)
-            return [e._replace(attr=e.attr.with_ino(1 if e.attr.ino == root else base | e.attr.ino))
+            return [(e.name, tuple(e.attr.with_ino(1 if e.attr.ino == root else base | e.attr.ino)))
                     for e in self.readdir(ino)]
         t = self.timeout
-        new = tuple.__new__
-        out: list[DirEntry] = []
+        out: list[RawEntry] = []
         append = out.append
-        for pos, (name, (child, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec)) in enumerate(
-                dir_stats(ino), 1):
+        for name, (child, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec) in dir_stats(ino):
             if child > INO_MASK:
                 encode_ino(0, child)  # raises OverflowError, as re-encoding one entry would
             kino = 1 if child == root else base | child
             if size == 0 and mode & 0o170000 == stat.S_IFLNK or mtime >= _FAST_MTIME_MAX \
                     or size > _I64_MAX or blocks > _I64_MAX:
                 try:
-                    attr = self._attr(_StatView(child, mode, nlink, uid, gid, rdev, size, blocks,
-                                                mtime, nsec)).with_ino(kino)
+                    attr = tuple(self._attr(_StatView(child, mode, nlink, uid, gid, rdev, size,
+                                                      blocks, mtime, nsec)).with_ino(kino))
                 except NydusError:
-                    attr = Attr(kino, mode, 0)
+                    attr = tuple(Attr(kino, mode, 0))
+                append((name, attr))
             else:
                 mt = mtime * 1_000_000_000 + nsec
-                attr = new(Attr, (kino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt, mt,
-                                  mt, t, t))
-            append(new(DirEntry, (name, attr, pos)))
+                append((name, (kino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt, mt,
+                               mt, t, t)))
         return out
 
     def readlink(self, ino: int) -> bytes:

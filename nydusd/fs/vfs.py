@@ -47,7 +47,7 @@ from nydusd.fs.attrs import (
     decode_ino,
     encode_ino,
 )
-from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFile, RafsFs
+from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFile, RafsFs, RawEntry
 from nydusd.log import get_logger
 from nydusd.metrics import FsIoStats, StatsFop
 
@@ -76,7 +76,9 @@ class Mount:
 
     ``listings`` caches whole directory listings with kernel inode numbers (image inode -> entries):
     the image is immutable and libfuse2 has no kernel readdir cache, so every ``ls``/``find`` of a
-    directory asks again (twice: the second READDIR finds the end). Plain dict operations only
+    directory asks again (twice: the second READDIR finds the end). Entries are kept as plain
+    tuples (``RafsFs.listing``), which the garbage collector stops scanning once it has seen them,
+    and become ``DirEntry``/``Attr`` as they are read. Plain dict operations only
     (atomic under the GIL; a race costs a recomputation, never a wrong entry); dropped with the
     mount, so a remount never sees another image's entries.
     """
@@ -85,7 +87,7 @@ class Mount:
     path: str
     fs: RafsFs
     stats: FsIoStats
-    listings: dict[int, tuple[DirEntry, ...]] = field(default_factory=dict)
+    listings: dict[int, tuple[RawEntry, ...]] = field(default_factory=dict)
     listed: int = 0  # entries held in ``listings``
 
     def kernel_ino(self, ino: int, is_root_mount: bool) -> Ino:
@@ -477,11 +479,14 @@ class Vfs:
             return
         start = time.perf_counter_ns()
         listing = mount.listings.get(local) or self._list_dir(mount, local)
-        yield from listing[offset:]  # entry i (0-based) carries next_offset i + 1
+        new = tuple.__new__
+        # entry i (0-based) carries next_offset i + 1
+        for pos, (name, fields) in enumerate(listing[offset:], offset + 1):
+            yield new(DirEntry, (name, new(Attr, fields), pos))
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
 
-    def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...]:
+    def _list_dir(self, mount: Mount, local: int) -> tuple[RawEntry, ...]:
         """The whole listing of image directory ``local`` (``RafsFs.listing``), cached."""
         # built with kernel inode numbers (``_expose`` of every entry, without a copy per entry)
         root_ino = mount.fs.root_ino if mount is self._root_mount else -1
