@@ -486,6 +486,20 @@ class Vfs:
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
 
+    def image_listing(self, ino: int, offset: int) -> tuple[RawEntry, ...] | None:
+        """``readdir`` of an image directory as the cached ``(name, attr fields)`` tuples after
+        ``offset`` (entry k of the result carries next_offset ``offset + k + 1``): no
+        ``DirEntry``/``Attr`` per entry, for the READDIR(PLUS) hot path. None for a pseudo
+        directory (use ``readdir``). Raises as ``readdir``."""
+        mount, local = self._resolve(ino)
+        if mount is None:
+            return None
+        start = time.perf_counter_ns()
+        listing = mount.listings.get(local) or self._list_dir(mount, local)
+        mount.stats.fop_done(StatsFop.READDIR, ino=local,
+                             latency_us=(time.perf_counter_ns() - start) / 1000)
+        return listing[offset:]
+
     def _list_dir(self, mount: Mount, local: int) -> tuple[RawEntry, ...]:
         """The whole listing of image directory ``local`` (``RafsFs.listing``), cached."""
         # built with kernel inode numbers (``_expose`` of every entry, without a copy per entry)

@@ -465,24 +465,38 @@ class FuseEngine:
         out: list[Buffer] = []
         append = out.append
         used = 0
-        in_image = decode_ino(fh)[0] != 0  # the handle is the directory's inode (Vfs.opendir)
-        if plus:
-            pack = m.pack_direntplus
-            for name, attr, next_offset in self.vfs.readdir(fh, offset):
-                used += 152 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name), True)
-                if used > size:
-                    break
-                if in_image and attr.nlink and name != b"." and name != b"..":
-                    append(pack(attr, next_offset, name))  # the common case, one pack
-                else:
-                    append(self._plus_entry(fh, name, attr, in_image))
-                    append(m.pack_dirent(attr.ino, next_offset, attr.mode, name))
+        # the handle is the directory's inode (Vfs.opendir)
+        raw = self.vfs.image_listing(fh, offset) if decode_ino(fh)[0] != 0 else None
+        if raw is not None:  # an image directory: the cached entries as they are
+            pos = offset
+            if plus:
+                pack = m.pack_direntplus
+                for name, fields in raw:
+                    used += 152 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name), True)
+                    if used > size:
+                        break
+                    pos += 1
+                    if fields[2] and name != b"." and name != b"..":  # nlink: a complete entry
+                        append(pack(fields, pos, name))  # the common case, one pack
+                    else:
+                        append(self._plus_entry(fh, name, Attr(*fields), True))
+                        append(m.pack_dirent(fields[0], pos, fields[1], name))
+            else:
+                for name, fields in raw:
+                    used += 24 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name))
+                    if used > size:
+                        break
+                    pos += 1
+                    append(m.pack_dirent(fields[0], pos, fields[1], name))
         else:
             for name, attr, next_offset in self.vfs.readdir(fh, offset):
-                used += 24 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name))
-                if used > size:
+                need = m.dirent_size(len(name), plus)
+                if used + need > size:
                     break
+                if plus:
+                    append(self._plus_entry(fh, name, attr, False))
                 append(m.pack_dirent(attr.ino, next_offset, attr.mode, name))
+                used += need
         # one segment: a big getdents buffer (1 MiB requests) lists thousands of entries, and a
         # transport's writev takes at most IOV_MAX (1024) segments
         return [b"".join(out)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from enum import IntEnum
+from typing import Any
 
 from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, StatFs
 
@@ -210,9 +211,10 @@ _DIRENTPLUS: dict[int, struct.Struct] = {}
 _NS = 1_000_000_000
 
 
-def pack_direntplus(attr: Attr, next_offset: int, name: bytes) -> bytes:
+def pack_direntplus(attr: Attr | tuple[Any, ...], next_offset: int, name: bytes) -> bytes:
     """One READDIRPLUS entry (``fuse_entry_out`` of ``attr`` + ``fuse_dirent``) in one pack:
-    ``pack_entry(attr) + pack_dirent(attr.ino, next_offset, attr.mode, name)``."""
+    ``pack_entry(attr) + pack_dirent(attr.ino, next_offset, attr.mode, name)``. ``attr`` may be
+    the plain tuple of an ``Attr``'s fields (a cached listing entry)."""
     ino, mode, nlink, uid, gid, rdev, size, blocks, blksize, at, mt, ct, entry_t, attr_t = attr
     if entry_t == IMAGE_TIMEOUT and attr_t == IMAGE_TIMEOUT:
         e_s = a_s = _TIMEOUT_MAX
