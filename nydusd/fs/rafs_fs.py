@@ -21,11 +21,11 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from nydusd.config import PrefetchConfig
 from nydusd.errors import InvalidArgument, NydusError
-from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, Attr, DirEntry, StatFs
+from nydusd.fs.attrs import BLOCK_SIZE, IMAGE_TIMEOUT, INO_MASK, Attr, DirEntry, StatFs, encode_ino
 from nydusd.log import get_logger
 from nydusd.storage.cache.prefetch import BULK_MERGE_SIZE
 
@@ -116,6 +116,29 @@ def _mtime_ns(mtime: int, mtime_nsec: int) -> int:
     return max(_I64_MIN, min(_I64_MAX, secs * 1_000_000_000 + mtime_nsec))
 
 
+#: below this many seconds ``mtime * 10**9 + mtime_nsec`` (nsec < 2**32) fits a signed 64-bit ns
+_FAST_MTIME_MAX = (_I64_MAX - (1 << 32)) // 1_000_000_000
+
+
+class _StatView(NamedTuple):
+    """A ``StatTuple`` with the ``Inode`` field names ``RafsFs._attr`` reads (the rare path)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    mtime: int
+    mtime_nsec: int
+
+
+#: one listing entry as ``RafsFs.listing`` gives it: name and the fields of its ``Attr``
+RawEntry = tuple[bytes, tuple[Any, ...]]
+
+
 class RafsFs:
     """A read-only view of one image. See the module docstring for the threading contract."""
 
@@ -126,6 +149,10 @@ class RafsFs:
         self.enable_xattr = enable_xattr
         self.timeout = timeout
         self.root_ino: int = int(sb.root_ino)
+        # the bulk decoders of RafsSuper (absent from readers that only offer the basic API)
+        self._stat: Callable[[int], tuple[int, ...]] | None = getattr(sb, "stat", None)
+        self._lookup_stat: Callable[[int, bytes], tuple[int, ...]] | None = getattr(
+            sb, "lookup_stat", None)
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -142,8 +169,21 @@ class RafsFs:
         return Attr(inode.ino, mode, inode.nlink, inode.uid, inode.gid, inode.rdev, min(size, _I64_MAX),
                     min(blocks, _I64_MAX), BLOCK_SIZE, mtime_ns, mtime_ns, mtime_ns, t, t)
 
+    def _stat_attr(self, st: tuple[int, ...]) -> Attr:
+        """``_attr`` of a ``StatTuple`` (``RafsSuper.stat``): the common case without a copy."""
+        ino, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = st
+        if size == 0 and mode & 0o170000 == stat.S_IFLNK or mtime >= _FAST_MTIME_MAX \
+                or size > _I64_MAX or blocks > _I64_MAX:
+            return self._attr(_StatView(*st))
+        mt = mtime * 1_000_000_000 + nsec
+        t = self.timeout
+        return tuple.__new__(Attr, (ino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt,
+                                    mt, mt, t, t))
+
     def getattr(self, ino: int) -> Attr:
         """Attributes of image inode ``ino``. Raises NotFound for an unknown inode."""
+        if self._stat is not None:
+            return self._stat_attr(self._stat(ino))
         return self._attr(self.sb.get_inode(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
@@ -151,13 +191,18 @@ class RafsFs:
 
         The kernel only looks names up in directories, so ``parent`` is not type-checked here.
         """
+        if self._lookup_stat is not None:
+            return self._stat_attr(self._lookup_stat(parent, name))
         return self._attr(self.sb.lookup(parent, name))
 
-    def _require_dir(self, ino: int) -> Any:
-        inode = self.sb.get_inode(ino)
-        if not stat.S_ISDIR(inode.mode):
+    def is_dir(self, ino: int) -> bool:
+        """Whether image inode ``ino`` is a directory. Raises NotFound for an unknown inode."""
+        mode = self._stat(ino)[1] if self._stat is not None else self.sb.get_inode(ino).mode
+        return stat.S_ISDIR(mode)
+
+    def _require_dir(self, ino: int) -> None:
+        if not self.is_dir(ino):
             raise NotADirectory("not a directory", inode=ino)
-        return inode
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         """Entries of directory ``ino`` from ``offset`` on (``.`` and ``..`` included when the image
@@ -179,6 +224,39 @@ class RafsFs:
             except NydusError:
                 attr = Attr(child, inode.mode, 0)
             yield DirEntry(bytes(name), attr, next_offset)
+
+    def listing(self, ino: int, base: int = 0, root: int = -1) -> list[RawEntry]:
+        """The whole listing of directory ``ino``, as ``readdir`` gives it from 0 (entry k has
+        ``next_offset`` k + 1), as ``(name, attr fields)`` pairs of plain tuples (``Attr(*fields)``
+        is the entry's ``Attr``): a cache of them costs the garbage collector nothing after its
+        first look, unlike ``DirEntry``/``Attr`` objects. Each child's inode number is re-encoded
+        for the caller: ``base | ino``, or 1 (the FUSE root) for the image root when ``root`` is the
+        image's root inode. One bulk decode (``RafsSuper.dir_stats``): the listing hot path."""
+        self._require_dir(ino)
+        dir_stats = getattr(self.sb, "dir_stats", None)
+        if dir_stats is None:  # a reader without the bulk decoder (test doubles)
+            return [(e.name, tuple(e.attr.with_ino(1 if e.attr.ino == root else base | e.attr.ino)))
+                    for e in self.readdir(ino)]
+        t = self.timeout
+        out: list[RawEntry] = []
+        append = out.append
+        for name, (child, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec) in dir_stats(ino):
+            if child > INO_MASK:
+                encode_ino(0, child)  # raises OverflowError, as re-encoding one entry would
+            kino = 1 if child == root else base | child
+            if size == 0 and mode & 0o170000 == stat.S_IFLNK or mtime >= _FAST_MTIME_MAX \
+                    or size > _I64_MAX or blocks > _I64_MAX:
+                try:
+                    attr = tuple(self._attr(_StatView(child, mode, nlink, uid, gid, rdev, size,
+                                                      blocks, mtime, nsec)).with_ino(kino))
+                except NydusError:
+                    attr = tuple(Attr(kino, mode, 0))
+                append((name, attr))
+            else:
+                mt = mtime * 1_000_000_000 + nsec
+                append((name, (kino, mode, nlink, uid, gid, rdev, size, blocks, BLOCK_SIZE, mt, mt,
+                               mt, t, t)))
+        return out
 
     def readlink(self, ino: int) -> bytes:
         """Target of symlink ``ino``. Raises InvalidArgument if it is not a symlink."""

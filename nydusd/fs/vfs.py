@@ -47,7 +47,7 @@ from nydusd.fs.attrs import (
     decode_ino,
     encode_ino,
 )
-from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFile, RafsFs
+from nydusd.fs.rafs_fs import IsADirectory, NotADirectory, NoXattr, RafsFile, RafsFs, RawEntry
 from nydusd.log import get_logger
 from nydusd.metrics import FsIoStats, StatsFop
 
@@ -76,7 +76,9 @@ class Mount:
 
     ``listings`` caches whole directory listings with kernel inode numbers (image inode -> entries):
     the image is immutable and libfuse2 has no kernel readdir cache, so every ``ls``/``find`` of a
-    directory asks again (twice: the second READDIR finds the end). Plain dict operations only
+    directory asks again (twice: the second READDIR finds the end). Entries are kept as plain
+    tuples (``RafsFs.listing``), which the garbage collector stops scanning once it has seen them,
+    and become ``DirEntry``/``Attr`` as they are read. Plain dict operations only
     (atomic under the GIL; a race costs a recomputation, never a wrong entry); dropped with the
     mount, so a remount never sees another image's entries.
     """
@@ -85,7 +87,7 @@ class Mount:
     path: str
     fs: RafsFs
     stats: FsIoStats
-    listings: dict[int, tuple[DirEntry, ...]] = field(default_factory=dict)
+    listings: dict[int, tuple[RawEntry, ...]] = field(default_factory=dict)
     listed: int = 0  # entries held in ``listings``
 
     def kernel_ino(self, ino: int, is_root_mount: bool) -> Ino:
@@ -456,10 +458,9 @@ class Vfs:
     def opendir(self, ino: int) -> FileHandle:
         """Check ``ino`` is a directory; the handle is the inode itself (directories are stateless)."""
         mount, local = self._resolve(ino)
-        if mount is not None:
-            attr = self._call(mount, StatsFop.OPENDIR, local, lambda: mount.fs.getattr(local))
-            if not attr.is_dir:
-                raise NotADirectory("not a directory", inode=ino)
+        if mount is not None and not self._call(mount, StatsFop.OPENDIR, local,
+                                                lambda: mount.fs.is_dir(local)):
+            raise NotADirectory("not a directory", inode=ino)
         return FileHandle(ino)
 
     def readdir(self, ino: int, offset: int) -> Iterator[DirEntry]:
@@ -478,25 +479,32 @@ class Vfs:
             return
         start = time.perf_counter_ns()
         listing = mount.listings.get(local) or self._list_dir(mount, local)
-        if listing is not None:
-            yield from listing[offset:]  # entry i (0-based) carries next_offset i + 1
-        else:
-            for item in mount.fs.readdir(local, offset):
-                yield DirEntry(item.name, self._expose(mount, item.attr), item.next_offset)
+        new = tuple.__new__
+        # entry i (0-based) carries next_offset i + 1
+        for pos, (name, fields) in enumerate(listing[offset:], offset + 1):
+            yield new(DirEntry, (name, new(Attr, fields), pos))
         mount.stats.fop_done(StatsFop.READDIR, ino=local,
                              latency_us=(time.perf_counter_ns() - start) / 1000)
 
-    def _list_dir(self, mount: Mount, local: int) -> tuple[DirEntry, ...] | None:
-        """The whole listing of image directory ``local``, cached; None if its offsets are not
-        positions (then it cannot be sliced by offset and is read lazily instead)."""
-        # ``_expose`` inlined (one call per entry less on a cold listing)
-        root_ino = mount.fs.root_ino if mount is self._root_mount else -1
-        index = mount.index
-        listing = tuple(DirEntry(item.name, item.attr.with_ino(
-            ROOT_INO if item.attr.ino == root_ino else encode_ino(index, item.attr.ino)),
-            item.next_offset) for item in mount.fs.readdir(local, 0))
-        if any(e.next_offset != i for i, e in enumerate(listing, start=1)):
+    def image_listing(self, ino: int, offset: int) -> tuple[RawEntry, ...] | None:
+        """``readdir`` of an image directory as the cached ``(name, attr fields)`` tuples after
+        ``offset`` (entry k of the result carries next_offset ``offset + k + 1``): no
+        ``DirEntry``/``Attr`` per entry, for the READDIR(PLUS) hot path. None for a pseudo
+        directory (use ``readdir``). Raises as ``readdir``."""
+        mount, local = self._resolve(ino)
+        if mount is None:
             return None
+        start = time.perf_counter_ns()
+        listing = mount.listings.get(local) or self._list_dir(mount, local)
+        mount.stats.fop_done(StatsFop.READDIR, ino=local,
+                             latency_us=(time.perf_counter_ns() - start) / 1000)
+        return listing[offset:]
+
+    def _list_dir(self, mount: Mount, local: int) -> tuple[RawEntry, ...]:
+        """The whole listing of image directory ``local`` (``RafsFs.listing``), cached."""
+        # built with kernel inode numbers (``_expose`` of every entry, without a copy per entry)
+        root_ino = mount.fs.root_ino if mount is self._root_mount else -1
+        listing = tuple(mount.fs.listing(local, encode_ino(mount.index, 0), root_ino))
         if sum(m.listed for m in self._mounts.values()) + len(listing) > DIR_CACHE_ENTRIES:
             for m in self._mounts.values():
                 m.listings = {}

@@ -18,7 +18,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
@@ -26,6 +26,11 @@ from nydusd.errors import CorruptMetadata, InvalidArgument, NotFound
 from nydusd.rafs.layout import SB_EXPLICIT_UID_GID, SB_HAS_XATTR, SB_INLINED_CHUNK_DIGEST
 from nydusd.rafs.model import Bootstrap, FileTypeMixin, Node
 from nydusd.storage.chunk import BlobInfo, ChunkInfo
+
+#: what ``stat``/``dir_stats`` return per inode, as a plain tuple (cheap to build on the listing hot
+#: path): ``(ino, mode, nlink, uid, gid, rdev, size, blocks, mtime, mtime_nsec)`` -- the same values
+#: as the ``Inode`` fields of those names
+StatTuple: TypeAlias = tuple[int, int, int, int, int, int, int, int, int, int]
 
 MAX_PATH_DEPTH = 1 << 16  # longer parent chains are treated as corrupt (cyclic)
 
@@ -155,6 +160,24 @@ class RafsSuper(ABC):
     @abstractmethod
     def prefetch_inodes(self) -> list[int]:
         """Inode numbers listed in the prefetch table (directories mean "everything below")."""
+
+    # ---- attributes in bulk (overridden by v6 with a decoder that builds no Inode) ---------------
+    def stat(self, ino: int) -> StatTuple:
+        """The attribute fields of inode ``ino`` (see ``StatTuple``). Raises as ``get_inode``."""
+        i = self.get_inode(ino)
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
+
+    def lookup_stat(self, parent_ino: int, name: bytes) -> StatTuple:
+        """``lookup`` as attribute fields (see ``StatTuple``). Raises as ``lookup``."""
+        i = self.lookup(parent_ino, name)
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
+
+    def dir_stats(self, ino: int) -> list[tuple[bytes, StatTuple]]:
+        """Every entry of directory ``ino`` (``iter_dir`` from 0: entry k has ``next_offset``
+        k + 1) with the attribute fields of its inode, as ``get_inode`` decodes them. Raises as
+        ``iter_dir`` and ``get_inode`` (a corrupt child inode fails the whole listing)."""
+        stat = self.stat
+        return [(bytes(name), stat(child)) for name, child, _ in self.iter_dir(ino)]
 
     # ---- derived ------------------------------------------------------------------------------------
     def summary(self, *, batch_size: int, timeout: float) -> dict[str, Any]:

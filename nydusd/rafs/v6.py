@@ -21,19 +21,30 @@ from typing import Any
 
 from nydusd.compress import Compressor
 from nydusd.digest import DigestAlgorithm
-from nydusd.errors import NotFound, Unsupported
+from nydusd.errors import InvalidArgument, NotFound, Unsupported
 from nydusd.rafs import layout as L
 from nydusd.rafs.layout import corrupt, unpack_at
-from nydusd.rafs.rafs_super import Inode, RafsSuper
+from nydusd.rafs.rafs_super import Inode, RafsSuper, StatTuple
 from nydusd.storage.chunk import BlobInfo, ChunkInfo
 
 INODE_CACHE_SIZE = 16384  # decoded inodes (~250 bytes each)
+DIR_CACHE_SIZE = 4096  # directory geometries (a 5-tuple each); the table starts over when full
 DIR_BLOCK_CACHE_SIZE = 256  # decoded directory blocks (up to ~300 entries each)
 BS = L.V6_BLOCK_SIZE
 _U32 = struct.Struct("<I")
 _TYPES = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
           stat.S_IFSOCK)
 _NO_RECORD = -1
+_HH = struct.Struct("<HH")
+_COMPACT = L.V6_COMPACT_INODE
+_EXTENDED = L.V6_EXTENDED_INODE
+_DIRENT = L.V6_DIRENT
+#: i_format values ``_decode_inode`` accepts: bit 0 = extended, layout (bits 1-3) FLAT_PLAIN,
+#: FLAT_INLINE or CHUNK_BASED, nothing above
+_FORMATS = frozenset({0, 1, 4, 5, 8, 9})
+_IFREG, _IFDIR, _IFLNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+_DEVICES = frozenset({stat.S_IFCHR, stat.S_IFBLK})
+_OTHER_TYPES = frozenset({stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
 
 
 class RafsV6Super(RafsSuper):
@@ -47,6 +58,9 @@ class RafsV6Super(RafsSuper):
         self._inode = lru_cache(maxsize=INODE_CACHE_SIZE)(self._decode_inode)
         self._dir_block = lru_cache(maxsize=DIR_BLOCK_CACHE_SIZE)(self._decode_dir_block)
         self._chunk_index: list[Any] | None = None
+        #: directory nid -> (size, layout, i_u, inode offset, inode + xattr size): what reading
+        #: its blocks needs, without an ``Inode``
+        self._dirs: dict[int, tuple[int, int, int, int, int]] = {}
         root = self.get_inode(self.root_ino)
         if not root.is_dir:
             raise corrupt("root inode is not a directory", L.EROFS_SB_OFFSET + 14, "s_root_nid",
@@ -95,6 +109,7 @@ class RafsV6Super(RafsSuper):
         self.root_ino = root_nid
         self.inode_count = self.inodes_count_field = inos
         self._max_nid = (len(buf) - self._meta) // 32 - 1
+        self._len = len(buf)
         self._ct_off, self._ct_n = ct_off, ct_size // L.CHUNK.size
         self._pf_off, self._pf_n = pf_off, (pf_size // 4 if pf_off else 0)
         self.blobs = [self._parse_blob(bt_off + i * L.V6_BLOB.size, i) for i in range(nblobs)]
@@ -231,21 +246,115 @@ class RafsV6Super(RafsSuper):
                     raise corrupt("inline data crosses its block", off, "i_size", value=size,
                                   nid=inode.ino)
 
-    def _block(self, inode: Inode, b: int) -> bytes:
-        """Data block ``b`` of a FLAT inode, cut to its valid length."""
-        nblocks = -(-inode.size // BS)
-        valid = min(BS, inode.size - b * BS)
-        if inode.layout == L.V6_LAYOUT_FLAT_INLINE and b == nblocks - 1:
-            start = inode.meta_offset + inode.inode_size
+    # ---- attributes without an Inode (listings: one per entry) -------------------------------
+    def stat(self, ino: int) -> StatTuple:
+        if not 0 <= ino <= self._max_nid:
+            raise NotFound("inode number out of range", ino=ino)
+        return self._stat(ino)
+
+    def _stat(self, nid: int) -> StatTuple:
+        """``StatTuple`` of an in-range ``nid``: the checks of ``_decode_inode`` + ``_check_layout``
+        as plain arithmetic on one or two ``unpack_from``; anything they would reject (or that
+        this shortcut does not cover) goes to ``_decode_inode`` itself, which raises the error --
+        so the fast path never answers differently from the reference decoder."""
+        buf, n = self._buf, self._len
+        off = self._meta + 32 * nid
+        fmt, icount, mode, nlink, size, _r, i_u, _ino, uid, gid, _r2 = _COMPACT.unpack_from(buf, off)
+        if fmt & 1:
+            if off + 64 > n:
+                return self._stat_slow(nid)
+            (fmt, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, nsec,
+             nlink) = _EXTENDED.unpack_from(buf, off)
+            isize = 64
         else:
-            start = (inode.raw_u + b) * BS
+            isize, mtime, nsec = 32, 0, 0
+        if icount:
+            isize += 4 * icount + 8
+        ftype = mode & 0o170000
+        if fmt not in _FORMATS or off + isize > n:
+            return self._stat_slow(nid)
+        chunked = fmt & 8
+        if ftype == _IFREG:
+            if chunked:
+                if off + ((isize + 7) & ~7) + 8 * -(-size // self.chunk_size) > n:
+                    return self._stat_slow(nid)
+            elif size:
+                return self._stat_slow(nid)
+        elif chunked:
+            return self._stat_slow(nid)
+        elif ftype in (_IFDIR, _IFLNK):
+            if (size < 12) if ftype == _IFDIR else not 1 <= size <= BS:
+                return self._stat_slow(nid)
+            nblocks = -(-size // BS)
+            if fmt & 4:  # FLAT_INLINE: the last block follows the inode, inside its block
+                tail = size - (nblocks - 1) * BS
+                if (nblocks > 1 and (i_u + nblocks - 1) * BS > n) or off % BS + isize + tail > BS \
+                        or off + isize + tail > n:
+                    return self._stat_slow(nid)
+            elif (i_u + nblocks) * BS > n:
+                return self._stat_slow(nid)
+        elif ftype in _DEVICES:
+            return (nid, mode, nlink, uid, gid, L.decode_dev(i_u), size, (size + 511) >> 9, mtime,
+                    nsec)
+        elif ftype not in _OTHER_TYPES:
+            return self._stat_slow(nid)
+        return (nid, mode, nlink, uid, gid, 0, size, (size + 511) >> 9, mtime, nsec)
+
+    def _stat_slow(self, nid: int) -> StatTuple:
+        i = self._decode_inode(nid)  # raises the reference decoder's error
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, i.blocks, i.mtime, i.mtime_nsec)
+
+    def dir_stats(self, ino: int) -> list[tuple[bytes, StatTuple]]:
+        size = self._dir(ino)[0]
+        st = self._stat
+        out: list[tuple[bytes, StatTuple]] = []
+        for b in range(-(-size // BS)):
+            out += [(name, st(nid)) for name, nid, _ft in self._dir_block(ino, b)]
+        return out
+
+    def _block(self, geo: tuple[int, int, int, int, int], b: int) -> bytes:
+        """Data block ``b`` of a FLAT inode (``geo`` as ``_dir`` gives it), cut to its valid length."""
+        size, layout, raw_u, meta_offset, inode_size = geo
+        valid = min(BS, size - b * BS)
+        if layout == L.V6_LAYOUT_FLAT_INLINE and b == -(-size // BS) - 1:
+            start = meta_offset + inode_size
+        else:
+            start = (raw_u + b) * BS
         return bytes(self._buf[start:start + valid])
+
+    @staticmethod
+    def _geo(inode: Inode) -> tuple[int, int, int, int, int]:
+        return inode.size, inode.layout, inode.raw_u, inode.meta_offset, inode.inode_size
 
     # ---- directories --------------------------------------------------------------------------------
     def _decode_dir_block(self, nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
-        inode = self.get_inode(nid)
-        data = self._block(inode, b)
-        where = inode.meta_offset if inode.layout == L.V6_LAYOUT_FLAT_INLINE else (inode.raw_u + b) * BS
+        geo = self._dir(nid)
+        data = self._block(geo, b)
+        size = len(data)
+        if size >= 12:
+            first = data[8] | data[9] << 8
+            if first % 12 == 0 and 0 < first <= size:
+                ents = list(_DIRENT.iter_unpack(data[:first]))
+                offs = [e[1] for e in ents]
+                nul = data.find(b"\0", offs[-1])
+                offs.append(nul if nul >= 0 else size)
+                # every name ends where the next begins (the last at its NUL or the block's end):
+                # strictly increasing offsets, none longer than 255 bytes, no '/' or NUL in them
+                # (one scan of the contiguous name area), every nid inside the bootstrap
+                ends = offs[1:]
+                if all(map(int.__lt__, offs, ends)) and max(map(int.__sub__, ends, offs)) <= 255 \
+                        and max(ents)[0] <= self._max_nid:
+                    area = data[offs[0]:offs[-1]]
+                    if b"/" not in area and b"\0" not in area:
+                        return tuple((data[a:z], e[0], e[2])
+                                     for a, z, e in zip(offs, ends, ents, strict=False))
+        return self._decode_dir_block_checked(geo, data, nid, b)
+
+    def _decode_dir_block_checked(self, geo: tuple[int, int, int, int, int], data: bytes, nid: int,
+                                  b: int) -> tuple[tuple[bytes, int, int], ...]:
+        """The entry-by-entry decode that names the first bad field (the reference decoder)."""
+        _size, layout, raw_u, meta_offset, _isize = geo
+        where = meta_offset if layout == L.V6_LAYOUT_FLAT_INLINE else (raw_u + b) * BS
         if len(data) < 12:
             raise corrupt("directory block too short", where, "dirent", nid=nid, block=b)
         first = struct.unpack_from("<H", data, 8)[0]
@@ -271,14 +380,32 @@ class RafsV6Super(RafsSuper):
             out.append((name, e_nid, ftype))
         return tuple(out)
 
-    def _dir(self, ino: int) -> Inode:
-        inode = self.get_inode(ino)
-        self._require(inode, "dir")
-        return inode
+    def _dir(self, ino: int) -> tuple[int, int, int, int, int]:
+        """The geometry of directory ``ino`` (see ``_dirs``). Raises as ``get_inode``, and
+        InvalidArgument for another file type."""
+        geo = self._dirs.get(ino)
+        if geo is None:
+            st = self.stat(ino)  # the inode's checks, fast or through the reference decoder
+            if st[1] & 0o170000 != _IFDIR:
+                raise InvalidArgument("inode is not a dir", ino=ino)
+            off = self._meta + 32 * ino
+            fmt, icount = _HH.unpack_from(self._buf, off)
+            (i_u,) = _U32.unpack_from(self._buf, off + 16)  # compact and extended alike
+            isize = (64 if fmt & 1 else 32) + (4 * icount + 8 if icount else 0)
+            geo = (st[6], (fmt >> 1) & 7, i_u, off, isize)
+            if len(self._dirs) >= DIR_CACHE_SIZE:
+                self._dirs = {}
+            self._dirs[ino] = geo
+        return geo
 
     def lookup(self, parent_ino: int, name: bytes) -> Inode:
-        inode = self._dir(parent_ino)
-        lo, hi = 0, -(-inode.size // BS) - 1
+        return self._entry_inode(self._lookup_nid(parent_ino, name))
+
+    def lookup_stat(self, parent_ino: int, name: bytes) -> StatTuple:
+        return self._stat(self._lookup_nid(parent_ino, name))  # the dirent nid is in range
+
+    def _lookup_nid(self, parent_ino: int, name: bytes) -> int:
+        lo, hi = 0, -(-self._dir(parent_ino)[0] // BS) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
             ents = self._dir_block(parent_ino, mid)
@@ -291,7 +418,7 @@ class RafsV6Super(RafsSuper):
                 while a <= z:
                     m = (a + z) // 2
                     if ents[m][0] == name:
-                        return self._entry_inode(ents[m][1])
+                        return int(ents[m][1])
                     if ents[m][0] < name:
                         a = m + 1
                     else:
@@ -304,9 +431,9 @@ class RafsV6Super(RafsSuper):
         return self.get_inode(nid)
 
     def iter_dir(self, ino: int, offset: int = 0) -> Iterator[tuple[bytes, int, int]]:
-        inode = self._dir(ino)
+        size = self._dir(ino)[0]
         pos = 0
-        for b in range(-(-inode.size // BS)):
+        for b in range(-(-size // BS)):
             ents = self._dir_block(ino, b)
             if pos + len(ents) <= offset:
                 pos += len(ents)
@@ -320,7 +447,8 @@ class RafsV6Super(RafsSuper):
     def readlink(self, ino: int) -> bytes:
         inode = self.get_inode(ino)
         self._require(inode, "symlink")
-        return b"".join(self._block(inode, b) for b in range(-(-inode.size // BS)))
+        geo = self._geo(inode)
+        return b"".join(self._block(geo, b) for b in range(-(-inode.size // BS)))
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         inode = self.get_inode(ino)

@@ -43,6 +43,9 @@ Buffer = bytes | bytearray | memoryview
 Reply = list[Buffer] | None
 
 SEEK_DATA, SEEK_HOLE = 3, 4
+_OUT_HEADER = m.OUT_HEADER
+_OUT_HEADER_SIZE = m.OUT_HEADER.size
+_get_ident = threading.get_ident
 PAGE_SIZE = 4096
 #: what the READ fast path decodes: the header's len, opcode, unique, nodeid; ``fuse_read_in``'s
 #: fh, offset, size (right after the 40-byte header)
@@ -68,26 +71,32 @@ class Inflight:
 
 
 class Gate:
-    """A readers-writer gate: many requests inside (``shared``), or one ``exclusive`` holder."""
+    """A readers-writer gate: many requests inside (``shared``), or one ``exclusive`` holder.
+
+    ``enter``/``leave`` (what ``shared`` does) take one plain lock each and never touch the
+    condition unless an ``exclusive`` caller is waiting: they run once per metadata request."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._inside = 0
         self._closed = False
+        self._shared = _Shared(self)
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
+    def enter(self) -> None:
+        with self._lock:
             while self._closed:
                 self._cond.wait()
             self._inside += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._inside -= 1
-                if not self._inside:
-                    self._cond.notify_all()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if not self._inside and self._closed:  # the exclusive caller waits for this
+                self._cond.notify_all()
+
+    def shared(self) -> _Shared:
+        return self._shared
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -103,6 +112,21 @@ class Gate:
             with self._cond:
                 self._closed = False
                 self._cond.notify_all()
+
+
+class _Shared:
+    """``with gate.shared():`` -- one reusable object, no generator per request."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        self._gate.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate.leave()
 
 
 def errno_of(exc: BaseException, op: str) -> int:
@@ -208,7 +232,11 @@ class FuseEngine:
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(unique, errno.ENOSYS)
-        reply = self._guarded(opcode, unique, nodeid, lambda: handler(nodeid, args, out_size or 0))
+        reply: Reply
+        if opcode != Opcode.READ:
+            reply = self._serve_metadata(handler, opcode, unique, nodeid, args, out_size or 0)
+        else:
+            reply = self._guarded(opcode, unique, nodeid, lambda: handler(nodeid, args, out_size or 0))
         if out_size is not None and reply is not None and sum(len(s) for s in reply) > out_size:
             return self._error(unique, errno.ERANGE) if out_size >= m.OUT_HEADER.size else None
         return reply
@@ -231,6 +259,30 @@ class FuseEngine:
             slots.pop(ident, None)
         size = m.OUT_HEADER.size + sum(len(p) for p in payload)
         return [m.pack_out_header(size, 0, unique), *payload]
+
+    def _serve_metadata(self, handler: Callable[[int, memoryview, int], list[Buffer]], opcode: int,
+                        unique: int, nodeid: int, args: memoryview, out_size: int) -> list[Buffer]:
+        """``_guarded`` for every request but READ (inside the gate), without a closure: the
+        per-request cost of LOOKUP/GETATTR/OPENDIR/READDIR(PLUS)/RELEASEDIR."""
+        slots = self.inflight.slots
+        ident = _get_ident()
+        slots[ident] = (nodeid, opcode, unique, int(time.time()))
+        gate = self.gate
+        try:
+            gate.enter()
+            try:
+                payload = handler(nodeid, args, out_size)
+            finally:
+                gate.leave()
+        except BaseException as e:  # noqa: BLE001 - the boundary must catch everything
+            name = Opcode(opcode).name if opcode in Opcode._value2member_map_ else str(opcode)
+            return self._error(unique, errno_of(e, name))
+        finally:
+            slots.pop(ident, None)
+        if len(payload) == 1:
+            return [_OUT_HEADER.pack(_OUT_HEADER_SIZE + len(payload[0]), 0, unique), payload[0]]
+        size = _OUT_HEADER_SIZE + sum(len(p) for p in payload)
+        return [_OUT_HEADER.pack(size, 0, unique), *payload]
 
     @staticmethod
     def _error(unique: int, err: int) -> list[Buffer]:
@@ -450,17 +502,40 @@ class FuseEngine:
             size = min(size, out_size - m.OUT_HEADER.size)
         size = min(size, self.max_read)
         out: list[Buffer] = []
+        append = out.append
         used = 0
-        in_image = decode_ino(fh)[0] != 0  # the handle is the directory's inode (Vfs.opendir)
-        for entry in self.vfs.readdir(fh, offset):
-            name, attr = entry.name, entry.attr
-            need = m.dirent_size(len(name), plus)
-            if used + need > size:
-                break
+        # the handle is the directory's inode (Vfs.opendir)
+        raw = self.vfs.image_listing(fh, offset) if decode_ino(fh)[0] != 0 else None
+        if raw is not None:  # an image directory: the cached entries as they are
+            pos = offset
             if plus:
-                out.append(self._plus_entry(fh, name, attr, in_image))
-            out.append(m.pack_dirent(attr.ino, entry.next_offset, attr.mode, name))
-            used += need
+                pack = m.pack_direntplus
+                for name, fields in raw:
+                    used += 152 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name), True)
+                    if used > size:
+                        break
+                    pos += 1
+                    if fields[2] and name != b"." and name != b"..":  # nlink: a complete entry
+                        append(pack(fields, pos, name))  # the common case, one pack
+                    else:
+                        append(self._plus_entry(fh, name, Attr(*fields), True))
+                        append(m.pack_dirent(fields[0], pos, fields[1], name))
+            else:
+                for name, fields in raw:
+                    used += 24 + ((len(name) + 7) & ~7)  # m.dirent_size(len(name))
+                    if used > size:
+                        break
+                    pos += 1
+                    append(m.pack_dirent(fields[0], pos, fields[1], name))
+        else:
+            for name, attr, next_offset in self.vfs.readdir(fh, offset):
+                need = m.dirent_size(len(name), plus)
+                if used + need > size:
+                    break
+                if plus:
+                    append(self._plus_entry(fh, name, attr, False))
+                append(m.pack_dirent(attr.ino, next_offset, attr.mode, name))
+                used += need
         # one segment: a big getdents buffer (1 MiB requests) lists thousands of entries, and a
         # transport's writev takes at most IOV_MAX (1024) segments
         return [b"".join(out)]

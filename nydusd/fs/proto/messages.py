@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from enum import IntEnum
+from typing import Any
 
 from nydusd.fs.attrs import IMAGE_TIMEOUT, Attr, StatFs
 
@@ -197,6 +198,43 @@ def dirent_size(name_len: int, plus: bool = False) -> int:
     """Bytes one entry takes in a READDIR(PLUS) reply, padded to 8."""
     raw = DIRENT_HEAD.size + name_len + (ENTRY_OUT_HEAD.size + ATTR.size if plus else 0)
     return (raw + 7) & ~7
+
+
+def _direntplus_struct(name_len: int) -> struct.Struct:
+    st = _DIRENTPLUS[name_len] = struct.Struct(
+        f"{_ENTRY_OUT.format}QQII{(name_len + 7) & ~7}s")  # "s" zero-pads the name to 8
+    return st
+
+
+#: ``fuse_direntplus`` (entry_out + dirent + padded name) per name length: one pack per entry
+_DIRENTPLUS: dict[int, struct.Struct] = {}
+_NS = 1_000_000_000
+
+
+def pack_direntplus(attr: Attr | tuple[Any, ...], next_offset: int, name: bytes) -> bytes:
+    """One READDIRPLUS entry (``fuse_entry_out`` of ``attr`` + ``fuse_dirent``) in one pack:
+    ``pack_entry(attr) + pack_dirent(attr.ino, next_offset, attr.mode, name)``. ``attr`` may be
+    the plain tuple of an ``Attr``'s fields (a cached listing entry)."""
+    ino, mode, nlink, uid, gid, rdev, size, blocks, blksize, at, mt, ct, entry_t, attr_t = attr
+    if entry_t == IMAGE_TIMEOUT and attr_t == IMAGE_TIMEOUT:
+        e_s = a_s = _TIMEOUT_MAX
+        e_ns = a_ns = 0
+    else:
+        e_s, e_ns = split_timeout(entry_t)
+        a_s, a_ns = split_timeout(attr_t)
+    m_s, m_ns = divmod(mt, _NS)
+    if at == mt == ct:  # images carry one time for all three
+        a_s2 = c_s = m_s
+        a_ns2 = c_ns = m_ns
+    else:
+        a_s2, a_ns2 = divmod(at, _NS)
+        c_s, c_ns = divmod(ct, _NS)
+    n = len(name)
+    st = _DIRENTPLUS.get(n) or _direntplus_struct(n)
+    return st.pack(ino, 0, e_s, a_s, e_ns, a_ns,
+                   ino, size, blocks, a_s2 & _U64, m_s & _U64, c_s & _U64, a_ns2, m_ns, c_ns,
+                   mode & _U32, nlink & _U32, uid & _U32, gid & _U32, rdev & _U32, blksize & _U32, 0,
+                   ino, next_offset, n, (mode >> 12) & 0xF, name)
 
 
 def pack_dirent(ino: int, next_offset: int, mode: int, name: bytes) -> bytes:
