@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,14 +112,25 @@ def test_first_find_needs_no_per_entry_lookup_or_getattr(tmp_path, image):
         before = hits[StatsFop.GETATTR] + hits[StatsFop.LOOKUP]
         first = _find(mnt / "tree")
         counts = own.take()
+        deadline = time.monotonic() + 5
+        while counts["RELEASEDIR"] < dirs and time.monotonic() < deadline:  # sent asynchronously
+            time.sleep(0.02)
+            counts += own.take()
         # nor does the daemon fetch each entry's inode again behind the kernel's back: the
         # metrics' getattr/lookup counts (what the API reports) stay O(directories) too
         assert hits[StatsFop.GETATTR] + hits[StatsFop.LOOKUP] - before <= dirs, list(hits)
         assert len(first) == entries + 1
+        # per directory: OPENDIR, one READDIRPLUS with every entry and its attributes (the
+        # getdents buffer holds the whole directory), one READDIR(PLUS) finding the end, RELEASEDIR
+        assert counts["OPENDIR"] == counts["RELEASEDIR"] == dirs, counts
         assert counts["READDIRPLUS"] >= dirs, counts
+        assert counts["READDIRPLUS"] + counts["READDIR"] == 2 * dirs, counts
         # per entry the kernel already holds the attributes READDIRPLUS carried: what remains is
-        # O(directories) (the pseudo directory's own entry at most), not O(entries)
+        # O(directories) (the pseudo directory's own entry at most), not O(entries) -- only the
+        # READLINK of each symlink (``find -printf %l`` asks for its target)
         assert counts["LOOKUP"] + counts["GETATTR"] <= 2, counts
+        assert counts["READLINK"] == sum(1 for p in src.rglob("*") if p.is_symlink()), counts
+        assert sum(counts.values()) - 4 * dirs - counts["READLINK"] <= 2, counts
         # a second pass is served from the kernel's caches (listing, dentries and attributes)
         assert _find(mnt / "tree") == first
         again = own.take()
