@@ -346,6 +346,7 @@ class _ApiStarter:
         self._starter: threading.Thread | None = None
         self._importer: threading.Thread | None = None
         self._start_api: Any = None
+        self._stopping = threading.Event()
 
     def prepare(self, deferrable: bool) -> None:
         """When the full API is needed right after RUNNING (``deferrable`` False: the first mount
@@ -388,11 +389,13 @@ class _ApiStarter:
         self._starter.start()
 
     def _wait_for_quiet(self) -> str:
-        """Until the full API is wanted (a request waits for it), the daemon is quiet, or at the
-        latest ``_API_LATEST`` seconds: which of them."""
+        """Until the full API is wanted (a request waits for it), the daemon is quiet, at the
+        latest ``_API_LATEST`` seconds, or the daemon stops: which of them."""
         now = time.monotonic()
         quiet_since, latest = now, now + _API_LATEST
         while not self.early.wanted.wait(_QUIET_STEP):
+            if self._stopping.is_set():
+                return "stopping"
             now = time.monotonic()
             if self.daemon.serving():
                 quiet_since = now
@@ -410,6 +413,9 @@ class _ApiStarter:
             else:
                 until = self._wait_for_quiet()
                 log.debug("api_import_deferred", until=until)
+                if until == "stopping":  # the daemon stops before anyone needed the full API
+                    self.early.fail()
+                    return
                 if until != "wanted":  # nobody waits for it: the FUSE requests come first
                     sys.setswitchinterval(_IMPORT_SWITCH_INTERVAL)
                 self._import()
@@ -431,6 +437,7 @@ class _ApiStarter:
             log.debug("startup_modules", modules=sorted(k for k, v in list(sys.modules.items()) if v))
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._starter is not None:
             self._starter.join(10.0)
         if self.server is not None:
