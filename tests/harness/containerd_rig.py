@@ -482,8 +482,11 @@ class SnapshotterRig:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.containerd.wait(5)
             self.stop_snapshotter()
-            for pid in pids_with_arg(str(self.d)):  # nydusd, shims: everything pointing into our state
+            for pid in pids_with_arg(str(self.d)):  # nydusd, shims, the zygote: all pointing into our state
                 stop_pid(pid)
+            if self.zygote is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.zygote.wait(5)  # reaped (stopped just above)
             self.nsx("sh", "-c", f"awk '$2 ~ \"^{self.d}/\" {{print $2}}' /proc/self/mounts | sort -r | "
                      "while read -r m; do umount -l \"$m\"; done", check=False)
             self.nsx("rm", "-rf", "--one-file-system", str(self.d), check=False)
