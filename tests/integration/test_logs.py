@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.apiclient import ApiClient
 from tests.harness.daemon import Nydusd
 from tests.harness.images import build_daemon_image, sample_tree
 
@@ -30,6 +31,8 @@ def run_daemon(tmp: Path, env: dict[str, str] | None = None) -> str:
             "--apisock", sock, "--log-level", "info"]
     with Nydusd(args, mnt, log_path=tmp / "nydusd.log", apisock=sock, env=env) as d:
         assert (mnt / "small.txt").read_bytes() == b"hello nydus\n"
+        # a route only the full API server answers: uvicorn runs (and logs) before the stop
+        assert ApiClient(sock).request("GET", "/api/v1/daemon/events")[0] == 200
         assert d.terminate() == 0
     return (tmp / "nydusd.log").read_text()
 
